@@ -1,2 +1,4 @@
-"""Analyses of trained CLIP models: representational (activations, CKA, embeddings, SAEs, sharing)
-and causal (patching, integrated gradients, circuits)."""
+"""Representation and causal analyses of CLIP models (CKA, embeddings, SAEs, feature sharing, circuits).
+
+Kept import-light: submodules are imported where used (`from clipmech.analysis.cka import cka`).
+"""

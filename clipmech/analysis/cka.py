@@ -1,0 +1,484 @@
+"""Centered kernel alignment (CKA): exact, streaming, and per-domain with uncertainty.
+
+Own code rather than a library: torch-cka is linear/minibatch only, recomputes the second model's
+Gram for every layer pair and returns NaN for batches of <= 3 rows; anatome has no minibatching and no
+RBF kernel; neither gives bootstrap intervals or permutation baselines (ecosystem.md §7).
+
+Every HSIC here is written as a Frobenius inner product of *centered* Gram matrices,
+HSIC(K, L) = <C(K), C(L)> / norm(n), with
+  - unbiased (Song et al. 2012): C = U-centering (zeroed diagonal), norm = n (n - 3);
+  - biased: C(K) = H K H, norm = (n - 1)^2.
+This one form serves the exact estimate, the streaming layer-grid accumulator (one centered Gram per
+layer per batch, then a single matrix product gives every layer pair) and the batched bootstrap.
+All arithmetic is float64.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+KERNELS = ("linear", "rbf")
+ESTIMATORS = ("unbiased", "biased")
+# torch.nanquantile refuses inputs above 2**24 elements; beyond that the median is taken in numpy.
+_QUANTILE_LIMIT = 1 << 24
+
+
+def _check_choice(kind: str, value: str, valid: Sequence[str]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {kind} {value!r}; choose one of {', '.join(map(repr, valid))}")
+
+
+def as_float64_matrix(X: Any, name: str = "X") -> torch.Tensor:
+    """Convert a numpy array / tensor of shape (n, ...) to a float64 CPU tensor of shape (n, d).
+
+    Trailing dimensions are flattened (pool conv maps *before* calling if that is not what you want).
+    Raises ValueError for fewer than 2 dimensions or non-finite entries.
+    """
+    T = torch.as_tensor(np.asarray(X) if not isinstance(X, torch.Tensor) else X)
+    T = T.detach().to("cpu", torch.float64)
+    if T.ndim < 2:
+        raise ValueError(f"{name} must have shape (n, d) with one row per example; got shape {tuple(T.shape)}")
+    T = T.reshape(T.shape[0], -1)
+    if not torch.isfinite(T).all():
+        bad = int((~torch.isfinite(T)).any(dim=1).sum())
+        raise ValueError(f"{name} has non-finite values (NaN/inf) in {bad} of {T.shape[0]} rows; "
+                         "check the activations (fp16 overflow?) before computing CKA")
+    return T
+
+
+def _check_not_constant(Xc: torch.Tensor, X: torch.Tensor, name: str) -> None:
+    """Xc is X with column means removed; all-zero means every row is identical."""
+    scale = X.abs().max().item()
+    if Xc.abs().max().item() <= 1e-12 * max(scale, 1e-300):
+        raise ValueError(f"{name} is a constant representation (all {X.shape[0]} rows identical), so its "
+                         "kernel has no variance and CKA is undefined; check for a dead layer or identical inputs")
+
+
+def _sq_dists(X: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances (..., n, n) of rows of X (..., n, d), clamped at 0, zero diagonal."""
+    sq = (X * X).sum(-1)
+    D = sq[..., :, None] + sq[..., None, :] - 2 * X @ X.transpose(-1, -2)
+    D = D.clamp_min(0)
+    return D * (1 - torch.eye(D.shape[-1], dtype=D.dtype))
+
+
+def median_nonzero(D: torch.Tensor) -> torch.Tensor:
+    """Median of the non-zero off-diagonal entries of squared-distance matrices D (..., n, n).
+
+    Uses the upper triangle (each pair once; same median as the full symmetric matrix).
+    Raises ValueError when a matrix has no non-zero distance (all rows identical).
+    """
+    n = D.shape[-1]
+    iu = torch.triu_indices(n, n, offset=1)
+    vals = D[..., iu[0], iu[1]].clone()
+    vals[vals <= 0] = float("nan")
+    if vals.numel() <= _QUANTILE_LIMIT:
+        med = torch.nanquantile(vals, 0.5, dim=-1)
+    else:
+        med = torch.from_numpy(np.nanmedian(vals.numpy(), axis=-1))
+    if torch.isnan(med).any():
+        raise ValueError("RBF bandwidth undefined: a representation has no non-zero pairwise distance "
+                         "(constant representation); pass sigma= or check the inputs")
+    return med
+
+
+def rbf_from_sq_dists(D: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
+    """RBF kernel exp(-D / (2 sigma^2)) from squared distances D (..., n, n).
+
+    sigma=None: per matrix, sigma^2 = median of its non-zero squared distances (the paper's rule).
+    """
+    if sigma is None:
+        sigma2 = median_nonzero(D)[..., None, None]
+    else:
+        if not (isinstance(sigma, (int, float)) and sigma > 0 and np.isfinite(sigma)):
+            raise ValueError(f"sigma must be a positive finite float or None (median rule); got {sigma!r}")
+        sigma2 = torch.tensor(float(sigma) ** 2, dtype=D.dtype)
+    return torch.exp(-D / (2 * sigma2))
+
+
+def gram(X: torch.Tensor, kernel: str = "linear", sigma: float | None = None) -> torch.Tensor:
+    """Kernel matrix (..., n, n) of float64 rows X (..., n, d). Cost O(n^2 d)."""
+    _check_choice("kernel", kernel, KERNELS)
+    if kernel == "linear":
+        return X @ X.transpose(-1, -2)
+    return rbf_from_sq_dists(_sq_dists(X), sigma)
+
+
+def center_gram(K: torch.Tensor, estimator: str = "unbiased") -> torch.Tensor:
+    """Centered Gram C(K) (..., n, n) such that HSIC(K, L) = <C(K), C(L)>_F / hsic_norm(n).
+
+    unbiased: U-centering (Szekely & Rizzo 2014): zero the diagonal, subtract row/column sums / (n-2),
+    add the total / ((n-1)(n-2)), zero the diagonal again. Its inner product equals Song et al.'s
+    unbiased HSIC. biased: H K H.
+    """
+    _check_choice("estimator", estimator, ESTIMATORS)
+    n = K.shape[-1]
+    eye = torch.eye(n, dtype=K.dtype)
+    if estimator == "biased":
+        Kc = K - K.mean(-1, keepdim=True)
+        return Kc - Kc.mean(-2, keepdim=True)
+    if n < 4:
+        raise ValueError(f"the unbiased HSIC estimator needs at least 4 examples; got n={n} "
+                         "(use more rows/classes or estimator='biased')")
+    Kt = K * (1 - eye)
+    rows = Kt.sum(-1)
+    total = rows.sum(-1)[..., None, None]
+    U = Kt - rows[..., :, None] / (n - 2) - rows[..., None, :] / (n - 2) + total / ((n - 1) * (n - 2))
+    return U * (1 - eye)
+
+
+def hsic_norm(n: int, estimator: str) -> float:
+    """The denominator of HSIC for `n` examples: n(n-3) (unbiased) or (n-1)^2 (biased)."""
+    return float(n * (n - 3)) if estimator == "unbiased" else float((n - 1) ** 2)
+
+
+def _cka_from_terms(kl: float, kk: float, ll: float, estimator: str, n: int, scale_k: float,
+                    scale_l: float) -> float:
+    """kl / sqrt(kk ll), refusing self-HSICs that are not positive beyond rounding.
+
+    scale_* = tr(K)^2 / norm bounds |HSIC(K, K)|; values under 1e-10 of it are rounding noise
+    (e.g. mutually orthogonal rows make the unbiased self-HSIC exactly 0 in exact arithmetic).
+    """
+    for label, v, scale in (("X", kk, scale_k), ("Y", ll, scale_l)):
+        if not v > 1e-10 * scale:
+            raise ValueError(f"self-HSIC of {label} is {v:.3g}, not positive ({estimator} estimator, n={n}): "
+                             "CKA is undefined; use more examples or estimator='biased'")
+    return kl / np.sqrt(kk * ll)
+
+
+def _linear_feature_terms(X: torch.Tensor, Y: torch.Tensor, estimator: str) -> tuple[float, float, float]:
+    """(HSIC(K,L), HSIC(K,K), HSIC(L,L)) for linear kernels without forming n x n Grams.
+
+    Memory O(d1 d2 + d1^2 + d2^2), time O(n (d1 + d2)^2). Columns are centered first: HSIC (both
+    estimators) is invariant to translating the features, and centering avoids cancellation.
+    Unbiased, with a = row norms^2 of X, b = of Y, s = column sums, K~ = XX' with zeroed diagonal:
+      tr(K~L~)   = ||X'Y||_F^2 - a.b
+      1'K~1      = ||s_X||^2 - sum(a)
+      1'K~L~1    = (X s_X - a) . (Y s_Y - b)
+    """
+    n = X.shape[0]
+
+    def terms(A: torch.Tensor, B: torch.Tensor) -> float:
+        cross = float(((A.T @ B) ** 2).sum())
+        if estimator == "biased":
+            return cross / hsic_norm(n, estimator)
+        a, b = (A * A).sum(1), (B * B).sum(1)
+        sa, sb = A.sum(0), B.sum(0)
+        tr = cross - float(a @ b)
+        one_k_one = float(sa @ sa - a.sum())
+        one_l_one = float(sb @ sb - b.sum())
+        one_kl_one = float((A @ sa - a) @ (B @ sb - b))
+        val = tr + one_k_one * one_l_one / ((n - 1) * (n - 2)) - 2 * one_kl_one / (n - 2)
+        return val / hsic_norm(n, estimator)
+
+    return terms(X, Y), terms(X, X), terms(Y, Y)
+
+
+def cka(X: Any, Y: Any, kernel: str = "linear", estimator: str = "unbiased", sigma: float | None = None,
+        *, form: str = "auto") -> float:
+    """CKA between representations X (n, d1) and Y (n, d2) of the same n examples (rows aligned).
+
+    kernel: "linear" or "rbf" (exp(-D / (2 sigma^2)); sigma=None -> per-matrix median rule).
+    estimator: "unbiased" (Song et al. 2012 in all three HSIC terms; n >= 4) or "biased" (tr(KHLH)/(n-1)^2).
+    form (linear only): "gram" (O(n^2) memory), "feature" (O(d1 d2) memory) or "auto" (feature form when
+    n > max(d1, d2)). Computed in float64. Raises ValueError, never returns NaN, for: mismatched rows,
+    n < 4 with the unbiased estimator, a constant representation, a non-positive self-HSIC.
+    """
+    _check_choice("kernel", kernel, KERNELS)
+    _check_choice("estimator", estimator, ESTIMATORS)
+    _check_choice("form", form, ("auto", "gram", "feature"))
+    X, Y = as_float64_matrix(X, "X"), as_float64_matrix(Y, "Y")
+    n = X.shape[0]
+    if Y.shape[0] != n:
+        raise ValueError(f"X and Y must have the same number of rows (examples, aligned); got {n} and {Y.shape[0]}")
+    if estimator == "unbiased" and n < 4:
+        raise ValueError(f"the unbiased HSIC estimator needs at least 4 examples; got n={n} "
+                         "(use more rows/classes or estimator='biased')")
+    if n < 2:
+        raise ValueError(f"CKA needs at least 2 examples; got n={n}")
+    Xc, Yc = X - X.mean(0), Y - Y.mean(0)
+    _check_not_constant(Xc, X, "X")
+    _check_not_constant(Yc, Y, "Y")
+    if kernel == "linear" and (form == "feature" or (form == "auto" and n > max(X.shape[1], Y.shape[1]))):
+        kl, kk, ll = _linear_feature_terms(Xc, Yc, estimator)
+    else:
+        Kc = center_gram(gram(Xc, kernel, sigma), estimator)
+        Lc = center_gram(gram(Yc, kernel, sigma), estimator)
+        z = hsic_norm(n, estimator)
+        kl, kk, ll = float((Kc * Lc).sum()) / z, float((Kc * Kc).sum()) / z, float((Lc * Lc).sum()) / z
+    z = hsic_norm(n, estimator)
+    tr_k = float((Xc * Xc).sum()) if kernel == "linear" else float(n)
+    tr_l = float((Yc * Yc).sum()) if kernel == "linear" else float(n)
+    return float(_cka_from_terms(kl, kk, ll, estimator, n, tr_k ** 2 / z, tr_l ** 2 / z))
+
+
+class MinibatchCKA:
+    """Streaming CKA grid between L1 layers of one source and L2 layers of another (Nguyen et al. 2021).
+
+    Per batch of m aligned examples: each layer's centered Gram is formed once ((L1 + L2) Grams,
+    O(m^2 d) each), flattened into matrices A (L1, m^2), B (L2, m^2), and a single product A B' gives
+    all L1 x L2 HSICs. Memory O((L1 + L2) m^2). The result is
+      CKA_ij = mean_b HSIC(K_i^b, L_j^b) / sqrt(mean_b HSIC(K_i^b, K_i^b) * mean_b HSIC(L_j^b, L_j^b)),
+    which with the unbiased estimator converges to the full-data CKA as batches accumulate.
+    """
+
+    def __init__(self, kernel: str = "linear", estimator: str = "unbiased", sigma: float | None = None,
+                 x_names: Sequence[str] | None = None, y_names: Sequence[str] | None = None):
+        _check_choice("kernel", kernel, KERNELS)
+        _check_choice("estimator", estimator, ESTIMATORS)
+        self.kernel, self.estimator, self.sigma = kernel, estimator, sigma
+        self.x_names, self.y_names = x_names, y_names
+        self.cross: torch.Tensor | None = None
+        self.self_x: torch.Tensor | None = None
+        self.self_y: torch.Tensor | None = None
+        self.n_batches = 0
+        self.n_examples = 0
+
+    def _centered(self, acts: Sequence[Any], side: str) -> torch.Tensor:
+        mats = [as_float64_matrix(a, f"{side}[{i}]") for i, a in enumerate(acts)]
+        m = mats[0].shape[0]
+        if any(M.shape[0] != m for M in mats):
+            raise ValueError(f"all {side} layers in a batch must have the same number of rows; got "
+                             f"{[M.shape[0] for M in mats]}")
+        if self.estimator == "unbiased" and m < 4:
+            raise ValueError(f"batch of {m} examples: the unbiased estimator needs >= 4 per batch "
+                             "(use a larger batch or drop_last=True)")
+        return torch.stack([center_gram(gram(M - M.mean(0), self.kernel, self.sigma), self.estimator)
+                            .reshape(-1) for M in mats])
+
+    def update(self, xs: Sequence[Any], ys: Sequence[Any] | None = None) -> None:
+        """Add one batch: xs = L1 arrays (m, ...) and ys = L2 arrays (m, ...), rows aligned.
+
+        ys=None compares the xs layers with themselves (each Gram formed once).
+        """
+        A = self._centered(xs, "xs")
+        B = A if ys is None else self._centered(ys, "ys")
+        if A.shape[1] != B.shape[1]:
+            raise ValueError(f"xs and ys batches must have the same number of rows; got "
+                             f"{int(A.shape[1] ** 0.5)} and {int(B.shape[1] ** 0.5)}")
+        m = int(round(A.shape[1] ** 0.5))
+        z = hsic_norm(m, self.estimator)
+        cross, sx, sy = A @ B.T / z, (A * A).sum(1) / z, (B * B).sum(1) / z
+        if self.cross is None:
+            self.cross, self.self_x, self.self_y = cross, sx, sy
+        else:
+            if cross.shape != self.cross.shape:
+                raise ValueError(f"layer counts changed between batches: {tuple(self.cross.shape)} -> "
+                                 f"{tuple(cross.shape)}")
+            self.cross += cross
+            self.self_x += sx
+            self.self_y += sy
+        self.n_batches += 1
+        self.n_examples += m
+
+    def compute(self) -> np.ndarray:
+        """The (L1, L2) CKA grid. Raises ValueError naming layers whose accumulated self-HSIC <= 0."""
+        if self.cross is None:
+            raise ValueError("MinibatchCKA.compute() called before any update()")
+        for side, s, names in (("xs", self.self_x, self.x_names), ("ys", self.self_y, self.y_names)):
+            bad = [i for i in range(len(s)) if not s[i] > 0]
+            if bad:
+                label = [names[i] for i in bad] if names else bad
+                raise ValueError(f"{side} layers {label} have non-positive accumulated self-HSIC over "
+                                 f"{self.n_batches} batches (constant or too few examples); CKA is undefined")
+        return (self.cross / torch.sqrt(self.self_x[:, None] * self.self_y[None, :])).numpy()
+
+
+# ----------------------------------------------------------------------------------------------
+# Domain x domain CKA at every analysis point, with bootstrap CIs and a permutation baseline.
+
+def _kernel_source(X: torch.Tensor, kernel: str) -> torch.Tensor:
+    """What gets index-gathered for resampling: the linear Gram, or squared distances for RBF
+    (so the median bandwidth is recomputed on each resample, as on the original sample)."""
+    Xc = X - X.mean(0)
+    return Xc @ Xc.T if kernel == "linear" else _sq_dists(Xc)
+
+
+def _centered_from_source(S: torch.Tensor, kernel: str, estimator: str, sigma: float | None) -> torch.Tensor:
+    K = S if kernel == "linear" else rbf_from_sq_dists(S, sigma)
+    return center_gram(K, estimator)
+
+
+def _gather(S: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """S (n, n), idx (B, k) -> (B, k, k) with out[b] = S[idx[b]][:, idx[b]]."""
+    return S[idx[:, :, None], idx[:, None, :]]
+
+
+def _resampled_cka(Sx: torch.Tensor, Sy: torch.Tensor, idx_x: torch.Tensor, idx_y: torch.Tensor, kernel: str,
+                   estimator: str, sigma: float | None, chunk: int = 32) -> np.ndarray:
+    """CKA for B resamples at once: rows idx_x[b] of X against rows idx_y[b] of Y. Returns (B,).
+
+    Resamples whose self-HSIC is non-positive (e.g. a bootstrap draw of near-identical rows) give
+    NaN here and are counted and dropped by the caller, which reports how many.
+    """
+    out = []
+    z = hsic_norm(idx_x.shape[1], estimator)
+    for s in range(0, idx_x.shape[0], chunk):
+        try:
+            Kc = _centered_from_source(_gather(Sx, idx_x[s:s + chunk]), kernel, estimator, sigma)
+            Lc = _centered_from_source(_gather(Sy, idx_y[s:s + chunk]), kernel, estimator, sigma)
+        except ValueError:  # a resample with all rows identical (no RBF bandwidth)
+            out.append(torch.full((min(chunk, idx_x.shape[0] - s),), float("nan"), dtype=torch.float64))
+            continue
+        kl, kk, ll = ((Kc * Lc).sum((-1, -2)) / z, (Kc * Kc).sum((-1, -2)) / z, (Lc * Lc).sum((-1, -2)) / z)
+        ok = (kk > 0) & (ll > 0)
+        val = kl / torch.sqrt(torch.where(ok, kk * ll, torch.ones_like(kk)))
+        out.append(torch.where(ok, val, torch.full_like(val, float("nan"))))
+    return torch.cat(out).numpy()
+
+
+def pair_rows(class_idx: np.ndarray, domain_idx: np.ndarray, a: int, b: int,
+              classes: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-image pairing of domain a with domain b over `classes`.
+
+    Rule: within each class, the j-th image of domain a (in dataset order) is paired with the j-th image
+    of domain b; the longer list is truncated. In the emoji data each (class, domain) holds the renders
+    of one codepoint in that domain's styles, in a fixed style order, so pairs share the class (and the
+    instance slot), never the pixels. Returns (rows_a, rows_b, class_of_pair) as int64 arrays.
+    """
+    ra, rb, rc = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for k in classes:
+        ia = np.flatnonzero((class_idx == k) & (domain_idx == a))
+        ib = np.flatnonzero((class_idx == k) & (domain_idx == b))
+        m = min(len(ia), len(ib))
+        ra.append(ia[:m])
+        rb.append(ib[:m])
+        rc.append(np.full(m, k, dtype=np.int64))
+    return np.concatenate(ra), np.concatenate(rb), np.concatenate(rc)
+
+
+def _class_centroids(F: torch.Tensor, class_idx: np.ndarray, domain_idx: np.ndarray, d: int,
+                     classes: Sequence[int]) -> torch.Tensor:
+    rows = [F[torch.from_numpy(np.flatnonzero((class_idx == k) & (domain_idx == d)))].mean(0) for k in classes]
+    return torch.stack(rows)
+
+
+def domain_cka(features: Mapping[str, Any], class_idx: Any, domain_idx: Any, domains: Sequence[str],
+               class_subsets: Mapping[str, Sequence[int]], mode: str = "centroid",
+               kernels: Sequence[str] = ("linear", "rbf"), estimator: str = "unbiased",
+               n_boot: int = 200, n_perm: int = 100, ci: float = 0.95, seed: int = 0,
+               pooling: str | None = None) -> dict:
+    """CKA between every pair of domains at every point, per class subset and kernel.
+
+    features: point name -> (N, d) pooled activations of the same N images (see activations.py).
+    class_idx, domain_idx: (N,) ints; domains: names indexed by domain_idx.
+    class_subsets: e.g. {"all": [...], "C1": [...], "C2": [...]} of class indices.
+    mode: "centroid" (paper §8.3: rows = class means per domain, matched by class) or "image"
+    (rows = images paired by `pair_rows`). Classes missing from either domain are dropped and counted.
+    Bootstrap: classes resampled with replacement n_boot times; CI = estimate +- z * bootstrap SE.
+    Permutation baseline: n_perm shuffles of the second domain's rows (mean and 95th percentile).
+    Cost per (point, pair, subset, kernel): O((1 + n_boot + n_perm) n^2) after O(n^2 d) Grams.
+    Returns a JSON-able dict; results[subset][kernel][f"{a}|{b}"] has lists over points.
+    """
+    _check_choice("mode", mode, ("centroid", "image"))
+    for k in kernels:
+        _check_choice("kernel", k, KERNELS)
+    class_idx, domain_idx = np.asarray(class_idx), np.asarray(domain_idx)
+    points = list(features)
+    if not points:
+        raise ValueError("domain_cka: `features` is empty; pass {point_name: (N, d) activations}")
+    F = {p: as_float64_matrix(features[p], p) for p in points}
+    for p, M in F.items():
+        if M.shape[0] != len(class_idx) or len(domain_idx) != len(class_idx):
+            raise ValueError(f"features[{p!r}] has {M.shape[0]} rows but class_idx/domain_idx have "
+                             f"{len(class_idx)}/{len(domain_idx)}; they must describe the same images")
+    rng = np.random.default_rng(seed)
+    present = {d: set(np.unique(class_idx[domain_idx == d]).tolist()) for d in range(len(domains))}
+    pairs = [(a, b) for a in range(len(domains)) for b in range(a + 1, len(domains))]
+    out: dict = {"mode": mode, "estimator": estimator, "pooling": pooling, "points": points,
+                 "domains": list(domains), "kernels": list(kernels), "n_boot": n_boot, "n_perm": n_perm,
+                 "ci": ci, "ci_method": "normal, bootstrap SE over classes", "seed": seed, "results": {}, "skipped": []}
+    for subset, cls in class_subsets.items():
+        out["results"][subset] = {k: {} for k in kernels}
+        for a, b in pairs:
+            shared = [k for k in cls if k in present[a] and k in present[b]]
+            key = f"{domains[a]}|{domains[b]}"
+            if mode == "centroid":
+                rows_a = rows_b = None
+                row_class = np.asarray(shared, dtype=np.int64)
+            else:
+                rows_a, rows_b, row_class = pair_rows(class_idx, domain_idx, a, b, shared)
+            n = len(row_class)
+            min_n = 4 if estimator == "unbiased" else 2
+            if n < min_n or len(shared) < 2:
+                out["skipped"].append({"subset": subset, "pair": key, "reason":
+                                       f"only {n} rows from {len(shared)} shared classes (need >= {min_n})"})
+                continue
+            dropped = len(cls) - len(shared)
+            # bootstrap over classes: each draw re-collects the rows of the drawn classes
+            by_class = {k: np.flatnonzero(row_class == k) for k in shared}
+            draws = [np.concatenate([by_class[k] for k in rng.choice(shared, size=len(shared))])
+                     for _ in range(n_boot)]
+            perms = [rng.permutation(n) for _ in range(n_perm)]
+            res = {k: {"cka": [], "ci_low": [], "ci_high": [], "perm_mean": [], "perm_p95": [],
+                       "n_rows": n, "n_classes": len(shared), "classes_missing": dropped,
+                       "boot_failed": [], "error": []} for k in kernels}
+            for p in points:
+                if mode == "centroid":
+                    X = _class_centroids(F[p], class_idx, domain_idx, a, shared)
+                    Y = _class_centroids(F[p], class_idx, domain_idx, b, shared)
+                else:
+                    X, Y = F[p][torch.from_numpy(rows_a)], F[p][torch.from_numpy(rows_b)]
+                for kernel in kernels:
+                    _append_point(res[kernel], X, Y, kernel, estimator, draws, perms, ci)
+            for kernel in kernels:
+                out["results"][subset][kernel][key] = res[kernel]
+    return out
+
+
+def _append_point(res: dict, X: torch.Tensor, Y: torch.Tensor, kernel: str, estimator: str,
+                  draws: list[np.ndarray], perms: list[np.ndarray], ci: float) -> None:
+    """Append one point's CKA, bootstrap CI and permutation baseline to `res` (None + error if undefined)."""
+    try:
+        value = cka(X, Y, kernel, estimator, form="gram")
+    except ValueError as err:
+        for f in ("cka", "ci_low", "ci_high", "perm_mean", "perm_p95"):
+            res[f].append(None)
+        res["boot_failed"].append(len(draws))
+        res["error"].append(str(err))
+        return
+    n = X.shape[0]
+    Sx, Sy = _kernel_source(X, kernel), _kernel_source(Y, kernel)
+    boot = _boot_values(Sx, Sy, draws, kernel, estimator)
+    boot = boot[np.isfinite(boot)]
+    # Normal interval from the bootstrap SE. Percentile intervals can exclude the estimate: drawing a
+    # class twice adds identical off-diagonal pairs, which bias resampled (unbiased-HSIC) CKA upwards.
+    half = float(_z(ci) * boot.std(ddof=1)) if len(boot) > 1 else None
+    perm = np.zeros(0)
+    if perms:
+        perm = _resampled_cka(Sx, Sy, torch.arange(n).expand(len(perms), n), torch.from_numpy(np.stack(perms)),
+                              kernel, estimator, None)
+        perm = perm[np.isfinite(perm)]
+    res["cka"].append(value)
+    res["ci_low"].append(value - half if half is not None else None)
+    res["ci_high"].append(value + half if half is not None else None)
+    res["perm_mean"].append(float(perm.mean()) if len(perm) else None)
+    res["perm_p95"].append(float(np.percentile(perm, 95)) if len(perm) else None)
+    res["boot_failed"].append(len(draws) - len(boot))
+    res["error"].append(None)
+
+
+def _z(ci: float) -> float:
+    """Two-sided standard-normal quantile for confidence level `ci`."""
+    from scipy.stats import norm
+    if not 0 < ci < 1:
+        raise ValueError(f"ci must be in (0, 1); got {ci}")
+    return float(norm.ppf((1 + ci) / 2))
+
+
+def _boot_values(Sx: torch.Tensor, Sy: torch.Tensor, draws: list[np.ndarray], kernel: str,
+                 estimator: str) -> np.ndarray:
+    """Bootstrap CKA values; draws of equal length are batched together (always so in centroid mode)."""
+    vals = np.full(len(draws), np.nan)
+    by_len: dict[int, list[int]] = {}
+    for i, d in enumerate(draws):
+        by_len.setdefault(len(d), []).append(i)
+    min_n = 4 if estimator == "unbiased" else 2
+    for length, ids in by_len.items():
+        if length < min_n:
+            continue
+        idx = torch.from_numpy(np.stack([draws[i] for i in ids]))
+        vals[ids] = _resampled_cka(Sx, Sy, idx, idx, kernel, estimator, None)
+    return vals
