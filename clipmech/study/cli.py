@@ -1,0 +1,54 @@
+"""`clipmech quickstart` (and `clipmech experiment`) subcommands."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the study's subcommands to the `clipmech` parser."""
+    p = subparsers.add_parser(
+        "quickstart", help="run the whole study on the embedded emoji domains (<= 10 min on a 2-core CPU)",
+        description="Train the four main setups with a tiny CLIP, evaluate DG/CG, run CKA, circuits, SAE "
+                    "feature sharing and embedding analyses, relate sharedness to C2 accuracy, and write "
+                    "figures, report.md and results.json. A rerun reuses finished stages.")
+    p.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
+    p.add_argument("--test-domain", action="append", dest="test_domains", metavar="D",
+                   help="test domain (repeatable; default: the dataset's default test domain)")
+    p.add_argument("--seeds", type=int, default=None, help="training seeds per setup (default 1; 3 with --full)")
+    p.add_argument("--full", action="store_true", help="every non-natural test domain and 3 seeds")
+    p.add_argument("--quiet", action="store_true", help="no stage progress display")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    # Reduced runs for tests and smoke checks: not part of the user-facing interface.
+    p.add_argument("--epochs", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--max-classes", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--sae-epochs", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--circuit-steps", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=_quickstart)
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from clipmech.study.quickstart import QuickstartOptions, full_test_domains, run_quickstart
+
+    opts = QuickstartOptions(out=args.out, progress=not args.quiet)
+    if args.seeds is not None and args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    test_domains = tuple(args.test_domains) if args.test_domains else None
+    if args.full:
+        test_domains = test_domains or full_test_domains(opts.dataset)
+    changes = {"test_domains": test_domains, "seeds": args.seeds or (3 if args.full else opts.seeds)}
+    for name in ("epochs", "max_classes", "sae_epochs", "circuit_steps"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    results = run_quickstart(replace(opts, **changes))
+    c2 = {}
+    for m in results["models"]:
+        c2.setdefault(m["setup"], []).append(m["c2_test_acc"])
+    print(f"clipmech quickstart: wrote {args.out}/report.md, results.json and figures/ "
+          f"in {results['extra']['wall_time_s']:.0f}s")
+    print("C2 accuracy (class-balanced, mean over models): " +
+          ", ".join(f"{s} {100 * sum(v) / len(v):.1f}%" for s, v in c2.items()))
+    for f in results["findings"]:
+        print(f"  {f['finding']}: {f['verdict']}")
+    return 0

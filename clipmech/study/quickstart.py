@@ -1,0 +1,477 @@
+"""`clipmech quickstart`: the paper's whole study, end to end, on the embedded emoji domains.
+
+For each test domain and seed it trains the four main setups (natural-only, leave-out-domain,
+CG low-diversity, CG high-diversity) with a tiny open_clip model (`clipmech.train`), evaluates
+DG/CG zero-shot accuracy (`clipmech.eval`), and per model runs domain CKA per analysis point
+(`clipmech.analysis.cka`), per-class circuits with node and edge similarity
+(`clipmech.analysis.circuits`), SAE feature sharing (`clipmech.analysis.sae` / `.sharing`) and
+embedding separation (`clipmech.analysis.embeddings`). It then relates every sharedness measure to
+C2 accuracy across all models and writes figures, `results.json` and `report.md`.
+
+This module only composes library functions; every primitive lives in its own package. Each stage
+is stored in a `Registry` keyed by its inputs (config, checkpoint hash, dataset hash), so a rerun
+skips finished work and a changed option recomputes only what depends on it.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from clipmech.study import figures as F
+from clipmech.study.progress import Progress
+from clipmech.study.registry import Registry
+from clipmech.study.report import MAIN_SETUPS, build_results, cka_mid, write_outputs
+from clipmech.utils import file_hash
+
+# Bump when a stage's computation changes so stored results are not reused across versions.
+STAGE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class QuickstartOptions:
+    """Everything that determines the quickstart's results (hashed into the registry keys).
+
+    Defaults are sized for <= 10 minutes on a 2-core CPU (see `plan_budgets`).
+    """
+
+    out: str = "runs/quickstart"
+    dataset: str = "emoji"
+    test_domains: tuple[str, ...] | None = None  # None: the dataset's default test domain
+    seeds: int = 1
+    setups: tuple[str, ...] = MAIN_SETUPS
+    model: str = "tiny-rn"
+    image_size: int = 32
+    epochs: int = 6
+    batch_size: int = 128
+    lr: float = 2e-3
+    max_classes: int | None = None  # restrict to C2 + the first C1 classes (reduced runs, tests)
+    circuit_steps: int = 5  # IG Riemann steps for circuits (paper: 10)
+    sae_expansion: int = 4  # latents = expansion x embedding width (paper: 4)
+    sae_epochs: int = 30
+    cka_boot: int = 50
+    progress: bool = True
+
+    def analysis_key(self) -> dict[str, Any]:
+        """The options analyses depend on (training options enter through the checkpoint hash)."""
+        return {"circuit_steps": self.circuit_steps, "sae_expansion": self.sae_expansion,
+                "sae_epochs": self.sae_epochs, "cka_boot": self.cka_boot, "version": STAGE_VERSION}
+
+
+def _require(stage: str, module: str, *names: str) -> list[Any]:
+    """The attributes `names` of `module`, or a RuntimeError naming the quickstart stage that needs them."""
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        raise RuntimeError(f"quickstart stage '{stage}' needs {module}, which is not available "
+                           f"({err}); this stage of the study cannot run") from err
+    missing = [n for n in names if not hasattr(mod, n)]
+    if missing:
+        raise RuntimeError(f"quickstart stage '{stage}' needs {module}.{', '.join(missing)}, which "
+                           f"{module} does not provide; this stage of the study cannot run")
+    return [getattr(mod, n) for n in names]
+
+
+@dataclass
+class ModelSpec:
+    """One trained model: natural-only is trained once per seed and evaluated on every test domain."""
+
+    setup: str
+    seed: int
+    test_domain: str
+
+    @property
+    def run_id(self) -> str:
+        if self.setup == "natural_only":
+            return f"natural_only-s{self.seed}"
+        return f"{self.setup}-{self.test_domain}-s{self.seed}"
+
+
+@dataclass
+class Study:
+    """State shared by the stages of one quickstart run."""
+
+    opts: QuickstartOptions
+    dataset: Any = None
+    test_domains: list[str] = field(default_factory=list)
+    c2: list[str] = field(default_factory=list)
+    registry: Registry | None = None
+
+    @property
+    def out(self) -> Path:
+        return Path(self.opts.out)
+
+
+def resolve_dataset(opts: QuickstartOptions) -> tuple[Any, list[str], list[str]]:
+    """(dataset, test domains, C2 class names); applies `max_classes` by keeping C2 first."""
+    (load_dataset,) = _require("data", "clipmech.data", "load_dataset")
+    ds = load_dataset(opts.dataset)
+    c2 = list(ds.default_test_classes or [])
+    if not c2:
+        raise ValueError(f"dataset {opts.dataset!r} defines no default C2 classes; the quickstart needs them")
+    domains = list(opts.test_domains or [ds.default_test_domain])
+    for d in domains:
+        if d not in ds.domains:
+            from clipmech.utils import unknown_name_error
+            raise unknown_name_error("test domain", d, ds.domains)
+        if d == ds.natural_domain:
+            raise ValueError(f"the natural domain {d!r} cannot be a test domain; choose one of "
+                             f"{[x for x in ds.domains if x != ds.natural_domain]}")
+    if opts.max_classes is not None:
+        if opts.max_classes < len(c2) + 4:
+            raise ValueError(f"max_classes={opts.max_classes} is too small: it must keep the {len(c2)} C2 "
+                             "classes and at least 4 C1 classes")
+        keep = c2 + [c for c in ds.classes if c not in c2][: opts.max_classes - len(c2)]
+        ds = ds.subset(ds.indices(classes=keep))
+    return ds, domains, c2
+
+
+def model_specs(opts: QuickstartOptions, test_domains: Sequence[str]) -> list[ModelSpec]:
+    """Every (setup, seed, test domain) row of the results table, in training order."""
+    return [ModelSpec(s, seed, d) for d in test_domains for seed in range(opts.seeds) for s in opts.setups]
+
+
+def plan_budgets(opts: QuickstartOptions, specs: Sequence[ModelSpec]) -> dict[str, float]:
+    """Planned stages and their expected seconds on a 2-core CPU (scaled by epochs and classes).
+
+    The per-unit costs were measured on the development machine for tiny-rn at 32 px; they only
+    drive the remaining-time estimate, which rescales itself as stages finish.
+    """
+    scale = 1.0 if opts.max_classes is None else min(1.0, opts.max_classes / 300)
+    runs = list(dict.fromkeys(s.run_id for s in specs))
+    budgets: dict[str, float] = {"load data": 2.0}
+    for r in runs:
+        budgets[f"train {r}"] = 12.0 * opts.epochs * scale
+        budgets[f"evaluate {r}"] = 6.0 * scale
+    for s in specs:
+        tag = f"{s.run_id} on {s.test_domain}"
+        budgets[f"CKA {tag}"] = 6.0 * scale
+        budgets[f"circuits {tag}"] = 8.0 * opts.circuit_steps / 5
+        budgets[f"SAE {tag}"] = 0.4 * opts.sae_epochs * scale
+        budgets[f"embeddings {tag}"] = 4.0
+    budgets["figures and report"] = 5.0
+    return budgets
+
+
+# ------------------------------------------------------------------------------------ stages
+def _train_config(opts: QuickstartOptions, spec: ModelSpec, c2: Sequence[str], run_dir: Path) -> dict:
+    """A clipmech.train config (see clipmech.train.config.DEFAULTS) for one model."""
+    return {
+        "model": {"name": opts.model, "image_size": opts.image_size},
+        "data": {"dataset": opts.dataset},
+        "mixture": {"setup": spec.setup, "test_domain": spec.test_domain, "test_classes": list(c2)},
+        "optim": {"lr": opts.lr},
+        "schedule": {"warmup": 50},
+        "train": {"epochs": opts.epochs, "batch_size": opts.batch_size, "seed": spec.seed, "out": str(run_dir),
+                  "tensorboard": False, "progress": False},
+        "eval": {"templates": "auto"},
+    }
+
+
+def train_model(study: Study, spec: ModelSpec) -> dict[str, Any]:
+    """Train one model (or reuse it); returns {"run_dir", "checkpoint", "checkpoint_hash", ...}."""
+    build_mixture, = _require("mixtures", "clipmech.data.mixtures", "build_mixture")
+    train, = _require("training", "clipmech.train.trainer", "train")
+    opts = study.opts
+    run_dir = study.out / "runs" / spec.run_id
+    cfg = _train_config(opts, spec, study.c2, run_dir)
+    key = {"stage": "train", "version": STAGE_VERSION, "dataset": study.dataset.content_hash(),
+           "config": {k: v for k, v in cfg.items() if k != "train"} | {"train": {**cfg["train"], "out": None}}}
+
+    def run() -> dict[str, Any]:
+        mixture = build_mixture(study.dataset, spec.setup, test_domain=spec.test_domain, test_classes=study.c2,
+                                split="train", seed=42)
+        train(cfg, mixture=mixture)
+        ckpt = run_dir / f"epoch_{opts.epochs}.pt"
+        return {"run_dir": str(run_dir), "checkpoint": str(ckpt), "checkpoint_hash": file_hash(ckpt),
+                "n_train": int(len(mixture.indices)), "mixture_id": mixture.id}
+
+    found = study.registry.get("train", key)
+    if found is not None and Path(found["checkpoint"]).is_file() and file_hash(found["checkpoint"]) == found["checkpoint_hash"]:
+        return found | {"reused": True}
+    return study.registry.put("train", key, run()) | {"reused": False}
+
+
+def evaluate_model(study: Study, run: dict[str, Any]) -> tuple[dict[str, dict[str, float]], bool]:
+    """Zero-shot metrics of every epoch of a run: {epoch: {"{domain}/{C1|C2}/top1_balanced": ...}}."""
+    evaluate_run, = _require("evaluation", "clipmech.eval.zeroshot", "evaluate_run")
+    key = {"stage": "evaluate", "version": STAGE_VERSION, "checkpoint": run["checkpoint_hash"],
+           "dataset": study.dataset.content_hash()}
+
+    def compute() -> dict:
+        import json
+        path = evaluate_run(run["run_dir"], dataset=study.dataset)
+        return json.loads(Path(path).read_text())
+
+    return study.registry.run("evaluate", key, compute)
+
+
+def _load_model(run: dict[str, Any]):
+    (HookedCLIP,) = _require("models", "clipmech.models.hooked_clip", "HookedCLIP")
+    return HookedCLIP.from_checkpoint(run["checkpoint"]).eval()
+
+
+def _test_split(study: Study) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indices, class_idx, domain_idx) of the test split (every domain, every class)."""
+    idx = study.dataset.indices(split="test")
+    return idx, study.dataset.class_idx[idx], study.dataset.domain_idx[idx]
+
+
+def _c2_idx(study: Study) -> list[int]:
+    return [study.dataset.classes.index(c) for c in study.c2]
+
+
+def cka_model(study: Study, run: dict[str, Any], model) -> tuple[dict[str, Any], bool]:
+    """Linear, unbiased, class-centroid CKA between every domain pair at every analysis point.
+
+    Rows = class centroids of spatially mean-pooled test-split activations (paper §8.3); subsets
+    "C2" and "all". Returns clipmech.analysis.cka.domain_cka's JSON-able dict.
+    """
+    domain_cka, = _require("CKA", "clipmech.analysis.cka", "domain_cka")
+    pooled_activations, = _require("CKA", "clipmech.analysis.activations", "pooled_activations")
+    eval_images, = _require("CKA", "clipmech.eval.zeroshot", "eval_images")
+    key = {"stage": "cka", "checkpoint": run["checkpoint_hash"], "dataset": study.dataset.content_hash(),
+           "c2": study.c2, **study.opts.analysis_key()}
+
+    def compute() -> dict:
+        idx, cls, dom = _test_split(study)
+        points = [p for p in model.analysis_points() if p != "visual.hook_input"]
+        feats = pooled_activations(model, eval_images(study.dataset, idx, model.image_size), points)
+        subsets = {"C2": _c2_idx(study), "all": sorted(set(cls.tolist()))}
+        return domain_cka(feats, cls, dom, study.dataset.domains, subsets, mode="centroid", kernels=("linear",),
+                          n_boot=study.opts.cka_boot, n_perm=0)
+
+    return study.registry.run("cka", key, compute)
+
+
+def cka_pairs(cka_result: dict[str, Any], subset: str = "C2") -> dict[tuple[str, str], list[float]]:
+    """{(a, b): linear CKA per point} from a domain_cka result; pairs with an undefined value are dropped."""
+    out = {}
+    for pair, res in cka_result["results"][subset]["linear"].items():
+        if all(v is not None for v in res["cka"]):
+            a, b = pair.split("|")
+            out[(a, b)] = res["cka"]
+    return out
+
+
+def circuits_model(study: Study, run: dict[str, Any], model, test_domain: str) -> tuple[dict[str, Any], bool]:
+    """Per-(domain, C2 class) circuits on the test images; node and edge Jaccard between domains.
+
+    Returns {"domains", "node": [D, D], "edge": [D, D]} (means over C2 classes) and the test
+    domain's scores: mean over other domains b of J(test_domain, b).
+    """
+    discover_circuit, = _require("circuits", "clipmech.analysis.circuits", "discover_circuit")
+    node_jaccard, edge_jaccard = _require("circuits", "clipmech.analysis.circuit_similarity",
+                                          "node_jaccard", "edge_jaccard")
+    eval_images, = _require("circuits", "clipmech.eval.zeroshot", "eval_images")
+    get_templates, = _require("circuits", "clipmech.eval.templates", "get_templates")
+    key = {"stage": "circuits", "checkpoint": run["checkpoint_hash"], "dataset": study.dataset.content_hash(),
+           "c2": study.c2, **study.opts.analysis_key()}
+
+    def compute() -> dict:
+        ds = study.dataset
+        head = model.zero_shot_head(ds.classes, get_templates("auto", ds.name)).detach()
+        circuits: dict[str, dict[int, Any]] = {d: {} for d in ds.domains}
+        for d in ds.domains:
+            for k in _c2_idx(study):
+                idx = ds.indices(split="test", domains=[d], classes=[k])
+                if len(idx) == 0:
+                    continue
+                images = eval_images(ds, idx, model.image_size)
+                labels = torch.full((len(idx),), k, dtype=torch.long)
+                circuits[d][k] = discover_circuit(model, images, labels, head, steps=study.opts.circuit_steps)
+        D = len(ds.domains)
+        node, edge = np.full((D, D), np.nan), np.full((D, D), np.nan)
+        for a, da in enumerate(ds.domains):
+            for b, db in enumerate(ds.domains):
+                shared = [k for k in circuits[da] if k in circuits[db]]
+                if shared:
+                    node[a, b] = np.mean([node_jaccard(circuits[da][k], circuits[db][k]) for k in shared])
+                    edge[a, b] = np.mean([edge_jaccard(circuits[da][k], circuits[db][k]) for k in shared])
+        return {"domains": ds.domains, "node": node.tolist(), "edge": edge.tolist()}
+
+    return study.registry.run("circuits", key, compute)
+
+
+def _mean_vs_others(matrix: Sequence[Sequence[float | None]], domains: Sequence[str], d: str) -> float:
+    """Mean of row `d` over the other domains (the paper's score(d*)); raises when undefined."""
+    i = list(domains).index(d)
+    vals = [matrix[i][j] for j in range(len(domains)) if j != i and matrix[i][j] is not None
+            and math.isfinite(matrix[i][j])]
+    if not vals:
+        raise ValueError(f"no similarity between test domain {d!r} and any other domain was computed")
+    return float(np.mean(vals))
+
+
+def sae_sharing_model(study: Study, run: dict[str, Any], model) -> tuple[dict[str, Any], bool]:
+    """SAE on the L2-normalised image embeddings of the train split (all domains), then the paper's
+    Alg. 1-2 feature sharing over the C2 test images. Returns feature_sharing's dict + SAE metrics."""
+    train_sae, evaluate_sae = _require("SAE", "clipmech.analysis.sae", "train_sae", "evaluate_sae")
+    top_latent_histograms, feature_sharing = _require("SAE", "clipmech.analysis.sharing",
+                                                      "top_latent_histograms", "feature_sharing")
+    encode_dataset, = _require("SAE", "clipmech.eval.zeroshot", "encode_dataset")
+    key = {"stage": "sae", "checkpoint": run["checkpoint_hash"], "dataset": study.dataset.content_hash(),
+           "c2": study.c2, **study.opts.analysis_key()}
+
+    def compute() -> dict:
+        ds = study.dataset
+        encode = lambda x: model.encode_image(x, normalize=True)  # noqa: E731
+        train_x = encode_dataset(encode, ds, ds.indices(split="train"), model.image_size)
+        sae, history = train_sae(train_x, n_latents=study.opts.sae_expansion * train_x.shape[1],
+                                 epochs=study.opts.sae_epochs, batch_size=256, seed=0)
+        idx = ds.indices(split="test", classes=study.c2)
+        with torch.no_grad():
+            codes = sae.encode(encode_dataset(encode, ds, idx, model.image_size))
+        H = top_latent_histograms(codes, ds.class_idx[idx], ds.domain_idx[idx], _c2_idx(study), len(ds.domains))
+        out = feature_sharing(H, ds.domains, class_names=study.c2)
+        out.pop("per_class")
+        return out | {"sae": evaluate_sae(sae, train_x), "sae_history": history[-1]}
+
+    return study.registry.run("sae", key, compute)
+
+
+def embeddings_model(study: Study, run: dict[str, Any], model, with_umap: bool) -> tuple[dict[str, Any], bool]:
+    """Domain separation of the normalised test embeddings (and 2-D UMAP coordinates if asked)."""
+    separation, umap_2d = _require("embeddings", "clipmech.analysis.embeddings", "domain_separation", "umap_2d")
+    encode_dataset, = _require("embeddings", "clipmech.eval.zeroshot", "encode_dataset")
+    key = {"stage": "embeddings", "checkpoint": run["checkpoint_hash"], "dataset": study.dataset.content_hash(),
+           "umap": with_umap, **study.opts.analysis_key()}
+
+    def compute() -> dict:
+        idx, cls, dom = _test_split(study)
+        emb = encode_dataset(lambda x: model.encode_image(x, normalize=True), study.dataset, idx, model.image_size)
+        out = {"separation": separation(emb, dom)}
+        if with_umap:
+            out["umap"] = np.asarray(umap_2d(emb)).tolist()
+            out["domain_idx"] = dom.tolist()
+        return out
+
+    return study.registry.run("embeddings", key, compute)
+
+
+# ------------------------------------------------------------------------------------ the study
+FIGURE_NOTES = {
+    "fig2_c2_accuracy.png": "C2 (held-out class) accuracy on the test domain per setup, mean and 95% CI over seeds (Fig. 2 analogue).",
+    "accuracy_over_epochs.png": "C2 accuracy on the test domain over training epochs, per setup.",
+    "cka_per_layer.png": "Class-centroid linear CKA per analysis point for every domain pair of the CG-high model; the test domain's pairs are coloured.",
+    "circuit_jaccard.png": "Node and edge Jaccard of per-class circuits between domains (CG-high model, C2 classes).",
+    "umap_by_domain.png": "UMAP of the CG-high model's test embeddings, coloured by domain.",
+    "feature_sharing.png": "SAE feature-sharing matrix over C2 classes (CG-high model, paper Alg. 1-2).",
+    "sharedness_vs_c2.png": "Each sharedness measure against C2 accuracy across all models, with Spearman correlation and bootstrap CI.",
+}
+
+
+def _final_metrics(metrics: dict[str, dict[str, float]], domain: str) -> tuple[float, float, list[float]]:
+    """(C1, C2 class-balanced top-1 at the last epoch, C2 per epoch) for `domain`."""
+    epochs = sorted(metrics, key=int)
+    try:
+        last = metrics[epochs[-1]]
+        c1, c2 = last[f"{domain}/C1/top1_balanced"], last[f"{domain}/C2/top1_balanced"]
+        curve = [metrics[e][f"{domain}/C2/top1_balanced"] for e in epochs]
+    except KeyError as err:
+        raise RuntimeError(f"evaluation results lack {err} for test domain {domain!r}; "
+                           f"keys look like {sorted(metrics[epochs[-1]])[:4]}") from None
+    return c1, c2, curve
+
+
+def run_quickstart(opts: QuickstartOptions) -> dict[str, Any]:
+    """Run (or resume) the whole study; writes DIR/results.json, DIR/report.md, DIR/figures/*.png.
+
+    Returns the results dict. Raises RuntimeError naming the stage whose library piece is missing.
+    """
+    t0 = time.perf_counter()
+    study = Study(opts, registry=Registry(Path(opts.out) / "registry"))
+    study.dataset, study.test_domains, study.c2 = resolve_dataset(opts)
+    specs = model_specs(opts, study.test_domains)
+    progress = Progress(plan_budgets(opts, specs), enabled=opts.progress)
+    with progress.stage("load data"):
+        pass  # resolve_dataset above; listed so the display accounts for it
+
+    runs: dict[str, dict[str, Any]] = {}
+    metrics: dict[str, dict] = {}
+    for spec in specs:
+        if spec.run_id in runs:
+            continue
+        with progress.stage(f"train {spec.run_id}") as h:
+            runs[spec.run_id] = train_model(study, spec)
+            h.reused = runs[spec.run_id]["reused"]
+        with progress.stage(f"evaluate {spec.run_id}") as h:
+            metrics[spec.run_id], h.reused = evaluate_model(study, runs[spec.run_id])
+
+    rows, curves, per_model = [], {}, {}
+    figure_spec = next((s for s in specs if s.setup == "cg_high"), specs[0])
+    for spec in specs:
+        run = runs[spec.run_id]
+        model = _load_model(run)
+        tag = f"{spec.run_id} on {spec.test_domain}"
+        with progress.stage(f"CKA {tag}") as h:
+            cka_res, h.reused = cka_model(study, run, model)
+        with progress.stage(f"circuits {tag}") as h:
+            circ, h.reused = circuits_model(study, run, model, spec.test_domain)
+        with progress.stage(f"SAE {tag}") as h:
+            share, h.reused = sae_sharing_model(study, run, model)
+        with progress.stage(f"embeddings {tag}") as h:
+            emb, h.reused = embeddings_model(study, run, model, with_umap=spec == figure_spec)
+        c1, c2, curve = _final_metrics(metrics[spec.run_id], spec.test_domain)
+        domains = study.dataset.domains
+        rows.append({"setup": spec.setup, "seed": spec.seed, "test_domain": spec.test_domain,
+                     "c1_test_acc": c1, "c2_test_acc": c2,
+                     "cka_mid": cka_mid(cka_pairs(cka_res), spec.test_domain),
+                     "node_jaccard": _mean_vs_others(circ["node"], domains, spec.test_domain),
+                     "edge_jaccard": _mean_vs_others(circ["edge"], domains, spec.test_domain),
+                     "feature_sharing": share["score"][spec.test_domain],
+                     "embedding_separation": emb["separation"], "run_id": spec.run_id,
+                     "mixture_id": run["mixture_id"], "n_train": run["n_train"]})
+        curves.setdefault(spec.test_domain, {}).setdefault(spec.setup, []).append(curve)
+        per_model[(spec.run_id, spec.test_domain)] = {"cka": cka_res, "circuits": circ, "sharing": share, "emb": emb}
+
+    with progress.stage("figures and report"):
+        config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items() if k != "progress"}
+        results = build_results(rows, config=config | {"test_domains": study.test_domains, "c2_classes": study.c2},
+                                extra={"wall_time_s": None})
+        fig_dir = study.out / "figures"
+        draw_figures(results, curves, per_model[(figure_spec.run_id, figure_spec.test_domain)], figure_spec,
+                     study.dataset.domains, fig_dir)
+        results["extra"]["wall_time_s"] = round(time.perf_counter() - t0, 1)
+        write_outputs(results, study.out, {f"figures/{k}": v for k, v in FIGURE_NOTES.items()})
+    return results
+
+
+def draw_figures(results: dict[str, Any], curves: dict[str, dict[str, list[list[float]]]],
+                 fig_model: dict[str, Any], fig_spec: ModelSpec, domains: Sequence[str], fig_dir: Path) -> None:
+    """Draw the quickstart's figures into `fig_dir` from stored results (no model needed)."""
+    models = results["models"]
+    acc: dict[str, dict[str, list[float]]] = {}
+    for m in models:
+        acc.setdefault(m["setup"], {}).setdefault(m["test_domain"], []).append(m["c2_test_acc"])
+    F.grouped_bars(acc, fig_dir / "fig2_c2_accuracy.png")
+    F.accuracy_over_epochs(curves[fig_spec.test_domain], fig_dir / "accuracy_over_epochs.png",
+                           title=f"C2 accuracy on {fig_spec.test_domain} during training")
+    cka_res = fig_model["cka"]
+    F.cka_per_layer(cka_pairs(cka_res), cka_res["points"], fig_spec.test_domain, fig_dir / "cka_per_layer.png",
+                    title=f"Domain CKA per layer, {fig_spec.run_id} (C2 class centroids)")
+    circ = fig_model["circuits"]
+    F.jaccard_heatmaps(np.array(circ["node"], dtype=float), np.array(circ["edge"], dtype=float), domains,
+                       fig_dir / "circuit_jaccard.png", title=f"Circuit overlap between domains, {fig_spec.run_id}")
+    emb = fig_model["emb"]
+    F.umap_by_domain(np.array(emb["umap"]), emb["domain_idx"], domains, fig_dir / "umap_by_domain.png",
+                     title=f"Test embeddings of {fig_spec.run_id} (UMAP)")
+    share = np.array([[np.nan if v is None else v for v in row] for row in fig_model["sharing"]["matrix"]])
+    F.feature_sharing_matrix(share, domains, fig_dir / "feature_sharing.png",
+                             title=f"SAE feature sharing on C2 classes, {fig_spec.run_id}")
+    from clipmech.study.report import SHAREDNESS_MEASURES
+    points = {k: [(m[k], m["c2_test_acc"], m["setup"]) for m in models] for k in SHAREDNESS_MEASURES}
+    F.sharedness_scatter(points, results["correlations"], fig_dir / "sharedness_vs_c2.png")
+
+
+def full_test_domains(dataset: str) -> tuple[str, ...]:
+    """Every domain of `dataset` except the natural one (the `--full` test domains)."""
+    (load_dataset,) = _require("data", "clipmech.data", "load_dataset")
+    ds = load_dataset(dataset)
+    return tuple(d for d in ds.domains if d != ds.natural_domain)
