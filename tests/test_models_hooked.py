@@ -1,0 +1,233 @@
+"""HookedCLIP on the tiny presets: parity with open_clip, hooks, caching, stop_at, forward_from."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipmech import HookedCLIP
+
+TINY = ["tiny-rn", "tiny-vit"]
+
+
+def randomize_norms(model: torch.nn.Module) -> None:
+    """Random BatchNorm statistics and affine weights, so no branch is trivially zero (open_clip
+    zero-inits bn3) and eval-mode BN is not the identity."""
+    g = torch.Generator().manual_seed(1)
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            n = mod.num_features
+            mod.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+            mod.running_var.copy_(0.5 + torch.rand(n, generator=g))
+            mod.weight.data.copy_(0.5 + 0.5 * torch.rand(n, generator=g))
+            mod.bias.data.copy_(0.1 * torch.randn(n, generator=g))
+
+
+@pytest.fixture(scope="module", params=TINY)
+def tiny(request):
+    torch.manual_seed(0)
+    model = HookedCLIP.from_config(request.param)
+    randomize_norms(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def batch(tiny):
+    g = torch.Generator().manual_seed(2)
+    images = torch.randn(2, 3, tiny.image_size, tiny.image_size, generator=g)
+    text = tiny.tokenize(["a photo of a dog", "a sketch of a red bicycle"])
+    return images, text
+
+
+def test_state_dict_keys_and_parity_with_open_clip(tiny, batch):
+    images, text = batch
+    clip = tiny.to_open_clip()
+    assert list(clip.state_dict()) == list(tiny.state_dict())
+    with torch.no_grad():
+        for normalize in (False, True):
+            assert (tiny.encode_image(images, normalize) - clip.encode_image(images, normalize)).abs().max() < 1e-5
+            assert (tiny.encode_text(text, normalize) - clip.encode_text(text, normalize)).abs().max() < 1e-5
+        ours, theirs = tiny(image=images, text=text), clip(images, text)
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_from_open_clip_shares_parameters(tiny):
+    clip = tiny.to_open_clip()
+    wrapped = HookedCLIP.from_open_clip(clip)
+    assert wrapped.visual is clip.visual and wrapped.logit_scale is clip.logit_scale
+    # the reconstructed config rebuilds the same architecture
+    rebuilt = wrapped.to_open_clip()
+    for (k, a), (k2, b) in zip(clip.state_dict().items(), rebuilt.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+
+
+def test_quick_gelu_config_is_respected():
+    from clipmech.models.configs import PRESETS
+    cfg = dict(PRESETS["tiny-vit"], quick_gelu=True)
+    model = HookedCLIP.from_config(cfg)
+    from open_clip.transformer import QuickGELU
+    assert isinstance(model.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert (model.encode_image(images) - model.to_open_clip().encode_image(images)).abs().max() < 1e-5
+
+
+def test_run_with_cache_one_tower_only(tiny, batch):
+    images, text = batch
+    (img, txt, scale), cache = tiny.run_with_cache(image=images)
+    assert txt is None and img.shape == (2, tiny.cfg["embed_dim"])
+    assert set(cache) == set(tiny.hook_names("visual")) | {"hook_image_embed", "hook_image_embed_normalized"}
+    (img, txt, _), cache = tiny.run_with_cache(text=text, names_filter=lambda n: n.startswith("text."))
+    assert img is None and set(cache) == set(tiny.hook_names("text"))
+    assert torch.allclose(cache["text.hook_proj"], tiny.encode_text(text), atol=1e-6)
+    assert torch.allclose(F.normalize(cache["text.hook_proj"], dim=-1), txt, atol=1e-6)
+
+
+def test_layouts_and_analysis_points(tiny, batch):
+    images, text = batch
+    _, cache = tiny.run_with_cache(image=images, text=text)
+    points = tiny.analysis_points()
+    assert points[-1] in ("visual.attnpool.hook_out", "visual.hook_pooled")
+    if tiny.model_name == "tiny-rn":
+        # input, 3 stem acts, avgpool, one bottleneck per stage, attnpool
+        assert len(points) == 10 and points[:5] == ["visual.hook_input", "visual.hook_act1", "visual.hook_act2",
+                                                    "visual.hook_act3", "visual.hook_avgpool"]
+        assert cache["visual.layer1.0.hook_out"].shape == (2, 64, 16, 16)
+        assert cache["visual.attnpool.hook_pattern"].shape == (2, 16, 1, 5)
+    else:
+        assert points == ["visual.hook_embed", "visual.blocks.0.hook_resid_post",
+                          "visual.blocks.1.hook_resid_post", "visual.hook_pooled"]
+        assert cache["visual.blocks.0.attn.hook_q"].shape == (2, 65, 2, 32)
+        assert cache["visual.blocks.0.attn.hook_pattern"].shape == (2, 2, 65, 65)
+    # text pattern is causal and rows are distributions
+    pat = tiny.run_with_cache(text=text, names_filter="text.blocks.1.attn.hook_pattern")[1][
+        "text.blocks.1.attn.hook_pattern"]
+    assert torch.allclose(pat.sum(-1), torch.ones(()), atol=1e-5)
+    assert pat.triu(diagonal=1).abs().max() == 0
+
+
+def test_hooked_pattern_path_matches_fast_path(tiny, batch):
+    images, text = batch
+    fast = tiny(image=images, text=text)
+    slow = tiny.run_with_hooks(image=images, text=text,
+                               fwd_hooks=[(lambda n: n.endswith("hook_pattern"), lambda t, hook: None)])
+    assert torch.allclose(fast[0], slow[0], atol=1e-6) and torch.allclose(fast[1], slow[1], atol=1e-6)
+
+
+def test_per_head_z_times_out_proj_is_attention_output(tiny, batch):
+    images, text = batch
+    _, cache = tiny.run_with_cache(image=images, text=text)
+    blk = tiny.transformer.resblocks[0]
+    z = cache["text.blocks.0.attn.hook_z"]
+    assert torch.allclose(blk.attn.out_proj(z.flatten(2)), cache["text.blocks.0.hook_attn_out"], atol=1e-5)
+    # attention output as open_clip's fused nn.MultiheadAttention computes it
+    ln = cache["text.blocks.0.ln1.hook_normalized"]
+    ref = blk.attn(ln, ln, ln, need_weights=False, attn_mask=tiny.attn_mask)[0]
+    assert torch.allclose(ref, cache["text.blocks.0.hook_attn_out"], atol=1e-5)
+    if tiny.model_name == "tiny-rn":
+        pool = tiny.visual.attnpool
+        out = pool.c_proj(cache["visual.attnpool.hook_z"].flatten(1))
+        assert torch.allclose(out, cache["visual.attnpool.hook_out"], atol=1e-5)
+    else:
+        vblk = tiny.visual.transformer.resblocks[1]
+        out = vblk.attn.out_proj(cache["visual.blocks.1.attn.hook_z"].flatten(2))
+        assert torch.allclose(out, cache["visual.blocks.1.hook_attn_out"], atol=1e-5)
+
+
+def test_bottleneck_branch_plus_skip(batch):
+    model = HookedCLIP.from_config("tiny-rn")
+    randomize_norms(model)
+    _, cache = model.run_with_cache(image=batch[0])
+    for li in range(1, 5):
+        p = f"visual.layer{li}.0."
+        assert torch.allclose(torch.relu(cache[p + "hook_branch"] + cache[p + "hook_skip"]), cache[p + "hook_out"])
+
+
+def test_rewrites_per_head_channel_and_position(tiny, batch):
+    images, _ = batch
+    points = tiny.analysis_points()
+    mid = points[len(points) // 2]
+    _, cache = tiny.run_with_cache(image=images, names_filter=[mid])
+    act = cache[mid]
+
+    def edit(t):  # one channel (last dim for tokens, dim 1 for conv maps) and one spatial position
+        t = t.clone()
+        if t.ndim == 4:
+            t[:, 3] = 0.0
+            t[:, :, 1, 2] = 5.0
+        else:
+            t[..., 3] = 0.0
+            t[:, 1] = 5.0
+        return t
+
+    rewritten = tiny.run_with_hooks(image=images, fwd_hooks=[(mid, lambda t, hook: edit(t))])[0]
+    expected = F.normalize(tiny.forward_from(mid, edit(act)), dim=-1)
+    assert torch.allclose(rewritten, expected, atol=1e-5)
+    assert not torch.allclose(rewritten, tiny(image=images)[0], atol=1e-4)
+
+    # per head: zero head 0 of the first attention (image tower) and recompute by hand from z
+    zname = "visual.attnpool.hook_z" if tiny.model_name == "tiny-rn" else "visual.blocks.1.attn.hook_z"
+
+    def kill_head(t, hook):
+        t = t.clone()
+        t[:, :, 0] = 0.0
+        return t
+
+    with tiny.hooks(fwd_hooks=[(zname, kill_head)]):
+        _, cache = tiny.run_with_cache(image=images)
+    z = cache[zname]
+    assert z[:, :, 0].abs().max() == 0
+    if tiny.model_name == "tiny-rn":
+        assert torch.allclose(tiny.visual.attnpool.c_proj(z.flatten(1)), cache["visual.attnpool.hook_out"], atol=1e-5)
+    else:
+        vblk = tiny.visual.transformer.resblocks[1]
+        assert torch.allclose(vblk.attn.out_proj(z.flatten(2)), cache["visual.blocks.1.hook_attn_out"], atol=1e-5)
+    assert tiny.list_hooks() == {}
+
+
+def test_stop_at(tiny, batch):
+    images, text = batch
+    point = tiny.analysis_points()[2]
+    value, cache = tiny.run_with_cache(image=images, text=text, stop_at=point)
+    assert torch.equal(value, cache[point])
+    later = tiny.hook_names()[tiny.hook_names().index(point) + 1:]
+    assert not any(n in cache for n in later), "nothing after the stop point runs"
+    value = tiny(text=text, stop_at="text.blocks.0.hook_resid_mid")
+    assert value.shape == (2, tiny.context_length, 64)
+    with pytest.raises(ValueError, match="not reached"):
+        tiny(text=text, stop_at=point)
+    assert tiny.list_hooks() == {}
+
+
+def test_forward_from(tiny, batch):
+    images, _ = batch
+    _, cache = tiny.run_with_cache(image=images)
+    points = tiny.analysis_points()
+    embed = cache["hook_image_embed"]
+    for p in points:
+        assert torch.allclose(tiny.forward_from(p, cache[p]), embed, atol=1e-5), p
+    assert torch.allclose(tiny.forward_from(points[1], cache[points[1]], stop_at=points[3]), cache[points[3]], atol=1e-5)
+    with pytest.raises(ValueError, match="comes before"):
+        tiny.forward_from(points[3], cache[points[3]], stop_at=points[1])
+
+    # gradient w.r.t. the activation equals the gradient of the full forward at that point
+    u = points[2]
+    act = cache[u].clone().requires_grad_(True)
+    tiny.forward_from(u, act).square().sum().backward()
+    leaf = cache[u].clone().requires_grad_(True)
+    with tiny.hooks(fwd_hooks=[(u, lambda t, hook: leaf)]):
+        tiny.encode_image(images).square().sum().backward()
+    assert torch.allclose(act.grad, leaf.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_tokenize_and_zero_shot_head(tiny):
+    tokens = tiny.tokenize(["dog", "a very long caption " * 30])
+    assert tokens.dtype == torch.long and tokens.shape == (2, tiny.context_length)
+    assert tokens[1, -1] == tokens.max()  # truncated but keeps the end-of-text token (argmax pooling)
+    classes, templates = ["dog", "cat", "boat"], ["a photo of a {}.", lambda c: f"a sketch of a {c}."]
+    head = tiny.zero_shot_head(classes, templates)
+    assert head.shape == (3, tiny.cfg["embed_dim"])
+    assert torch.allclose(head.norm(dim=-1), torch.ones(3), atol=1e-5)
+    with torch.no_grad():
+        cat = F.normalize(tiny.encode_text(tiny.tokenize(["a photo of a cat.", "a sketch of a cat."]), normalize=True)
+                          .mean(0), dim=-1)
+    assert torch.allclose(head[1], cat, atol=1e-5)
