@@ -4,20 +4,22 @@ import torch
 import torch.nn.functional as F
 
 from clipmech import HookedCLIP
+from clipmech.models import create_open_clip
 
 TINY = ["tiny-rn", "tiny-vit"]
 
 
-def randomize_norms(model: torch.nn.Module) -> None:
+def randomize_norms(model: torch.nn.Module, gain: float = 1.0) -> None:
     """Random BatchNorm statistics and affine weights, so no branch is trivially zero (open_clip
-    zero-inits bn3) and eval-mode BN is not the identity."""
+    zero-inits bn3) and eval-mode BN is not the identity. `gain` scales the affine weights (deep
+    nets need < 1 to keep random activations in a sane range)."""
     g = torch.Generator().manual_seed(1)
     for mod in model.modules():
         if isinstance(mod, torch.nn.BatchNorm2d):
             n = mod.num_features
             mod.running_mean.copy_(0.1 * torch.randn(n, generator=g))
             mod.running_var.copy_(0.5 + torch.rand(n, generator=g))
-            mod.weight.data.copy_(0.5 + 0.5 * torch.rand(n, generator=g))
+            mod.weight.data.copy_(gain * (0.5 + 0.5 * torch.rand(n, generator=g)))
             mod.bias.data.copy_(0.1 * torch.randn(n, generator=g))
 
 
@@ -231,3 +233,43 @@ def test_tokenize_and_zero_shot_head(tiny):
         cat = F.normalize(tiny.encode_text(tiny.tokenize(["a photo of a cat.", "a sketch of a cat."]), normalize=True)
                           .mean(0), dim=-1)
     assert torch.allclose(head[1], cat, atol=1e-5)
+
+
+RN50_POINTS = (["visual.hook_input", "visual.hook_act1", "visual.hook_act2", "visual.hook_act3", "visual.hook_avgpool"]
+               + [f"visual.layer{li}.{i}.hook_out" for li, n in zip(range(1, 5), (3, 4, 6, 3)) for i in range(n)]
+               + ["visual.attnpool.hook_out"])
+
+
+@pytest.mark.parametrize("name", ["RN50", "ViT-B-32"])
+def test_full_size_parity_and_checkpoint_round_trip(name, tmp_path):
+    """Real architectures at batch 1: open_clip parity, also after an open_clip_train checkpoint."""
+    torch.manual_seed(0)
+    clip = create_open_clip(name)
+    randomize_norms(clip, gain=0.3)
+    model = HookedCLIP.from_open_clip(clip, model_name=name)
+    path = tmp_path / "epoch_1.pt"
+    torch.save({"epoch": 1, "name": "run", "state_dict": {"module." + k: v for k, v in clip.state_dict().items()}},
+               path)
+    loaded = HookedCLIP.from_checkpoint(path, model_name=name)
+    images = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    text = model.tokenize(["a photo of a dog"])
+    with torch.no_grad():
+        ref_img, ref_txt = clip.encode_image(images), clip.encode_text(text)
+        assert ref_img.abs().max() > 1e-2  # the comparison is not between near-zero vectors
+        _, cache = model.run_with_cache(image=images, names_filter=lambda n: "attn" in n or n == "hook_image_embed")
+        assert (cache["hook_image_embed"] - ref_img).abs().max() < 1e-5
+        assert (model.encode_text(text) - ref_txt).abs().max() < 1e-5
+        assert (loaded.encode_image(images) - ref_img).abs().max() < 1e-5
+        assert (loaded.encode_text(text) - ref_txt).abs().max() < 1e-5
+    if name == "RN50":
+        assert model.analysis_points() == RN50_POINTS and len(RN50_POINTS) == 22
+        z = cache["visual.attnpool.hook_z"]
+        assert z.shape == (1, 1, 32, 64)
+        assert torch.allclose(clip.visual.attnpool.c_proj(z.flatten(1)), cache["visual.attnpool.hook_out"], atol=1e-5)
+        assert torch.allclose(cache["visual.attnpool.hook_out"], ref_img, atol=1e-5)
+    else:
+        assert len(model.analysis_points()) == 14
+        z = cache["visual.blocks.11.attn.hook_z"]
+        assert z.shape == (1, 50, 12, 64)
+        out_proj = clip.visual.transformer.resblocks[11].attn.out_proj
+        assert torch.allclose(out_proj(z.flatten(2)), cache["visual.blocks.11.hook_attn_out"], atol=1e-5)
