@@ -25,6 +25,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--circuit-steps", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_quickstart)
 
+    e = subparsers.add_parser(
+        "experiment", help="run a paper-scale experiment from experiments/*.toml (torchrun, resumable)",
+        description="run: train (torchrun) and evaluate every unfinished run; figures: redraw from stored "
+                    "results; analyse: mechanistic analyses of trained runs. See experiments/README.md.")
+    e.add_argument("action", choices=["run", "figures", "analyse"])
+    e.add_argument("file", help="experiment file, e.g. experiments/main.toml")
+    e.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
+                   help="data path for a {NAME} placeholder, e.g. domainnet=/data/domainnet (repeatable)")
+    e.add_argument("--out", default="runs/experiments", help="output root (default: runs/experiments)")
+    e.add_argument("--nproc", type=int, default=None, help="GPUs per run (default: the file's [launch])")
+    e.add_argument("--dry-run", action="store_true", help="print the runs and commands, run nothing")
+    e.add_argument("--without-base", action="store_true",
+                   help="train on the DomainNet part alone when the base image-text TSV is not supported")
+    e.add_argument("--debug", action="store_true", help="show tracebacks")
+    e.set_defaults(func=_experiment)
+
 
 def _quickstart(args: argparse.Namespace) -> int:
     from dataclasses import replace
@@ -51,4 +67,29 @@ def _quickstart(args: argparse.Namespace) -> int:
           ", ".join(f"{s} {100 * sum(v) / len(v):.1f}%" for s, v in c2.items()))
     for f in results["findings"]:
         print(f"  {f['finding']}: {f['verdict']}")
+    return 0
+
+
+def _parse_data(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--data {item!r} must look like NAME=PATH, e.g. domainnet=/data/domainnet")
+        out[name] = path
+    return out
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from clipmech.study import experiments as X
+
+    data = _parse_data(args.data)
+    if args.action == "run":
+        X.run_experiment(args.file, args.out, data, nproc=args.nproc, dry_run=args.dry_run,
+                         without_base=args.without_base)
+    elif args.action == "figures":
+        for path in X.redraw_figures(args.file, args.out, data):
+            print(f"wrote {path}")
+    else:
+        X.run_analyses(args.file, args.out, data)
     return 0

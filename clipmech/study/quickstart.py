@@ -53,6 +53,7 @@ class QuickstartOptions:
     lr: float = 2e-3
     max_classes: int | None = None  # restrict to C2 + the first C1 classes (reduced runs, tests)
     circuit_steps: int = 5  # IG Riemann steps for circuits (paper: 10)
+    circuit_classes: int = 5  # C2 classes with a circuit per domain (paper: all 15; each costs ~1-2 s per domain)
     sae_expansion: int = 4  # latents = expansion x embedding width (paper: 4)
     sae_epochs: int = 30
     cka_boot: int = 50
@@ -60,7 +61,8 @@ class QuickstartOptions:
 
     def analysis_key(self) -> dict[str, Any]:
         """The options analyses depend on (training options enter through the checkpoint hash)."""
-        return {"circuit_steps": self.circuit_steps, "sae_expansion": self.sae_expansion,
+        return {"circuit_steps": self.circuit_steps, "circuit_classes": self.circuit_classes,
+                "sae_expansion": self.sae_expansion,
                 "sae_epochs": self.sae_epochs, "cka_boot": self.cka_boot, "version": STAGE_VERSION}
 
 
@@ -152,7 +154,7 @@ def plan_budgets(opts: QuickstartOptions, specs: Sequence[ModelSpec]) -> dict[st
     for s in specs:
         tag = f"{s.run_id} on {s.test_domain}"
         budgets[f"CKA {tag}"] = 6.0 * scale
-        budgets[f"circuits {tag}"] = 8.0 * opts.circuit_steps / 5
+        budgets[f"circuits {tag}"] = 1.5 * 6 * opts.circuit_classes * (0.5 + opts.circuit_steps / 10)
         budgets[f"SAE {tag}"] = 0.4 * opts.sae_epochs * scale
         budgets[f"embeddings {tag}"] = 4.0
     budgets["figures and report"] = 5.0
@@ -212,7 +214,8 @@ def evaluate_model(study: Study, run: dict[str, Any]) -> tuple[dict[str, dict[st
     return study.registry.run("evaluate", key, compute)
 
 
-def _load_model(run: dict[str, Any]):
+def load_model(run: dict[str, Any]):
+    """The HookedCLIP of a run's final checkpoint (CPU, eval mode)."""
     (HookedCLIP,) = _require("models", "clipmech.models.hooked_clip", "HookedCLIP")
     return HookedCLIP.from_checkpoint(run["checkpoint"]).eval()
 
@@ -261,7 +264,8 @@ def cka_pairs(cka_result: dict[str, Any], subset: str = "C2") -> dict[tuple[str,
 
 
 def circuits_model(study: Study, run: dict[str, Any], model, test_domain: str) -> tuple[dict[str, Any], bool]:
-    """Per-(domain, C2 class) circuits on the test images; node and edge Jaccard between domains.
+    """Per-(domain, C2 class) circuits on the test images (the first `circuit_classes` C2 classes);
+    node and edge Jaccard between domains.
 
     Returns {"domains", "node": [D, D], "edge": [D, D]} (means over C2 classes) and the test
     domain's scores: mean over other domains b of J(test_domain, b).
@@ -279,7 +283,7 @@ def circuits_model(study: Study, run: dict[str, Any], model, test_domain: str) -
         head = model.zero_shot_head(ds.classes, get_templates("auto", ds.name)).detach()
         circuits: dict[str, dict[int, Any]] = {d: {} for d in ds.domains}
         for d in ds.domains:
-            for k in _c2_idx(study):
+            for k in _c2_idx(study)[: study.opts.circuit_classes]:
                 idx = ds.indices(split="test", domains=[d], classes=[k])
                 if len(idx) == 0:
                     continue
@@ -337,8 +341,10 @@ def sae_sharing_model(study: Study, run: dict[str, Any], model) -> tuple[dict[st
 
 
 def embeddings_model(study: Study, run: dict[str, Any], model, with_umap: bool) -> tuple[dict[str, Any], bool]:
-    """Domain separation of the normalised test embeddings (and 2-D UMAP coordinates if asked)."""
-    separation, umap_2d = _require("embeddings", "clipmech.analysis.embeddings", "domain_separation", "umap_2d")
+    """Domain separation of the normalised test embeddings (clipmech.analysis.embeddings.separation_scores:
+    silhouette, cross-validated domain-probe accuracy), and 2-D UMAP coordinates if asked."""
+    separation_scores, umap_2d = _require("embeddings", "clipmech.analysis.embeddings",
+                                          "separation_scores", "umap_2d")
     encode_dataset, = _require("embeddings", "clipmech.eval.zeroshot", "encode_dataset")
     key = {"stage": "embeddings", "checkpoint": run["checkpoint_hash"], "dataset": study.dataset.content_hash(),
            "umap": with_umap, **study.opts.analysis_key()}
@@ -346,9 +352,9 @@ def embeddings_model(study: Study, run: dict[str, Any], model, with_umap: bool) 
     def compute() -> dict:
         idx, cls, dom = _test_split(study)
         emb = encode_dataset(lambda x: model.encode_image(x, normalize=True), study.dataset, idx, model.image_size)
-        out = {"separation": separation(emb, dom)}
+        out = {"separation": separation_scores(emb, dom, study.dataset.domains)["overall"]}
         if with_umap:
-            out["umap"] = np.asarray(umap_2d(emb)).tolist()
+            out["umap"] = np.asarray(umap_2d(emb.numpy())).tolist()
             out["domain_idx"] = dom.tolist()
         return out
 
@@ -408,7 +414,7 @@ def run_quickstart(opts: QuickstartOptions) -> dict[str, Any]:
     figure_spec = next((s for s in specs if s.setup == "cg_high"), specs[0])
     for spec in specs:
         run = runs[spec.run_id]
-        model = _load_model(run)
+        model = load_model(run)
         tag = f"{spec.run_id} on {spec.test_domain}"
         with progress.stage(f"CKA {tag}") as h:
             cka_res, h.reused = cka_model(study, run, model)

@@ -1,0 +1,44 @@
+"""Experiment files: every config parses and validates, the matrix expands as the paper's run counts."""
+from pathlib import Path
+
+import pytest
+
+from clipmech.study import experiments as X
+
+EXP = Path(__file__).resolve().parents[1] / "experiments"
+DATA = {"domainnet": "/data/domainnet", "imagenet_captions": "/data/inc.tsv", "cc12m": "/data/cc12m.tsv"}
+
+
+@pytest.mark.parametrize("name,runs", [("main", 48), ("cc12m", 7), ("allow_p", 60), ("supervised", 45),
+                                       ("aligned_quickdraw", 1), ("domain_interpolation_sketch", 9),
+                                       ("domain_interpolation_clipart", 9), ("imagenet_sketch", 3)])
+def test_configs_expand_and_validate(name, runs):
+    from clipmech.train.config import load_config
+    exp = X.load_experiment(EXP / f"{name}.toml")
+    table = X.expand_runs(exp, DATA)
+    assert len(table) == runs
+    assert len({r["id"] for r in table}) == runs
+    for r in table:
+        load_config(r["config"])  # every key exists in clipmech.train's config
+        assert not X._PLACEHOLDER.search(str(r["config"]))
+
+
+def test_errors_name_the_fix(tmp_path):
+    exp = X.load_experiment(EXP / "main.toml")
+    with pytest.raises(ValueError, match="--data domainnet=/path"):
+        X.expand_runs(exp, {})
+    with pytest.raises(ValueError, match="ImageNet-Sketch"):
+        X.run_experiment(EXP / "imagenet_sketch.toml", tmp_path, DATA, dry_run=True)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        X.load_experiment(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[experiment]\nname = "x"\n[matrix]\nseed = [0]\n')
+    with pytest.raises(ValueError, match='"section.key"'):
+        X.load_experiment(bad)
+
+
+def test_dry_run_lists_torchrun_commands(tmp_path, capsys):
+    table = X.run_experiment(EXP / "aligned_quickdraw.toml", tmp_path, DATA, dry_run=True, without_base=True)
+    assert len(table) == 1 and not table[0]["finished"]
+    out = capsys.readouterr().out
+    assert "torchrun --nproc_per_node=4" in out and "-m clipmech.cli train" in out and "--resume" in out
