@@ -1,0 +1,33 @@
+"""Domain x class datasets (DomainNet, embedded emoji domains), the paper's mixtures, captions, TSVs.
+
+    from clipmech.data import load_dataset, build_mixture
+    ds = load_dataset("emoji")                       # or a DomainNet root folder
+    mix = build_mixture(ds, "cg_high", test_domain="quickdraw")
+    mix.to_tsv("out/" + mix.filename())
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from clipmech.data.captions import make_captions
+from clipmech.data.dataset import DomainDataset
+from clipmech.data.domainnet import DomainNet
+from clipmech.data.mixtures import SETUPS, Mixture, build_mixture
+
+EMBEDDED = ("emoji",)
+
+
+def load_dataset(name_or_root: str | Path, **kwargs) -> DomainDataset:
+    """'emoji' -> the embedded dataset (offline); otherwise a DomainNet root folder (kwargs go to
+    DomainNet, e.g. verify='open')."""
+    if str(name_or_root) == "emoji":
+        from clipmech.data.emoji import load_emoji
+        return load_emoji(**kwargs)
+    root = Path(name_or_root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{name_or_root!r} is neither an embedded dataset {EMBEDDED} nor a folder; "
+                                "pass 'emoji' or a DomainNet root (ROOT/{domain}/{class}/..., ROOT/{domain}_train.txt)")
+    return DomainNet(root, **kwargs)
+
+
+__all__ = ["DomainDataset", "DomainNet", "Mixture", "SETUPS", "build_mixture", "load_dataset", "make_captions"]

@@ -1,0 +1,110 @@
+"""TSV export in open_clip_train's CSV format (paper.md §5) and base-TSV reading.
+
+Format: tab-separated, header `filepath\\ttitle`, one `<absolute image path>\\t<caption>` line per
+sample; `open_clip_train.data.CsvDataset(path, transform, "filepath", "title")` reads it. Files are
+written atomically and byte-identically for identical inputs (no timestamps, fixed order).
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from PIL import Image
+
+from clipmech.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, file_hash
+
+if TYPE_CHECKING:
+    from clipmech.data.mixtures import Mixture
+
+HEADER = "filepath\ttitle"
+
+
+def read_base_tsv(path: str | Path) -> tuple[list[str], dict]:
+    """Lines '<path>\\t<caption>' of a base image-text TSV (header with 'filepath' and 'title'
+    columns, any order, extra columns dropped), plus {path, file_hash, n_lines} for the manifest."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"base TSV not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    rows = text.splitlines()
+    if not rows:
+        raise ValueError(f"base TSV {path} is empty; it needs a header 'filepath<TAB>title'")
+    cols = rows[0].split("\t")
+    if "filepath" not in cols or "title" not in cols:
+        raise ValueError(f"base TSV {path}: header {rows[0]!r} lacks the columns 'filepath' and 'title' "
+                         "(open_clip_train's csv-img-key / csv-caption-key defaults)")
+    fi, ti = cols.index("filepath"), cols.index("title")
+    lines = []
+    for n, row in enumerate(rows[1:], start=2):
+        if not row.strip():
+            continue
+        parts = row.split("\t")
+        if len(parts) != len(cols):
+            raise ValueError(f"base TSV {path}, line {n}: {len(parts)} tab-separated fields, header has {len(cols)}")
+        lines.append(f"{parts[fi]}\t{parts[ti]}")
+    return lines, {"path": str(path.resolve()), "file_hash": file_hash(path), "n_lines": len(lines)}
+
+
+def materialise_images(mixture: "Mixture", image_dir: Path) -> list[str]:
+    """Write in-memory images of the mixture as PNG files (skipping existing ones); their paths."""
+    ds = mixture.dataset
+    paths = []
+    for i in mixture.indices:
+        i = int(i)
+        p = image_dir / ds.domains[ds.domain_idx[i]] / f"{i:06d}.png"
+        if not p.exists():
+            buf = io.BytesIO()
+            Image.fromarray(ds.images[i]).save(buf, format="PNG")
+            atomic_write_bytes(buf.getvalue(), p)
+        paths.append(str(p.resolve()))
+    return paths
+
+
+def write_mixture_tsv(mixture: "Mixture", path: Path, image_dir: str | Path | None = None,
+                      manifest: bool = True) -> Path:
+    """Write header, base lines, dataset lines to `path`; the manifest to `path` with .json."""
+    ds = mixture.dataset
+    if ds.sources is None:
+        image_dir = Path(image_dir) if image_dir else path.parent / f"{ds.name}-images-{ds.content_hash()}"
+        paths = materialise_images(mixture, image_dir)
+    else:
+        paths = [str(Path(ds.sources[int(i)]).resolve()) for i in mixture.indices]
+    for cap in mixture.captions:
+        if "\t" in cap or "\n" in cap:
+            raise ValueError(f"caption {cap!r} contains a tab or newline; the TSV cannot hold it")
+    lines = [HEADER, *mixture.base_lines, *(f"{p}\t{c}" for p, c in zip(paths, mixture.captions))]
+    out = atomic_write_text("\n".join(lines) + "\n", path)
+    if manifest:
+        atomic_write_json(mixture.manifest, path.with_suffix(".json"))
+    return out
+
+
+class BaseLinesView:
+    """Map-style dataset over base TSV lines yielding (image, caption, -1, -1)."""
+
+    def __init__(self, lines: list[str], transform: Callable):
+        self.items = [line.split("\t", 1) for line in lines]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, j: int):
+        path, caption = self.items[j]
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except OSError as err:
+            raise RuntimeError(f"cannot read base image {path}: {err}") from err
+        return self.transform(image), caption, -1, -1
+
+
+def read_tsv(path: str | Path) -> tuple[list[str], list[str]]:
+    """(paths, captions) of a TSV written by `write_mixture_tsv` (header checked)."""
+    rows = Path(path).read_text(encoding="utf-8").splitlines()
+    if not rows or rows[0] != HEADER:
+        raise ValueError(f"{path}: first line must be {HEADER!r}")
+    pairs = [r.split("\t", 1) for r in rows[1:] if r]
+    return [p for p, _ in pairs], [c for _, c in pairs]
+
