@@ -1,0 +1,32 @@
+"""`clipmech eval RUN_DIR`: zero-shot (or supervised-head) evaluation of every checkpoint of a run."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="evaluate every checkpoint of a run -> RUN_DIR/eval/results.json",
+                              description=__doc__)
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--dataset", metavar="NAME_OR_ROOT", help="dataset to evaluate (default: the run's)")
+    p.add_argument("--templates", metavar="SET_OR_FILE",
+                   help="template set (domainnet, emoji, openai, simple, auto) or a file with one per line")
+    p.add_argument("--batch-size", type=int, metavar="N")
+    p.add_argument("--device", metavar="DEVICE", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from clipmech.eval.zeroshot import evaluate_run
+    path = evaluate_run(args.run_dir, dataset=args.dataset, templates=args.templates, batch_size=args.batch_size,
+                        device=args.device)
+    results = json.loads(path.read_text())
+    last = max(results, key=int)
+    print(f"clipmech eval: {len(results)} checkpoints -> {path}")
+    print(f"epoch {last}:")
+    for key, value in sorted(results[last].items()):
+        if key.endswith("/top1"):
+            print(f"  {key:<28} {value:.3f}")
+    return 0

@@ -1,0 +1,214 @@
+"""Zero-shot DG/CG evaluation: per domain x {C1, C2} accuracy of every checkpoint of a run.
+
+Prediction = argmax cosine between the L2-normalised image embedding and the class embeddings of a
+template ensemble (HookedCLIP.zero_shot_head), over all classes of the dataset (paper.md §7).
+Image features and class heads are cached on disk (clipmech.utils.TensorCache) under a key holding
+the checkpoint's content hash, the dataset's content hash, the evaluated indices and the transform,
+so a re-evaluation is near-free and a changed checkpoint never hits a stale entry.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from clipmech.eval.templates import get_templates
+from clipmech.train.data import image_tensor, normalize
+from clipmech.utils import TensorCache, atomic_write_json, file_hash, hash_obj
+
+GROUPS = ("C1", "C2")
+
+
+def eval_transform_description(image_size: int) -> str:
+    """Names the evaluation preprocessing; part of every feature-cache key."""
+    return f"resize{image_size}-bicubic-centercrop{image_size}-openai-mean-std"
+
+
+def eval_images(dataset, indices: Sequence[int], image_size: int) -> torch.Tensor:
+    """float32 [len(indices), 3, S, S]: resize (short side) + centre crop + OpenAI normalisation."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+    out = []
+    for i in indices:
+        img = TF.resize(image_tensor(dataset, int(i)), image_size, InterpolationMode.BICUBIC, antialias=True)
+        out.append(normalize(TF.center_crop(img, [image_size, image_size])))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def encode_dataset(encode: Callable[[torch.Tensor], torch.Tensor], dataset, indices: np.ndarray, image_size: int,
+                   batch_size: int = 256, device: str | torch.device = "cpu") -> torch.Tensor:
+    """encode(images) for the dataset images at `indices`, batched; returns float32 [N, D] on CPU."""
+    feats = []
+    for lo in range(0, len(indices), batch_size):
+        batch = eval_images(dataset, indices[lo:lo + batch_size], image_size).to(device)
+        feats.append(encode(batch).float().cpu())
+    return torch.cat(feats) if feats else torch.empty(0, 0)
+
+
+def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], k: int = 5
+                           ) -> dict[str, Any]:
+    """Top-1 (sample-weighted and class-balanced), top-k, per-class accuracy, sparse confusion.
+
+    scores [N, K] (any monotone score), labels int64 [N]. Balanced = mean accuracy over the classes
+    present in `labels`. Confusion = [[true, predicted, count], ...] of nonzero cells.
+    """
+    if len(labels) == 0:
+        raise ValueError("classification_metrics needs at least one sample")
+    pred = scores.argmax(dim=1)
+    topk = scores.topk(min(k, scores.shape[1]), dim=1).indices
+    hit1 = (pred == labels).float()
+    hitk = (topk == labels[:, None]).any(dim=1).float()
+    present = torch.unique(labels)
+    per_class = {classes[int(c)]: hit1[labels == c].mean().item() for c in present}
+    pairs, counts = torch.unique(torch.stack([labels, pred], dim=1), dim=0, return_counts=True)
+    return {
+        "top1": hit1.mean().item(),
+        "top1_balanced": float(np.mean(list(per_class.values()))),
+        f"top{k}": hitk.mean().item(),
+        "n": len(labels),
+        "per_class": per_class,
+        "confusion": [[int(t), int(p), int(n)] for (t, p), n in zip(pairs.tolist(), counts.tolist())],
+    }
+
+
+def group_metrics(scores: torch.Tensor, dataset, indices: np.ndarray, c2_classes: Sequence[str]
+                  ) -> tuple[dict[str, float], dict[str, Any]]:
+    """(flat metrics {"{domain}/{C1|C2}/{top1|top1_balanced|top5}": float}, details per group).
+
+    Groups without samples are listed in details["skipped"] rather than reported as 0 or NaN.
+    """
+    c2_idx = {dataset.class_index(c) for c in c2_classes}
+    labels = torch.as_tensor(dataset.class_idx[indices])
+    domains = dataset.domain_idx[indices]
+    is_c2 = np.isin(dataset.class_idx[indices], list(c2_idx))
+    flat: dict[str, float] = {}
+    details: dict[str, Any] = {"skipped": []}
+    for d, dom in enumerate(dataset.domains):
+        for group, mask in (("C1", ~is_c2), ("C2", is_c2)):
+            rows = np.flatnonzero((domains == d) & mask)
+            key = f"{dom}/{group}"
+            if len(rows) == 0:
+                details["skipped"].append(key)
+                continue
+            m = classification_metrics(scores[rows], labels[rows], dataset.classes)
+            flat.update({f"{key}/{name}": m[name] for name in ("top1", "top1_balanced", "top5")})
+            details[key] = m
+    return flat, details
+
+
+def class_prompts_names(dataset) -> list[str]:
+    """Class names as written in prompts (underscores become spaces)."""
+    return [c.replace("_", " ") for c in dataset.classes]
+
+
+def clip_scores(get_model: Callable[[], Any], dataset, indices: np.ndarray, classnames: Sequence[str],
+                templates: Sequence[str], image_size: int, cache: TensorCache | None = None,
+                checkpoint_key: str | None = None, batch_size: int = 256) -> torch.Tensor:
+    """Cosine scores [N, K] of images vs class heads. `get_model` is called only on a cache miss,
+    so a fully cached evaluation never loads the checkpoint."""
+    def feats() -> torch.Tensor:
+        m = get_model()
+        return encode_dataset(lambda x: m.encode_image(x, normalize=True), dataset, indices, image_size,
+                              batch_size, next(m.parameters()).device)
+
+    def head() -> torch.Tensor:
+        return get_model().zero_shot_head(list(classnames), list(templates)).float().cpu()
+
+    if cache is None or checkpoint_key is None:
+        return feats() @ head().T
+    base = {"checkpoint": checkpoint_key, "dataset": dataset.content_hash()}
+    image_feats = cache.get_or_compute({**base, "kind": "image_features", "indices": hash_obj(indices),
+                                        "transform": eval_transform_description(image_size)}, feats)
+    class_emb = cache.get_or_compute({**base, "kind": "zero_shot_head", "classnames": list(classnames),
+                                      "templates": list(templates)}, head)
+    return image_feats @ class_emb.T
+
+
+def zero_shot(model, dataset, indices: np.ndarray | None = None, classnames: Sequence[str] | None = None,
+              templates: Sequence[str] | None = None, c2_classes: Sequence[str] | None = None,
+              cache: TensorCache | None = None, checkpoint_key: str | None = None, batch_size: int = 256
+              ) -> dict[str, Any]:
+    """Zero-shot metrics of a HookedCLIP over `dataset` (default: its test split).
+
+    Returns {"metrics": flat floats keyed "{domain}/{C1|C2}/{top1|top1_balanced|top5}",
+    "details": per-group per-class accuracy and confusion}. With `cache` and `checkpoint_key`
+    (e.g. the checkpoint file hash), image features and the class head are cached. Cost: one image
+    forward per sample + K x T text forwards (both skipped on a cache hit).
+    """
+    indices = dataset.indices(split="test") if indices is None else np.asarray(indices, dtype=np.int64)
+    classnames = list(classnames) if classnames is not None else class_prompts_names(dataset)
+    templates = get_templates(list(templates) if templates is not None else "auto", dataset.name)
+    c2 = list(c2_classes) if c2_classes is not None else list(dataset.default_test_classes or [])
+    scores = clip_scores(lambda: model, dataset, indices, classnames, templates, model.image_size, cache,
+                         checkpoint_key, batch_size)
+    flat, details = group_metrics(scores, dataset, indices, c2)
+    return {"metrics": flat, "details": details}
+
+
+def checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(epoch, path) of every epoch_N.pt in `run_dir`, by epoch."""
+    found = []
+    for p in Path(run_dir).glob("epoch_*.pt"):
+        m = re.fullmatch(r"epoch_(\d+)\.pt", p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def evaluate_run(run_dir: str | Path, dataset=None, templates: str | list[str] | None = None,
+                 cache_dir: str | Path | None = None, batch_size: int | None = None,
+                 device: str | None = None) -> Path:
+    """Evaluate every epoch_N.pt of a run; writes RUN_DIR/eval/results.json and eval/details.json.
+
+    dataset: a DomainDataset or name/root (default: the run config's). templates: a spec for
+    clipmech.eval.templates.get_templates (default: the run config's [eval] templates). The test split
+    is evaluated; C2 = the run's [mixture] test_classes or the dataset's default. Cost per checkpoint:
+    one image pass over the test split + the text head; both cached under RUN_DIR/eval/cache.
+    Returns the path of results.json.
+    """
+    from clipmech.train.config import load_config
+    from clipmech.train.trainer import model_config
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.toml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found; is {run_dir} a clipmech run directory?")
+    cfg = load_config(cfg_path)
+    found = checkpoints(run_dir)
+    if not found:
+        raise FileNotFoundError(f"no epoch_N.pt checkpoints in {run_dir}")
+    if dataset is None or isinstance(dataset, (str, Path)):
+        from clipmech.data import load_dataset
+        dataset = load_dataset(str(dataset or cfg["data"]["dataset"]))
+    c2 = cfg["mixture"]["test_classes"] or dataset.default_test_classes or []
+    batch_size = batch_size or cfg["eval"]["batch_size"]
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cache = TensorCache(Path(cache_dir) if cache_dir else run_dir / "eval" / "cache")
+    supervised = cfg["train"]["objective"] == "supervised"
+    image_size = model_config(cfg)[1]["vision_cfg"]["image_size"]
+    classnames = class_prompts_names(dataset)
+    templates = get_templates(templates if templates is not None else cfg["eval"]["templates"], dataset.name)
+    indices = dataset.indices(split="test")
+
+    results: dict[str, dict[str, float]] = {}
+    details: dict[str, Any] = {}
+    for epoch, path in found:
+        key = file_hash(path)
+        if supervised:
+            from clipmech.train.supervised import SupervisedClassifier
+            load = functools.cache(lambda p=path: SupervisedClassifier.from_checkpoint(p).to(device).eval())
+            scores = cache.get_or_compute(
+                {"checkpoint": key, "dataset": dataset.content_hash(), "kind": "supervised_logits",
+                 "indices": hash_obj(indices), "transform": eval_transform_description(image_size)},
+                lambda: encode_dataset(load(), dataset, indices, image_size, batch_size, device))
+        else:
+            from clipmech.models.hooked_clip import HookedCLIP
+            load = functools.cache(lambda p=path: HookedCLIP.from_checkpoint(p).to(device).eval())
+            scores = clip_scores(load, dataset, indices, classnames, templates, image_size, cache, key, batch_size)
+        results[str(epoch)], details[str(epoch)] = group_metrics(scores, dataset, indices, c2)
+    atomic_write_json(details, run_dir / "eval" / "details.json", indent=None)
+    return atomic_write_json(results, run_dir / "eval" / "results.json")

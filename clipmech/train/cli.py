@@ -1,0 +1,61 @@
+"""`clipmech train`: train a CLIP (or the supervised baseline) from a TOML config plus overrides."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+# flag -> (config section, key)
+OVERRIDES = {
+    "dataset": ("data", "dataset"),
+    "setup": ("mixture", "setup"),
+    "test_domain": ("mixture", "test_domain"),
+    "model": ("model", "name"),
+    "epochs": ("train", "epochs"),
+    "batch_size": ("train", "batch_size"),
+    "lr": ("optim", "lr"),
+    "seed": ("train", "seed"),
+    "out": ("train", "out"),
+}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a CLIP on a mixture (CPU, GPU or torchrun DDP)",
+                              description=__doc__)
+    p.add_argument("--config", metavar="FILE", help="TOML config (sections model, data, mixture, optim, "
+                   "schedule, train, eval); flags below override it")
+    p.add_argument("--dataset", metavar="NAME_OR_ROOT", help="'emoji' or a DomainNet root folder")
+    p.add_argument("--setup", metavar="SETUP", help="mixture setup, e.g. cg_low, cg_high, lod, natural_only")
+    p.add_argument("--test-domain", metavar="DOMAIN", help="held-out test domain d*")
+    p.add_argument("--model", metavar="NAME", help="open_clip config name or preset (tiny-rn, tiny-vit)")
+    p.add_argument("--epochs", type=int, metavar="N")
+    p.add_argument("--batch-size", type=int, metavar="N", help="per process and micro-batch")
+    p.add_argument("--lr", type=float, metavar="LR")
+    p.add_argument("--seed", type=int, metavar="N")
+    p.add_argument("--out", metavar="RUN_DIR", help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue RUN_DIR from its latest.pt "
+                   "(uses RUN_DIR/config.toml when --config is not given)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=run)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    """Nested config overrides for the flags that were given."""
+    out: dict = {}
+    for flag, (section, key) in OVERRIDES.items():
+        value = getattr(args, flag)
+        if value is not None:
+            out.setdefault(section, {})[key] = value
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from clipmech.train.trainer import train
+    config = args.config
+    if config is None and args.resume:
+        if args.out is None:
+            raise ValueError("--resume needs --out RUN_DIR (or a --config naming it)")
+        saved = Path(args.out) / "config.toml"
+        config = saved if saved.is_file() else None
+    run_dir = train(config, overrides=overrides_from_args(args), resume=args.resume)
+    print(f"clipmech train: finished; run directory {run_dir}")
+    return 0
