@@ -139,13 +139,17 @@ def _edge_scores(model, images: Tensor, up: NodeSpace, down: NodeSpace, downstre
         return up.clean.new_zeros(0, up.n_nodes)
     z_u, target = up.clean, down.clean
     n, n_pos = len(z_u), target[0, ..., 0].numel()
-    alphas = torch.tensor(riemann_alphas(steps, _PAPER_RULE), dtype=z_u.dtype, device=z_u.device)
+    # At alpha = 1 the segment reproduces the clean downstream value, so m_j and its gradient are 0:
+    # that path point is skipped (it still counts in the 1/steps average).
+    alphas = torch.tensor(riemann_alphas(steps, _PAPER_RULE)[:-1], dtype=z_u.dtype, device=z_u.device)
+    if len(alphas) == 0:
+        return z_u.new_zeros(len(nodes), up.n_nodes)
     path = (alphas.view(-1, *([1] * z_u.ndim)) * z_u[None]).flatten(0, 1).detach().requires_grad_(True)
     segment = segment_fn(model, up.point, images, stop_at=down.point)
     with torch.enable_grad():
         y = down.nodes(segment(up.activation(path)))  # [S*B, ..., C_d]
         # d m_j / d y for m_j = sum over path points of mean_{b,p} (y[..., j] - clean[..., j])^2.
-        resid = (2.0 / (n * n_pos)) * (y - target.repeat(steps, *([1] * (y.ndim - 1)))).detach()
+        resid = (2.0 / (n * n_pos)) * (y - target.repeat(len(alphas), *([1] * (y.ndim - 1)))).detach()
         rows = []
         chunk = chunk_size or len(nodes)
         for start in range(0, len(nodes), chunk):
@@ -153,7 +157,7 @@ def _edge_scores(model, images: Tensor, up: NodeSpace, down: NodeSpace, downstre
             onehot = torch.nn.functional.one_hot(sel, y.shape[-1]).to(y.dtype)  # [J, C_d]
             cot = resid[None] * onehot.view(len(sel), *([1] * (y.ndim - 1)), -1)
             (g,) = torch.autograd.grad(y, path, grad_outputs=cot, is_grads_batched=True, retain_graph=True)
-            g = g.unflatten(1, (steps, n)).mean(1)  # [J, B, ..., C_u]: average over the path
+            g = g.unflatten(1, (len(alphas), n)).sum(1) / steps  # [J, B, ..., C_u]: path average
             rows.append(_position_sum((g * (0 - z_u[None])).flatten(0, 1)).unflatten(0, (len(sel), n)).mean(1))
     return torch.cat(rows).detach()
 
@@ -177,7 +181,7 @@ def reference_ig_edge_scores(model, images: Tensor, upstream: str, downstream: s
                              downstream_nodes: Sequence[int], steps: int = 10) -> Tensor:
     """Slow reference for `ig_edge_scores`, the paper's algorithm: for each downstream node, rerun
     the full model from the pixels (the steps path copies batched) with point `upstream` replaced by
-    the IG path, and take dm_j/dã. Kept for tests and benchmarks/circuit_edges.py.
+    the IG path, and take dm_j/dã (no early exit, as in the original code). Kept for tests and benchmarks/circuit_edges.py.
     Cost: len(downstream_nodes) full forward + backward passes over steps*B images."""
     _check_consecutive(model, upstream, downstream)
     acts = cache_points(model, images, [upstream, downstream])
@@ -190,8 +194,11 @@ def reference_ig_edge_scores(model, images: Tensor, upstream: str, downstream: s
     for j in downstream_nodes:
         path = (alphas.view(-1, *([1] * a_u.ndim)) * a_u[None]).flatten(0, 1).detach().requires_grad_(True)
         with torch.enable_grad():
-            y = model.run_with_hooks(image=repeat(images), fwd_hooks=[(upstream, lambda t, hook: path)],
-                                     stop_at=downstream)
+            seen: list[Tensor] = []
+            # Like the original code: the whole model runs (no early exit at the downstream point).
+            model.run_with_hooks(image=repeat(images), fwd_hooks=[(upstream, lambda t, hook: path),
+                                                                   (downstream, lambda t, hook: seen.append(t))])
+            y = seen[0]
             m = ((y.select(dd, j) - repeat(a_d).select(dd, j)) ** 2).sum() / (len(images) * n_pos)
             (g,) = torch.autograd.grad(m, path)
         g = g.unflatten(0, (steps, len(images))).mean(0)
