@@ -208,7 +208,7 @@ def test_forward_from(tiny, batch):
     for p in points:
         assert torch.allclose(tiny.forward_from(p, cache[p]), embed, atol=1e-5), p
     assert torch.allclose(tiny.forward_from(points[1], cache[points[1]], stop_at=points[3]), cache[points[3]], atol=1e-5)
-    with pytest.raises(ValueError, match="comes before"):
+    with pytest.raises(ValueError, match="does not come after"):
         tiny.forward_from(points[3], cache[points[3]], stop_at=points[1])
 
     # gradient w.r.t. the activation equals the gradient of the full forward at that point
@@ -273,3 +273,56 @@ def test_full_size_parity_and_checkpoint_round_trip(name, tmp_path):
         assert z.shape == (1, 50, 12, 64)
         out_proj = clip.visual.transformer.resblocks[11].attn.out_proj
         assert torch.allclose(out_proj(z.flatten(2)), cache["visual.blocks.11.hook_attn_out"], atol=1e-5)
+
+
+def test_hook_names_are_in_firing_order(tiny, batch):
+    fired = []
+    tiny.run_with_hooks(image=batch[0], text=batch[1], fwd_hooks=[(lambda n: True, lambda t, hook: fired.append(hook.name))])
+    assert fired == tiny.hook_names()
+    assert tiny.hook_names("visual") + tiny.hook_names("text") == [n for n in fired if "." in n]
+
+
+def test_backward_hooks_and_forward_from_leave_input_untouched(tiny, batch):
+    images = batch[0]
+    point = tiny.analysis_points()[-2]
+    grads = {}
+    out = tiny.run_with_hooks(image=images, bwd_hooks=[(point, lambda g, hook: grads.setdefault(hook.name, g))],
+                              reset_hooks_end=False)
+    out[0][:, 0].sum().backward()
+    tiny.reset_hooks()
+    act = tiny.run_with_cache(image=images, names_filter=point)[1][point]
+    before = act.clone()
+    act.requires_grad_(True)
+    F.normalize(tiny.forward_from(point, act), dim=-1)[:, 0].sum().backward()
+    assert torch.allclose(grads[point], act.grad, atol=1e-6)
+    assert torch.equal(act.detach(), before)
+
+
+@pytest.mark.parametrize("vision,text", [
+    ({"ls_init_value": 0.1, "pool_type": "avg"}, {"ls_init_value": 0.1, "proj_bias": True, "proj_type": "linear"}),
+    ({"no_ln_pre": True, "final_ln_after_pool": True}, {"no_causal_mask": True, "pool_type": "last"}),
+])
+def test_open_clip_config_variants(vision, text):
+    from clipmech.models.configs import PRESETS
+    base = PRESETS["tiny-vit"]
+    cfg = {**base, "vision_cfg": {**base["vision_cfg"], **vision}, "text_cfg": {**base["text_cfg"], **text}}
+    clip = create_open_clip(cfg)
+    model = HookedCLIP.from_open_clip(clip)  # config reconstructed from the modules
+    rebuilt = model.to_open_clip()
+    images, tokens = torch.randn(2, 3, 64, 64), model.tokenize(["a dog", "two red cats"])
+    with torch.no_grad():
+        for ref in (clip, rebuilt):
+            assert (model.encode_image(images) - ref.encode_image(images)).abs().max() < 1e-5
+            assert (model.encode_text(tokens) - ref.encode_text(tokens)).abs().max() < 1e-5
+
+
+def test_deepcopy_is_independent(tiny, batch):
+    import copy
+    twin = copy.deepcopy(tiny)
+    assert twin.hook_dict["visual.hook_input"] is not tiny.hook_dict["visual.hook_input"]
+    with torch.no_grad():  # the copy's forward uses the copy's own modules
+        for p in twin.visual.parameters():
+            p.zero_()
+        assert twin.encode_image(batch[0]).abs().max() == 0 and tiny.encode_image(batch[0]).abs().max() > 0
+    with twin.hooks(fwd_hooks=[("hook_text_embed", lambda t, hook: t * 0)]):
+        assert tiny.list_hooks() == {} and tiny.encode_text(batch[1]).abs().max() > 0

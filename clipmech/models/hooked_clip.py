@@ -28,7 +28,8 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
-from open_clip.transformer import ResidualAttentionBlock, VisionTransformer, text_global_pool
+from open_clip.transformer import (LayerScale, QuickGELU, ResidualAttentionBlock, VisionTransformer,
+                                   text_global_pool)
 from torch import Tensor, nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
@@ -232,11 +233,11 @@ class HookedCLIP(HookedRootModule):
             self._image_hw = tuple(self.visual.image_size)
             self._build_vit_points(table)
             self._analysis = [name for name, _ in self._stages[:-1]]  # all but the projection
+        self._image_out = _group(table, "", {"embed": "hook_image_embed", "normalized": "hook_image_embed_normalized"})
         self._text_points = self._build_text_points(table)
-        self._embed_points = _group(table, "", {
-            "image": "hook_image_embed", "image_normalized": "hook_image_embed_normalized",
-            "text": "hook_text_embed", "text_normalized": "hook_text_embed_normalized"})
+        self._text_out = _group(table, "", {"embed": "hook_text_embed", "normalized": "hook_text_embed_normalized"})
         self._stage_index = {name: i for i, (name, _) in enumerate(self._stages)}
+        self._order = {name: i for i, name in enumerate(table)}
         self._table = table
         self.setup()
 
@@ -295,9 +296,12 @@ class HookedCLIP(HookedRootModule):
         return cls(create_open_clip(cfg), cfg, name)
 
     @classmethod
-    def from_open_clip(cls, model: open_clip.model.CLIP, model_name: str | None = None) -> "HookedCLIP":
-        """Wrap an existing open_clip CLIP, sharing its parameters (no copy)."""
-        cfg = _config_of(model)
+    def from_open_clip(cls, model: open_clip.model.CLIP, model_name: str | None = None,
+                       cfg: dict | None = None) -> "HookedCLIP":
+        """Wrap an existing open_clip CLIP, sharing its parameters (no copy). `cfg` (open_clip
+        format) defaults to `model_name`'s config, else one reconstructed from the modules."""
+        if cfg is None:
+            cfg = resolve_config(model_name)[1] if model_name is not None else _config_of(model)
         return cls(model, cfg, model_name)
 
     @classmethod
@@ -322,9 +326,10 @@ class HookedCLIP(HookedRootModule):
             state = {k[len("module."):]: t for k, t in state.items()}
         if model_name is not None:
             name, cfg = resolve_config(model_name)
-        elif isinstance(obj.get("model_cfg"), dict):
-            name, cfg = obj.get("model_name") or obj.get("name"), obj["model_cfg"]
-            name = name if isinstance(name, str) else None
+        elif isinstance(obj.get("model_cfg"), (dict, str)):  # clipmech checkpoints
+            name, cfg = resolve_config(obj["model_cfg"])
+            stored = obj.get("model_name", obj.get("name"))
+            name = name or (stored if isinstance(stored, str) else None)
         else:
             raise ValueError(f"{path} stores no model config; pass model_name=, e.g. 'RN50' or 'tiny-rn'")
         model = cls(create_open_clip(cfg), cfg, name)
@@ -386,8 +391,8 @@ class HookedCLIP(HookedRootModule):
     def encode_image(self, image: Tensor, normalize: bool = False) -> Tensor:
         """images [B,3,H,W] -> embeddings [B,D] (L2-normalised if `normalize`). One image-tower pass."""
         self._check_image(image)
-        x = self._embed_points.image(self._run_stages(image))
-        return self._embed_points.image_normalized(F.normalize(x, dim=-1)) if normalize else x
+        x = self._image_out.embed(self._run_stages(image))
+        return self._image_out.normalized(F.normalize(x, dim=-1)) if normalize else x
 
     def encode_text(self, text: Tensor, normalize: bool = False) -> Tensor:
         """tokens [B,context_length] -> embeddings [B,D] (L2-normalised if `normalize`)."""
@@ -403,8 +408,8 @@ class HookedCLIP(HookedRootModule):
             x = self.text_projection(x)
         elif self.text_projection is not None:
             x = x @ self.text_projection
-        x = self._embed_points.text(p.proj(x))
-        return self._embed_points.text_normalized(F.normalize(x, dim=-1)) if normalize else x
+        x = self._text_out.embed(p.proj(x))
+        return self._text_out.normalized(F.normalize(x, dim=-1)) if normalize else x
 
     def forward(self, image: Tensor | None = None, text: Tensor | None = None, stop_at: str | None = None):
         """open_clip's forward: (image_features, text_features, logit_scale.exp()[, logit_bias]),
@@ -428,26 +433,29 @@ class HookedCLIP(HookedRootModule):
             raise unknown_name_error("analysis point", point, self._stage_index)
         start = self._stage_index[point] + 1
         if stop_at is None:
-            return self._embed_points.image(self._run_stages(activation, start))
-        if stop_at in self._stage_index and self._stage_index[stop_at] < start:
-            raise ValueError(f"stop_at {stop_at!r} comes before {point!r} in the image tower")
-        return self._run_until(stop_at, lambda: self._embed_points.image(self._run_stages(activation, start)))
+            return self._image_out.embed(self._run_stages(activation, start))
+        if self._order[self._table[stop_at].name] <= self._order[point]:
+            raise ValueError(f"stop_at {stop_at!r} does not come after {point!r} in the image tower")
+        return self._run_until(stop_at, lambda: self._image_out.embed(self._run_stages(activation, start)),
+                               "forward_from runs the image tower only")
 
-    def _run_until(self, name: str, run: Callable[[], Any]) -> Tensor:
+    def _run_until(self, name: str, run: Callable[[], Any],
+                   not_reached: str = "its tower's input was not given") -> Tensor:
         """Call `run` and return the value of hook point `name` when it fires (after its other
         hooks); the stop hook is removed on every exit path."""
         def stop(tensor: Tensor, hook: HookPoint) -> None:
             raise _Stop(tensor)
 
-        handle = self._table[name].add_hook(stop)
+        hp = self._table[name]
+        handle = hp.add_hook(stop)
         try:
             run()
         except _Stop as s:
             return s.value
         finally:
             handle.hook.remove()
-            self._table[name].fwd_hooks.remove(handle)
-        raise ValueError(f"stop_at point {name!r} was not reached; its tower's input was not given")
+            hp.fwd_hooks = [h for h in hp.fwd_hooks if h is not handle]
+        raise ValueError(f"stop_at point {name!r} was not reached: {not_reached}")
 
     def tokenize(self, texts: str | Sequence[str]) -> Tensor:
         """Strings -> LongTensor [N, context_length] on the model's device (open_clip BPE; long
@@ -493,13 +501,22 @@ class HookedCLIP(HookedRootModule):
         return super().run_with_hooks(*args, fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks, **kwargs)
 
 
+def _stack_cfg(transformer: nn.Module) -> dict[str, Any]:
+    """width / layers / heads / mlp_ratio / ls_init_value of an open_clip Transformer."""
+    blk = transformer.resblocks[0]
+    cfg = {"width": transformer.width, "layers": transformer.layers, "heads": blk.attn.num_heads,
+           "mlp_ratio": blk.mlp.c_fc.out_features / transformer.width}
+    if isinstance(blk.ls_1, LayerScale):  # any value: the weights are loaded afterwards
+        cfg["ls_init_value"] = blk.ls_1.gamma.flatten()[0].item()
+    return cfg
+
+
 def _config_of(model: open_clip.model.CLIP) -> dict[str, Any]:
-    """Reconstruct an open_clip-format config from a built CLIP (for to_open_clip / checkpoints)."""
-    v, t = model.visual, model.transformer
-    blk = t.resblocks[0]
-    text_cfg = {"context_length": model.context_length, "vocab_size": model.vocab_size, "width": t.width,
-                "heads": blk.attn.num_heads, "layers": t.layers,
-                "mlp_ratio": blk.mlp.c_fc.out_features / t.width, "pool_type": model.text_pool_type}
+    """Reconstruct the open_clip-format config of a built (supported) CLIP, for to_open_clip."""
+    _check_supported(model)
+    v = model.visual
+    text_cfg = {"context_length": model.context_length, "vocab_size": model.vocab_size,
+                **_stack_cfg(model.transformer), "pool_type": model.text_pool_type}
     if model.text_eos_id is not None:
         text_cfg["eos_id"] = model.text_eos_id
     if model.attn_mask is None:
@@ -509,24 +526,17 @@ def _config_of(model: open_clip.model.CLIP) -> dict[str, Any]:
     elif model.text_projection is None:
         text_cfg["proj_type"] = "none"
     if isinstance(v, ModifiedResNet):
-        layers = [len(getattr(v, f"layer{i}")) for i in range(1, 5)]
         width = v.conv3.out_channels
-        vision_cfg = {"image_size": v.image_size, "layers": layers, "width": width,
-                      "head_width": width * 32 // v.attnpool.num_heads}
-        embed_dim = v.output_dim
-    elif isinstance(v, VisionTransformer):
-        vb = v.transformer.resblocks[0]
-        vision_cfg = {"image_size": v.image_size[0], "layers": v.transformer.layers, "width": v.transformer.width,
-                      "head_width": v.transformer.width // vb.attn.num_heads, "patch_size": v.patch_size[0],
-                      "mlp_ratio": vb.mlp.c_fc.out_features / v.transformer.width,
-                      "no_ln_pre": isinstance(v.ln_pre, nn.Identity), "pool_type": v.pool_type,
-                      "final_ln_after_pool": v.final_ln_after_pool}
-        embed_dim = v.output_dim
+        vision_cfg = {"image_size": v.image_size, "layers": [len(getattr(v, f"layer{i}")) for i in range(1, 5)],
+                      "width": width, "head_width": width * 32 // v.attnpool.num_heads}
     else:
-        _check_supported(model)  # raises
-    gelu = (v.transformer.resblocks[0] if isinstance(v, VisionTransformer) else blk).mlp.gelu
-    cfg = {"embed_dim": embed_dim, "vision_cfg": vision_cfg, "text_cfg": text_cfg}
-    if isinstance(gelu, open_clip.transformer.QuickGELU):
+        stack = _stack_cfg(v.transformer)
+        heads = stack.pop("heads")  # vision configs give head_width instead
+        vision_cfg = {**stack, "head_width": stack["width"] // heads, "image_size": v.image_size[0],
+                      "patch_size": v.patch_size[0], "no_ln_pre": isinstance(v.ln_pre, nn.Identity),
+                      "pool_type": v.pool_type, "final_ln_after_pool": v.final_ln_after_pool}
+    cfg = {"embed_dim": v.output_dim, "vision_cfg": vision_cfg, "text_cfg": text_cfg}
+    if isinstance(model.transformer.resblocks[0].mlp.gelu, QuickGELU):
         cfg["quick_gelu"] = True
     return cfg
 
