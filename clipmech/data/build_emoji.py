@@ -286,16 +286,43 @@ def render_style(style: Style, src: Path, keys: list[str], cldr: dict, noto_name
     return out
 
 
+LICENCE_TEXT = {
+    "MIT": ("Permission is hereby granted, free of charge, to any person obtaining a copy of this software and "
+            "associated documentation files (the \"Software\"), to deal in the Software without restriction, "
+            "including without limitation the rights to use, copy, modify, merge, publish, distribute, "
+            "sublicense, and/or sell copies of the Software, and to permit persons to whom the Software is "
+            "furnished to do so, subject to the following conditions:\n\nThe above copyright notice and this "
+            "permission notice shall be included in all copies or substantial portions of the Software.\n\n"
+            "THE SOFTWARE IS PROVIDED \"AS IS\", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR IMPLIED, INCLUDING BUT "
+            "NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY, FITNESS FOR A PARTICULAR PURPOSE AND "
+            "NONINFRINGEMENT. IN NO EVENT SHALL THE AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES "
+            "OR OTHER LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM, OUT OF OR IN "
+            "CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE SOFTWARE."),
+    "Apache-2.0": ("Licensed under the Apache License, Version 2.0 (the \"License\"); you may not use this file "
+                   "except in compliance with the License. You may obtain a copy of the License at "
+                   "http://www.apache.org/licenses/LICENSE-2.0. Unless required by applicable law or agreed to "
+                   "in writing, software distributed under the License is distributed on an \"AS IS\" BASIS, "
+                   "WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied."),
+    "CC-BY-4.0": ("Licensed under the Creative Commons Attribution 4.0 International licence, "
+                  "https://creativecommons.org/licenses/by/4.0/. Changes: rasterised, cropped, resized; "
+                  "grouped with other styles into a domain-labelled dataset."),
+    "OFL-1.1": ("The font is licensed under the SIL Open Font License 1.1, https://openfontlicense.org. "
+                "The dataset holds rasterised glyph images, not the font software."),
+}
+
+
 def _attribution(style: Style) -> str:
     ver = NPM.get(style.source) or ("Debian fonts-symbola 2.60-1.1" if style.key == "symbola"
                                      else f"PyPI manimgx-fonts {PYPI['manimgx-fonts']}")
+    text = LICENCE_TEXT.get(style.licence, "Symbola: \"Fonts are free for any use; they may be opened, edited, "
+                            "modified, regenerated, packaged and redistributed.\" (Debian copyright file)")
     return (f"{style.title}\n{'=' * len(style.title)}\n\nUsed in the clipmech emoji dataset as domain "
             f"'{style.domain}' (rasterised, cropped and resized; no other change).\n\n"
             f"Source: {style.url}\nPackage: {style.source} {ver}\nLicence: {style.licence}\n"
-            f"Credit: {style.credit}\n")
+            f"Credit: {style.credit}\n\n{text}\n")
 
 
-def build(sources: Path | None = None, out_dir: Path = ASSET_DIR, size: int = 48, margin: int = 2,
+def build(sources: Path | None = None, out_dir: Path = ASSET_DIR, size: int = 40, margin: int = 2,
           min_styles: int = 2, keep_sources: bool = False) -> Path:
     """Fetch (unless `sources` given), render, select classes and write the .npz + attributions.
 
@@ -348,9 +375,11 @@ def build(sources: Path | None = None, out_dir: Path = ASSET_DIR, size: int = 48
                         class_idx=np.asarray(cls, np.int64), split=np.asarray(split),
                         style_idx=np.asarray(sty, np.int64), meta=np.asarray(json.dumps(meta, sort_keys=True)))
     from clipmech.utils import atomic_write_bytes, atomic_write_text
-    path = atomic_write_bytes(buf.getvalue(), out_dir / ASSET_NAME)
-    for s in STYLES:
-        atomic_write_text(_attribution(s), out_dir / f"ATTRIBUTION-{s.key}.txt")
+    written = [atomic_write_bytes(buf.getvalue(), out_dir / ASSET_NAME)]
+    written += [atomic_write_text(_attribution(s), out_dir / f"ATTRIBUTION-{s.key}.txt") for s in STYLES]
+    for p in written:
+        p.chmod(0o644)  # package data must be world-readable (atomic writes create 0600 files)
+    path = written[0]
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB): {len(keys)} classes x {len(DOMAINS)} domains, "
           f"{len(images)} images", file=sys.stderr)
     return path

@@ -208,7 +208,13 @@ class DomainDataset:
         return path
 
     def content_hash(self) -> str:
-        """sha256 (16 hex) over names, labels, splits and sources (relative paths or pixel bytes)."""
+        """sha256 (16 hex) over names, labels, splits and sources (relative paths or pixel bytes).
+        Memoised: the dataset's arrays are treated as immutable."""
+        if getattr(self, "_hash", None) is None:
+            self._hash = self._compute_hash()
+        return self._hash
+
+    def _compute_hash(self) -> str:
         h = hashlib.sha256()
         for part in (self.name, "\n".join(self.domains), "\n".join(self.classes)):
             h.update(part.encode("utf-8") + b"\0")

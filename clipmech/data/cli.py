@@ -1,0 +1,82 @@
+"""`clipmech data ...`: mixture TSVs, dataset summaries, the emoji dataset builder."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+SETUP_CHOICES = ["natural_only", "cg_low", "cg_high", "lod", "pseudo_low", "pseudo_high"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `data` command with subcommands mixture, summary, build-emoji."""
+    data = subparsers.add_parser("data", help="datasets, training mixtures, TSV export")
+    sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    data.set_defaults(func=lambda args: (data.print_help(), 2)[1])
+
+    mix = sub.add_parser("mixture", help="write a training/validation mixture TSV + JSON manifest")
+    mix.add_argument("--domainnet", required=True, metavar="ROOT",
+                     help="DomainNet root folder (or 'emoji' for the embedded dataset)")
+    mix.add_argument("--setup", required=True, choices=SETUP_CHOICES)
+    mix.add_argument("--test-domain", metavar="DOMAIN", help="test domain d* (default: the dataset's)")
+    mix.add_argument("--test-classes", metavar="NAMES", help="comma-separated C2 classes (default: paper's 15)")
+    mix.add_argument("--allow-p", type=float, metavar="P", help="allow-p interpolation (cg_low / cg_high)")
+    mix.add_argument("--domains", metavar="LETTERS", help="included domains by initial, e.g. 'cqrs'")
+    mix.add_argument("--aligned", action="store_true", help="generic-term (aligned) captions")
+    mix.add_argument("--split", choices=["train", "val"], default="train")
+    mix.add_argument("--base", metavar="BASE.tsv", help="base image-text TSV put first, never subsampled")
+    mix.add_argument("--seed", type=int, default=42, help="caption seed (default 42)")
+    mix.add_argument("--no-subsample", action="store_true", help="keep the whole pool (id suffix -nosub)")
+    mix.add_argument("--verify", choices=["exists", "open"], default="open",
+                     help="DomainNet file check: 'open' also skips files PIL cannot identify (default)")
+    mix.add_argument("--out", required=True, metavar="FILE.tsv",
+                     help="output TSV (a folder: use the paper's file name inside it)")
+    mix.set_defaults(func=_mixture)
+
+    summ = sub.add_parser("summary", help="print a domain x split count table")
+    summ.add_argument("dataset", metavar="NAME_OR_ROOT", help="'emoji' or a DomainNet root folder")
+    summ.add_argument("--verify", choices=["exists", "open"], default="exists")
+    summ.set_defaults(func=_summary)
+
+    build = sub.add_parser("build-emoji", help="rebuild the embedded emoji dataset from npm / Debian / PyPI")
+    build.add_argument("--sources", metavar="DIR", help="reuse already fetched sources (else a temp folder)")
+    build.add_argument("--fetch-to", metavar="DIR", help="fetch the sources into DIR and keep them")
+    build.add_argument("--out", metavar="DIR", help="output folder (default: the package's assets folder)")
+    build.add_argument("--size", type=int, default=40, help="image side in pixels (default 40)")
+    build.set_defaults(func=_build_emoji)
+
+
+def _load(name: str, verify: str):
+    from clipmech.data import load_dataset
+    return load_dataset(name) if name == "emoji" else load_dataset(name, verify=verify)
+
+
+def _mixture(args: argparse.Namespace) -> int:
+    from clipmech.data.mixtures import build_mixture
+    ds = _load(args.domainnet, args.verify)
+    m = build_mixture(ds, args.setup, test_domain=args.test_domain, test_classes=args.test_classes,
+                      allow_p=args.allow_p, domains=args.domains, aligned=args.aligned, split=args.split,
+                      seed=args.seed, base=args.base, subsample=not args.no_subsample)
+    out = Path(args.out)
+    if out.is_dir() or args.out.endswith(("/", "\\")):
+        out = out / m.filename()
+    m.to_tsv(out)
+    print(f"wrote {out} ({len(m.base_lines)} base + {len(m.indices)} {ds.name} lines, id {m.id}) "
+          f"and {out.with_suffix('.json')}")
+    return 0
+
+
+def _summary(args: argparse.Namespace) -> int:
+    print(_load(args.dataset, args.verify).summary())
+    return 0
+
+
+def _build_emoji(args: argparse.Namespace) -> int:
+    from clipmech.data import build_emoji
+    sources = Path(args.sources) if args.sources else None
+    if args.fetch_to:
+        sources = build_emoji.fetch_sources(Path(args.fetch_to))
+    out = Path(args.out) if args.out else build_emoji.ASSET_DIR
+    path = build_emoji.build(sources, out_dir=out, size=args.size)
+    print(path, file=sys.stdout)
+    return 0
