@@ -1,0 +1,241 @@
+"""Circuits: vectorized edge IG vs the naive loop, node scores by hand, circuit invariants,
+save/load/draw, similarity known answers, faithfulness, the shared-node test, errors."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipmech.analysis import circuit_similarity as S
+from clipmech.analysis import circuits as C
+from clipmech.analysis import patching as P
+from clipmech.models import HookedCLIP
+
+
+@pytest.fixture(scope="module")
+def rn():
+    torch.manual_seed(0)
+    return HookedCLIP.from_config("tiny-rn").double()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    gen = torch.Generator().manual_seed(3)
+    images = torch.randn(3, 3, 64, 64, generator=gen, dtype=torch.double)
+    head = F.normalize(torch.randn(4, 64, generator=gen, dtype=torch.double), dim=-1)
+    return images, head, torch.tensor([0, 1, 2])
+
+
+@pytest.fixture(scope="module")
+def circuit(rn, batch):
+    images, head, labels = batch
+    return C.discover_circuit(rn, images, labels, head, steps=2, meta={"domain": "a", "class": "x"})
+
+
+@pytest.mark.parametrize("pair", [(0, 1), (5, 6), (8, 9)])
+def test_vectorized_edges_match_naive_loop(rn, batch, pair):
+    images, _, _ = batch
+    pts = rn.analysis_points()
+    u, d = pts[pair[0]], pts[pair[1]]
+    nodes = [0, 2, 5]
+    ours = C.ig_edge_scores(rn, images, u, d, nodes, steps=3)
+    naive = C.reference_ig_edge_scores(rn, images, u, d, nodes, steps=3)
+    assert ours.shape == (3, P.cache_points(rn, images[:1], [u])[u].shape[1])
+    assert naive.abs().max() > 0
+    torch.testing.assert_close(ours, naive, rtol=1e-5, atol=1e-5 * float(naive.abs().max()))
+
+
+def test_node_scores_match_hand_loop(rn, batch):
+    images, head, labels = batch
+    point = "visual.layer3.0.hook_out"
+    steps = 4
+    a = P.cache_points(rn, images, [point])[point]
+    grads = []
+    for s in range(steps):
+        x = ((1 - s / steps) * a).requires_grad_(True)
+        emb = []
+        rn.run_with_hooks(image=images, fwd_hooks=[(point, lambda t, hook: x),
+                                                   ("hook_image_embed", lambda t, hook: emb.append(t))])
+        m = P.cosine_logits(emb[0], head)[torch.arange(3), labels].sum()
+        grads.append(torch.autograd.grad(m, x)[0])
+    g = torch.stack(grads).mean(0)
+    expected = (g * (0 - a)).sum(dim=(2, 3)).mean(0).abs()
+    torch.testing.assert_close(C.ig_node_scores(rn, images, labels, head, point, steps=steps), expected)
+
+
+def test_circuit_invariants(rn, circuit):
+    pts = rn.analysis_points()
+    assert circuit.points == pts
+    for p in pts:
+        assert len(circuit.nodes[p]) == math.ceil(0.1 * len(circuit.node_scores[p]))
+        top = torch.argsort(circuit.node_scores[p], descending=True, stable=True)[:len(circuit.nodes[p])]
+        assert circuit.nodes[p] == top.tolist()
+    pairs = set(zip(pts[:-1], pts[1:]))
+    incoming = {}
+    for u, i, d, j, w in circuit.edges:
+        assert (u, d) in pairs  # consecutive only: no wrap-around from the last point to the first
+        assert i in circuit.nodes[u] and j in circuit.nodes[d]
+        incoming.setdefault((d, j), []).append(w)
+    assert all(len(ws) <= 3 for ws in incoming.values())
+    assert len(incoming) == sum(len(circuit.nodes[p]) for p in pts[1:])
+
+
+def test_edges_are_top_k_by_signed_score(rn, batch, circuit):
+    images, _, _ = batch
+    u, d = "visual.layer2.0.hook_out", "visual.layer3.0.hook_out"
+    mat = C.ig_edge_scores(rn, images, u, d, circuit.nodes[d], steps=2)[:, circuit.nodes[u]]
+    for row, j in zip(mat, circuit.nodes[d]):
+        kept = sorted(w for uu, _, dd, jj, w in circuit.edges if (uu, dd, jj) == (u, d, j))
+        assert kept == pytest.approx(sorted(row.sort(descending=True).values[:3].tolist()))
+
+
+def test_save_load_and_draw(tmp_path, circuit):
+    path = circuit.save(tmp_path / "c")
+    back = C.Circuit.load(path)
+    assert back.points == circuit.points and back.nodes == circuit.nodes and back.meta == circuit.meta
+    assert back.edges == pytest.approx(circuit.edges) or back.edge_set() == circuit.edge_set()
+    torch.testing.assert_close(back.node_scores, circuit.node_scores)
+    circuit.draw(tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(FileNotFoundError, match="missing"):
+        C.Circuit.load(tmp_path / "nope")
+
+
+def _toy(nodes, edges):
+    points = ["p0", "p1"]
+    scores = {p: torch.arange(4.0) for p in points}
+    return C.Circuit(points, scores, nodes, [(u, i, d, j, 1.0) for u, i, d, j in edges])
+
+
+def test_similarity_known_answers():
+    a = _toy({"p0": [0, 1], "p1": [2]}, [("p0", 0, "p1", 2), ("p0", 1, "p1", 2)])
+    b = _toy({"p0": [1, 3], "p1": [2]}, [("p0", 1, "p1", 2), ("p0", 3, "p1", 2)])
+    assert S.node_jaccard(a, b) == {"p0": pytest.approx(1 / 3), "p1": 1.0}
+    assert S.edge_jaccard(a, b) == pytest.approx(1 / 3)
+    for h in (0, 1, 2, 3):
+        assert S.wl_kernel(a, a, h) == pytest.approx(1.0)
+    # h = 0: cosine of node-label counts = 2 shared labels of 3 and 3 nodes.
+    assert S.wl_kernel(a, b, 0) == pytest.approx(2 / 3)
+    # h = 1 adds one new label per node; only p0/1 keeps the same neighbourhood in both
+    # (p1/2 has different predecessors): shared = 2 (h0) + 1 (h1) of 6 per graph.
+    assert S.wl_kernel(a, b, 1) == pytest.approx(3 / 6)
+    # h = 2: p0/1's successor now carries different labels in a and b, so nothing new is shared.
+    assert S.wl_kernel(a, b, 2) == pytest.approx(3 / 9)
+    same_nodes = _toy({"p0": [0, 1], "p1": [2]}, [("p0", 0, "p1", 2)])
+    assert S.wl_kernel(a, same_nodes, 0) == pytest.approx(1.0)
+    assert S.wl_kernel(a, same_nodes, 1) < 1.0
+    with pytest.raises(ValueError, match="h must be"):
+        S.wl_kernel(a, b, -1)
+    with pytest.raises(ValueError, match="empty"):
+        S.jaccard(set(), set())
+
+
+def test_bootstrap_ci_contains_estimate(rn, batch):
+    images, head, labels = batch
+    res = S.bootstrap_circuit_similarity(rn, images, labels, images.flip(0), labels.flip(0), head,
+                                         S.edge_jaccard, n_boot=2, steps=1,
+                                         points=rn.analysis_points()[-3:])
+    assert len(res["samples"]) == 2 and res["ci"][0] <= res["ci"][1]
+    assert 0 <= res["estimate"] <= 1
+    ci = S.mean_with_ci([0.2, 0.4, 0.6], n_boot=200)
+    assert ci["mean"] == pytest.approx(0.4) and ci["ci"][0] <= 0.4 <= ci["ci"][1]
+
+
+def test_faithfulness_of_full_and_empty_circuits(rn, batch, circuit):
+    images, head, labels = batch
+    full = C.Circuit(circuit.points, circuit.node_scores,
+                     {p: list(range(len(s))) for p, s in circuit.node_scores.items()}, [])
+    res = C.faithfulness(rn, full, images, labels, head, ablation="mean")
+    assert res["faithfulness"] == pytest.approx(1.0) and res["completeness"] == pytest.approx(1.0)
+    empty = C.Circuit(circuit.points, circuit.node_scores, {p: [] for p in circuit.points}, [])
+    res = C.faithfulness(rn, empty, images, labels, head, ablation="zero")
+    assert res["faithfulness"] == pytest.approx(0.0) and res["completeness"] == pytest.approx(0.0)
+    # Ablating nothing by hand reproduces the model's embedding.
+    keep = {p: torch.ones(len(s), dtype=torch.bool) for p, s in circuit.node_scores.items()}
+    torch.testing.assert_close(C.ablated_embedding(rn, images, keep), rn.encode_image(images))
+    domains, mat = C.cross_domain_faithfulness(rn, {"a": circuit, "b": circuit}, {"a": images, "b": images.flip(0)},
+                                               {"a": labels, "b": labels.flip(0)}, head)
+    assert domains == ["a", "b"] and mat.shape == (2, 2) and mat[0, 0] == pytest.approx(mat[1, 0])
+
+
+def test_shared_node_sets_and_ablation(rn, batch, circuit):
+    images, head, labels = batch
+    p = "visual.layer3.0.hook_out"
+    mk = lambda nodes: C.Circuit(circuit.points, circuit.node_scores,  # noqa: E731
+                                 {q: (nodes if q == p else list(circuit.nodes[q])) for q in circuit.points}, [])
+    circuits = {"test": {"k": mk([1, 2, 3, 4])}, "other": {"k": mk([3, 4, 5])}, "third": {"k": mk([1, 9])}}
+    shared, unshared = C.shared_nodes(circuits, "test", ["k"], [p])
+    assert shared == {p: {1, 3, 4}} and unshared == {p: {2}}
+    res = C.shared_node_ablation(rn, circuits, "test", ["k"], images, labels, head, points=[p], n_random=2, n_boot=50)
+    assert res["n_shared"] == 3 and res["n_unshared"] == 1
+    for cond in ("shared", "unshared", "random"):
+        lo, hi = res[cond]["drop_ci95"]
+        assert lo <= res[cond]["drop"] <= hi
+        assert res[cond]["accuracy"] == pytest.approx(res["accuracy_clean"] - res[cond]["drop"])
+    with pytest.raises(KeyError, match="test domain"):
+        C.shared_nodes(circuits, "nope", ["k"], [p])
+
+
+def test_sae_nodes(rn, batch):
+    images, head, labels = batch
+    point = "visual.layer2.0.hook_out"
+
+    class Identity:
+        def encode(self, x):
+            return x
+
+        def decode(self, z):
+            return z
+
+    class Linear:
+        def __init__(self):
+            g = torch.Generator().manual_seed(0)
+            self.w = torch.randn(128, 40, generator=g, dtype=torch.double) / 10
+
+        def encode(self, x):
+            return torch.relu(x @ self.w)
+
+        def decode(self, z):
+            return z @ self.w.T
+
+    a = P.cache_points(rn, images, [point])[point]
+    ident = C.NodeSpace(point, a, Identity())
+    base = C._node_scores(rn, images, labels, head, C.NodeSpace(point, a), 2)
+    torch.testing.assert_close(C._node_scores(rn, images, labels, head, ident, 2), base)
+    lin = C.NodeSpace(point, a, Linear())
+    torch.testing.assert_close(lin.activation(lin.clean), a)  # decode(encode) + error = clean
+    circuit = C.discover_circuit(rn, images, labels, head, points=[point, "visual.layer3.0.hook_out"], steps=2,
+                                 saes={point: Linear()})
+    assert len(circuit.node_scores[point]) == 40 and len(circuit.nodes[point]) == 4
+
+
+def test_vit_head_and_neuron_circuit(batch):
+    torch.manual_seed(0)
+    vit = HookedCLIP.from_config("tiny-vit").double()
+    images, head, labels = batch
+    points = C.component_points(vit)
+    assert points[0] == "visual.blocks.0.attn.hook_z" and len(points) == 4
+    run = P.segment_fn(vit, points[0], images)
+    z = P.cache_points(vit, images, [points[0]])[points[0]]
+    torch.testing.assert_close(run(z), vit.encode_image(images))
+    circuit = C.discover_circuit(vit, images, labels, head, points=points, steps=2)
+    assert len(circuit.node_scores[points[0]]) == 2  # heads
+    assert len(circuit.node_scores[points[1]]) == 128  # MLP neurons
+    assert {(u, d) for u, _, d, _, _ in circuit.edges} == set(zip(points[:-1], points[1:]))
+
+
+def test_bad_inputs(rn, batch):
+    images, head, labels = batch
+    pts = rn.analysis_points()
+    with pytest.raises(ValueError, match="consecutive"):
+        C.ig_edge_scores(rn, images, pts[1], pts[3], [0])
+    with pytest.raises(ValueError, match="not an analysis point"):
+        C.ig_edge_scores(rn, images, "visual.layer1.0.hook_act1", pts[6], [0])
+    with pytest.raises(KeyError, match="visual.hook_act1"):
+        C.ig_node_scores(rn, images, labels, head, "visual.hook_actt1")
+    with pytest.raises(ValueError, match="downstream_nodes"):
+        C.ig_edge_scores(rn, images, pts[5], pts[6], [10_000])
+    with pytest.raises(ValueError, match="forward order"):
+        C.discover_circuit(rn, images, labels, head, points=[pts[3], pts[1]])
+    with pytest.raises(ValueError, match="labels shape"):
+        C.ig_node_scores(rn, images, labels[:2], head, pts[6])
