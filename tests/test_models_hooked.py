@@ -135,10 +135,10 @@ def test_per_head_z_times_out_proj_is_attention_output(tiny, batch):
         assert torch.allclose(out, cache["visual.blocks.1.hook_attn_out"], atol=1e-5)
 
 
-def test_bottleneck_branch_plus_skip(batch):
+def test_bottleneck_branch_plus_skip():
     model = HookedCLIP.from_config("tiny-rn")
     randomize_norms(model)
-    _, cache = model.run_with_cache(image=batch[0])
+    _, cache = model.run_with_cache(image=torch.randn(2, 3, 64, 64))
     for li in range(1, 5):
         p = f"visual.layer{li}.0."
         assert torch.allclose(torch.relu(cache[p + "hook_branch"] + cache[p + "hook_skip"]), cache[p + "hook_out"])
@@ -326,3 +326,10 @@ def test_deepcopy_is_independent(tiny, batch):
         assert twin.encode_image(batch[0]).abs().max() == 0 and tiny.encode_image(batch[0]).abs().max() > 0
     with twin.hooks(fwd_hooks=[("hook_text_embed", lambda t, hook: t * 0)]):
         assert tiny.list_hooks() == {} and tiny.encode_text(batch[1]).abs().max() > 0
+
+
+def test_image_transform_feeds_encode_image(tiny):
+    from PIL import Image
+    x = tiny.image_transform()(Image.new("RGB", (100, 80), (200, 30, 30)))
+    assert x.shape == (3, tiny.image_size, tiny.image_size)
+    assert tiny.encode_image(x[None]).shape == (1, tiny.cfg["embed_dim"])
