@@ -187,3 +187,12 @@ def test_bad_parameters(dn):
         build_mixture(dn, "cg_high", test_domain="sketch", test_classes=["bananna"])
     with pytest.raises(ValueError, match="'train' or 'val'"):
         build_mixture(dn, "cg_high", test_domain="sketch", split="dev")
+
+
+def test_natural_only_needs_no_test_domain_and_small_pool_error(dn):
+    m = build_mixture(dn, "natural_only")
+    assert m.id == "lso-real-only" and np.array_equal(m.indices, dn.indices("train", domains=["real"]))
+    with pytest.raises(ValueError, match="no default test domain"):
+        build_mixture(dn, "cg_high")
+    with pytest.raises(ValueError, match="pool is too small.*--no-subsample"):
+        build_mixture(dn, "lod", test_domain="sketch", test_classes=C2, domains="r")

@@ -155,8 +155,11 @@ def _included_domains(ds: DomainDataset, setup: str, d_star: int, domains: str |
             raise ValueError(f"setup {setup!r} includes the test domain; add {ds.domains[d_star][0]!r} to domains")
         return inc
     all_d = list(range(len(ds.domains)))
-    return {"natural_only": [natural], "cg_low": sorted({natural, d_star}), "pseudo_low": sorted({natural, d_star}),
-            "cg_high": all_d, "pseudo_high": all_d, "lod": [d for d in all_d if d != d_star]}[setup]
+    if setup == "natural_only":
+        return [natural]
+    if setup in ("cg_low", "pseudo_low"):
+        return sorted({natural, d_star})
+    return [d for d in all_d if d != d_star] if setup == "lod" else all_d
 
 
 def mixture_id(ds: DomainDataset, setup: str, d_star: int | None, included: list[int], subsample: bool,
@@ -196,12 +199,13 @@ def build_mixture(dataset: DomainDataset, setup: str, test_domain: str | None = 
         raise ValueError(f"split {split!r} must be 'train' or 'val'")
     natural = ds.domain_index(ds.natural_domain)
     test_domain = test_domain or ds.default_test_domain
-    if test_domain is None:
-        raise ValueError(f"dataset {ds.name!r} has no default test domain; pass test_domain=")
-    d_star = ds.domain_index(test_domain)
+    if test_domain is None and setup != "natural_only":  # natural-only is one model for every d*
+        raise ValueError(f"dataset {ds.name!r} has no default test domain; pass test_domain= "
+                         f"(CLI: --test-domain), one of {[d for d in ds.domains if d != ds.natural_domain]}")
+    d_star = None if test_domain is None else ds.domain_index(test_domain)
     if d_star == natural:
         raise ValueError(f"the test domain cannot be the natural domain {ds.natural_domain!r}")
-    c2 = _resolve_classes(ds, test_classes)
+    c2 = [] if d_star is None else _resolve_classes(ds, test_classes)
     if allow_p is not None:
         if setup not in ("cg_low", "cg_high"):
             raise ValueError(f"allow_p applies to cg_low / cg_high, not {setup!r}")
@@ -213,7 +217,7 @@ def build_mixture(dataset: DomainDataset, setup: str, test_domain: str | None = 
     train_counts = ds.counts("train")
     c1_mask = np.ones(len(ds.classes), dtype=bool)
     c1_mask[c2] = False
-    S = int(train_counts[natural].sum() + train_counts[d_star, c1_mask].sum())
+    S = int(train_counts[natural].sum() + (0 if d_star is None else train_counts[d_star, c1_mask].sum()))
 
     def pool_sizes(counts: np.ndarray, with_c2: bool) -> np.ndarray:
         sizes = np.zeros_like(counts)
@@ -233,10 +237,10 @@ def build_mixture(dataset: DomainDataset, setup: str, test_domain: str | None = 
         fixed[d_star, c2] = [_ceil_div(int(p.numerator) * S * int(n), int(p.denominator) * int(pseudo.sum()))
                              for n in counts[d_star, c2]]
         allowed = fixed
-        keep = stratified_keep(pseudo, S, _order(ds), fixed=fixed)
+        keep = _keep(ds, pseudo, S, fixed, setup)
         rho = _shrink(S - int(fixed.sum()), int(sizes.sum()))
     elif do_sub:
-        keep = stratified_keep(sizes, S, _order(ds))
+        keep = _keep(ds, sizes, S, None, setup)
         rho = _shrink(S, int(sizes.sum()))
     else:
         keep = sizes
@@ -246,7 +250,7 @@ def build_mixture(dataset: DomainDataset, setup: str, test_domain: str | None = 
     from clipmech.data.tsv import read_base_tsv
     base_lines, base_info = read_base_tsv(base) if base is not None else ([], None)
     m = Mixture(ds, indices, captions, {}, mid, split=data_split, base_lines=base_lines)
-    m.manifest = _manifest(m, setup=setup, test_domain=ds.domains[d_star], c2=c2, allow_p=allow_p,
+    m.manifest = _manifest(m, setup=setup, test_domain=None if d_star is None else ds.domains[d_star], c2=c2, allow_p=allow_p,
                            included=included, aligned=aligned, seed=seed, subsample=subsample, S=S,
                            rho=rho, base_info=base_info, templates=templates)
     c2_allowed = (allowed[d_star, c2] if allowed is not None else 0) if hold_out_c2 else None
@@ -254,8 +258,12 @@ def build_mixture(dataset: DomainDataset, setup: str, test_domain: str | None = 
     return m
 
 
-def _order(ds: DomainDataset) -> list[int]:
-    return [ds.domain_index(d) for d in ds.trim_order]
+def _keep(ds: DomainDataset, sizes: np.ndarray, S: int, fixed: np.ndarray | None, setup: str) -> np.ndarray:
+    try:
+        return stratified_keep(sizes, S, [ds.domain_index(d) for d in ds.trim_order], fixed=fixed)
+    except ValueError as err:
+        raise ValueError(f"setup {setup!r} over domains {[d for d, n in zip(ds.domains, sizes.sum(1)) if n]}: "
+                         f"{err}; include more domains or use subsample=False (--no-subsample)") from err
 
 
 def _take_first(ds: DomainDataset, split: str, keep: np.ndarray) -> np.ndarray:
@@ -270,7 +278,7 @@ def _take_first(ds: DomainDataset, split: str, keep: np.ndarray) -> np.ndarray:
     return np.sort(idx[chosen]).astype(np.int64)
 
 
-def check_mixture(m: Mixture, S: int | None, d_star: int, c2: list[int], c2_allowed) -> None:
+def check_mixture(m: Mixture, S: int | None, d_star: int | None, c2: list[int], c2_allowed) -> None:
     """Sanity checks (RuntimeError): unique in-split indices, exact size S when subsampled, and no
     C2 image of d* beyond what the setup allows (none for cg/lod, the allow-p quota otherwise)."""
     ds, idx = m.dataset, m.indices
@@ -278,7 +286,7 @@ def check_mixture(m: Mixture, S: int | None, d_star: int, c2: list[int], c2_allo
         raise RuntimeError(f"mixture {m.id}: duplicate samples or samples outside split {m.split!r}")
     if S is not None and len(idx) != S:
         raise RuntimeError(f"mixture {m.id}: {len(idx)} dataset samples, expected S(d*) = {S}")
-    if c2_allowed is not None:
+    if c2_allowed is not None and d_star is not None:
         got = m.counts()[d_star, c2]
         if not np.array_equal(got, np.broadcast_to(c2_allowed, got.shape)):
             raise RuntimeError(f"mixture {m.id}: test domain {ds.domains[d_star]!r} has C2 counts {got.tolist()}, "
