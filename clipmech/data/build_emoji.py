@@ -14,6 +14,10 @@ Domains (DomainNet-like roles, unique initials c f p q r s) and the styles group
     real       Fluent 3D renders (MIT), Fluent Color (MIT)
     sketch     Noto Emoji mono outline font (OFL-1.1), Symbola font (free use and redistribution)
 
+Fluent Color and Fluent Flat reuse the shapes of Fluent 3D (mean absolute pixel difference to
+Fluent 3D / Color 5 and 14 of 255, against 38-74 between the other style pairs of a domain), so
+"flat" is close to "real" and a weak test domain; "real" instances are near-duplicates.
+
 No share-alike art (OpenMoji, EmojiOne v1, Debian's EmojiOne PNGs) and no Apple / Facebook /
 emojify art. Classes = single-codepoint emoji of the Noto categories Animals & Nature, Food &
 Drink, Travel & Places, Objects, Activities that at least `min_styles` styles of every domain draw
@@ -322,6 +326,50 @@ def _attribution(style: Style) -> str:
             f"Credit: {style.credit}\n\n{text}\n")
 
 
+def write_readme(npz_path: Path) -> Path:
+    """Write README.md next to the .npz: shape, styles per domain, licences, split and defaults."""
+    from clipmech.utils import atomic_write_text
+    with np.load(npz_path) as z:
+        meta = json.loads(str(z["meta"]))
+        dom, cls, split, sty = z["domain_idx"], z["class_idx"], z["split"], z["style_idx"]
+    C, D = len(meta["classes"]), len(meta["domains"])
+    rows = []
+    for d, name in enumerate(meta["domains"]):
+        per = np.bincount(cls[dom == d], minlength=C)
+        styles = ", ".join(f"{s['title']} ({s['licence']}, {int((sty == k).sum())} drawings)"
+                           for k, s in enumerate(meta["styles"]) if s["domain"] == name)
+        rows.append(f"| {name} | {styles} | {per.min()}-{per.max()} | {int(((dom == d) & (split == 'train')).sum())} "
+                    f"| {int(((dom == d) & (split == 'test')).sum())} |")
+    size_mb = npz_path.stat().st_size / 1e6
+    text = f"""# Embedded emoji domains dataset (`load_dataset("emoji")`)
+
+`{npz_path.name}`: {size_mb:.2f} MB, {C} object classes x {D} domains, {len(dom)} distinct drawings of
+{meta['image_size']} x {meta['image_size']} px on white (RGB uint8). Built by `clipmech data build-emoji`
+(`clipmech/data/build_emoji.py`) from npm / Debian / PyPI packages; one ATTRIBUTION-<style>.txt per style.
+
+| domain | styles (licence, drawings) | drawings per class | train | test |
+|---|---|---|---|---|
+{chr(10).join(rows)}
+
+- Classes: single-codepoint emoji of the categories {', '.join(OBJECT_CATEGORIES)} drawn by >= 2 styles
+  of every domain; names and keywords from CLDR 41 English annotations (Debian unicode-cldr-core).
+- Split rule: {meta['split_rule']} (k = class index, styles in the table order). The loader adds
+  flip/shift views of the train drawings (`load_emoji(views=16)`), so train buckets are large enough for
+  the paper's ceil()-based stratified subsampling; test keeps the original drawings only.
+- Natural domain: {meta['natural_domain']}. Default test domain: {meta['default_test_domain']}.
+  Default C2 (15): {', '.join(meta['default_test_classes'])}
+  (the paper's C2 names that exist as emoji, filled up by the smallest sha256(name)).
+- Caution: Fluent Color (real) and Fluent Flat (flat) share Microsoft's shapes with Fluent 3D (real);
+  flat is therefore close to real and a weak test domain.
+- Fluent Color and Fluent Flat reuse the shapes of Fluent 3D (mean absolute pixel difference to
+Fluent 3D / Color 5 and 14 of 255, against 38-74 between the other style pairs of a domain), so
+"flat" is close to "real" and a weak test domain; "real" instances are near-duplicates.
+
+No share-alike art (OpenMoji, EmojiOne v1, Debian's EmojiOne PNGs), no Apple / Facebook / emojify art.
+"""
+    return atomic_write_text(text, npz_path.parent / "README.md")
+
+
 def build(sources: Path | None = None, out_dir: Path = ASSET_DIR, size: int = 40, margin: int = 2,
           min_styles: int = 2, keep_sources: bool = False) -> Path:
     """Fetch (unless `sources` given), render, select classes and write the .npz + attributions.
@@ -377,6 +425,7 @@ def build(sources: Path | None = None, out_dir: Path = ASSET_DIR, size: int = 40
     from clipmech.utils import atomic_write_bytes, atomic_write_text
     written = [atomic_write_bytes(buf.getvalue(), out_dir / ASSET_NAME)]
     written += [atomic_write_text(_attribution(s), out_dir / f"ATTRIBUTION-{s.key}.txt") for s in STYLES]
+    written.append(write_readme(written[0]))
     for p in written:
         p.chmod(0o644)  # package data must be world-readable (atomic writes create 0600 files)
     path = written[0]
