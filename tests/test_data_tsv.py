@@ -83,3 +83,19 @@ def test_in_memory_images_are_materialised(tmp_path):
     from PIL import Image
     for p, i in zip(paths, m.indices):
         assert np.array_equal(np.asarray(Image.open(p)), ds.images[i])
+
+
+def test_mixture_torch_dataset_puts_base_first(root, tmp_path):
+    from PIL import Image
+    from torchvision.transforms.functional import to_tensor
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "b0.png")
+    base = tmp_path / "base.tsv"
+    base.write_text(f"filepath\ttitle\n{tmp_path / 'b0.png'}\ta red square\n")
+    m = build_mixture(DomainNet(root), "cg_low", test_domain="sketch", test_classes=["axe"], base=base)
+    ds = m.torch_dataset(to_tensor)
+    assert len(ds) == len(m) == 1 + len(m.indices)
+    img, cap, k, d = ds[0]
+    assert cap == "a red square" and (k, d) == (-1, -1) and img[0].min() == 1.0
+    img, cap, k, d = ds[1]
+    assert cap == m.captions[0] and k == m.dataset.class_idx[m.indices[0]]
+    assert m.filename().startswith("combined-captions-train-")
