@@ -67,6 +67,7 @@ def DomainNet(root: str | Path, domains: list[str] | tuple[str, ...] = DOMAINS, 
     folders = _class_folders(root, domains)
     class_of = {f: i for i, f in enumerate(folders)}
     dom, cls, split, sources, skipped = [], [], [], [], []
+    prefix = str(root) + os.sep
     for d, name in enumerate(domains):
         existing: dict[str, set[str]] = {}
         for s in ("train", "test"):
@@ -88,7 +89,7 @@ def DomainNet(root: str | Path, domains: list[str] | tuple[str, ...] = DOMAINS, 
                 if pieces[1] not in existing:
                     folder = root / name / pieces[1]
                     existing[pieces[1]] = {e.name for e in os.scandir(folder)} if folder.is_dir() else set()
-                path = str(root / rel)
+                path = prefix + rel  # string concat: Path joins cost ~10 us per line
                 reason = None if pieces[2] in existing[pieces[1]] else "missing"
                 if reason is None and verify == "open":
                     reason = _readable(path)
@@ -105,6 +106,6 @@ def DomainNet(root: str | Path, domains: list[str] | tuple[str, ...] = DOMAINS, 
         np.asarray(cls, np.int64), np.asarray(split, dtype="<U5"), sources=sources, natural_domain="real",
         default_test_domain=None, default_test_classes=[c for c in C2_CLASSES if c in {f.replace("_", " ") for f in folders}] or None,
         trim_order=[d for d in TRIM_ORDER if d in domains] + [d for d in domains if d not in TRIM_ORDER],
-        root=str(root) + os.sep)
+        root=prefix)
     ds.skipped = skipped
     return ds
