@@ -11,7 +11,7 @@ from pathlib import Path
 
 from clipmech.data.captions import make_captions
 from clipmech.data.dataset import DomainDataset
-from clipmech.data.domainnet import DomainNet
+from clipmech.data.domainnet import DomainNet, SkippedSamplesWarning
 from clipmech.data.mixtures import SETUPS, Mixture, build_mixture
 
 EMBEDDED = ("emoji",)
@@ -30,4 +30,5 @@ def load_dataset(name_or_root: str | Path, **kwargs) -> DomainDataset:
     return DomainNet(root, **kwargs)
 
 
-__all__ = ["DomainDataset", "DomainNet", "Mixture", "SETUPS", "build_mixture", "load_dataset", "make_captions"]
+__all__ = ["DomainDataset", "DomainNet", "Mixture", "SETUPS", "SkippedSamplesWarning", "build_mixture", "load_dataset",
+           "make_captions"]
