@@ -374,7 +374,7 @@ def build(sources: Path | None = None, out_dir: Path = ASSET_DIR, size: int = 40
           min_styles: int = 2, keep_sources: bool = False) -> Path:
     """Fetch (unless `sources` given), render, select classes and write the .npz + attributions.
 
-    Cost: ~1 minute of CPU for ~13 styles x ~800 emoji; network ~60 MB once.
+    Cost: ~2-3 min of CPU (13 styles x ~830 emoji rendered at 256 px); ~60 MB download.
     """
     tmp = None
     if sources is None:
