@@ -98,3 +98,22 @@ def test_sampler_rejects_a_batch_larger_than_the_data():
     import pytest
     with pytest.raises(ValueError, match="exceeds the 10 training samples"):
         ResumableBatchSampler(10, 8, seed=0, world_size=1, accum_freq=2)
+
+
+def test_mixture_view_puts_base_tsv_pairs_first(tmp_path):
+    from PIL import Image
+    mix = synthetic_mixture()
+    paths = []
+    for k, colour in enumerate([(255, 0, 0), (0, 0, 255)]):
+        paths.append(tmp_path / f"base{k}.png")
+        Image.new("RGB", (20, 24), colour).save(paths[-1])
+    mix.base_lines = [f"{p}\tbase caption {k}" for k, p in enumerate(paths)]
+    view = MixtureView(mix, image_size=32, context_length=16, augment=False)
+    assert len(view) == 2 + len(mix.indices)
+    img, tokens, _ = view[(1, -1)]
+    back = img * torch.tensor(OPENAI_STD).view(3, 1, 1) + torch.tensor(OPENAI_MEAN).view(3, 1, 1)
+    assert torch.allclose(back.mean(dim=(1, 2)), torch.tensor([0.0, 0.0, 1.0]), atol=0.01)
+    import open_clip
+    assert torch.equal(tokens, open_clip.tokenize(["base caption 1"], context_length=16)[0])
+    _, tokens2, _ = view[(2, -1)]  # the first dataset sample follows the base pairs
+    assert torch.equal(tokens2, open_clip.tokenize([mix.captions[0]], context_length=16)[0])

@@ -13,6 +13,7 @@ from typing import Iterator
 import numpy as np
 import open_clip
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
@@ -58,14 +59,16 @@ def normalize(images_uint8: torch.Tensor) -> torch.Tensor:
 def image_tensor(dataset, index: int) -> torch.Tensor:
     """uint8 [3, H, W] of dataset image `index` (in-memory array or file)."""
     if getattr(dataset, "images", None) is not None:
-        return torch.from_numpy(np.ascontiguousarray(dataset.images[index])).permute(2, 0, 1)
+        return torch.from_numpy(np.array(dataset.images[index])).permute(2, 0, 1)  # copy: arrays may be read-only
     return TF.pil_to_tensor(dataset.load_image(index).convert("RGB"))
 
 
 class MixtureView(Dataset):
     """Items of a mixture for training. Key = (position in mixture, crop seed or -1 for no crop).
 
-    Yields (image float32 [3, S, S] normalised, tokens int64 [context_length], position).
+    Positions 0..len(base_lines)-1 are the base TSV pairs (image files), then the dataset samples,
+    the order of the mixture's TSV. Yields (image float32 [3, S, S] normalised, tokens int64
+    [context_length], position).
     """
 
     def __init__(self, mixture, image_size: int, context_length: int, augment: bool = True):
@@ -74,23 +77,30 @@ class MixtureView(Dataset):
         self.captions = list(mixture.captions)
         if len(self.captions) != len(self.indices):
             raise ValueError(f"mixture has {len(self.indices)} images but {len(self.captions)} captions")
+        self.base = [line.split("\t", 1) for line in getattr(mixture, "base_lines", None) or []]
         self.image_size = image_size
         self.context_length = context_length
         self.augment = augment
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.base) + len(self.indices)
 
     def __getitem__(self, key: tuple[int, int]):
         pos, seed = key
-        img = image_tensor(self.dataset, int(self.indices[pos]))
+        if pos < len(self.base):
+            path, caption = self.base[pos]
+            with Image.open(path) as im:
+                img = TF.pil_to_tensor(im.convert("RGB"))
+        else:
+            img = image_tensor(self.dataset, int(self.indices[pos - len(self.base)]))
+            caption = self.captions[pos - len(self.base)]
         size = [self.image_size, self.image_size]
         if self.augment and seed >= 0:
             top, left, h, w = crop_params(img.shape[-2], img.shape[-1], torch.Generator().manual_seed(seed))
             img = TF.resized_crop(img, top, left, h, w, size, InterpolationMode.BICUBIC, antialias=True)
         else:
             img = TF.center_crop(TF.resize(img, size[0], InterpolationMode.BICUBIC, antialias=True), size)
-        tokens = open_clip.tokenize([self.captions[pos]], context_length=self.context_length)[0]
+        tokens = open_clip.tokenize([caption], context_length=self.context_length)[0]
         return normalize(img), tokens, pos
 
 
