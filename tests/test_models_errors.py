@@ -70,6 +70,16 @@ def test_checkpoint_of_another_architecture(rn, tmp_path):
     assert "shape mismatches" in msg and "visual.conv1.weight" in msg
 
 
+def test_checkpoint_with_python_objects_needs_trusted(rn, images, tmp_path):
+    import numpy as np
+    path = tmp_path / "latest.pt"
+    torch.save({"epoch": 2, "state_dict": rn.state_dict(), "model_cfg": rn.cfg, "rng": np.random.get_state()}, path)
+    with pytest.raises(ValueError, match="trusted=True"):
+        HookedCLIP.from_checkpoint(path)
+    loaded = HookedCLIP.from_checkpoint(path, trusted=True)
+    assert torch.equal(loaded.encode_image(images), rn.encode_image(images))
+
+
 def test_truncated_and_foreign_files(rn, tmp_path):
     good = tmp_path / "good.pt"
     torch.save({"state_dict": rn.state_dict()}, good)
@@ -94,6 +104,8 @@ def test_wrong_image_shape_states_expected_shape(rn):
             rn.encode_image(bad)
     with pytest.raises(ValueError, match=r"\[B, 32\]"):
         rn.encode_text(torch.zeros(1, 77, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[0, 49408\)"):
+        rn.encode_text(torch.full((1, 32), 50000))
 
 
 def test_unknown_names_list_closest(rn, images):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+import pickle
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Sequence
@@ -305,17 +306,25 @@ class HookedCLIP(HookedRootModule):
         return cls(model, cfg, model_name)
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, model_name: str | None = None) -> "HookedCLIP":
+    def from_checkpoint(cls, path: str | os.PathLike, model_name: str | None = None,
+                        trusted: bool = False) -> "HookedCLIP":
         """Load an open_clip_train checkpoint ({"state_dict", "epoch", ...}, optional "module."
         prefix), a clipmech checkpoint (which also stores "model_cfg") or a plain state dict.
         `model_name` (preset / open_clip name) is required when the file stores no config and
-        overrides a stored one. Loads on CPU, eval mode."""
+        overrides a stored one. Files are unpickled with weights_only=True unless `trusted`
+        (needed for files holding other Python objects, e.g. numpy RNG state in a trainer's
+        latest.pt). Loads on CPU, eval mode."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # truncated file, not a torch file, foreign pickle
+            obj = torch.load(path, map_location="cpu", weights_only=not trusted)
+        except pickle.UnpicklingError as err:
+            if "Weights only load failed" not in str(err):
+                raise ValueError(f"cannot read checkpoint {path}: {str(err).splitlines()[0][:200]}") from err
+            raise ValueError(f"{path} holds Python objects besides tensors (optimizer / RNG state?); load an "
+                             "epoch_N.pt file instead, or pass trusted=True if you trust its source") from err
+        except Exception as err:  # truncated file, not a torch file
             raise ValueError(f"cannot read checkpoint {path}: not a complete PyTorch checkpoint "
                              f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
         state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
@@ -382,6 +391,9 @@ class HookedCLIP(HookedRootModule):
             got = (f"{tuple(text.shape)} {text.dtype}") if isinstance(text, Tensor) else type(text).__name__
             raise ValueError(f"text must be integer tokens of shape [B, {self.context_length}], got {got}; "
                              "use model.tokenize(list_of_strings)")
+        if text.numel() and (int(text.min()) < 0 or int(text.max()) >= self.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size}) for this model, got "
+                             f"[{int(text.min())}, {int(text.max())}]; use model.tokenize(list_of_strings)")
 
     def _run_stages(self, x: Tensor, start: int = 0) -> Tensor:
         for _, stage in self._stages[start:]:
