@@ -4,6 +4,12 @@ from __future__ import annotations
 import argparse
 
 
+# Hidden quickstart flags: QuickstartOptions fields with scalar values (kept in sync by construction).
+_TUNABLE = {"views": int, "epochs": int, "batch_size": int, "lr": float, "image_size": int, "curve_points": int,
+            "n_templates": int, "max_classes": int, "circuit_steps": int, "circuit_classes": int,
+            "sae_expansion": int, "sae_epochs": int, "cka_boot": int}
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the study's subcommands to the `clipmech` parser."""
     p = subparsers.add_parser(
@@ -18,11 +24,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--full", action="store_true", help="every non-natural test domain and 3 seeds")
     p.add_argument("--quiet", action="store_true", help="no stage progress display")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    # Reduced runs for tests and smoke checks: not part of the user-facing interface.
-    p.add_argument("--epochs", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--max-classes", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--sae-epochs", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--circuit-steps", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model", default=None, help="model preset or open_clip config (default tiny-vit)")
+    # Every other QuickstartOptions field as a hidden flag (--epochs, --max-classes, ...): reduced
+    # runs for tests and smoke checks, not part of the user-facing interface.
+    for name, ftype in _TUNABLE.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=ftype, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_quickstart)
 
     e = subparsers.add_parser(
@@ -54,7 +60,7 @@ def _quickstart(args: argparse.Namespace) -> int:
     if args.full:
         test_domains = test_domains or full_test_domains(opts.dataset)
     changes = {"test_domains": test_domains, "seeds": args.seeds or (3 if args.full else opts.seeds)}
-    for name in ("epochs", "max_classes", "sae_epochs", "circuit_steps"):
+    for name in ("model", *_TUNABLE):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     results = run_quickstart(replace(opts, **changes))

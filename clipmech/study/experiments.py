@@ -98,7 +98,7 @@ def _run_id(cfg: Mapping[str, Any]) -> str:
         if m.get(k) is not None:
             parts.append(f"{k.split('_')[0]}{m[k]}")
     if m.get("domains"):
-        parts.append("".join(d[0] for d in m["domains"]))
+        parts.append(m["domains"])
     if m.get("aligned"):
         parts.append("aligned")
     if t.get("objective") == "supervised":
@@ -245,7 +245,7 @@ def run_analyses(path: PathLike, out: PathLike = "runs/experiments", data: Mappi
         model = Q.load_model(info)
         d = study.test_domains[0]
         cka_res, _ = Q.cka_model(study, info, model)
-        circ, _ = Q.circuits_model(study, info, model, d)
+        circ, _ = Q.circuits_model(study, info, model)
         share, _ = Q.sae_sharing_model(study, info, model)
         emb, _ = Q.embeddings_model(study, info, model, with_umap=True)
         rows.append({"id": run["id"], "test_domain": d, "cka": cka_res, "circuits": circ, "sharing": share,

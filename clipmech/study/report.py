@@ -48,7 +48,7 @@ def cka_mid(per_layer: Mapping[tuple[str, str], Sequence[float]], test_domain: s
 
 
 def spearman_ci(x: Sequence[float | None], y: Sequence[float | None], n_boot: int = 2000,
-                level: float = 0.95, seed: int = 0) -> dict[str, Any]:
+                level: float = 0.95, seed: int = 0, names: tuple[str, str] = ("x", "y")) -> dict[str, Any]:
     """Spearman rho of paired values with a percentile bootstrap CI over pairs.
 
     Pairs with a missing (None / NaN) value are dropped and counted. Returns {"rho", "ci_low",
@@ -69,8 +69,9 @@ def spearman_ci(x: Sequence[float | None], y: Sequence[float | None], n_boot: in
     if xa.size < 3:
         out["reason"] = f"only {xa.size} model(s) have this measure; need at least 3"
         return out
-    if np.ptp(xa) == 0 or np.ptp(ya) == 0:
-        out["reason"] = "a variable is constant across models"
+    constant = [name for name, v in zip(names, (xa, ya)) if np.ptp(v) == 0]
+    if constant:
+        out["reason"] = f"{' and '.join(constant)} is constant across the {xa.size} models"
         return out
     res = stats.spearmanr(xa, ya)
     out["rho"], out["p_value"] = float(res.statistic), float(res.pvalue)
@@ -223,7 +224,7 @@ def build_results(models: Sequence[Mapping[str, Any]], config: Mapping[str, Any]
     """The results.json object: models, correlations (per measure vs c2_test_acc), findings."""
     models = [dict(m) for m in models]
     correlations = {k: spearman_ci([m.get(k) for m in models], [m["c2_test_acc"] for m in models],
-                                   n_boot=n_boot) for k in SHAREDNESS_MEASURES}
+                                   n_boot=n_boot, names=(k, "c2_test_acc")) for k in SHAREDNESS_MEASURES}
     results = {"schema_version": SCHEMA_VERSION, "config": dict(config or {}), "models": models,
                "correlations": correlations, "findings": assess_findings(models, correlations),
                "extra": dict(extra or {})}
