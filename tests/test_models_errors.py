@@ -125,6 +125,8 @@ def test_unknown_names_list_closest(rn, images):
             call()
     with pytest.raises(KeyError, match="tiny-rn"):
         HookedCLIP.from_config("tiny-rnn")
+    with pytest.raises(ValueError, match="bwd_hooks"):
+        rn.run_with_cache(image=images, incl_bwd=True)
     with pytest.raises(KeyError, match="closest valid names"):
         rn.hook_names("vision")
     assert _no_hooks_left(rn)

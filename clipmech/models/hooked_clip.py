@@ -499,6 +499,9 @@ class HookedCLIP(HookedRootModule):
         """(output, cache) for forward(image=, text=, stop_at=), caching hook points selected by
         `names_filter` (None = all, a name, a list of names or a predicate). Memory: the cached
         tensors; filter to what you need."""
+        if kwargs.get("incl_bwd"):
+            raise ValueError("incl_bwd needs a scalar model output; use run_with_hooks(bwd_hooks=..., "
+                             "reset_hooks_end=False), call backward on your metric, then model.reset_hooks()")
         if isinstance(names_filter, str):
             self._check_names([names_filter])
         elif isinstance(names_filter, (list, tuple)):
