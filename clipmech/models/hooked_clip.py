@@ -10,8 +10,21 @@ itself is TransformerLens' `HookPoint` / `HookedRootModule`, reused as is.
 
 Hook points are not registered as submodules (their names do not follow open_clip's module paths,
 and they carry no state); `hook_dict` / `mod_dict` map each TransformerLens-style name to its
-HookPoint, in forward order. Layouts: conv maps [B,C,H,W]; tokens [B,T,D]; per-head q/k/v/z
+HookPoint, in firing order. Layouts: conv maps [B,C,H,W]; tokens [B,T,D]; per-head q/k/v/z
 [B,T,H,d_head]; attention pattern [B,H,Tq,Tk].
+
+  ResNet  visual.hook_input, visual.hook_act1..3, visual.hook_avgpool,
+          visual.layer{L}.{i}.hook_act1 / hook_act2 / hook_branch (bn3, before the add) / hook_skip /
+          hook_out (after add + ReLU), visual.attnpool.hook_q / k / v / pattern / z / out
+          (q, pattern, z for the pooled mean-token query only: Tq = 1)
+  ViT     visual.hook_input, visual.hook_patch_embed [B,N,D], visual.hook_embed (cls + positions),
+          visual.ln_pre.hook_normalized, visual.blocks.{i}.<block>, visual.ln_post.hook_normalized,
+          visual.hook_pooled, visual.hook_proj
+  text    text.hook_embed, text.blocks.{i}.<block>, text.ln_final.hook_normalized, text.hook_pooled,
+          text.hook_proj
+  <block> hook_resid_pre, ln1.hook_normalized, attn.hook_q / k / v / pattern / z, hook_attn_out,
+          hook_resid_mid, ln2.hook_normalized, mlp.hook_pre, mlp.hook_post, hook_mlp_out, hook_resid_post
+  both    hook_image_embed, hook_image_embed_normalized, hook_text_embed, hook_text_embed_normalized
 
 Attention uses `F.scaled_dot_product_attention` unless a hook sits on the pattern point, in which
 case softmax(q k^T / sqrt(d)) is materialised so it can be read or rewritten.
