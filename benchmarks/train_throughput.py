@@ -77,7 +77,7 @@ def run_open_clip(work: Path, tsv: Path, model_dir: Path, model: str, args, tag:
     return rates[args.skip:]
 
 
-def run_clipmech(work: Path, mix, model_cfg: dict, args, tag: str) -> list[float]:
+def run_clipmech(work: Path, mix, args, tag: str) -> list[float]:
     out = work / f"cm_{tag}"
     config = {"model": {"name": args.model, "image_size": args.image_size},
               "optim": {"lr": 1e-3}, "schedule": {"warmup": 5},
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         ours, theirs = [], []
         for r in range(args.rounds):
             theirs += run_open_clip(work, tsv, model_dir, bench_name, args, f"r{r}")
-            ours += run_clipmech(work, mix, mcfg, args, f"r{r}")
+            ours += run_clipmech(work, mix, args, f"r{r}")
             print(f"round {r + 1}/{args.rounds}: clipmech median {statistics.median(ours):.1f} img/s, "
                   f"open_clip_train median {statistics.median(theirs):.1f} img/s", flush=True)
     a, b = statistics.median(ours), statistics.median(theirs)

@@ -86,7 +86,8 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, mo
         return loss * float("nan") if calls["n"] == 4 else loss
 
     monkeypatch.setattr(ClipLoss, "forward", forward)
-    with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 1, step 4 .*Last good checkpoint: .*latest\.pt"):
+    expected = r"loss is nan at epoch 1, step 4 .*Last good checkpoint: .*latest\.pt"
+    with pytest.raises(NonFiniteLossError, match=expected):
         train(cfg(tmp_path / "run"), mixture=synthetic_mixture())
     out = tmp_path / "run"
     assert not (out / "done").exists()

@@ -31,7 +31,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {
         "dataset": "emoji",         # registered dataset name or a DomainNet root folder
         "workers": 0,               # DataLoader workers (use >0 for image files on disk)
-        "base": None,               # base image-text TSV (filepath<TAB>title, e.g. ImageNet-Captions) trained with the mixture
+        "base": None,               # base image-text TSV (filepath<TAB>title, e.g. ImageNet-Captions)
     },
     "mixture": {
         "setup": "cg_high",

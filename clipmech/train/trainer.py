@@ -318,6 +318,11 @@ def train(config: dict | str | Path | None = None, *, overrides: dict | None = N
         if scaler is not None and ckpt.get("scaler") is not None:
             scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
+        saved = ckpt["config"]["train"]
+        saved_batch = saved["batch_size"] * ckpt["world_size"] * saved["accum_freq"]
+        if saved_batch != sampler.global_batch and env.is_main:
+            print(f"clipmech train: resuming with a global batch of {sampler.global_batch} instead of "
+                  f"{saved_batch}; the rest of the run will not repeat the interrupted run's data order")
     run_model = model
     if env.world_size > 1:
         run_model = torch.nn.parallel.DistributedDataParallel(
@@ -368,7 +373,8 @@ def train(config: dict | str | Path | None = None, *, overrides: dict | None = N
         for epoch in range(step // sampler.steps_per_epoch, t["epochs"]):
             sampler.set_epoch(epoch, step - epoch * sampler.steps_per_epoch)
             run_model.train()
-            bar = tqdm(total=sampler.steps_per_epoch, initial=sampler.start_step, desc=f"epoch {epoch + 1}/{t['epochs']}",
+            bar = tqdm(total=sampler.steps_per_epoch, initial=sampler.start_step,
+                       desc=f"epoch {epoch + 1}/{t['epochs']}",
                        disable=not (t["progress"] and env.is_main), dynamic_ncols=True)
             micro: list = []
             tick = time.perf_counter()
