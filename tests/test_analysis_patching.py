@@ -133,8 +133,8 @@ def test_ig_matches_captum_layer_ig(rn, batch, rule, method):
 def test_ig_completeness_against_exact_patching(rn, batch):
     images, other, head, labels = batch
     metric = P.true_class_logit(head, labels)
-    ig = P.integrated_gradients(rn, images, metric, LAYER, baseline="corrupt", corrupt=other, steps=64,
-                                rule="midpoint", granularity="point", internal_batch_size=16)
+    ig = P.integrated_gradients(rn, images, metric, LAYER, baseline="corrupt", corrupt=other, steps=24,
+                                rule="midpoint", granularity="point", internal_batch_size=12)
     exact = P.activation_patch(rn, images, metric, LAYER, granularity="point", mode="resample", source=other)
     # IG from a0 to a sums to metric(a) - metric(a0) = -(effect of patching a0 in).
     assert float(ig) == pytest.approx(-float(exact), rel=1e-3)

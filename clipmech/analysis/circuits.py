@@ -353,18 +353,28 @@ def discover_circuit(model, images: Tensor, labels: Tensor, head: Tensor, *, poi
 
 
 # ------------------------------------------------------------------------------------ ablations
-def ablated_embedding(model, images: Tensor, keep: Mapping[str, Tensor], *, ablation: str = "mean",
-                      reference: Tensor | None = None, saes: Mapping[str, Any] | None = None) -> Tensor:
-    """Unnormalised embeddings [B, D] with, at every point of `keep` ({point: bool [C]}), the nodes
-    where keep is False replaced by zero ('zero') or by their mean over `reference` images ('mean',
-    default reference = `images`). All points are ablated in the same forward pass."""
+def ablation_values(model, reference: Tensor, points: Sequence[str], ablation: str = "mean",
+                    saes: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
+    """{point: node values [..., C] of one example} that ablated nodes take: zeros ('zero') or the
+    mean over the `reference` images ('mean'). Cost: one forward over `reference`."""
     if ablation not in ("zero", "mean"):
         raise ValueError(f"ablation must be 'zero' or 'mean', got {ablation!r}")
+    spaces = _spaces(model, reference, list(points), saes)
+    return {p: s.clean.mean(0) if ablation == "mean" else torch.zeros_like(s.clean[0]) for p, s in spaces.items()}
+
+
+def ablated_embedding(model, images: Tensor, keep: Mapping[str, Tensor], *, ablation: str = "mean",
+                      reference: Tensor | None = None, saes: Mapping[str, Any] | None = None,
+                      fill: Mapping[str, Tensor] | None = None) -> Tensor:
+    """Unnormalised embeddings [B, D] with, at every point of `keep` ({point: bool [C]}), the nodes
+    where keep is False replaced by zero ('zero') or by their mean over `reference` images ('mean',
+    default reference = `images`); `fill` (from `ablation_values`) skips recomputing those values.
+    All points are ablated in the same forward pass."""
     points = list(keep)
     check_points(model, points)
     saes = dict(saes or {})
-    ref_spaces = _spaces(model, images if reference is None else reference, points, saes)
-    fill = {p: s.clean.mean(0) if ablation == "mean" else torch.zeros_like(s.clean[0]) for p, s in ref_spaces.items()}
+    if fill is None:
+        fill = ablation_values(model, images if reference is None else reference, points, ablation, saes)
 
     def hook(t: Tensor, hook) -> Tensor:
         p = hook.name
@@ -387,9 +397,10 @@ def _metric_values(model, circuit: Circuit, images: Tensor, metric: Metric, abla
     full = {p: torch.ones_like(m) for p, m in keep.items()}
     runs = {"full": full, "empty": {p: ~m for p, m in full.items()}, "circuit": keep,
             "complement": {p: ~m for p, m in keep.items()}}
+    fill = ablation_values(model, images if reference is None else reference, circuit.points, ablation, saes)
     out = {}
     for name, masks in runs.items():
-        emb = ablated_embedding(model, images, masks, ablation=ablation, reference=reference, saes=saes)
+        emb = ablated_embedding(model, images, masks, saes=saes, fill=fill)
         out[name] = float(evaluate_metric(metric, emb))
     if abs(out["full"] - out["empty"]) < 1e-12:
         raise ValueError(f"faithfulness undefined: the metric is the same with all nodes ablated and none "
@@ -412,16 +423,21 @@ def faithfulness(model, circuit: Circuit, images: Tensor, labels: Tensor, head: 
 
 
 def cross_domain_faithfulness(model, circuits: Mapping[str, Circuit], images: Mapping[str, Tensor],
-                              labels: Mapping[str, Tensor], head: Tensor, *, ablation: str = "mean") -> tuple[list[str], np.ndarray]:
-    """F[a, b] = faithfulness of the circuit found on domain a, evaluated on domain b's images (mean
-    ablation over b's images). `circuits`, `images`, `labels` are keyed by domain (one class)."""
+                              labels: Mapping[str, Tensor], head: Tensor, *, ablation: str = "mean",
+                              reference: Mapping[str, Tensor] | None = None) -> tuple[list[str], np.ndarray]:
+    """F[a, b] = faithfulness of the circuit found on domain a, evaluated on domain b's images, mean
+    ablation over `reference[b]` (e.g. test images of all classes of domain b; default b's images,
+    which for a one-class batch makes mean ablation nearly a no-op). `circuits`, `images`,
+    `labels`, `reference` are keyed by domain (one class)."""
     domains = [d for d in circuits if d in images]
     if not domains:
         raise ValueError("no domain has both a circuit and images")
     mat = np.zeros((len(domains), len(domains)))
     for i, a in enumerate(domains):
         for j, b in enumerate(domains):
-            mat[i, j] = faithfulness(model, circuits[a], images[b], labels[b], head, ablation=ablation)["faithfulness"]
+            ref = None if reference is None else reference[b]
+            mat[i, j] = faithfulness(model, circuits[a], images[b], labels[b], head, ablation=ablation,
+                                     reference=ref)["faithfulness"]
     return domains, mat
 
 
@@ -450,8 +466,8 @@ def shared_nodes(circuits: Mapping[str, Mapping[str, Circuit]], test_domain: str
 
 
 def _accuracy_per_image(model, images: Tensor, labels: Tensor, head: Tensor, keep: Mapping[str, Tensor],
-                        ablation: str, reference: Tensor | None) -> np.ndarray:
-    emb = ablated_embedding(model, images, keep, ablation=ablation, reference=reference)
+                        fill: Mapping[str, Tensor]) -> np.ndarray:
+    emb = ablated_embedding(model, images, keep, fill=fill)
     return (cosine_logits(emb, head).argmax(-1).cpu() == torch.as_tensor(labels).cpu()).numpy().astype(float)
 
 
@@ -477,6 +493,8 @@ def shared_node_ablation(model, circuits: Mapping[str, Mapping[str, Circuit]], t
     sizes = {p: len(first.node_scores[p]) for p in points}
     rng = np.random.default_rng(seed)
 
+    fill = ablation_values(model, images if reference is None else reference, points, ablation)
+
     def keep_without(drop: Mapping[str, set[int] | np.ndarray]) -> dict[str, Tensor]:
         out = {}
         for p in points:
@@ -485,15 +503,15 @@ def shared_node_ablation(model, circuits: Mapping[str, Mapping[str, Circuit]], t
             out[p] = m
         return out
 
-    base = _accuracy_per_image(model, images, labels, head, keep_without({p: [] for p in points}), ablation, reference)
+    base = _accuracy_per_image(model, images, labels, head, keep_without({p: [] for p in points}), fill)
     counts = {p: len(shared[p]) for p in points}
     matched = {p: rng.permutation(sorted(unshared[p]))[:counts[p]] for p in points}
     conditions = {"shared": keep_without(shared), "unshared": keep_without(matched)}
-    correct = {name: _accuracy_per_image(model, images, labels, head, keep, ablation, reference)
+    correct = {name: _accuracy_per_image(model, images, labels, head, keep, fill)
                for name, keep in conditions.items()}
     draws = [_accuracy_per_image(model, images, labels, head,
                                  keep_without({p: rng.choice(sizes[p], counts[p], replace=False) for p in points}),
-                                 ablation, reference) for _ in range(n_random)]
+                                 fill) for _ in range(n_random)]
     correct["random"] = np.mean(draws, 0)
     result: dict[str, Any] = {"n_images": len(images), "accuracy_clean": float(base.mean()), "ablation": ablation,
                               "n_shared": sum(counts.values()), "n_unshared": int(sum(len(v) for v in matched.values())),
