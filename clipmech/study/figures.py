@@ -11,6 +11,7 @@ state, no GUI backend, safe to call from any thread.
 from __future__ import annotations
 
 import io
+import textwrap
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -192,9 +193,9 @@ def jaccard_heatmaps(node: np.ndarray, edge: np.ndarray, domains: Sequence[str],
     """Two [D, D] heatmaps side by side: node and edge Jaccard (unitless, 0-1) of per-class circuits."""
     node = _finite(node, "node Jaccard")
     edge = _finite(edge, "edge Jaccard")
-    fig = Figure(figsize=(10, 4.3))
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
     axes = fig.subplots(1, 2)
-    _heatmap(axes[0], node, domains, "node Jaccard (top-10% channels)", "Jaccard index")
+    _heatmap(axes[0], node, domains, "node Jaccard (top-10% nodes per layer)", "Jaccard index")
     _heatmap(axes[1], edge, domains, "edge Jaccard (top-3 incoming edges)", "Jaccard index")
     fig.suptitle(title)
     return _save(fig, path)
@@ -203,7 +204,7 @@ def jaccard_heatmaps(node: np.ndarray, edge: np.ndarray, domains: Sequence[str],
 def feature_sharing_matrix(matrix: np.ndarray, domains: Sequence[str], path: PathLike,
                            title: str = "SAE feature sharing on C2 classes") -> Path:
     """[D, D] heatmap of the paper's Alg. 2 sharing score (mean top-K overlap, unitless, 0-1)."""
-    fig = Figure(figsize=(5.2, 4.3))
+    fig = Figure(figsize=(6, 4.8), layout="constrained")
     _heatmap(fig.subplots(), _finite(matrix, "feature sharing"), domains, title,
              "shared top-K SAE latents (fraction)")
     return _save(fig, path)
@@ -241,7 +242,7 @@ def sharedness_scatter(points: Mapping[str, Sequence[tuple[float, float, str]]],
     measures = list(points)
     if not measures:
         raise ValueError("sharedness_scatter: no measures given")
-    fig = Figure(figsize=(3.4 * len(measures), 3.5))
+    fig = Figure(figsize=(4.0 * len(measures) + 1.5, 3.9), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(measures), sharey=True))
     setups = list(dict.fromkeys(s for m in measures for _, _, s in points[m]))
     for ax, measure in zip(axes, measures):
@@ -253,10 +254,10 @@ def sharedness_scatter(points: Mapping[str, Sequence[tuple[float, float, str]]],
                        marker=MARKERS[i % len(MARKERS)], s=30, label=SETUP_LABELS.get(setup, setup))
         c = correlations.get(measure, {})
         if c.get("rho") is None:
-            subtitle = f"Spearman ρ: n/a ({c.get('reason', 'no data')})"
+            subtitle = "Spearman ρ: n/a\n" + textwrap.shorten(c.get("reason", "no data"), 48)
         else:
-            subtitle = (f"Spearman ρ = {c['rho']:.2f} [{c['ci_low']:.2f}, {c['ci_high']:.2f}], "
-                        f"n = {c['n']}")
+            ci = "no CI" if c.get("ci_low") is None else f"95% CI [{c['ci_low']:.2f}, {c['ci_high']:.2f}]"
+            subtitle = f"Spearman ρ = {c['rho']:.2f}, n = {c['n']}\n{ci}"
         ax.set_title(subtitle, fontsize=8)
         ax.set_xlabel(f"{measure} (unitless)")
         ax.grid(alpha=0.3)

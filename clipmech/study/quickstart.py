@@ -50,7 +50,7 @@ class QuickstartOptions:
     setups: tuple[str, ...] = MAIN_SETUPS
     model: str = "tiny-vit"  # 3-4x faster than tiny-rn on CPU; the paper used RN50 (try --model tiny-rn)
     image_size: int = 32
-    epochs: int = 8
+    epochs: int = 5
     batch_size: int = 64
     lr: float = 2e-3
     curve_points: int = 3  # checkpoints evaluated for the accuracy-over-epochs curve (last always)
@@ -226,7 +226,8 @@ def train_model(study: Study, spec: ModelSpec) -> dict[str, Any]:
     def run() -> dict[str, Any]:
         mixture = build_mixture(study.dataset, spec.setup, test_domain=_mixture_test_domain(spec), test_classes=study.c2,
                                 split="train", seed=42)
-        train(cfg, mixture=mixture, resume=True)  # an interrupted run continues from its latest.pt
+        # An interrupted run continues from its latest.pt.
+        train(cfg, mixture=mixture, resume=(run_dir / "latest.pt").is_file())
         ckpt = run_dir / f"epoch_{opts.epochs}.pt"
         return {"run_dir": str(run_dir), "checkpoint": str(ckpt), "checkpoint_hash": file_hash(ckpt),
                 "n_train": int(len(mixture.indices)), "mixture_id": mixture.id}
@@ -301,17 +302,19 @@ def _points(model) -> list[str]:
 
 def pooled_activations(model, images: torch.Tensor, points: Sequence[str], batch_size: int = 512
                        ) -> dict[str, torch.Tensor]:
-    """{point: [N, C]} activations averaged over positions: conv maps [B, C, H, W] over H, W (the
-    paper's spatial mean pooling), token streams [B, T, D] over tokens, vectors kept as they are.
+    """{point: [N, C]} mean-pooled activations (clipmech.analysis.activations.pool: spatial mean of
+    conv maps, token mean of sequences) of already preprocessed `images`.
 
-    Uses clipmech.analysis.patching.cache_points; the pooling lives here because the planned
-    clipmech.analysis.activations helper had not landed when the study was written.
+    clipmech.analysis.activations.extract_activations would re-load and re-preprocess the images
+    for every model; the study preprocesses them once (`Study.images`) and feeds the tensor through
+    clipmech.analysis.patching.cache_points instead.
     """
     cache_points, = _require("CKA", "clipmech.analysis.patching", "cache_points")
+    pool, = _require("CKA", "clipmech.analysis.activations", "pool")
     chunks: dict[str, list[torch.Tensor]] = {p: [] for p in points}
     for i in range(0, len(images), batch_size):
         for p, act in cache_points(model, images[i:i + batch_size], points).items():
-            chunks[p].append(act.mean(dim=(2, 3)) if act.ndim == 4 else act.mean(dim=1) if act.ndim == 3 else act)
+            chunks[p].append(pool(act, "mean"))
     return {p: torch.cat(v) for p, v in chunks.items()}
 
 
