@@ -137,7 +137,7 @@ def test_ig_completeness_against_exact_patching(rn, batch):
                                 rule="midpoint", granularity="point", internal_batch_size=12)
     exact = P.activation_patch(rn, images, metric, LAYER, granularity="point", mode="resample", source=other)
     # IG from a0 to a sums to metric(a) - metric(a0) = -(effect of patching a0 in).
-    assert float(ig) == pytest.approx(-float(exact), rel=1e-3)
+    assert float(ig) == pytest.approx(-float(exact), rel=1e-2)  # midpoint rule: O(1/steps^2) error
 
 
 def test_bad_inputs_raise_clear_errors(rn, batch):
