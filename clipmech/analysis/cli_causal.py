@@ -33,6 +33,9 @@ def register(subparsers) -> None:
         p.add_argument("--n-images", type=int, default=50, help="test images per (domain, class) (paper: 50)")
         p.add_argument("--steps", type=int, default=10, help="IG steps (paper: 10)")
         p.add_argument("--seed", type=int, default=42, help="seed of the image sample")
+        p.add_argument("--split", choices=("test", "train", "all"), default="test",
+                       help="images to analyse (paper: test). 'all' helps datasets with few test images per "
+                            "(domain, class), e.g. emoji; the test domain's C2 images are unseen in CG setups")
         p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
         p.add_argument("--debug", action="store_true", help="show tracebacks")
         if name == "circuits":
@@ -88,6 +91,7 @@ class _Run:
         templates = get_templates(self.cfg["eval"]["templates"], ds.name)
         self.head = self.model.zero_shot_head(class_prompts_names(ds), templates).to(self.device)
         self.n_images, self.seed = args.n_images, args.seed
+        self.split = None if args.split == "all" else args.split
         self.out = self.dir / RESULTS
 
     def sample(self, domain: str, cls: str, n: int | None = None):
@@ -96,7 +100,7 @@ class _Run:
 
         from clipmech.eval.zeroshot import eval_images
 
-        idx = self.dataset.indices(split="test", domains=[domain], classes=[cls])
+        idx = self.dataset.indices(split=self.split, domains=[domain], classes=[cls])
         if len(idx) == 0:
             return None
         rng = np.random.default_rng(self.seed)
@@ -106,10 +110,10 @@ class _Run:
         return images, labels
 
     def reference(self, domain: str, n: int = 200):
-        """Up to `n` random test images of `domain` over all classes (the mean-ablation reference)."""
+        """Up to `n` random images of `domain` over all classes (the mean-ablation reference)."""
         from clipmech.eval.zeroshot import eval_images
 
-        idx = self.dataset.indices(split="test", domains=[domain])
+        idx = self.dataset.indices(split=self.split, domains=[domain])
         idx = np.sort(np.random.default_rng(self.seed).permutation(idx)[:n])
         return eval_images(self.dataset, idx, self.model.image_size).to(self.device)
 
@@ -152,7 +156,7 @@ def run_circuits(args: argparse.Namespace) -> int:
 
     run = _Run(args)
     out = run.out / f"circuits_epoch{run.epoch}"
-    settings = {"n_images": run.n_images, "steps": args.steps, "node_fraction": args.node_fraction,
+    settings = {"n_images": run.n_images, "split": args.split, "steps": args.steps, "node_fraction": args.node_fraction,
                 "top_k": args.top_k, "seed": run.seed, "epoch": run.epoch}
     circuits: dict[str, dict[str, Circuit]] = {d: {} for d in run.domains}
     skipped = []
@@ -168,11 +172,11 @@ def run_circuits(args: argparse.Namespace) -> int:
             skipped.append(f"{d}/{k}")
             continue
         c = discover_circuit(run.model, *sample, run.head, steps=args.steps, node_fraction=args.node_fraction,
-                             top_k=args.top_k, meta={**settings, "domain": d, "class": k, "n_images": len(sample[0])})
+                             top_k=args.top_k, meta={**settings, "domain": d, "class": k, "images_used": len(sample[0])})
         c.save(path)
         circuits[d][k] = c
     if skipped:
-        print(f"clipmech analyze circuits: skipped {len(skipped)} (domain, class) pairs without test images: "
+        print(f"clipmech analyze circuits: skipped {len(skipped)} (domain, class) pairs without {args.split} images: "
               f"{', '.join(skipped[:10])}{' ...' if len(skipped) > 10 else ''}")
 
     domains = [d for d in run.domains if circuits[d]]
