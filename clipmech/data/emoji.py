@@ -10,9 +10,13 @@ of every TRAIN drawing, so a train bucket holds
 n_train_styles x views samples; the test split keeps only the original drawings. Sample order
 is domain, view, class, style: the first samples of a bucket are the distinct drawings.
 
-Default test domain: quickdraw (filled high-contrast silhouettes: the largest DG gap among the
-styles, data.md §9). Default C2: the paper's C2 names that exist as emoji, filled up to 15 by the
-smallest sha256(class name).
+Default test domain: quickdraw (filled high-contrast silhouettes). A leave-one-domain-out check
+(supervised 3-layer CNN, 459-way, 10 epochs, views=4, one seed; in-domain "test" is an unseen
+style of a seen domain) gave held-out / seen-domain test accuracy: quickdraw 7.0 / 36.0 %,
+sketch 6.5 / 34.2 %, painting 28.1 / 31.6 %, clipart 29.8 / 30.2 %, flat 32.5 / 26.7 %,
+real 39.7 / 19.1 % (chance 0.2 %): quickdraw and sketch show the clear DG gap; flat and real
+share Fluent shapes and do not. Default C2: the paper's C2 names that exist as emoji, filled up
+to 15 by the smallest sha256(class name).
 """
 from __future__ import annotations
 
