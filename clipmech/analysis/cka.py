@@ -237,16 +237,30 @@ class MinibatchCKA:
         self.n_examples = 0
 
     def _centered(self, acts: Sequence[Any], side: str) -> torch.Tensor:
-        mats = [as_float64_matrix(a, f"{side}[{i}]") for i, a in enumerate(acts)]
-        m = mats[0].shape[0]
-        if any(M.shape[0] != m for M in mats):
-            raise ValueError(f"all {side} layers in a batch must have the same number of rows; got "
-                             f"{[M.shape[0] for M in mats]}")
-        if self.estimator == "unbiased" and m < 4:
-            raise ValueError(f"batch of {m} examples: the unbiased estimator needs >= 4 per batch "
-                             "(use a larger batch or drop_last=True)")
-        return torch.stack([center_gram(gram(M - M.mean(0), self.kernel, self.sigma), self.estimator)
-                            .reshape(-1) for M in mats])
+        """(L, m*m) centered Grams. Feature columns are not centered explicitly (an O(m d) pass per
+        layer); the Gram is double-centered instead (O(m^2)), which is the same matrix."""
+        rows, sizes = [], set()
+        for i, a in enumerate(acts):
+            M = torch.as_tensor(a).detach().to("cpu", torch.float64)
+            M = M.reshape(M.shape[0], -1) if M.ndim >= 2 else M.reshape(0, 0)
+            sizes.add(M.shape[0])
+            if M.numel() == 0 or len(sizes) > 1:
+                raise ValueError(f"{side}[{i}] must be (m, ...) with the same m for all layers of a batch; "
+                                 f"got shape {tuple(torch.as_tensor(a).shape)}")
+            m = M.shape[0]
+            if self.estimator == "unbiased" and m < 4:
+                raise ValueError(f"batch of {m} examples: the unbiased estimator needs >= 4 per batch "
+                                 "(use a larger batch or drop_last=True)")
+            if self.kernel == "linear":
+                K = M @ M.T
+                K = K - K.mean(0, keepdim=True)
+                K = K - K.mean(1, keepdim=True)  # = Xc Xc' for column-centered X
+            else:
+                K = gram(M, "rbf", self.sigma)
+            if not torch.isfinite(K).all():
+                raise ValueError(f"{side}[{i}] has non-finite values (NaN/inf); check the activations")
+            rows.append(center_gram(K, self.estimator).reshape(-1))
+        return torch.stack(rows)
 
     def update(self, xs: Sequence[Any], ys: Sequence[Any] | None = None) -> None:
         """Add one batch: xs = L1 arrays (m, ...) and ys = L2 arrays (m, ...), rows aligned.
