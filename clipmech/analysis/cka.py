@@ -363,10 +363,13 @@ def pair_rows(class_idx: np.ndarray, domain_idx: np.ndarray, a: int, b: int,
     return np.concatenate(ra), np.concatenate(rb), np.concatenate(rc)
 
 
-def _class_centroids(F: torch.Tensor, class_idx: np.ndarray, domain_idx: np.ndarray, d: int,
-                     classes: Sequence[int]) -> torch.Tensor:
-    rows = [F[torch.from_numpy(np.flatnonzero((class_idx == k) & (domain_idx == d)))].mean(0) for k in classes]
-    return torch.stack(rows)
+def _centroid_table(F: torch.Tensor, class_idx: np.ndarray, domain_idx: np.ndarray, n_domains: int,
+                    n_classes: int) -> torch.Tensor:
+    """Class means per domain, (n_domains, n_classes, d); absent (domain, class) cells are 0 (never read)."""
+    key = torch.from_numpy(domain_idx * n_classes + class_idx)
+    sums = torch.zeros(n_domains * n_classes, F.shape[1], dtype=F.dtype).index_add_(0, key, F)
+    counts = torch.bincount(key, minlength=n_domains * n_classes).clamp_min(1)
+    return (sums / counts[:, None]).reshape(n_domains, n_classes, -1)
 
 
 def domain_cka(features: Mapping[str, Any], class_idx: Any, domain_idx: Any, domains: Sequence[str],
@@ -404,6 +407,7 @@ def domain_cka(features: Mapping[str, Any], class_idx: Any, domain_idx: Any, dom
     out: dict = {"mode": mode, "estimator": estimator, "pooling": pooling, "points": points,
                  "domains": list(domains), "kernels": list(kernels), "n_boot": n_boot, "n_perm": n_perm,
                  "ci": ci, "ci_method": "normal, bootstrap SE over classes", "seed": seed, "results": {}, "skipped": []}
+    plans = []  # one per (subset, domain pair): rows, resamples and result lists shared by all points
     for subset, cls in class_subsets.items():
         out["results"][subset] = {k: {} for k in kernels}
         for a, b in pairs:
@@ -420,25 +424,27 @@ def domain_cka(features: Mapping[str, Any], class_idx: Any, domain_idx: Any, dom
                 out["skipped"].append({"subset": subset, "pair": key, "reason":
                                        f"only {n} rows from {len(shared)} shared classes (need >= {min_n})"})
                 continue
-            dropped = len(cls) - len(shared)
             # bootstrap over classes: each draw re-collects the rows of the drawn classes
             by_class = {k: np.flatnonzero(row_class == k) for k in shared}
             draws = [np.concatenate([by_class[k] for k in rng.choice(shared, size=len(shared))])
                      for _ in range(n_boot)]
             perms = [rng.permutation(n) for _ in range(n_perm)]
             res = {k: {"cka": [], "ci_low": [], "ci_high": [], "perm_mean": [], "perm_p95": [],
-                       "n_rows": n, "n_classes": len(shared), "classes_missing": dropped,
+                       "n_rows": n, "n_classes": len(shared), "classes_missing": len(cls) - len(shared),
                        "boot_failed": [], "error": []} for k in kernels}
-            for p in points:
-                if mode == "centroid":
-                    X = _class_centroids(F[p], class_idx, domain_idx, a, shared)
-                    Y = _class_centroids(F[p], class_idx, domain_idx, b, shared)
-                else:
-                    X, Y = F[p][torch.from_numpy(rows_a)], F[p][torch.from_numpy(rows_b)]
-                for kernel in kernels:
-                    _append_point(res[kernel], X, Y, kernel, estimator, draws, perms, ci)
             for kernel in kernels:
                 out["results"][subset][kernel][key] = res[kernel]
+            plans.append((a, b, torch.as_tensor(shared, dtype=torch.long), rows_a, rows_b, draws, perms, res))
+    n_classes = int(class_idx.max()) + 1 if len(class_idx) else 0
+    for p in points:
+        table = _centroid_table(F[p], class_idx, domain_idx, len(domains), n_classes) if mode == "centroid" else None
+        for a, b, shared, rows_a, rows_b, draws, perms, res in plans:
+            if mode == "centroid":
+                X, Y = table[a, shared], table[b, shared]
+            else:
+                X, Y = F[p][torch.from_numpy(rows_a)], F[p][torch.from_numpy(rows_b)]
+            for kernel in kernels:
+                _append_point(res[kernel], X, Y, kernel, estimator, draws, perms, ci)
     return out
 
 
@@ -476,10 +482,10 @@ def _append_point(res: dict, X: torch.Tensor, Y: torch.Tensor, kernel: str, esti
 
 def _z(ci: float) -> float:
     """Two-sided standard-normal quantile for confidence level `ci`."""
-    from scipy.stats import norm
+    from statistics import NormalDist  # stdlib: scipy.stats costs seconds to import
     if not 0 < ci < 1:
         raise ValueError(f"ci must be in (0, 1); got {ci}")
-    return float(norm.ppf((1 + ci) / 2))
+    return NormalDist().inv_cdf((1 + ci) / 2)
 
 
 def _boot_values(Sx: torch.Tensor, Sy: torch.Tensor, draws: list[np.ndarray], kernel: str,
