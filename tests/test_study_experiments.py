@@ -42,3 +42,27 @@ def test_dry_run_lists_torchrun_commands(tmp_path, capsys):
     assert len(table) == 1 and not table[0]["finished"]
     out = capsys.readouterr().out
     assert "torchrun --nproc_per_node=4" in out and "-m clipmech.cli train" in out and "--resume" in out
+
+
+def test_figures_redrawn_from_stored_results(tmp_path):
+    """Natural-only (no test domain) counts for every test domain; runs without results are skipped."""
+    import json
+    exp = X.load_experiment(EXP / "main.toml")
+    runs = X.expand_runs(exp, DATA)
+    for r in runs[:8]:
+        m = r["config"]["mixture"]
+        if m["setup"] == "natural_only" or m["test_domain"] == "clipart":
+            res = {"32": {f"{d}/C2/top1_balanced": 0.1 * (1 + r["config"]["train"]["seed"])
+                          for d in ("clipart", "sketch")}}
+            path = tmp_path / "main" / r["id"] / "eval" / "results.json"
+            path.parent.mkdir(parents=True)
+            path.write_text(json.dumps(res))
+    table = [{"id": r["id"], "run_dir": str(tmp_path / "main" / r["id"]), "config": r["config"]} for r in runs]
+    acc = X.collect_accuracies(table)
+    assert acc["natural_only"]["sketch"] == pytest.approx([0.1, 0.2, 0.3])
+    assert set(acc) >= {"natural_only"} and all(set(v) <= {"clipart", "infograph", "painting", "quickdraw", "sketch"}
+                                                for v in acc.values())
+    paths = X.redraw_figures(EXP / "main.toml", tmp_path, DATA)
+    assert paths[0].stat().st_size > 5000
+    with pytest.raises(FileNotFoundError, match="no evaluated runs"):
+        X.redraw_figures(EXP / "allow_p.toml", tmp_path, DATA)
