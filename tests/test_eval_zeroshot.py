@@ -116,3 +116,18 @@ def test_template_file(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("a {} here.\n\nthe {}\n")
     assert get_templates(str(path)) == ["a {} here.", "the {}"]
+
+
+def test_supervised_run_is_evaluated_with_its_class_head(tmp_path):
+    from clipmech.train.supervised import SupervisedClassifier
+    ds = synthetic_dataset()
+    out = train({"model": {"name": "tiny-rn", "image_size": 32}, "optim": {"name": "sgd", "lr": 0.05},
+                 "schedule": {"kind": "step", "warmup": 0},
+                 "train": {"objective": "supervised", "epochs": 1, "batch_size": 27, "out": str(tmp_path / "sup"),
+                           "progress": False, "tensorboard": False, "device": "cpu"}}, mixture=synthetic_mixture(ds))
+    results = json.loads(evaluate_run(out, dataset=ds).read_text())
+    idx = ds.indices(split="test")
+    with torch.no_grad():
+        pred = SupervisedClassifier.from_checkpoint(out / "epoch_1.pt")(eval_images(ds, idx, 32)).argmax(1).numpy()
+    rows = (ds.domain_idx[idx] == ds.domain_index("real")) & ~np.isin(ds.class_idx[idx], [2, 5])  # C1 of real
+    assert results["1"]["real/C1/top1"] == pytest.approx((pred[rows] == ds.class_idx[idx][rows]).mean())

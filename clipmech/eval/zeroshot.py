@@ -108,9 +108,11 @@ def class_prompts_names(dataset) -> list[str]:
 
 def clip_scores(get_model: Callable[[], Any], dataset, indices: np.ndarray, classnames: Sequence[str],
                 templates: Sequence[str], image_size: int, cache: TensorCache | None = None,
-                checkpoint_key: str | None = None, batch_size: int = 256) -> torch.Tensor:
+                checkpoint_key: str | None = None, batch_size: int = 256, dataset_hash: str | None = None
+                ) -> torch.Tensor:
     """Cosine scores [N, K] of images vs class heads. `get_model` is called only on a cache miss,
-    so a fully cached evaluation never loads the checkpoint."""
+    so a fully cached evaluation never loads the checkpoint. `dataset_hash` saves re-hashing
+    dataset.content_hash() (all pixels) per checkpoint."""
     def feats() -> torch.Tensor:
         m = get_model()
         return encode_dataset(lambda x: m.encode_image(x, normalize=True), dataset, indices, image_size,
@@ -121,7 +123,7 @@ def clip_scores(get_model: Callable[[], Any], dataset, indices: np.ndarray, clas
 
     if cache is None or checkpoint_key is None:
         return feats() @ head().T
-    base = {"checkpoint": checkpoint_key, "dataset": dataset.content_hash()}
+    base = {"checkpoint": checkpoint_key, "dataset": dataset_hash or dataset.content_hash()}
     image_feats = cache.get_or_compute({**base, "kind": "image_features", "indices": hash_obj(indices),
                                         "transform": eval_transform_description(image_size)}, feats)
     class_emb = cache.get_or_compute({**base, "kind": "zero_shot_head", "classnames": list(classnames),
@@ -193,6 +195,7 @@ def evaluate_run(run_dir: str | Path, dataset=None, templates: str | list[str] |
     classnames = class_prompts_names(dataset)
     templates = get_templates(templates if templates is not None else cfg["eval"]["templates"], dataset.name)
     indices = dataset.indices(split="test")
+    ds_hash = dataset.content_hash()
 
     results: dict[str, dict[str, float]] = {}
     details: dict[str, Any] = {}
@@ -202,13 +205,14 @@ def evaluate_run(run_dir: str | Path, dataset=None, templates: str | list[str] |
             from clipmech.train.supervised import SupervisedClassifier
             load = functools.cache(lambda p=path: SupervisedClassifier.from_checkpoint(p).to(device).eval())
             scores = cache.get_or_compute(
-                {"checkpoint": key, "dataset": dataset.content_hash(), "kind": "supervised_logits",
+                {"checkpoint": key, "dataset": ds_hash, "kind": "supervised_logits",
                  "indices": hash_obj(indices), "transform": eval_transform_description(image_size)},
                 lambda: encode_dataset(load(), dataset, indices, image_size, batch_size, device))
         else:
             from clipmech.models.hooked_clip import HookedCLIP
             load = functools.cache(lambda p=path: HookedCLIP.from_checkpoint(p).to(device).eval())
-            scores = clip_scores(load, dataset, indices, classnames, templates, image_size, cache, key, batch_size)
+            scores = clip_scores(load, dataset, indices, classnames, templates, image_size, cache, key, batch_size,
+                                 ds_hash)
         results[str(epoch)], details[str(epoch)] = group_metrics(scores, dataset, indices, c2)
     atomic_write_json(details, run_dir / "eval" / "details.json", indent=None)
     return atomic_write_json(results, run_dir / "eval" / "results.json")
