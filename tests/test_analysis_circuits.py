@@ -173,6 +173,8 @@ def test_shared_node_sets_and_ablation(rn, batch, circuit):
         lo, hi = res[cond]["drop_ci95"]
         assert lo <= res[cond]["drop"] <= hi
         assert res[cond]["accuracy"] == pytest.approx(res["accuracy_clean"] - res[cond]["drop"])
+        lo, hi = res[cond]["logit_drop_ci95"]
+        assert lo <= res[cond]["logit_drop"] <= hi
     with pytest.raises(KeyError, match="test domain"):
         C.shared_nodes(circuits, "nope", ["k"], [p])
 

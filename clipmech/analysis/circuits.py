@@ -467,8 +467,11 @@ def shared_nodes(circuits: Mapping[str, Mapping[str, Circuit]], test_domain: str
 
 def _accuracy_per_image(model, images: Tensor, labels: Tensor, head: Tensor, keep: Mapping[str, Tensor],
                         fill: Mapping[str, Tensor]) -> np.ndarray:
-    emb = ablated_embedding(model, images, keep, fill=fill)
-    return (cosine_logits(emb, head).argmax(-1).cpu() == torch.as_tensor(labels).cpu()).numpy().astype(float)
+    """[2, B]: per image, top-1 correctness and the true-class cosine logit."""
+    logits = cosine_logits(ablated_embedding(model, images, keep, fill=fill), head).cpu()
+    labels = torch.as_tensor(labels).cpu()
+    correct = (logits.argmax(-1) == labels).double()
+    return torch.stack([correct, logits.gather(1, labels[:, None])[:, 0].double()]).numpy()
 
 
 def _bootstrap_mean(values: np.ndarray, n_boot: int, rng: np.random.Generator, alpha: float = 0.05) -> tuple[float, float, float]:
@@ -484,8 +487,8 @@ def shared_node_ablation(model, circuits: Mapping[str, Mapping[str, Circuit]], t
     """Causal test of the paper's claim: ablate (zero / mean) the nodes the test domain's circuits of
     `classes` (the C2 classes) share with other domains, versus as many random nodes and as many
     unshared test-domain circuit nodes per point; report the drop in top-1 accuracy (over the rows
-    of `head`) on `images`/`labels` (the test domain's C2 images), with bootstrap 95% CIs over
-    images. Random draws are averaged per image over `n_random` draws. `points` default to the
+    of `head`) and in the mean true-class cosine logit on `images`/`labels` (the test domain's C2
+    images), with bootstrap 95% CIs over images. Random draws are averaged per image over `n_random` draws. `points` default to the
     circuit points except the pixel input."""
     first = next(iter(circuits[test_domain].values()))
     points = [p for p in first.points if not p.endswith("hook_input")] if points is None else list(points)
@@ -513,11 +516,14 @@ def shared_node_ablation(model, circuits: Mapping[str, Mapping[str, Circuit]], t
                                  keep_without({p: rng.choice(sizes[p], counts[p], replace=False) for p in points}),
                                  fill) for _ in range(n_random)]
     correct["random"] = np.mean(draws, 0)
-    result: dict[str, Any] = {"n_images": len(images), "accuracy_clean": float(base.mean()), "ablation": ablation,
+    result: dict[str, Any] = {"n_images": len(images), "accuracy_clean": float(base[0].mean()),
+                              "true_class_logit_clean": float(base[1].mean()), "ablation": ablation,
                               "n_shared": sum(counts.values()), "n_unshared": int(sum(len(v) for v in matched.values())),
                               "n_random_draws": n_random, "nodes_per_point": counts}
     for name, acc in correct.items():
-        drop, lo, hi = _bootstrap_mean(base - acc, n_boot, rng)
-        result[name] = {"accuracy": float(acc.mean()), "drop": drop, "drop_ci95": [lo, hi]}
-    result["random"]["drop_sd_over_draws"] = float(np.std([base.mean() - d.mean() for d in draws]))
+        drop, lo, hi = _bootstrap_mean(base[0] - acc[0], n_boot, rng)
+        ldrop, llo, lhi = _bootstrap_mean(base[1] - acc[1], n_boot, rng)
+        result[name] = {"accuracy": float(acc[0].mean()), "drop": drop, "drop_ci95": [lo, hi],
+                        "logit_drop": ldrop, "logit_drop_ci95": [llo, lhi]}
+    result["random"]["drop_sd_over_draws"] = float(np.std([base[0].mean() - d[0].mean() for d in draws]))
     return result
