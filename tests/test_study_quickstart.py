@@ -8,9 +8,10 @@ import pytest
 from clipmech.cli import main
 from clipmech.study.report import MODEL_FIELDS, SHAREDNESS_MEASURES, validate_results
 
-# Smallest settings that still exercise every stage: 15 C2 + 9 C1 classes, one view per drawing,
+# Smallest settings that still exercise every stage: 15 C2 + 9 C1 classes, 4 views per drawing (fewer
+# make the mixtures degenerate, which the quickstart refuses),
 # one epoch, one circuit class, two IG steps.
-REDUCED = ["--max-classes", "24", "--views", "1", "--epochs", "1", "--batch-size", "16", "--circuit-classes", "1",
+REDUCED = ["--max-classes", "24", "--views", "4", "--epochs", "1", "--batch-size", "16", "--circuit-classes", "1",
            "--circuit-steps", "2", "--sae-epochs", "2", "--cka-boot", "5", "--n-templates", "1",
            "--curve-points", "2", "--quiet"]
 
@@ -70,3 +71,13 @@ def test_hidden_flags_match_options_and_plan():
     specs = model_specs(QuickstartOptions(seeds=2), ["quickdraw", "sketch"])
     # natural-only is one model per seed, shared by every test domain
     assert len(specs) == 16 and len({s.run_id for s in specs}) == 14
+
+
+def test_identical_mixtures_are_refused():
+    from clipmech.study.quickstart import ModelSpec, check_distinct_mixtures
+    specs = [ModelSpec("lod", 0, "quickdraw"), ModelSpec("cg_high", 0, "quickdraw")]
+    runs = {s.run_id: {"mixture_hash": "same"} for s in specs}
+    with pytest.raises(RuntimeError, match="lod and cg_high mixtures .* hold the same training samples"):
+        check_distinct_mixtures(specs, runs)
+    runs[specs[1].run_id]["mixture_hash"] = "other"
+    check_distinct_mixtures(specs, runs)
