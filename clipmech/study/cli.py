@@ -13,7 +13,7 @@ _TUNABLE = {"views": int, "epochs": int, "batch_size": int, "lr": float, "image_
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the study's subcommands to the `clipmech` parser."""
     p = subparsers.add_parser(
-        "quickstart", help="run the whole study on the embedded emoji domains (<= 10 min on a 2-core CPU)",
+        "quickstart", help="run the whole study on the embedded emoji domains (sized for ~10 min on a 2-core CPU)",
         description="Train the four main setups with a tiny CLIP, evaluate DG/CG, run CKA, circuits, SAE "
                     "feature sharing and embedding analyses, relate sharedness to C2 accuracy, and write "
                     "figures, report.md and results.json. A rerun reuses finished stages.")
