@@ -33,8 +33,8 @@ def run_dir(tmp_path_factory):
 
 def test_cka_writes_json_and_one_figure_per_pair(run_dir, capsys):
     run, ds = run_dir
-    assert main(["analyze", "cka", str(run), "--split", "train", "--kernels", "linear", "rbf",
-                 "--n-boot", "5", "--n-perm", "5"]) == 0
+    assert main(["analyze", "cka", str(run), "--split", "train", "--kernels", "linear",
+                 "--n-boot", "3", "--n-perm", "3"]) == 0
     res = json.loads((run / "analysis" / "cka_centroid.json").read_text())
     assert res["pooling"] == "mean" and res["meta"]["epoch"] == 0 and "visual.hook_input" not in res["points"]
     assert set(res["results"]) == {"all", "C1", "C2"}
@@ -44,8 +44,8 @@ def test_cka_writes_json_and_one_figure_per_pair(run_dir, capsys):
     assert "min" in capsys.readouterr().out
     # the activation cache is reused: a second analysis on the same rows computes nothing new
     n_cached = len(list((run / "analysis" / "cache").glob("*.pt")))
-    assert main(["analyze", "cka", str(run), "--split", "train", "--mode", "image", "--kernels", "linear",
-                 "--n-boot", "3", "--n-perm", "3"]) == 0
+    assert main(["analyze", "cka", str(run), "--split", "train", "--mode", "image", "--kernels", "rbf",
+                 "--n-boot", "2", "--n-perm", "2"]) == 0
     assert len(list((run / "analysis" / "cache").glob("*.pt"))) == n_cached
     assert json.loads((run / "analysis" / "cka_image.json").read_text())["mode"] == "image"
 

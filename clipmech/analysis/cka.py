@@ -390,6 +390,7 @@ def domain_cka(features: Mapping[str, Any], class_idx: Any, domain_idx: Any, dom
     Returns a JSON-able dict; results[subset][kernel][f"{a}|{b}"] has lists over points.
     """
     _check_choice("mode", mode, ("centroid", "image"))
+    _z(ci)  # validates ci before any work
     for k in kernels:
         _check_choice("kernel", k, KERNELS)
     class_idx, domain_idx = np.asarray(class_idx), np.asarray(domain_idx)
