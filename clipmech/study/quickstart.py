@@ -122,15 +122,24 @@ class Study:
         disk (TensorCache) and in memory: every stage and model reuses the same tensor.
         """
         if split not in self._images:
-            eval_images, describe = _require("evaluation", "clipmech.eval.zeroshot", "eval_images",
-                                             "eval_transform_description")
-            from clipmech.utils import TensorCache
+            eval_images, = _require("evaluation", "clipmech.eval.zeroshot", "eval_images")
             idx = self.dataset.indices(split=split)
-            key = {"dataset": self.dataset.content_hash(), "split": split, "n": int(len(idx)),
-                   "transform": describe(self.opts.image_size)}
-            self._images[split] = TensorCache(self.out / "cache").get_or_compute(
-                key, lambda: eval_images(self.dataset, idx, self.opts.image_size))
+            self._images[split] = self._image_cache().get_or_compute(
+                self._image_key(split), lambda: eval_images(self.dataset, idx, self.opts.image_size))
         return self._images[split]
+
+    def images_cached(self, split: str) -> bool:
+        """Whether `images(split)` will be read from the on-disk cache."""
+        return split in self._images or self._image_cache().path(self._image_key(split)).exists()
+
+    def _image_cache(self):
+        from clipmech.utils import TensorCache
+        return TensorCache(self.out / "cache")
+
+    def _image_key(self, split: str) -> dict[str, Any]:
+        describe, = _require("evaluation", "clipmech.eval.zeroshot", "eval_transform_description")
+        return {"dataset": self.dataset.content_hash(), "split": split,
+                "n": int(len(self.dataset.indices(split=split))), "transform": describe(self.opts.image_size)}
 
     def templates(self) -> list[str]:
         """The zero-shot templates: the first `n_templates` of the dataset's template set."""
@@ -498,7 +507,7 @@ def run_quickstart(opts: QuickstartOptions) -> dict[str, Any]:
     specs = model_specs(opts, study.test_domains)
     progress = Progress(plan_budgets(opts, specs, study.dataset), enabled=opts.progress)
     with progress.stage("load data") as h:
-        h.reused = any((study.out / "cache").glob("*.pt"))
+        h.reused = study.images_cached("test") and study.images_cached("train")
         study.images("test"), study.images("train")
 
     runs: dict[str, dict[str, Any]] = {}
