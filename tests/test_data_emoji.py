@@ -75,3 +75,20 @@ def test_every_setup_on_emoji(emoji):
         assert len(m.indices) == S
     m = build_mixture(emoji, "cg_high", domains="pqrs", allow_p=0.2, aligned=True)
     assert m.id == "lso-pqrs-noquickdrawclasses-allow0.2-aligned" and len(m.indices) == S
+
+
+def test_select_classes_renumbers_and_keeps_samples(emoji):
+    c2 = list(emoji.default_test_classes)
+    keep = [c2[0], emoji.classes[5], emoji.classes[1]]
+    sub = emoji.select_classes(keep)
+    order = sorted(emoji.class_index(c) for c in keep)
+    assert sub.classes == [emoji.classes[k] for k in order]
+    assert sub.default_test_classes == [c2[0]]
+    for new, old in enumerate(order):
+        rows = emoji.indices(classes=[old])
+        assert (sub.class_idx == new).sum() == len(rows)
+        np.testing.assert_array_equal(sub.images[sub.class_idx == new], emoji.images[rows])
+        np.testing.assert_array_equal(sub.domain_idx[sub.class_idx == new], emoji.domain_idx[rows])
+    assert sub.content_hash() != emoji.content_hash()
+    with pytest.raises(KeyError, match="class"):
+        emoji.select_classes(["no such class"])

@@ -11,7 +11,7 @@ from clipmech.study.report import MODEL_FIELDS, SHAREDNESS_MEASURES, validate_re
 # Smallest settings that still exercise every stage: 15 C2 + 9 C1 classes, 4 views per drawing (fewer
 # make the mixtures degenerate, which the quickstart refuses),
 # one epoch, one circuit class, two IG steps.
-REDUCED = ["--max-classes", "24", "--views", "4", "--epochs", "1", "--batch-size", "16", "--circuit-classes", "1",
+REDUCED = ["--test-domain", "quickdraw", "--max-classes", "24", "--views", "4", "--epochs", "1", "--batch-size", "16", "--circuit-classes", "1",
            "--circuit-steps", "2", "--sae-epochs", "2", "--cka-boot", "5", "--n-templates", "1",
            "--curve-points", "2", "--quiet"]
 

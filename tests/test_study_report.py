@@ -69,6 +69,33 @@ def test_verdicts_follow_the_fixed_rule():
     assert all(e["ci_low"] is None for e in f1["evidence"])
 
 
+def test_combined_verdicts():
+    assert R._combine(["reproduced", "inconclusive (CI includes 0)"], "all") == "partly reproduced (1 of 2)"
+    assert R._combine(["inconclusive (CI includes 0)"] * 2, "all") == "inconclusive"
+    assert R._combine(["inconclusive (CI includes 0)", "reproduced"], "any") == "reproduced"
+    assert R._combine(["reproduced", "contradicted"], "all") == "contradicted"
+    assert R._combine(["not measured", "not measured"], "all") == "not measured"
+
+
+def test_paired_difference_resamples_classes_within_one_unit():
+    lod = {"setup": "lod", "seed": 0, "test_domain": "sketch", "c2_test_acc": 0.5,
+           "c2_test_acc_per_class": {"a": 1.0, "b": 0.0, "c": 1.0, "d": 0.0}}
+    nat = {"setup": "natural_only", "seed": 0, "test_domain": "sketch", "c2_test_acc": 0.0,
+           "c2_test_acc_per_class": {"a": 0.0, "b": 0.0, "c": 0.0, "d": 0.0, "e": 0.0}}
+    d = R.paired_difference([lod, nat], "lod", "natural_only")
+    # Classes a-d are shared; each resample's mean is k/4 for k in 0..4.
+    assert d["diff"] == 0.5 and d["n"] == 1 and d["n_classes"] == 4 and d["ci_over"] == "units and classes"
+    assert d["ci_low"] in (0.0, 0.25) and d["ci_high"] in (0.75, 1.0)
+    # A constant per-class difference has a zero-width CI.
+    same = dict(lod, c2_test_acc=0.2, c2_test_acc_per_class={k: 0.2 for k in "abcd"})
+    d = R.paired_difference([same, nat], "lod", "natural_only")
+    assert d["ci_low"] == pytest.approx(0.2) and d["ci_high"] == pytest.approx(0.2)
+    # The setup table gets a CI for a single model from its classes.
+    s = R.setup_summary([dict(lod, c1_test_acc=0.5)])
+    assert s["lod"]["c2_test_acc"]["ci_low"] in (0.0, 0.25)
+    assert s["lod"]["c1_test_acc"]["ci_low"] is None  # no per-class C1 accuracies given
+
+
 def test_validate_results_names_the_problem(tmp_path):
     res = R.build_results(_models({"lod": [0.3, 0.2], "cg_low": [0.1, 0.15]}))
     R.write_outputs(res, tmp_path)

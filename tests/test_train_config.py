@@ -20,6 +20,8 @@ def test_bad_values_are_rejected():
         load_config({"train": {"precision": "fp64"}})
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         load_config({"train": {"batch_size": 0}})
+    with pytest.raises(ValueError, match=r"save_epochs must be a list of epochs in 0..2, got \[5\]"):
+        load_config({"train": {"epochs": 2, "save_epochs": [5]}})
     with pytest.raises(ValueError, match="lr must be > 0"):
         load_config({"optim": {"lr": -1.0}})
 

@@ -76,6 +76,12 @@ def test_short_run_writes_checkpoints_logs_and_done(tmp_path):
     assert "[meta]" in text and "git_hash" in text and 'name = "tiny-rn"' in text
 
 
+def test_save_epochs_keeps_only_the_listed_epochs_plus_first_and_last(tmp_path):
+    out = train(cfg(tmp_path / "run", train={"epochs": 3, "save_epochs": [1]}), mixture=synthetic_mixture())
+    assert sorted(p.name for p in out.glob("epoch_*.pt")) == ["epoch_0.pt", "epoch_1.pt", "epoch_3.pt"]
+    assert torch.load(out / "epoch_3.pt", weights_only=True)["epoch"] == 3
+
+
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     calls = {"n": 0}
     real_forward = ClipLoss.forward

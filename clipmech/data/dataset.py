@@ -185,6 +185,27 @@ class DomainDataset:
             domain_terms=self.domain_terms, root=self.root,
             extras={k: v[idx] for k, v in self.extras.items()}, info=self.info)
 
+    def select_classes(self, classes: Iterable[str | int]) -> "DomainDataset":
+        """A new dataset restricted to `classes` (names or indices): their samples only, `.classes`
+        shortened to them (in this dataset's order) and class indices renumbered, so zero-shot heads
+        and chance level cover the kept classes only. Default test classes not kept are dropped."""
+        keep = sorted({self.class_index(c) for c in classes})
+        if not keep:
+            raise ValueError("select_classes needs at least one class")
+        new_idx = np.full(len(self.classes), -1, dtype=np.int64)
+        new_idx[keep] = np.arange(len(keep))
+        idx = self.indices(classes=keep)
+        names = [self.classes[k] for k in keep]
+        test_classes = [c for c in self.default_test_classes or [] if c in names] or None
+        return DomainDataset(
+            self.name, self.domains, names, self.domain_idx[idx], new_idx[self.class_idx[idx]], self.split[idx],
+            sources=None if self.sources is None else [self.sources[i] for i in idx],
+            images=None if self.images is None else self.images[idx],
+            keywords=None if self.keywords is None else {c: v for c, v in self.keywords.items() if c in names},
+            natural_domain=self.natural_domain, default_test_domain=self.default_test_domain,
+            default_test_classes=test_classes, trim_order=self.trim_order, domain_terms=self.domain_terms,
+            root=self.root, extras={k: v[idx] for k, v in self.extras.items()}, info=self.info)
+
     # ---- images -----------------------------------------------------------------------------
     def load_image(self, i: int) -> Image.Image:
         """Sample `i` as an RGB PIL image (decoded from disk or from the in-memory array)."""

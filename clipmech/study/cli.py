@@ -19,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "figures, report.md and results.json. A rerun reuses finished stages.")
     p.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
     p.add_argument("--test-domain", action="append", dest="test_domains", metavar="D",
-                   help="test domain (repeatable; default: the dataset's default test domain)")
+                   help="test domain (repeatable; default: clipart and painting, where a 10-minute tiny "
+                        "CLIP's held-out-class accuracy is above the floor)")
     p.add_argument("--seeds", type=int, default=None, help="training seeds per setup (default 1; 3 with --full)")
     p.add_argument("--full", action="store_true", help="every non-natural test domain and 3 seeds")
     p.add_argument("--quiet", action="store_true", help="no stage progress display")

@@ -63,11 +63,13 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]
 
 def grouped_bars(acc: Mapping[str, Mapping[str, Sequence[float]]], path: PathLike,
                  ylabel: str = "C2 top-1 accuracy, class-balanced (%)",
-                 title: str = "Generalization to the test domain's held-out classes") -> Path:
+                 title: str = "Generalization to the test domain's held-out classes",
+                 ci: Mapping[str, Mapping[str, tuple[float, float]]] | None = None) -> Path:
     """Figure-2-style bars: `acc[setup][test_domain]` = per-seed accuracies in [0, 1].
 
     One group per test domain, one bar per setup (in the mapping's order), height = mean over seeds,
-    error bar = 95% t-interval (none for one seed); seeds are also drawn as dots.
+    error bar = `ci[setup][test_domain]` (low, high) in [0, 1] when given (e.g. a bootstrap over seeds
+    and classes), else the 95% t-interval over seeds (none for one seed); seeds are drawn as dots.
     """
     setups = list(acc)
     if not setups:
@@ -83,9 +85,12 @@ def grouped_bars(acc: Mapping[str, Mapping[str, Sequence[float]]], path: PathLik
                 continue
             vals = 100 * _finite(seeds, f"accuracies of {setup}/{dom}")
             mean, half = mean_ci(vals)
+            yerr = half if len(vals) > 1 else None
+            if ci is not None and dom in ci.get(setup, {}):
+                low, high = (100 * v for v in ci[setup][dom])
+                yerr = [[max(mean - low, 0.0)], [max(high - mean, 0.0)]]
             x = j + (i - (len(setups) - 1) / 2) * width
-            ax.bar(x, mean, width * 0.92, color=OKABE_ITO[i % len(OKABE_ITO)],
-                   yerr=half if len(vals) > 1 else None, capsize=3,
+            ax.bar(x, mean, width * 0.92, color=OKABE_ITO[i % len(OKABE_ITO)], yerr=yerr, capsize=3,
                    label=SETUP_LABELS.get(setup, setup) if j == 0 else None)
             ax.scatter(np.full(len(vals), x), vals, s=9, color="black", zorder=3)
     ax.set_xticks(range(len(domains)), domains)
@@ -100,8 +105,9 @@ def grouped_bars(acc: Mapping[str, Mapping[str, Sequence[float]]], path: PathLik
 
 def accuracy_over_epochs(curves: Mapping[str, Sequence[Sequence[float]]], path: PathLike,
                          ylabel: str = "C2 top-1 accuracy, class-balanced (%)",
-                         title: str = "Accuracy during training") -> Path:
-    """Lines of accuracy (in [0, 1]) against epoch: `curves[label]` = [n_seeds][n_epochs] values.
+                         title: str = "Accuracy during training", epochs: Sequence[int] | None = None) -> Path:
+    """Lines of accuracy (in [0, 1]) against epoch: `curves[label]` = [n_seeds][n_points] values at
+    `epochs` (default 0, 1, 2, ...).
 
     Draws the mean over seeds with a min-max band; epoch 0 is the untrained model.
     """
@@ -111,12 +117,14 @@ def accuracy_over_epochs(curves: Mapping[str, Sequence[Sequence[float]]], path: 
     ax = fig.subplots()
     for i, (label, per_seed) in enumerate(curves.items()):
         arr = 100 * np.atleast_2d(_finite(per_seed, f"curve {label!r}"))
-        epochs = np.arange(arr.shape[1])
+        x = np.arange(arr.shape[1]) if epochs is None else np.asarray(epochs)
+        if len(x) != arr.shape[1]:
+            raise ValueError(f"curve {label!r} has {arr.shape[1]} points but {len(x)} epochs were given")
         colour = OKABE_ITO[i % len(OKABE_ITO)]
-        ax.plot(epochs, arr.mean(0), color=colour, marker=MARKERS[i % len(MARKERS)], ms=3,
+        ax.plot(x, arr.mean(0), color=colour, marker=MARKERS[i % len(MARKERS)], ms=3,
                 label=SETUP_LABELS.get(label, label))
         if arr.shape[0] > 1:
-            ax.fill_between(epochs, arr.min(0), arr.max(0), color=colour, alpha=0.2, lw=0)
+            ax.fill_between(x, arr.min(0), arr.max(0), color=colour, alpha=0.2, lw=0)
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, 100)

@@ -97,23 +97,52 @@ def paired_difference(models: Sequence[Mapping[str, Any]], better: str, worse: s
                       seed: int = 0) -> dict[str, Any]:
     """Mean of metric(better) - metric(worse), paired by (test_domain, seed), with a bootstrap CI.
 
-    Returns {"better", "worse", "metric", "diff", "ci_low", "ci_high", "n"}; CI is None for n < 2.
+    When both rows of a unit carry per-class accuracies (`{metric}_per_class`, {class: accuracy};
+    the metric is class-balanced, so its classes are its samples) the bootstrap resamples units and,
+    within each unit, the classes both models were scored on: one unit still gets a CI from the
+    class-to-class variation. Without them only units are resampled and n < 2 gives no CI.
+    Returns {"better", "worse", "metric", "diff", "ci_low", "ci_high", "n", "n_classes", "ci_over"}.
     """
-    by_unit: dict[tuple, dict[str, float]] = {}
+    by_unit: dict[tuple, dict[str, Mapping[str, Any]]] = {}
     for m in models:
-        by_unit.setdefault((m["test_domain"], m["seed"]), {})[m["setup"]] = m[metric]
-    diffs = np.array([u[better] - u[worse] for u in by_unit.values() if better in u and worse in u])
+        by_unit.setdefault((m["test_domain"], m["seed"]), {})[m["setup"]] = m
+    pairs = [(u[better], u[worse]) for u in by_unit.values() if better in u and worse in u]
     out: dict[str, Any] = {"better": better, "worse": worse, "metric": metric, "diff": None,
-                           "ci_low": None, "ci_high": None, "n": int(diffs.size), "level": level}
-    if diffs.size == 0:
+                           "ci_low": None, "ci_high": None, "n": len(pairs), "n_classes": None,
+                           "ci_over": None, "level": level}
+    if not pairs:
         return out
+    diffs = np.array([b[metric] - w[metric] for b, w in pairs])
     out["diff"] = float(diffs.mean())
-    if diffs.size >= 2:
-        rng = np.random.default_rng(seed)
+    per_class = [_class_differences(b, w, metric) for b, w in pairs]
+    rng = np.random.default_rng(seed)
+    if all(c is not None and c.size >= 2 for c in per_class):
+        boots = _two_level_bootstrap(per_class, n_boot, rng)
+        out["n_classes"], out["ci_over"] = int(sum(c.size for c in per_class)), "units and classes"
+    elif diffs.size >= 2:
         boots = diffs[rng.integers(0, diffs.size, size=(n_boot, diffs.size))].mean(1)
-        alpha = (1 - level) / 2
-        out["ci_low"], out["ci_high"] = (float(v) for v in np.quantile(boots, [alpha, 1 - alpha]))
+        out["ci_over"] = "units"
+    else:
+        return out
+    alpha = (1 - level) / 2
+    out["ci_low"], out["ci_high"] = (float(v) for v in np.quantile(boots, [alpha, 1 - alpha]))
     return out
+
+
+def _two_level_bootstrap(groups: Sequence[np.ndarray], n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """[n_boot] bootstrap means: values resampled within each group, then groups resampled."""
+    within = np.stack([g[rng.integers(0, g.size, (n_boot, g.size))].mean(1) for g in groups])  # [G, n_boot]
+    pick = rng.integers(0, len(groups), (n_boot, len(groups)))
+    return within[pick, np.arange(n_boot)[:, None]].mean(1)
+
+
+def _class_differences(better: Mapping[str, Any], worse: Mapping[str, Any], metric: str) -> np.ndarray | None:
+    """Per-class accuracy differences over the classes both rows scored, or None without them."""
+    b, w = better.get(f"{metric}_per_class"), worse.get(f"{metric}_per_class")
+    if not b or not w:
+        return None
+    common = [c for c in b if c in w]
+    return np.array([b[c] - w[c] for c in common]) if common else None
 
 
 def _verdict(value: float | None, ci_low: float | None, ci_high: float | None) -> str:
@@ -132,7 +161,9 @@ def _verdict(value: float | None, ci_low: float | None, ci_high: float | None) -
 
 
 def _combine(verdicts: Sequence[str], mode: str) -> str:
-    """One verdict from the evidence's: mode "all" needs every piece, "any" one piece."""
+    """One verdict from the evidence's: mode "all" needs every piece, "any" one piece. A mix of
+    reproduced and inconclusive pieces is "partly reproduced (k of n)"; only inconclusive pieces
+    give "inconclusive"."""
     if not verdicts or all(v == "not measured" for v in verdicts):
         return "not measured"
     need = all if mode == "all" else any
@@ -143,6 +174,11 @@ def _combine(verdicts: Sequence[str], mode: str) -> str:
         return "contradicted"
     if need(v in ("reproduced", "consistent (no CI)") for v in verdicts):
         return "consistent (no CI)"
+    n_repro = sum(v == "reproduced" for v in verdicts)
+    if n_repro and not any(v == "contradicted" for v in verdicts):
+        return f"partly reproduced ({n_repro} of {len(verdicts)})"
+    if all(v.startswith("inconclusive") for v in verdicts):
+        return "inconclusive"
     return "not reproduced"
 
 
@@ -242,8 +278,9 @@ def _ci(e: Mapping[str, Any], scale: float = 100.0, digits: int = 1) -> str:
     return f"[{scale * e['ci_low']:.{digits}f}, {scale * e['ci_high']:.{digits}f}]"
 
 
-def setup_summary(models: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per setup: mean C1/C2 accuracy with a 95% bootstrap CI over models (test domains x seeds)."""
+def setup_summary(models: Iterable[Mapping[str, Any]], n_boot: int = 2000) -> dict[str, dict[str, Any]]:
+    """Per setup: mean C1/C2 accuracy with a 95% bootstrap CI over models (test domains x seeds)
+    and, where rows carry `{field}_per_class`, over classes within each model (see paired_difference)."""
     by_setup: dict[str, list[Mapping[str, Any]]] = {}
     for m in models:
         by_setup.setdefault(m["setup"], []).append(m)
@@ -252,9 +289,13 @@ def setup_summary(models: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, An
         entry: dict[str, Any] = {"n": len(rows)}
         for f in ACCURACY_FIELDS:
             vals = np.array([r[f] for r in rows], dtype=float)
+            per_class = [np.array(list((r.get(f"{f}_per_class") or {}).values()), dtype=float) for r in rows]
+            rng = np.random.default_rng(0)
             ci = (None, None)
-            if vals.size >= 2:
-                boots = vals[np.random.default_rng(0).integers(0, vals.size, (2000, vals.size))].mean(1)
+            if all(c.size >= 2 for c in per_class):
+                ci = tuple(float(v) for v in np.quantile(_two_level_bootstrap(per_class, n_boot, rng), [0.025, 0.975]))
+            elif vals.size >= 2:
+                boots = vals[rng.integers(0, vals.size, (n_boot, vals.size))].mean(1)
                 ci = tuple(float(v) for v in np.quantile(boots, [0.025, 0.975]))
             entry[f] = {"mean": float(vals.mean()), "ci_low": ci[0], "ci_high": ci[1]}
         out[setup] = entry
@@ -270,7 +311,7 @@ def render_report(results: Mapping[str, Any], figures: Mapping[str, str] | None 
                                                if not isinstance(v, (dict, list))), ""]
     lines += ["## Accuracy per setup", "",
               "Class-balanced zero-shot top-1 (%) on the test domain; mean over models with a 95% "
-              "bootstrap CI (none for a single model). C2 = held-out classes, C1 = the others.", "",
+              "bootstrap CI over models and, within each, over classes. C2 = held-out classes, C1 = the others.", "",
               "| setup | models | C1 accuracy | C2 accuracy |", "|---|---|---|---|"]
     summary = setup_summary(results["models"])
     order = [s for s in MAIN_SETUPS if s in summary] + [s for s in summary if s not in MAIN_SETUPS]
@@ -281,8 +322,10 @@ def render_report(results: Mapping[str, Any], figures: Mapping[str, str] | None 
     lines += ["", "## The paper's findings", "",
               "Verdict rule (fixed in advance): *reproduced* when the effect has the paper's sign and its "
               "95% bootstrap CI excludes 0; *contradicted* when the opposite sign's CI excludes 0; "
-              "otherwise *inconclusive*. With one (test domain, seed) unit there is no CI and only the "
-              "sign is reported.", ""]
+              "otherwise *inconclusive*. Accuracy differences are paired by (test domain, seed); their CI "
+              "resamples those units and, within each, the C2 classes (the accuracy is class-balanced). "
+              "Without per-class accuracies and with one unit there is no CI and only the sign is "
+              "reported.", ""]
     for f in results["findings"]:
         lines.append(f"### {f['finding']}: **{f['verdict']}**")
         lines.append("")
@@ -294,8 +337,9 @@ def render_report(results: Mapping[str, Any], figures: Mapping[str, str] | None 
                              f"{_ci(e, 1.0, 2)}, n = {e['n']} models{why}: {e['verdict']}")
             else:
                 diff = "n/a" if e["diff"] is None else f"{100 * e['diff']:+.1f}"
+                over = f", CI over {e['ci_over']}" if e.get("ci_over") else ""
                 lines.append(f"- C2 accuracy {e['better']} − {e['worse']} = {diff} points "
-                             f"{_ci(e)}, n = {e['n']} paired units: {e['verdict']}")
+                             f"{_ci(e)}, n = {e['n']} paired units{over}: {e['verdict']}")
         lines.append("")
     lines += ["## Models", "", "| setup | test domain | seed | C1 % | C2 % | " +
               " | ".join(SHAREDNESS_MEASURES) + " |", "|---" * (5 + len(SHAREDNESS_MEASURES)) + "|"]

@@ -67,6 +67,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "device": "auto",           # auto | cpu | cuda
         "out": None,                # run directory
         "save_every": 50,           # optimizer steps between latest.pt saves
+        "save_epochs": None,        # epochs with an epoch_N.pt (list); unset: every epoch. 0 and the last always
         "tensorboard": True,
         "progress": True,
     },
@@ -112,6 +113,10 @@ def validate(cfg: dict) -> dict:
     for key in ("epochs", "batch_size", "accum_freq", "save_every"):
         if not isinstance(t[key], int) or t[key] < (0 if key == "epochs" else 1):
             raise ValueError(f"[train] {key} must be a positive integer, got {t[key]!r}")
+    keep = t["save_epochs"]
+    if keep is not None and not (isinstance(keep, list) and all(isinstance(e, int) and 0 <= e <= t["epochs"]
+                                                                 for e in keep)):
+        raise ValueError(f"[train] save_epochs must be a list of epochs in 0..{t['epochs']}, got {keep!r}")
     if not (isinstance(cfg["optim"]["lr"], (int, float)) and cfg["optim"]["lr"] > 0):
         raise ValueError(f"[optim] lr must be > 0, got {cfg['optim']['lr']!r}")
     for (section, key), choices in _CHOICES.items():

@@ -424,7 +424,8 @@ def train(config: dict | str | Path | None = None, *, overrides: dict | None = N
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
                 bar.update(1)
                 end_of_epoch = step % sampler.steps_per_epoch == 0
-                if env.is_main and end_of_epoch:
+                keep = t["save_epochs"] is None or epoch + 1 in t["save_epochs"] or epoch + 1 == t["epochs"]
+                if env.is_main and end_of_epoch and keep:
                     atomic_torch_save(epoch_payload(epoch + 1), out / f"epoch_{epoch + 1}.pt")
                 if env.is_main and (end_of_epoch or step % t["save_every"] == 0):
                     save_latest()
