@@ -5,9 +5,15 @@ of downstream channels (as in a circuit). Prints per-pair and total times and th
 
 Both compute the same numbers (max relative difference printed). Per downstream node the naive loop
 pays a full-model forward plus a segment backward; ours pays one segment VJP inside a vmap batch.
-The ratio is therefore bounded by about (full forward + segment backward) / segment backward: ~5x
-on tiny-rn, whose 9 segments are uneven, and more on deep towers such as RN50 where a segment is
-about 1/21 of the image tower.
+The ratio is therefore bounded by about (full forward + segment backward) / segment backward, which
+grows with depth: measured on an idle 2-core CPU (2026-11-29), tiny-rn (one block per stage,
+10 points) 3.4x; the same width at RN50's depth (`--layers 3,4,6,3`, 22 points) 9.3x overall and
+up to 15.8x on layer4 pairs. On CPU, vmap over one-hot cotangents runs convolution, batch-norm and
+avg-pool backward per slice (torch.profiler: 56 convolution_backward calls for 4 convolutions at
+13 nodes, 28% of the time in the concatenation): a loop of per-node backward passes over one
+retained forward was 2-3x faster than vmap there (0.08 vs 0.20 s at 7 nodes, 0.23 vs 0.49 s at 13,
+0.53 vs 0.86 s at 52), and torch.func.vmap(vjp) slower still. The spec asks for no per-node loop,
+so `ig_edge_scores` keeps the batched VJP (GPU timings not measured: no GPU was available).
 
     python benchmarks/circuit_edges.py [--images 16] [--steps 10] [--threads 2]
 """
@@ -21,6 +27,7 @@ import torch
 
 from clipmech.analysis.circuits import ig_edge_scores, reference_ig_edge_scores
 from clipmech.models import HookedCLIP
+from clipmech.models.configs import resolve_config
 
 
 def main() -> None:
@@ -29,10 +36,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default="tiny-rn")
+    ap.add_argument("--layers", default=None,
+                    help="blocks per ResNet stage for a deeper tiny ResNet, e.g. 3,4,6,3 (RN50's depth at tiny-rn's width)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = HookedCLIP.from_config(args.model)
+    cfg = args.model
+    if args.layers:
+        _, cfg = resolve_config(args.model)
+        cfg["vision_cfg"]["layers"] = [int(n) for n in args.layers.split(",")]
+    model = HookedCLIP.from_config(cfg)
     images = torch.randn(args.images, 3, model.image_size, model.image_size)
     points = model.analysis_points()
     _, cache = model.run_with_cache(image=images[:1], names_filter=points)
@@ -51,7 +64,8 @@ def main() -> None:
         total_naive += t2 - t1
         print(f"{u + ' -> ' + d:<55} {len(nodes):>5} {t2 - t1:>8.3f} {t1 - t0:>8.3f} {(t2 - t1) / (t1 - t0):>6.1f} {diff:>12.2e}")
     print(f"total: naive {total_naive:.2f} s, ours {total_ours:.2f} s, ratio naive/ours = {total_naive / total_ours:.1f}x "
-          f"({args.images} images, {args.steps} steps, {args.threads} threads)")
+          f"({args.model}{' layers ' + args.layers if args.layers else ''}, {len(points)} points, {args.images} images, "
+          f"{args.steps} steps, {args.threads} threads)")
 
 
 if __name__ == "__main__":

@@ -46,8 +46,11 @@ def umap_2d(emb: Any, seed: int = 42, densmap: bool = True, n_neighbors: int = 1
     if len(E) < 4:
         raise ValueError(f"UMAP needs at least 4 points; got {len(E)}")
     reducer = umap.UMAP(n_components=2, n_neighbors=min(n_neighbors, len(E) - 1), min_dist=min_dist, metric=metric,
-                        densmap=densmap, random_state=seed)
-    return reducer.fit_transform(E)
+                        densmap=densmap, random_state=seed, n_jobs=1)
+    with warnings.catch_warnings():
+        # A seed makes umap run single-threaded and say so on every call; that is the intent here.
+        warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+        return reducer.fit_transform(E)
 
 
 def plot_umap(emb: Any, domain_idx: Any, domains: Sequence[str], path: PathLike, exclude: str | None = None,

@@ -203,7 +203,7 @@ def plan_budgets(opts: QuickstartOptions, specs: Sequence[ModelSpec], dataset) -
     for s in specs:
         tag = f"{s.run_id} on {s.test_domain}"
         budgets[f"CKA {tag}"] = 4.0
-        budgets[f"circuits {tag}"] = 6 * opts.circuit_classes * (0.5 + opts.circuit_steps / 10)
+        budgets[f"circuits {tag}"] = 6 * opts.circuit_classes * 0.02 * opts.circuit_steps
         budgets[f"SAE {tag}"] = 2.0 + 0.1 * opts.sae_epochs
         budgets[f"embeddings {tag}"] = 5.0
     budgets["figures and report"] = 15.0  # includes UMAP of the figure model
