@@ -203,3 +203,31 @@ def test_pair_rows_rule():
     np.testing.assert_array_equal(ra, [0, 1, 2])
     np.testing.assert_array_equal(rb, [3, 6, 4])
     np.testing.assert_array_equal(rc, [0, 0, 1])
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+@pytest.mark.parametrize("estimator", ["unbiased", "biased"])
+def test_count_weighted_resamples_equal_cka_on_each_gathered_resample(kernel, estimator):
+    """Bootstrap draws (with repeated rows, and of different sizes) and permutations, computed from
+    row counts over the original kernel, match `cka` on the explicitly gathered rows."""
+    from clipmech.analysis.cka import _bootstrap_cka, _kernel_source, _permutation_cka
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(12, 5, generator=g, dtype=torch.float64), torch.randn(12, 3, generator=g, dtype=torch.float64)
+    draws = [torch.randint(0, 12, (12,), generator=g) for _ in range(5)] + [torch.tensor([0, 0, 1, 2, 2, 2, 5, 7])]
+    counts = torch.stack([torch.bincount(d, minlength=12) for d in draws]).double()
+    assert (counts > 1).any()  # the case that matters: repeated rows
+    got = _bootstrap_cka(_kernel_source(X, kernel), _kernel_source(Y, kernel), counts, kernel, estimator)
+    want = [cka(X[d], Y[d], kernel, estimator, form="gram") for d in draws]
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+    perms = torch.stack([torch.randperm(12, generator=g) for _ in range(4)])
+    got = _permutation_cka(_kernel_source(X, kernel), _kernel_source(Y, kernel), perms, kernel, estimator)
+    want = [cka(X, Y[p], kernel, estimator, form="gram") for p in perms]
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+def test_bootstrap_resample_too_small_or_without_bandwidth_is_nan_not_error():
+    from clipmech.analysis.cka import _bootstrap_cka, _kernel_source
+    X = torch.randn(6, 3, dtype=torch.float64)
+    counts = torch.tensor([[3.0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.float64)
+    got = _bootstrap_cka(_kernel_source(X, "rbf"), _kernel_source(X, "rbf"), counts, "rbf", "unbiased")
+    assert np.isnan(got[:2]).all() and got[2] == pytest.approx(1.0)

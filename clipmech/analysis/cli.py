@@ -150,7 +150,7 @@ def run_cka(args: argparse.Namespace) -> int:
     subsets = {k: v for k, v in ctx.subsets.items() if v}
     res = domain_cka(feats, ds.class_idx[rows], ds.domain_idx[rows], ds.domains, subsets, mode=args.mode,
                      kernels=args.kernels, estimator=args.estimator, n_boot=args.n_boot, n_perm=args.n_perm,
-                     seed=args.seed, pooling=ctx.pooling)
+                     seed=args.seed, pooling=ctx.pooling, progress=True)
     res["meta"] = ctx.meta()
     path = atomic_write_json(res, ctx.out / f"cka_{args.mode}.json")
     figs = _plot_cka(res, ctx.out / f"cka_{args.mode}", args.kernels[0])
