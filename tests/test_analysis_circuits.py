@@ -164,19 +164,39 @@ def test_shared_node_sets_and_ablation(rn, batch, circuit):
     p = "visual.layer3.0.hook_out"
     mk = lambda nodes: C.Circuit(circuit.points, circuit.node_scores,  # noqa: E731
                                  {q: (nodes if q == p else list(circuit.nodes[q])) for q in circuit.points}, [])
-    circuits = {"test": {"k": mk([1, 2, 3, 4])}, "other": {"k": mk([3, 4, 5])}, "third": {"k": mk([1, 9])}}
+    circuits = {"test": {"k": mk([1, 2, 3, 4]), "j": mk([7, 8])},
+                "other": {"k": mk([3, 4, 5]), "j": mk([10])}, "third": {"k": mk([1, 9])}}
     shared, unshared = C.shared_nodes(circuits, "test", ["k"], [p])
     assert shared == {p: {1, 3, 4}} and unshared == {p: {2}}
-    res = C.shared_node_ablation(rn, circuits, "test", ["k"], images, labels, head, points=[p], n_random=2, n_boot=50)
-    assert res["n_shared"] == 3 and res["n_unshared"] == 1
-    for cond in ("shared", "unshared", "random"):
-        lo, hi = res[cond]["drop_ci95"]
-        assert lo <= res[cond]["drop"] <= hi
-        assert res[cond]["accuracy"] == pytest.approx(res["accuracy_clean"] - res[cond]["drop"])
-        lo, hi = res[cond]["logit_drop_ci95"]
-        assert lo <= res[cond]["logit_drop"] <= hi
+    samples = {"k": (images, labels), "j": (images[:1], labels[:1])}
+    res = C.shared_node_ablation(rn, circuits, "test", samples, head, points=[p], ablation="zero",
+                                 n_random=2, n_boot=50)
+    assert res["classes"] == ["k"] and res["skipped_classes"] == ["j"] and res["n_images"] == 3
+    assert res["per_class"]["k"]["nodes_per_point"] == {"matched": {p: 1}, "shared": {p: 3}, "unshared": {p: 1}}
+    assert res["nodes_ablated_mean_per_class"] == {"shared": 1, "unshared": 1, "random": 1, "shared_all": 3,
+                                                   "random_all": 3}
+
+    def by_hand(drop):  # top-1 accuracy and mean true-class cosine with `drop` zeroed at p
+        keep = torch.ones(len(circuit.node_scores[p]), dtype=torch.bool)
+        keep[drop] = False
+        emb = F.normalize(C.ablated_embedding(rn, images, {p: keep}, ablation="zero"), dim=-1)
+        logits = emb @ head.T
+        return (logits.argmax(-1) == labels).double().mean().item(), logits[range(3), labels].mean().item()
+
+    acc0, logit0 = by_hand([])
+    assert res["accuracy_clean"] == pytest.approx(acc0) and res["true_class_logit_clean"] == pytest.approx(logit0)
+    for cond, drop in (("shared_all", [1, 3, 4]), ("unshared", [2])):  # both deterministic here
+        acc, logit = by_hand(drop)
+        assert res["conditions"][cond]["accuracy"] == pytest.approx(acc)
+        assert res["conditions"][cond]["logit_drop"] == pytest.approx(logit0 - logit)
+    for name, (a, b) in C._CONTRASTS.items():
+        got = res["contrasts"][name]
+        assert got["logit_drop"] == pytest.approx(res["conditions"][a]["logit_drop"] - res["conditions"][b]["logit_drop"])
+        assert got["drop_ci95"][0] <= got["drop"] <= got["drop_ci95"][1]
     with pytest.raises(KeyError, match="test domain"):
         C.shared_nodes(circuits, "nope", ["k"], [p])
+    with pytest.raises(ValueError, match="no class of .* has a node shared"):
+        C.shared_node_ablation(rn, circuits, "test", {"j": samples["j"]}, head, points=[p])
 
 
 def test_sae_nodes(rn, batch):

@@ -480,50 +480,90 @@ def _bootstrap_mean(values: np.ndarray, n_boot: int, rng: np.random.Generator, a
     return float(values.mean()), float(np.quantile(boots, alpha / 2)), float(np.quantile(boots, 1 - alpha / 2))
 
 
-def shared_node_ablation(model, circuits: Mapping[str, Mapping[str, Circuit]], test_domain: str, classes: Sequence[str],
-                         images: Tensor, labels: Tensor, head: Tensor, *, points: Sequence[str] | None = None,
-                         ablation: str = "mean", reference: Tensor | None = None, n_random: int = 10,
-                         n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Causal test of the paper's claim: ablate (zero / mean) the nodes the test domain's circuits of
-    `classes` (the C2 classes) share with other domains, versus as many random nodes and as many
-    unshared test-domain circuit nodes per point; report the drop in top-1 accuracy (over the rows
-    of `head`) and in the mean true-class cosine logit on `images`/`labels` (the test domain's C2
-    images), with bootstrap 95% CIs over images. Random draws are averaged per image over `n_random` draws. `points` default to the
-    circuit points except the pixel input."""
-    first = next(iter(circuits[test_domain].values()))
+# condition -> (node pool, how many per point): the size-matched comparison draws min(|shared|, |unshared|)
+# nodes per point from each pool; the full one ablates every shared node against as many random ones.
+_CONDITIONS = {"shared": ("shared", "matched"), "unshared": ("unshared", "matched"), "random": ("all", "matched"),
+               "shared_all": ("shared", "shared"), "random_all": ("all", "shared")}
+_CONTRASTS = {"shared_minus_unshared": ("shared", "unshared"), "shared_minus_random": ("shared", "random"),
+              "shared_all_minus_random_all": ("shared_all", "random_all")}
+
+
+def shared_node_ablation(model, circuits: Mapping[str, Mapping[str, Circuit]], test_domain: str,
+                         samples: Mapping[str, tuple[Tensor, Tensor]], head: Tensor, *,
+                         points: Sequence[str] | None = None, ablation: str = "mean", reference: Tensor | None = None,
+                         n_random: int = 10, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Causal test of the paper's claim, class by class: on the test domain's images of class k
+    (`samples[k]` = (images, labels as rows of `head`), the C2 classes), ablate (zero / mean) nodes of
+    the test domain's class-k circuit that the class-k circuit of some other domain also has (shared)
+    or does not have (unshared), and report the drop in top-1 accuracy and in the true-class cosine logit.
+
+    Conditions, per point p with S_p shared, U_p unshared nodes and m_p = min(|S_p|, |U_p|):
+      shared / unshared / random: m_p nodes drawn from S_p / U_p / all nodes of p (size-matched);
+      shared_all / random_all: all of S_p / |S_p| random nodes of p.
+    Draws are repeated `n_random` times and averaged per image. Contrasts (per-image paired
+    differences of drops) shared - unshared, shared - random and shared_all - random_all carry
+    bootstrap 95% CIs over images; a positive contrast means shared nodes matter more.
+    Classes without a shared node are skipped and listed. Cost: (1 + 4 n_random) forwards per class.
+    `points` default to the circuit points except the pixel input."""
+    if not samples:
+        raise ValueError("shared_node_ablation: `samples` is empty; pass {class: (images, labels)} of the test domain")
+    first = next(iter(circuits[test_domain].values())) if circuits.get(test_domain) else None
+    if first is None:
+        raise KeyError(f"no circuits for test domain {test_domain!r}; have {sorted(circuits)}")
     points = [p for p in first.points if not p.endswith("hook_input")] if points is None else list(points)
-    shared, unshared = shared_nodes(circuits, test_domain, classes, points)
     sizes = {p: len(first.node_scores[p]) for p in points}
     rng = np.random.default_rng(seed)
+    all_images = torch.cat([im for im, _ in samples.values()])
+    fill = ablation_values(model, all_images if reference is None else reference, points, ablation)
 
-    fill = ablation_values(model, images if reference is None else reference, points, ablation)
-
-    def keep_without(drop: Mapping[str, set[int] | np.ndarray]) -> dict[str, Tensor]:
+    def keep_without(drop: Mapping[str, Any]) -> dict[str, Tensor]:
         out = {}
         for p in points:
             m = torch.ones(sizes[p], dtype=torch.bool)
-            m[list(map(int, drop[p]))] = False
+            m[[int(i) for i in drop[p]]] = False
             out[p] = m
         return out
 
-    base = _accuracy_per_image(model, images, labels, head, keep_without({p: [] for p in points}), fill)
-    counts = {p: len(shared[p]) for p in points}
-    matched = {p: rng.permutation(sorted(unshared[p]))[:counts[p]] for p in points}
-    conditions = {"shared": keep_without(shared), "unshared": keep_without(matched)}
-    correct = {name: _accuracy_per_image(model, images, labels, head, keep, fill)
-               for name, keep in conditions.items()}
-    draws = [_accuracy_per_image(model, images, labels, head,
-                                 keep_without({p: rng.choice(sizes[p], counts[p], replace=False) for p in points}),
-                                 fill) for _ in range(n_random)]
-    correct["random"] = np.mean(draws, 0)
-    result: dict[str, Any] = {"n_images": len(images), "accuracy_clean": float(base[0].mean()),
-                              "true_class_logit_clean": float(base[1].mean()), "ablation": ablation,
-                              "n_shared": sum(counts.values()), "n_unshared": int(sum(len(v) for v in matched.values())),
-                              "n_random_draws": n_random, "nodes_per_point": counts}
-    for name, acc in correct.items():
-        drop, lo, hi = _bootstrap_mean(base[0] - acc[0], n_boot, rng)
-        ldrop, llo, lhi = _bootstrap_mean(base[1] - acc[1], n_boot, rng)
-        result[name] = {"accuracy": float(acc[0].mean()), "drop": drop, "drop_ci95": [lo, hi],
-                        "logit_drop": ldrop, "logit_drop_ci95": [llo, lhi]}
-    result["random"]["drop_sd_over_draws"] = float(np.std([base[0].mean() - d[0].mean() for d in draws]))
+    base, per_cond = [], {c: [] for c in _CONDITIONS}
+    per_class, skipped = {}, []
+    for k, (images, labels) in samples.items():
+        shared, unshared = shared_nodes(circuits, test_domain, [k], points)
+        if not any(shared.values()):
+            skipped.append(k)
+            continue
+        pools = {"shared": {p: sorted(shared[p]) for p in points}, "unshared": {p: sorted(unshared[p]) for p in points},
+                 "all": {p: list(range(sizes[p])) for p in points}}
+        counts = {"matched": {p: min(len(shared[p]), len(unshared[p])) for p in points},
+                  "shared": {p: len(shared[p]) for p in points}}
+        per_class[k] = {"n_images": len(images),
+                        "nodes_per_point": {**counts, "unshared": {p: len(unshared[p]) for p in points}}}
+        base.append(_accuracy_per_image(model, images, labels, head, keep_without({p: [] for p in points}), fill))
+        for cond, (pool, size) in _CONDITIONS.items():
+            deterministic = pool != "all" and all(counts[size][p] == len(pools[pool][p]) for p in points)
+            draws = [_accuracy_per_image(model, images, labels, head, keep_without(
+                {p: rng.choice(pools[pool][p], counts[size][p], replace=False) for p in points}), fill)
+                for _ in range(1 if deterministic else n_random)]
+            per_cond[cond].append(np.mean(draws, 0))
+    if not base:
+        raise ValueError(f"shared_node_ablation: no class of {sorted(samples)} has a node shared with another domain")
+    base_all = np.concatenate(base, 1)
+    drops = {c: base_all - np.concatenate(v, 1) for c, v in per_cond.items()}
+    result: dict[str, Any] = {
+        "n_images": int(base_all.shape[1]), "accuracy_clean": float(base_all[0].mean()),
+        "true_class_logit_clean": float(base_all[1].mean()), "ablation": ablation, "n_random_draws": n_random,
+        "classes": list(per_class), "skipped_classes": skipped, "per_class": per_class,
+        "nodes_ablated_mean_per_class": {c: float(np.mean([sum(pc["nodes_per_point"][size].values())
+                                                           for pc in per_class.values()]))
+                                         for c, (_, size) in _CONDITIONS.items()},
+        "conditions": {}, "contrasts": {}}
+
+    def summary(values: np.ndarray) -> dict[str, Any]:
+        drop, lo, hi = _bootstrap_mean(values[0], n_boot, rng)
+        ldrop, llo, lhi = _bootstrap_mean(values[1], n_boot, rng)
+        return {"drop": drop, "drop_ci95": [lo, hi], "logit_drop": ldrop, "logit_drop_ci95": [llo, lhi]}
+
+    for c, d in drops.items():
+        result["conditions"][c] = {"accuracy": float((base_all[0] - d[0]).mean()), **summary(d)}
+    for name, (a, b) in _CONTRASTS.items():
+        result["contrasts"][name] = summary(drops[a] - drops[b])
     return result
