@@ -174,4 +174,6 @@ def _mean_distance(E: np.ndarray, d: np.ndarray, n_domains: int) -> np.ndarray:
         M[int(k)] = E[d == k].mean(0)
     norms = np.linalg.norm(M, axis=1, keepdims=True)
     U = M / np.where(norms > 0, norms, 1)
-    return 1 - U @ U.T
+    D = np.clip(1 - U @ U.T, 0.0, 2.0)  # rounding leaves +-1e-16 where the distance is 0
+    np.fill_diagonal(D, np.where(np.isnan(np.diag(D)), np.nan, 0.0))
+    return D
