@@ -59,7 +59,10 @@ def test_embeddings_sae_sharing(run_dir, capsys):
     assert "clipmech analyze sae" in capsys.readouterr().err
     assert main(["analyze", "sae", str(run), "--expansion", "2", "--epochs", "3", "--l1", "1e-3"]) == 0
     sae = json.loads((run / "analysis" / "sae_hook_image_embed_normalized.json").read_text())
-    assert 0 <= sae["metrics"]["fvu"] and sae["n_latents"] == 2 * HookedCLIP.from_checkpoint(run / "epoch_0.pt").cfg["embed_dim"]
+    dim = HookedCLIP.from_checkpoint(run / "epoch_0.pt").cfg["embed_dim"]
+    assert 0 <= sae["metrics"]["fvu"] and sae["n_latents"] == 2 * dim
+    # a dense "SAE" is flagged, a sparse one is not
+    assert ("the SAE is not sparse" in capsys.readouterr().out) == (sae["metrics"]["l0"] >= dim)
     assert main(["analyze", "sharing", str(run), "--split", "all"]) == 0
     sh = json.loads((run / "analysis" / "sharing_hook_image_embed_normalized.json").read_text())
     assert len(sh["matrix"]) == 6 and sh["class_subset"] == "C2" and len(sh["classes"]) == 4
