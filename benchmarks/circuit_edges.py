@@ -7,13 +7,12 @@ Both compute the same numbers (max relative difference printed). Per downstream 
 pays a full-model forward plus a segment backward; ours pays one segment VJP inside a vmap batch.
 The ratio is therefore bounded by about (full forward + segment backward) / segment backward, which
 grows with depth: measured on an idle 2-core CPU (2026-11-29), tiny-rn (one block per stage,
-10 points) 3.4x; the same width at RN50's depth (`--layers 3,4,6,3`, 22 points) 9.3x overall and
-up to 15.8x on layer4 pairs. On CPU, vmap over one-hot cotangents runs convolution, batch-norm and
+10 points) 4.2x; the same width at RN50's depth (`--layers 3,4,6,3`, 22 points) 11.3x overall and
+19-20x on layer4 pairs. On CPU, vmap over one-hot cotangents runs convolution, batch-norm and
 avg-pool backward per slice (torch.profiler: 56 convolution_backward calls for 4 convolutions at
-13 nodes, 28% of the time in the concatenation): a loop of per-node backward passes over one
-retained forward was 2-3x faster than vmap there (0.08 vs 0.20 s at 7 nodes, 0.23 vs 0.49 s at 13,
-0.53 vs 0.86 s at 52), and torch.func.vmap(vjp) slower still. The spec asks for no per-node loop,
-so `ig_edge_scores` keeps the batched VJP (GPU timings not measured: no GPU was available).
+13 nodes, 28% of the time in the concatenation), so `ig_edge_scores` batches 8 nodes per VJP
+(`EDGE_CHUNK`): 1.2-1.4x faster than one batch of all nodes (tiny-rn: 3.2x -> 4.2x overall) and
+within 10-30% of one backward per node. GPU timings not measured: no GPU was available.
 
     python benchmarks/circuit_edges.py [--images 16] [--steps 10] [--threads 2]
 """

@@ -32,15 +32,15 @@ def circuit(rn, batch):
     return C.discover_circuit(rn, images, labels, head, steps=2, meta={"domain": "a", "class": "x"})
 
 
-@pytest.mark.parametrize("pair", [(0, 1), (5, 6), (8, 9)])
-def test_vectorized_edges_match_naive_loop(rn, batch, pair):
+@pytest.mark.parametrize("pair,nodes", [((0, 1), [0, 2, 5]), ((5, 6), [0, 2, 5]), ((8, 9), [0, 2, 5]),
+                                        ((7, 8), list(range(C.EDGE_CHUNK + 3)))])  # last: two VJP batches
+def test_vectorized_edges_match_naive_loop(rn, batch, pair, nodes):
     images, _, _ = batch
     pts = rn.analysis_points()
     u, d = pts[pair[0]], pts[pair[1]]
-    nodes = [0, 2, 5]
     ours = C.ig_edge_scores(rn, images, u, d, nodes, steps=3)
     naive = C.reference_ig_edge_scores(rn, images, u, d, nodes, steps=3)
-    assert ours.shape == (3, P.cache_points(rn, images[:1], [u])[u].shape[1])
+    assert ours.shape == (len(nodes), P.cache_points(rn, images[:1], [u])[u].shape[1])
     assert naive.abs().max() > 0
     torch.testing.assert_close(ours, naive, rtol=1e-5, atol=1e-5 * float(naive.abs().max()))
 

@@ -128,10 +128,16 @@ def ig_node_scores(model, images: Tensor, labels: Tensor, head: Tensor, point: s
 
 
 # ------------------------------------------------------------------------------------ edge scores
+# Downstream nodes per batched VJP. On CPU, vmap runs convolution backward slice by slice and then
+# concatenates; batches of 8 were 1.2-1.4x faster than one batch of all nodes on tiny ResNets
+# (benchmarks/circuit_edges.py) and bound memory.
+EDGE_CHUNK = 8
+
+
 def _edge_scores(model, images: Tensor, up: NodeSpace, down: NodeSpace, downstream_nodes: Sequence[int],
-                 steps: int, chunk_size: int | None = None) -> Tensor:
+                 steps: int, chunk_size: int | None = EDGE_CHUNK) -> Tensor:
     """[J, C_up] edge IG for downstream nodes `downstream_nodes`; all J nodes share one forward of
-    the segment and batched VJPs (`chunk_size` nodes per VJP batch bounds memory)."""
+    the segment and batched VJPs of `chunk_size` nodes each (None: all J in one batch)."""
     nodes = torch.as_tensor(list(downstream_nodes), dtype=torch.long)
     if len(nodes) and not (0 <= int(nodes.min()) and int(nodes.max()) < down.n_nodes):
         raise ValueError(f"downstream_nodes must lie in [0, {down.n_nodes}) for {down.point!r}")
@@ -317,7 +323,7 @@ def component_points(model) -> list[str]:
 
 def discover_circuit(model, images: Tensor, labels: Tensor, head: Tensor, *, points: Sequence[str] | None = None,
                      node_fraction: float = 0.1, top_k: int = 3, steps: int = 10,
-                     saes: Mapping[str, Any] | None = None, chunk_size: int | None = 256,
+                     saes: Mapping[str, Any] | None = None, chunk_size: int | None = EDGE_CHUNK,
                      meta: dict[str, Any] | None = None) -> Circuit:
     """The paper's circuit for one (domain, class) batch: per point the top ceil(node_fraction·C)
     nodes by `ig_node_scores`; for each consecutive pair (u, d) and each selected downstream node,
