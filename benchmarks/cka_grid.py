@@ -8,7 +8,7 @@ the timing, they are identical for both) in float64 with the unbiased HSIC, and 
              synchronised with .item() (AntixK/PyTorch-Model-Compare, re-implemented here from its
              description; the package is not a dependency).
 
-    python benchmarks/cka_grid.py [--model RN50] [--image-size 64] [--n 256] [--batch 64] [--pool none]
+    python benchmarks/cka_grid.py [--model RN50] [--image-size 64] [--n 256] [--batch 64] [--pool none] [--repeat 3]
 """
 from __future__ import annotations
 
@@ -74,6 +74,16 @@ def torch_cka_style(xb: list[list[torch.Tensor]], yb: list[list[torch.Tensor]]) 
     return hsic[:, :, 1] / (hsic[:, :, 0].sqrt() * hsic[:, :, 2].sqrt())
 
 
+def _fastest(repeat: int, fn, *args) -> tuple[float, torch.Tensor]:
+    """Best wall time of `repeat` runs (ours takes well under a second, so one run is noisy) and the result."""
+    best = float("inf")
+    for _ in range(max(1, repeat)):
+        t = time.perf_counter()
+        out = fn(*args)
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="RN50")
@@ -81,6 +91,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--pool", default="none", choices=("none", "mean"), help="torch-cka flattens (none)")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs per side; the fastest counts")
     a = ap.parse_args()
     name = a.model
     if a.image_size:
@@ -95,14 +106,10 @@ def main() -> None:
     dims = [x.shape[1] for x in xb[0]]
     print(f"{a.model} @ {a.image_size}px, {len(points)} x {len(points)} grid, N={a.n}, batch={a.batch}, "
           f"pool={a.pool}, widths {min(dims)}..{max(dims)}, threads={torch.get_num_threads()}")
-    t = time.perf_counter()
-    g_ours = ours(xb, yb)
-    t_ours = time.perf_counter() - t
-    t = time.perf_counter()
-    g_ref = torch_cka_style(xb, yb)
-    t_ref = time.perf_counter() - t
+    t_ours, g_ours = _fastest(a.repeat, ours, xb, yb)
+    t_ref, g_ref = _fastest(a.repeat, torch_cka_style, xb, yb)
     diff = (g_ours - g_ref).abs().max().item()
-    print(f"ours {t_ours:.2f}s   torch-cka approach {t_ref:.2f}s   ratio {t_ref / t_ours:.1f}x   "
+    print(f"best of {a.repeat}: ours {t_ours:.2f}s   torch-cka approach {t_ref:.2f}s   ratio {t_ref / t_ours:.1f}x   "
           f"max |diff| {diff:.2e}")
     if diff > 1e-8:
         raise SystemExit(f"grids disagree (max |diff| {diff:.2e})")
