@@ -98,4 +98,10 @@ def test_mixture_torch_dataset_puts_base_first(root, tmp_path):
     assert cap == "a red square" and (k, d) == (-1, -1) and img[0].min() == 1.0
     img, cap, k, d = ds[1]
     assert cap == m.captions[0] and k == m.dataset.class_idx[m.indices[0]]
-    assert m.filename().startswith("combined-captions-train-")
+    assert m.filename() == f"combined-captions-train-{m.id}.tsv"
+    # a CC12M / CC3M base gets the paper's web-data name (paper.md §5)
+    for web in ("cc12m", "CC3M"):
+        renamed = tmp_path / f"{web}_train.tsv"
+        renamed.write_text(base.read_text())
+        m = build_mixture(DomainNet(root), "cg_low", test_domain="sketch", test_classes=["axe"], base=renamed)
+        assert m.filename() == f"{web.lower()}-train-{m.id}.tsv"

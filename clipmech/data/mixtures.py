@@ -101,10 +101,16 @@ class Mixture:
         return self.dataset.counts(indices=self.indices)
 
     def filename(self) -> str:
-        """The paper's TSV name: dn-captions-/combined-captions-{train|val}-{ID}.tsv."""
-        prefix = "dn" if self.dataset.name == "domainnet" else self.dataset.name
-        kind = "combined" if self.base_lines else f"{prefix}"
+        """The paper's TSV name (paper.md §5): dn-captions-{train|val}-{ID}.tsv without a base,
+        {cc3m|cc12m}-train-{ID}.tsv when the base TSV's file name starts with cc3m / cc12m, and
+        combined-captions-{train|val}-{ID}.tsv with any other base (e.g. ImageNet-Captions)."""
         split = "val" if self.split == "test" else "train"
+        base_name = Path((self.manifest.get("base") or {}).get("path", "")).name.lower()
+        for web in ("cc12m", "cc3m"):
+            if self.base_lines and base_name.startswith(web):
+                return f"{web}-{split}-{self.id}.tsv"
+        prefix = "dn" if self.dataset.name == "domainnet" else self.dataset.name
+        kind = "combined" if self.base_lines else prefix
         return f"{kind}-captions-{split}-{self.id}.tsv"
 
     def torch_dataset(self, transform: Callable | None = None):
