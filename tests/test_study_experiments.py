@@ -6,12 +6,14 @@ import pytest
 from clipmech.study import experiments as X
 
 EXP = Path(__file__).resolve().parents[1] / "experiments"
-DATA = {"domainnet": "/data/domainnet", "imagenet_captions": "/data/inc.tsv", "cc12m": "/data/cc12m.tsv"}
+DATA = {"domainnet": "/data/domainnet", "imagenet_captions": "/data/inc.tsv", "cc12m": "/data/cc12m.tsv",
+        "imagenet_sketch": "/data/imagenet-sketch"}
 
 
 @pytest.mark.parametrize("name,runs", [("main", 48), ("cc12m", 7), ("allow_p", 60), ("supervised", 45),
                                        ("aligned_quickdraw", 1), ("domain_interpolation_sketch", 9),
-                                       ("domain_interpolation_clipart", 9), ("imagenet_sketch", 3)])
+                                       ("domain_interpolation_clipart", 9), ("imagenet_sketch_add", 3),
+                                       ("imagenet_sketch_mix", 7)])
 def test_configs_expand_and_validate(name, runs):
     from clipmech.train.config import load_config
     exp = X.load_experiment(EXP / f"{name}.toml")
@@ -27,8 +29,10 @@ def test_errors_name_the_fix(tmp_path):
     exp = X.load_experiment(EXP / "main.toml")
     with pytest.raises(ValueError, match="--data domainnet=/path"):
         X.expand_runs(exp, {})
-    with pytest.raises(ValueError, match="ImageNet-Sketch"):
-        X.run_experiment(EXP / "imagenet_sketch.toml", tmp_path, DATA, dry_run=True)
+    with pytest.raises(ValueError, match="--data imagenet_sketch=/path"):
+        X.expand_runs(X.load_experiment(EXP / "imagenet_sketch_mix.toml"), {"domainnet": "/d", "imagenet_captions": "/i"})
+    with pytest.raises(ValueError, match="is an analysis"):
+        X.run_experiment(EXP / "mechanistic.toml", tmp_path, DATA, dry_run=True)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         X.load_experiment(tmp_path / "nope.toml")
     bad = tmp_path / "bad.toml"
@@ -66,3 +70,16 @@ def test_figures_redrawn_from_stored_results(tmp_path):
     assert paths[0].stat().st_size > 5000
     with pytest.raises(FileNotFoundError, match="no evaluated runs"):
         X.redraw_figures(EXP / "allow_p.toml", tmp_path, DATA)
+
+
+def test_base_tsv_reaches_every_run_config_unless_left_out():
+    exp = X.load_experiment(EXP / "main.toml")
+    with_base = X.expand_runs(exp, DATA)
+    assert all(r["config"]["data"]["base"] == "/data/inc.tsv" for r in with_base)
+    without = X.expand_runs(exp, DATA, without_base=True)
+    assert all("base" not in r["config"]["data"] and r["id"].endswith("-nobase") for r in without)
+    assert {r["id"] for r in with_base}.isdisjoint({r["id"] for r in without})
+    mix = X.expand_runs(X.load_experiment(EXP / "imagenet_sketch_mix.toml"), DATA)
+    assert sorted(r["config"]["mixture"]["in_sketch_keep"] for r in mix) == sorted(
+        ["fiftyp", "thirtyp", "twentyfivep", "tenp", "fivep", "onep", "one"])
+    assert all(r["config"]["mixture"]["in_sketch"] == "/data/imagenet-sketch" for r in mix)

@@ -26,6 +26,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mix.add_argument("--split", choices=["train", "val"], default="train")
     mix.add_argument("--base", metavar="BASE.tsv", help="base image-text TSV put first, never subsampled")
     mix.add_argument("--seed", type=int, default=42, help="caption seed (default 42)")
+    mix.add_argument("--in-sketch", metavar="ROOT", help="ImageNet-Sketch folder: the paper's sketch add variant "
+                     "(natural_only, lod, cg_high), or with --in-sketch-keep the mix variant (cg_high)")
+    mix.add_argument("--in-sketch-keep", metavar="KEEP", help="mix variant: fiftyp, thirtyp, twentyfivep, tenp, "
+                     "fivep, onep or one (share of C1 classes whose test-domain images stay)")
     mix.add_argument("--no-subsample", action="store_true", help="keep the whole pool (id suffix -nosub)")
     mix.add_argument("--verify", choices=["exists", "open"], default="open",
                      help="DomainNet file check: 'open' also skips files PIL cannot identify (default)")
@@ -57,11 +61,17 @@ def _mixture(args: argparse.Namespace) -> int:
     m = build_mixture(ds, args.setup, test_domain=args.test_domain, test_classes=args.test_classes,
                       allow_p=args.allow_p, domains=args.domains, aligned=args.aligned, split=args.split,
                       seed=args.seed, base=args.base, subsample=not args.no_subsample)
+    if args.in_sketch:
+        from clipmech.data.imagenet_sketch import add_imagenet_sketch
+        m = add_imagenet_sketch(m, args.in_sketch, keep=args.in_sketch_keep, seed=args.seed)
+    elif args.in_sketch_keep:
+        raise ValueError("--in-sketch-keep needs --in-sketch ROOT (the ImageNet-Sketch folder)")
     out = Path(args.out)
     if out.is_dir() or args.out.endswith(("/", "\\")):
         out = out / m.filename()
     m.to_tsv(out)
-    print(f"wrote {out} ({len(m.base_lines)} base + {len(m.indices)} {ds.name} lines, id {m.id}) "
+    extra = f" + {len(m.extra_lines)} ImageNet-Sketch" if m.extra_lines else ""
+    print(f"wrote {out} ({len(m.base_lines)} base + {len(m.indices)} {ds.name}{extra} lines, id {m.id}) "
           f"and {out.with_suffix('.json')}")
     return 0
 

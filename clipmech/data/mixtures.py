@@ -83,7 +83,9 @@ class Mixture:
     """A training (or validation) mixture: dataset samples + captions + optional base TSV lines.
 
     indices: np.int64 into `dataset` (file order); captions: one per index; base_lines: the
-    base TSV's '<path>\\t<caption>' lines (kept verbatim, first in the TSV); manifest: JSON-able.
+    base TSV's '<path>\\t<caption>' lines (kept verbatim, first in the TSV); extra_lines: other
+    image-caption lines of the mixture itself (ImageNet-Sketch, `with_in_sketches`), written after
+    the base; manifest: JSON-able.
     """
     dataset: DomainDataset
     indices: np.ndarray
@@ -92,9 +94,10 @@ class Mixture:
     id: str
     split: str = "train"
     base_lines: list[str] = field(default_factory=list)
+    extra_lines: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.base_lines) + len(self.indices)
+        return len(self.base_lines) + len(self.extra_lines) + len(self.indices)
 
     def counts(self) -> np.ndarray:
         """int64[D, C] dataset samples per (domain, class) in this mixture."""
@@ -114,14 +117,15 @@ class Mixture:
         return f"{kind}-captions-{split}-{self.id}.tsv"
 
     def torch_dataset(self, transform: Callable | None = None):
-        """torch Dataset yielding (image, caption, class_idx, domain_idx); base samples come first
-        with class_idx = domain_idx = -1."""
+        """torch Dataset yielding (image, caption, class_idx, domain_idx); base and extra lines come
+        first with class_idx = domain_idx = -1."""
         from clipmech.data.tsv import BaseLinesView
         view = self.dataset.torch_dataset(transform, captions=self.captions, indices=self.indices)
-        if not self.base_lines:
+        lines = self.base_lines + self.extra_lines
+        if not lines:
             return view
         import torch.utils.data
-        return torch.utils.data.ConcatDataset([BaseLinesView(self.base_lines, view.transform), view])
+        return torch.utils.data.ConcatDataset([BaseLinesView(lines, view.transform), view])
 
     def to_tsv(self, path: str | Path, image_dir: str | Path | None = None, manifest: bool = True) -> Path:
         """Write the open_clip_train TSV (header filepath\\ttitle, base lines then dataset lines)
@@ -302,12 +306,6 @@ def check_mixture(m: Mixture, S: int | None, d_star: int | None, c2: list[int], 
 def _manifest(m: Mixture, *, setup, test_domain, c2, allow_p, included, aligned, seed, subsample, S, rho,
               base_info, templates) -> dict:
     ds = m.dataset
-    counts = m.counts()
-    h = hashlib.sha256()
-    for line in m.base_lines:
-        h.update(line.encode("utf-8") + b"\n")
-    for i, cap in zip(m.indices, m.captions):
-        h.update(f"{ds.source_key(int(i))}\t{cap}\n".encode("utf-8"))
     return {
         "id": m.id, "setup": setup, "split": "val" if m.split == "test" else "train",
         "dataset": {"name": ds.name, "root": ds.root, "content_hash": ds.content_hash()},
@@ -317,6 +315,70 @@ def _manifest(m: Mixture, *, setup, test_domain, c2, allow_p, included, aligned,
         "subsample": subsample, "templates": list(templates) if templates is not None else "paper",
         "S": S, "rho": rho, "n_dataset_samples": int(len(m.indices)), "n_base_samples": len(m.base_lines),
         "base": base_info,
-        "counts": {d: {c: int(counts[i, j]) for j, c in enumerate(ds.classes)} for i, d in enumerate(ds.domains)},
-        "content_hash": h.hexdigest()[:16],
+        **_content_entries(m),
     }
+
+
+def _content_entries(m: Mixture) -> dict:
+    """The manifest entries that describe the mixture's content: sizes, counts, content hash."""
+    ds, counts = m.dataset, m.counts()
+    h = hashlib.sha256()
+    for line in m.base_lines + m.extra_lines:
+        h.update(line.encode("utf-8") + b"\n")
+    for i, cap in zip(m.indices, m.captions):
+        h.update(f"{ds.source_key(int(i))}\t{cap}\n".encode("utf-8"))
+    return {"n_dataset_samples": int(len(m.indices)), "n_base_samples": len(m.base_lines),
+            "n_extra_samples": len(m.extra_lines),
+            "counts": {d: {c: int(counts[i, j]) for j, c in enumerate(ds.classes)} for i, d in enumerate(ds.domains)},
+            "content_hash": h.hexdigest()[:16]}
+
+
+def with_in_sketches(m: Mixture, lines: Sequence[str], info: dict, keep: str | None = None,
+                     seed: int = 42) -> Mixture:
+    """The paper's ImageNet-Sketch variant of mixture `m` (clipmech.data.imagenet_sketch explains
+    them). keep=None ("add"; setups natural_only, lod, cg_high): add `lines` and drop as many random
+    dataset samples. keep in imagenet_sketch.KEEP ("mix"; cg_high): first keep the test domain's
+    samples only for a nested random subset of C1 classes (floor(fraction * |C1|), at least one),
+    then add the lines and drop as many random samples of the other domains. The id gains
+    -with-in-sketches[-KEEP]. Deterministic in `seed`. Cost O(N)."""
+    from clipmech.data.imagenet_sketch import KEEP
+    setup = m.manifest.get("setup")
+    allowed = ("natural_only", "lod", "cg_high") if keep is None else ("cg_high",)
+    if keep is not None and keep not in KEEP:
+        from clipmech.utils import unknown_name_error
+        raise unknown_name_error("ImageNet-Sketch keep variant", keep, list(KEEP))
+    if setup not in allowed:
+        raise ValueError(f"the ImageNet-Sketch {'mix' if keep else 'add'} variant applies to setups {allowed}, "
+                         f"not {setup!r} (paper.md §4)")
+    if m.extra_lines:
+        raise ValueError(f"mixture {m.id} already has {len(m.extra_lines)} extra lines")
+    if not lines:
+        raise ValueError("no ImageNet-Sketch lines to add (did the DomainNet-class filter remove every image?)")
+    ds, idx, caps = m.dataset, m.indices, np.asarray(m.captions, dtype=object)
+    droppable = np.ones(len(idx), dtype=bool)
+    kept_classes: list[str] | None = None
+    if keep is not None:
+        d_star = ds.domain_index(m.manifest["test_domain"])
+        c2 = {ds.class_index(c) for c in m.manifest["test_classes"]}
+        c1 = np.array([c for c in range(len(ds.classes)) if c not in c2])
+        # floor (25 % of 330 = 82), at least one class on small datasets
+        n_keep = 1 if KEEP[keep] is None else max(1, int(Fraction(str(KEEP[keep])) * len(c1)))
+        chosen = np.random.default_rng(seed).permutation(c1)[:n_keep]  # one permutation: nested subsets
+        kept_classes = [ds.classes[c] for c in sorted(chosen)]
+        gone = (ds.domain_idx[idx] == d_star) & ~np.isin(ds.class_idx[idx], chosen)
+        idx, caps = idx[~gone], caps[~gone]
+        droppable = ds.domain_idx[idx] != d_star
+    candidates = np.flatnonzero(droppable)
+    if len(lines) > len(candidates):
+        raise ValueError(f"cannot add {len(lines)} ImageNet-Sketch lines: only {len(candidates)} dataset samples "
+                         "can be dropped to make room")
+    drop = np.random.default_rng(seed).choice(candidates, len(lines), replace=False)
+    stay = np.ones(len(idx), dtype=bool)
+    stay[drop] = False
+    out = Mixture(ds, idx[stay], list(caps[stay]), {}, m.id + "-with-in-sketches" + (f"-{keep}" if keep else ""),
+                  split=m.split, base_lines=list(m.base_lines), extra_lines=list(lines))
+    out.manifest = {**m.manifest, "id": out.id, **_content_entries(out),
+                    "in_sketch": {**info, "variant": "mix" if keep else "add", "keep": keep,
+                                  "kept_c1_classes": kept_classes, "variant_seed": seed,
+                                  "dropped_dataset_samples": int(len(m.indices) - len(out.indices))}}
+    return out

@@ -66,7 +66,7 @@ def materialise_images(mixture: "Mixture", image_dir: Path) -> list[str]:
 
 def write_mixture_tsv(mixture: "Mixture", path: Path, image_dir: str | Path | None = None,
                       manifest: bool = True) -> Path:
-    """Write header, base lines, dataset lines to `path`; the manifest to `path` with .json."""
+    """Write header, base lines, extra lines, dataset lines to `path`; the manifest to `path` with .json."""
     ds = mixture.dataset
     if ds.sources is None:
         image_dir = Path(image_dir) if image_dir else path.parent / f"{ds.name}-images-{ds.content_hash()}"
@@ -76,7 +76,8 @@ def write_mixture_tsv(mixture: "Mixture", path: Path, image_dir: str | Path | No
     for cap in mixture.captions:
         if "\t" in cap or "\n" in cap:
             raise ValueError(f"caption {cap!r} contains a tab or newline; the TSV cannot hold it")
-    lines = [HEADER, *mixture.base_lines, *(f"{p}\t{c}" for p, c in zip(paths, mixture.captions))]
+    lines = [HEADER, *mixture.base_lines, *mixture.extra_lines,
+             *(f"{p}\t{c}" for p, c in zip(paths, mixture.captions))]
     out = atomic_write_text("\n".join(lines) + "\n", path)
     if manifest:
         atomic_write_json(mixture.manifest, path.with_suffix(".json"))

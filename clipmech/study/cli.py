@@ -44,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--nproc", type=int, default=None, help="GPUs per run (default: the file's [launch])")
     e.add_argument("--dry-run", action="store_true", help="print the runs and commands, run nothing")
     e.add_argument("--without-base", action="store_true",
-                   help="train on the DomainNet part alone when the base image-text TSV is not supported")
+                   help="leave out the [experiment] base_tsv (ImageNet-Captions / CC) and train on the DomainNet "
+                        "part alone; not the paper's setting, run ids get -nobase")
     e.add_argument("--debug", action="store_true", help="show tracebacks")
     e.set_defaults(func=_experiment)
 
@@ -95,8 +96,8 @@ def _experiment(args: argparse.Namespace) -> int:
         X.run_experiment(args.file, args.out, data, nproc=args.nproc, dry_run=args.dry_run,
                          without_base=args.without_base)
     elif args.action == "figures":
-        for path in X.redraw_figures(args.file, args.out, data):
+        for path in X.redraw_figures(args.file, args.out, data, args.without_base):
             print(f"wrote {path}")
     else:
-        X.run_analyses(args.file, args.out, data)
+        X.run_analyses(args.file, args.out, data, args.without_base)
     return 0

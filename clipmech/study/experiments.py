@@ -74,9 +74,14 @@ def _fill(obj: Any, data: Mapping[str, str], where: str) -> Any:
     return obj
 
 
-def expand_runs(exp: Mapping[str, Any], data: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
-    """The experiment's distinct runs: [{"id", "config"}] (config = resolved train config, no out)."""
+def expand_runs(exp: Mapping[str, Any], data: Mapping[str, str] | None = None,
+                without_base: bool = False) -> list[dict[str, Any]]:
+    """The experiment's distinct runs: [{"id", "config"}] (config = resolved train config, no out).
+
+    [experiment] base_tsv (e.g. "{imagenet_captions}") becomes every run's [data] base, the paper's
+    base image-text pairs; without_base leaves it out (ids get -nobase; not the paper's setting)."""
     keys = list(exp["matrix"])
+    base_tsv = exp["experiment"].get("base_tsv")
     runs: dict[str, dict[str, Any]] = {}
     for values in itertools.product(*(exp["matrix"][k] for k in keys)):
         cfg = copy.deepcopy(exp["base"])
@@ -85,8 +90,10 @@ def expand_runs(exp: Mapping[str, Any], data: Mapping[str, str] | None = None) -
             cfg.setdefault(section, {})[name] = value
         if cfg.get("mixture", {}).get("setup") == "natural_only":
             cfg["mixture"].pop("test_domain", None)  # one natural-only model serves every test domain
+        if base_tsv and not without_base:
+            cfg.setdefault("data", {})["base"] = base_tsv
         cfg = _fill(cfg, data or {}, exp["experiment"]["name"])
-        run_id = _run_id(cfg)
+        run_id = _run_id(cfg) + ("-nobase" if base_tsv and without_base else "")
         runs.setdefault(hash_obj(cfg), {"id": run_id, "config": cfg})
     return list(runs.values())
 
@@ -101,30 +108,22 @@ def _run_id(cfg: Mapping[str, Any]) -> str:
         parts.append(m["domains"])
     if m.get("aligned"):
         parts.append("aligned")
+    if m.get("in_sketch"):
+        parts.append("insketch" + (f"-{m['in_sketch_keep']}" if m.get("in_sketch_keep") else ""))
     if t.get("objective") == "supervised":
         parts.append("sup")
     parts.append(f"s{t.get('seed', 0)}")
     return "-".join(str(p) for p in parts) + "-" + hash_obj(cfg)[:6]
 
 
-def check_supported(exp: Mapping[str, Any], data: Mapping[str, str], without_base: bool) -> None:
-    """Refuse, with the reason, experiments that need what clipmech cannot do yet.
-
-    `unsupported` in [experiment] names a missing library piece. `base_tsv` (the ImageNet-Captions or
-    CC base image-text pairs) needs a base-dataset option in clipmech.train's config, which does not
-    exist yet; `without_base` trains on the DomainNet part alone (not the paper's setting).
-    """
+def check_supported(exp: Mapping[str, Any]) -> None:
+    """Refuse, with the reason, what `run_experiment` cannot run: analyses (they have their own
+    command) and experiments whose [experiment] `unsupported` names a missing library piece."""
     e = exp["experiment"]
     if e.get("kind") == "analysis":
         raise ValueError(f"experiment {e['name']!r} is an analysis; run it with `clipmech experiment analyse`")
     if e.get("unsupported"):
         raise ValueError(f"experiment {e['name']!r} cannot run yet: {e['unsupported']}")
-    if e.get("base_tsv") and not without_base:
-        from clipmech.train.config import DEFAULTS
-        if not any("base" in keys for keys in DEFAULTS.values()):
-            raise ValueError(f"experiment {e['name']!r} trains on a base dataset ({e['base_tsv']}) but "
-                             "clipmech.train has no base-dataset option yet; pass --without-base to train "
-                             "on the DomainNet part alone (not the paper's setting)")
 
 
 def launch_command(config_path: Path, run_dir: Path, nproc: int, nnodes: int = 1) -> list[str]:
@@ -146,13 +145,13 @@ def run_experiment(path: PathLike, out: PathLike = "runs/experiments", data: Map
     from clipmech.train.config import load_config, save_config
 
     exp = load_experiment(path)
-    check_supported(exp, data or {}, without_base)
+    check_supported(exp)
     name = exp["experiment"]["name"]
     root = Path(out) / name
     registry = Registry(Path(out) / "registry")
     nproc = nproc or int(exp["launch"].get("nproc_per_node", 1))
     table = []
-    for run in expand_runs(exp, data):
+    for run in expand_runs(exp, data, without_base):
         run_dir = root / run["id"]
         cfg = load_config(run["config"], {"train": {"out": str(run_dir)}})  # validates keys before any launch
         key = {"stage": "experiment-train", "config": run["config"]}
@@ -195,14 +194,16 @@ def collect_accuracies(table: Sequence[Mapping[str, Any]], metric: str = "top1_b
     return acc
 
 
-def redraw_figures(path: PathLike, out: PathLike = "runs/experiments", data: Mapping[str, str] | None = None) -> list[Path]:
+def redraw_figures(path: PathLike, out: PathLike = "runs/experiments", data: Mapping[str, str] | None = None,
+                   without_base: bool = False) -> list[Path]:
     """Figure-2-style bars (and accuracy curves) of an experiment from its stored evaluation results."""
     from clipmech.study import figures as F
 
     exp = load_experiment(path)
     name = exp["experiment"]["name"]
     root = Path(out) / name
-    table = [{"id": r["id"], "run_dir": str(root / r["id"]), "config": r["config"]} for r in expand_runs(exp, data)]
+    table = [{"id": r["id"], "run_dir": str(root / r["id"]), "config": r["config"]}
+             for r in expand_runs(exp, data, without_base)]
     acc = collect_accuracies(table)
     if not acc:
         raise FileNotFoundError(f"no evaluated runs of {name!r} under {root}; run `clipmech experiment run {path}` first")
@@ -210,8 +211,8 @@ def redraw_figures(path: PathLike, out: PathLike = "runs/experiments", data: Map
                            title=f"{name}: C2 accuracy per setup and test domain ({exp['experiment'].get('figure', '')})")]
 
 
-def run_analyses(path: PathLike, out: PathLike = "runs/experiments", data: Mapping[str, str] | None = None
-                 ) -> list[dict[str, Any]]:
+def run_analyses(path: PathLike, out: PathLike = "runs/experiments", data: Mapping[str, str] | None = None,
+                 without_base: bool = False) -> list[dict[str, Any]]:
     """Run the quickstart's per-model analyses (CKA, circuits, SAE sharing, embeddings) on every
     trained run of the [analysis] source experiment; results go to the shared registry."""
     from dataclasses import replace
@@ -229,7 +230,7 @@ def run_analyses(path: PathLike, out: PathLike = "runs/experiments", data: Mappi
     if unknown:
         raise ValueError(f"{path}: unknown [analysis] keys {sorted(unknown)}")
     rows = []
-    for run in expand_runs(src, data):
+    for run in expand_runs(src, data, without_base):
         run_dir = root / run["id"]
         epochs = run["config"].get("train", {}).get("epochs", 32)
         ckpt = run_dir / f"epoch_{epochs}.pt"

@@ -41,6 +41,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "domains": None,
         "aligned": False,
         "seed": 42,
+        "in_sketch": None,          # ImageNet-Sketch root: the paper's sketch add / mix variants
+        "in_sketch_keep": None,     # mix variant: fiftyp | thirtyp | twentyfivep | tenp | fivep | onep | one
+        "in_sketch_word_match": False,  # True: whole-word DomainNet-class filter (paper: substring)
     },
     "optim": {
         "name": "adamw",            # adamw | sgd (Nesterov; the supervised baseline's recipe)
