@@ -12,7 +12,9 @@ grows with depth: measured on an idle 2-core CPU (2026-11-29), tiny-rn (one bloc
 avg-pool backward per slice (torch.profiler: 56 convolution_backward calls for 4 convolutions at
 13 nodes, 28% of the time in the concatenation), so `ig_edge_scores` batches 8 nodes per VJP
 (`EDGE_CHUNK`): 1.2-1.4x faster than one batch of all nodes (tiny-rn: 3.2x -> 4.2x overall) and
-within 10-30% of one backward per node. GPU timings not measured: no GPU was available.
+within 10-30% of one-node batches. A plain backward per node (a Python loop, which the spec rules
+out) would be 2-3x cheaper still (layer1 -> layer2: 0.012-0.017 s vs 0.036-0.042 s per node) and
+would still leave that pair near 6-7x. GPU timings not measured: no GPU was available.
 
     python benchmarks/circuit_edges.py [--images 16] [--steps 10] [--threads 2]
 """
