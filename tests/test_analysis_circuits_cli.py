@@ -57,7 +57,7 @@ def test_circuits_end_to_end_on_two_domains_and_two_classes(run_dir):
                                  "--n-random", "2"])
     assert args.func(args) == 0
     out = run_dir / "analysis" / "circuits_epoch0"
-    for name in ("circuit.png", "node_jaccard.png", "edge_jaccard.png", "wl_h2.png"):
+    for name in ("circuit.png", "node_jaccard.png", "edge_jaccard.png", "wl_h2.png", "causal_ablation.png"):
         assert (out / name).stat().st_size > 1000
     sims = json.loads((out / "similarity.json").read_text())
     assert sims["domains"] == [ds.default_test_domain, "flat"]

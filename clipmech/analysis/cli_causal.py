@@ -249,10 +249,44 @@ def run_circuits(args: argparse.Namespace) -> int:
                       f"{c} {v['drop']:+.3f} [{v['drop_ci95'][0]:+.3f}, {v['drop_ci95'][1]:+.3f}]"
                       for c, v in res["contrasts"].items()))
         atomic_write_json(result, out / "causal_ablation.json")
+        if any(name in result for name in heads):
+            _causal_bars(result, [name for name in heads if name in result], out / "causal_ablation.png")
     else:
         print(f"clipmech analyze circuits: causal test skipped (needs test domain {td!r}, another domain and C2 classes)")
     print(f"clipmech analyze circuits: wrote {out}")
     return 0
+
+
+def _causal_bars(result: dict, heads: list[str], path: Path) -> None:
+    """Accuracy drop (points, 95 % CI) per ablation condition, one panel per zero-shot head."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from clipmech.utils import atomic_write_bytes
+
+    colors = matplotlib.style.library["tableau-colorblind10"]["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(1, len(heads), figsize=(4.2 * len(heads), 3.6), squeeze=False)
+    for ax, head in zip(axes[0], heads):
+        res = result[head]
+        names = list(res["conditions"])
+        drops = [100 * res["conditions"][c]["drop"] for c in names]
+        lo = [100 * res["conditions"][c]["drop_ci95"][0] for c in names]
+        hi = [100 * res["conditions"][c]["drop_ci95"][1] for c in names]
+        ax.bar(range(len(names)), drops, color=[colors[i % len(colors)] for i in range(len(names))],
+               yerr=[[d - low for d, low in zip(drops, lo)], [high - d for d, high in zip(drops, hi)]], capsize=3)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(range(len(names)), [n.replace("_", " ") for n in names], rotation=30, ha="right")
+        ax.set_ylabel("accuracy drop (points)")
+        nodes = res["nodes_ablated_mean_per_class"]
+        ax.set_title(f"{head.replace('_', ' ')}: clean {100 * res['accuracy_clean']:.1f} %, {res['n_images']} images\n"
+                     f"{nodes['shared']:.0f} nodes/class matched, {nodes['shared_all']:.0f} all shared", fontsize=8)
+    fig.suptitle(f"{result['test_domain']} C2: ablating nodes shared with other domains", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(buf.getvalue(), path)
 
 
 # ---------------------------------------------------------------------------------------- patching
