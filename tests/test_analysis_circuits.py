@@ -262,3 +262,20 @@ def test_bad_inputs(rn, batch):
         C.discover_circuit(rn, images, labels, head, points=[pts[3], pts[1]])
     with pytest.raises(ValueError, match="labels shape"):
         C.ig_node_scores(rn, images, labels[:2], head, pts[6])
+
+
+def test_faithfulness_at_one_point_matches_hand_ablation(rn, batch, circuit):
+    images, head, labels = batch
+    p = "visual.layer3.0.hook_out"
+    res = C.faithfulness(rn, circuit, images, labels, head, ablation="zero", points=[p])
+
+    def metric(keep_p):  # mean true-class cosine with only point p ablated (zeros outside keep_p)
+        emb = torch.nn.functional.normalize(C.ablated_embedding(rn, images, {p: keep_p}, ablation="zero"), dim=-1)
+        return (emb @ head.T)[range(len(labels)), labels].mean().item()
+
+    mask = circuit.keep_masks()[p]
+    full, empty, kept = metric(torch.ones_like(mask)), metric(torch.zeros_like(mask)), metric(mask)
+    assert res["metric_full"] == pytest.approx(full) and res["metric_empty"] == pytest.approx(empty)
+    assert res["faithfulness"] == pytest.approx((kept - empty) / (full - empty))
+    with pytest.raises(ValueError, match="not points of the circuit"):
+        C.faithfulness(rn, circuit, images, labels, head, points=["visual.layer9.hook_out"])
