@@ -57,7 +57,8 @@ def test_circuits_end_to_end_on_two_domains_and_two_classes(run_dir):
                                  "--n-random", "2"])
     assert args.func(args) == 0
     out = run_dir / "analysis" / "circuits_epoch0"
-    for name in ("circuit.png", "node_jaccard.png", "edge_jaccard.png", "wl_h2.png", "causal_ablation.png"):
+    for name in ("circuit.png", "node_jaccard.png", "edge_jaccard.png", "wl_h2.png", "causal_ablation.png",
+                 "faithfulness_per_point.png"):
         assert (out / name).stat().st_size > 1000
     sims = json.loads((out / "similarity.json").read_text())
     assert sims["domains"] == [ds.default_test_domain, "flat"]
@@ -66,6 +67,8 @@ def test_circuits_end_to_end_on_two_domains_and_two_classes(run_dir):
         assert m[0][0] == m[1][1] == 1.0 and m[0][1] == m[1][0] and 0 <= m[0][1] <= 1
     faith = json.loads((out / "faithfulness.json").read_text())
     assert set(faith["per_class"]) == set(classes)
+    assert len(faith["per_point_mean"]) == 2 and len(faith["per_point_mean"][0]) == len(faith["points"])
+    assert not any(p.endswith("hook_input") for p in faith["points"])
     causal = json.loads((out / "causal_ablation.json").read_text())
     assert causal["test_domain"] == ds.default_test_domain and causal["other_domains"] == ["flat"]
     for head in ("all_classes", "c2_classes_only"):

@@ -121,19 +121,36 @@ class _Run:
         return [(d, k) for k in self.classes for d in self.domains]
 
 
-def _heatmap(matrix: np.ndarray, labels: list[str], title: str, path: Path) -> None:
+def _short(point: str) -> str:
+    return point.replace("visual.", "").replace(".hook_out", "").replace("hook_", "")
+
+
+def _point_faithfulness(run: "_Run", circuit, sample, reference, ablation: str, point: str) -> float | None:
+    """Faithfulness of `circuit` on `sample` with ablation at `point` only; None where undefined
+    (ablating every node there leaves the metric unchanged)."""
+    from clipmech.analysis.circuits import faithfulness
+    try:
+        return faithfulness(run.model, circuit, *sample, run.head, ablation=ablation, reference=reference,
+                            points=[point])["faithfulness"]
+    except ValueError:
+        return None
+
+
+def _heatmap(matrix: np.ndarray, labels: list[str], title: str, path: Path, xlabels: list[str] | None = None) -> None:
+    """Rows `labels`, columns `xlabels` (default: the same labels); colours clipped to [0, 1], values printed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from clipmech.utils import atomic_write_bytes
 
-    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(labels), 0.6 + 0.8 * len(labels)))
+    xlabels = labels if xlabels is None else xlabels
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(xlabels), 0.6 + 0.8 * len(labels)))
     im = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_xticks(range(len(xlabels)), xlabels, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)
     for i in range(len(labels)):
-        for j in range(len(labels)):
+        for j in range(len(xlabels)):
             if np.isfinite(matrix[i, j]):
                 ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", color="w", fontsize=7)
     fig.colorbar(im, ax=ax)
@@ -213,15 +230,23 @@ def run_circuits(args: argparse.Namespace) -> int:
                                                    {d: s[0] for d, s in samples.items()},
                                                    {d: s[1] for d, s in samples.items()}, run.head,
                                                    ablation=args.ablation, reference=refs)
-            faith[k] = {"domains": names, "matrix": mat.tolist()}
+            faith[k] = {"domains": names, "matrix": mat.tolist(), "per_point": {
+                d: {p: _point_faithfulness(run, circuits[d][k], samples[d], refs[d], args.ablation, p) for p in points}
+                for d in have}}
         full = np.full((len(domains), len(domains)), np.nan)
         for i, a in enumerate(domains):
             for j, b in enumerate(domains):
                 vals = [f["matrix"][f["domains"].index(a)][f["domains"].index(b)] for f in faith.values()
                         if a in f["domains"] and b in f["domains"]]
                 full[i, j] = np.mean(vals) if vals else np.nan
-        atomic_write_json({"per_class": faith, "mean": full.tolist(), "domains": domains, "ablation": args.ablation},
+        per_point = np.array([[np.nanmean([np.nan if f["per_point"].get(d, {}).get(p) is None else f["per_point"][d][p]
+                                            for f in faith.values()] or [np.nan]) for p in points] for d in domains])
+        atomic_write_json({"per_class": faith, "mean": full.tolist(), "domains": domains, "ablation": args.ablation,
+                           "points": points, "per_point_mean": per_point.tolist(),
+                           "note": "per_point: a domain's own circuit on its own images, ablated at that point only"},
                           out / "faithfulness.json")
+        _heatmap(per_point, domains, "faithfulness at one point (own circuit, mean over classes)",
+                 out / "faithfulness_per_point.png", xlabels=[_short(p) for p in points])
 
     td = run.test_domain
     c2 = [k for k in run.classes if k in run.c2 and k in circuits.get(td, {})]
