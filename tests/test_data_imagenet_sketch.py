@@ -64,6 +64,10 @@ def test_add_variant_keeps_the_size_and_writes_the_lines(dn, in_root, tmp_path):
         assert out.manifest["in_sketch"]["variant"] == "add" and out.manifest["n_extra_samples"] == len(out.extra_lines)
     paths, caps = read_tsv(out.to_tsv(tmp_path / out.filename()))
     assert len(paths) == len(out) and paths[0] == out.extra_lines[0].split("\t")[0]
+    from torchvision.transforms.functional import to_tensor
+    view = out.torch_dataset(to_tensor)  # what the trainer iterates: IN-Sketch images first, label -1
+    img, cap, k, d = view[0]
+    assert len(view) == len(out) and (k, d) == (-1, -1) and cap == caps[0] and img.shape == (3, 4, 4)
     with pytest.raises(ValueError, match="applies to setups"):
         add_imagenet_sketch(build_mixture(dn, "cg_low", test_domain="sketch", test_classes=["axe"]), in_root)
 
