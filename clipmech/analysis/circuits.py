@@ -398,7 +398,8 @@ def ablated_embedding(model, images: Tensor, keep: Mapping[str, Tensor], *, abla
 
 
 def _metric_values(model, circuit: Circuit, images: Tensor, metric: Metric, ablation: str,
-                   reference: Tensor | None, saes, points: Sequence[str] | None = None) -> dict[str, float]:
+                   reference: Tensor | None, saes, points: Sequence[str] | None = None,
+                   fill: Mapping[str, Tensor] | None = None) -> dict[str, float]:
     points = list(circuit.points) if points is None else list(points)
     unknown = [p for p in points if p not in circuit.points]
     if unknown:
@@ -407,7 +408,8 @@ def _metric_values(model, circuit: Circuit, images: Tensor, metric: Metric, abla
     full = {p: torch.ones_like(m) for p, m in keep.items()}
     runs = {"full": full, "empty": {p: ~m for p, m in full.items()}, "circuit": keep,
             "complement": {p: ~m for p, m in keep.items()}}
-    fill = ablation_values(model, images if reference is None else reference, points, ablation, saes)
+    if fill is None:
+        fill = ablation_values(model, images if reference is None else reference, points, ablation, saes)
     out = {}
     for name, masks in runs.items():
         emb = ablated_embedding(model, images, masks, saes=saes, fill=fill)
@@ -420,15 +422,17 @@ def _metric_values(model, circuit: Circuit, images: Tensor, metric: Metric, abla
 
 def faithfulness(model, circuit: Circuit, images: Tensor, labels: Tensor, head: Tensor, *, ablation: str = "mean",
                  reference: Tensor | None = None, metric: Metric | None = None,
-                 saes: Mapping[str, Any] | None = None, points: Sequence[str] | None = None) -> dict[str, float]:
+                 saes: Mapping[str, Any] | None = None, points: Sequence[str] | None = None,
+                 fill: Mapping[str, Tensor] | None = None) -> dict[str, float]:
     """Faithfulness (M(circuit) - M(empty)) / (M(full) - M(empty)), everything outside the circuit
     ablated at all its points at once, and completeness (M(full) - M(complement)) / (M(full) -
     M(empty)): the share of the gap lost when only the circuit is ablated. M defaults to the mean
     true-class logit. `points` ablates only at those circuit points (default: all; one point shows
-    what the circuit keeps there without ablations compounding across points). Returns both plus
-    the raw metric values. Cost: 4 forwards (+1 for the mean)."""
+    what the circuit keeps there without ablations compounding across points); `fill` (from
+    `ablation_values` over the reference) skips recomputing the ablation values. Returns both plus
+    the raw metric values. Cost: 4 forwards (+1 for the mean unless `fill` is given)."""
     metric = metric or true_class_logit(head, labels)
-    m = _metric_values(model, circuit, images, metric, ablation, reference, saes, points)
+    m = _metric_values(model, circuit, images, metric, ablation, reference, saes, points, fill)
     gap = m["full"] - m["empty"]
     return {"faithfulness": (m["circuit"] - m["empty"]) / gap, "completeness": (m["full"] - m["complement"]) / gap,
             **{f"metric_{k}": v for k, v in m.items()}}
@@ -436,20 +440,25 @@ def faithfulness(model, circuit: Circuit, images: Tensor, labels: Tensor, head: 
 
 def cross_domain_faithfulness(model, circuits: Mapping[str, Circuit], images: Mapping[str, Tensor],
                               labels: Mapping[str, Tensor], head: Tensor, *, ablation: str = "mean",
-                              reference: Mapping[str, Tensor] | None = None) -> tuple[list[str], np.ndarray]:
+                              reference: Mapping[str, Tensor] | None = None,
+                              fill: Mapping[str, Mapping[str, Tensor]] | None = None) -> tuple[list[str], np.ndarray]:
     """F[a, b] = faithfulness of the circuit found on domain a, evaluated on domain b's images, mean
     ablation over `reference[b]` (e.g. test images of all classes of domain b; default b's images,
     which for a one-class batch makes mean ablation nearly a no-op). `circuits`, `images`,
-    `labels`, `reference` are keyed by domain (one class)."""
+    `labels`, `reference` are keyed by domain (one class). The ablation values are computed once
+    per domain b, or taken from `fill[b]` (`ablation_values` over the circuits' points) when given."""
     domains = [d for d in circuits if d in images]
     if not domains:
         raise ValueError("no domain has both a circuit and images")
+    points = list(dict.fromkeys(p for d in domains for p in circuits[d].points))
+    if fill is None:
+        fill = {b: ablation_values(model, images[b] if reference is None else reference[b], points, ablation)
+                for b in domains}
     mat = np.zeros((len(domains), len(domains)))
     for i, a in enumerate(domains):
         for j, b in enumerate(domains):
-            ref = None if reference is None else reference[b]
             mat[i, j] = faithfulness(model, circuits[a], images[b], labels[b], head, ablation=ablation,
-                                     reference=ref)["faithfulness"]
+                                     fill=fill[b])["faithfulness"]
     return domains, mat
 
 

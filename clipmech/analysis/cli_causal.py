@@ -125,12 +125,12 @@ def _short(point: str) -> str:
     return point.replace("visual.", "").replace(".hook_out", "").replace("hook_", "")
 
 
-def _point_faithfulness(run: "_Run", circuit, sample, reference, ablation: str, point: str) -> float | None:
-    """Faithfulness of `circuit` on `sample` with ablation at `point` only; None where undefined
-    (ablating every node there leaves the metric unchanged)."""
+def _point_faithfulness(run: "_Run", circuit, sample, fill, ablation: str, point: str) -> float | None:
+    """Faithfulness of `circuit` on `sample` with ablation at `point` only (ablation values `fill`);
+    None where undefined (ablating every node there leaves the metric unchanged)."""
     from clipmech.analysis.circuits import faithfulness
     try:
-        return faithfulness(run.model, circuit, *sample, run.head, ablation=ablation, reference=reference,
+        return faithfulness(run.model, circuit, *sample, run.head, ablation=ablation, fill=fill,
                             points=[point])["faithfulness"]
     except ValueError:
         return None
@@ -168,7 +168,8 @@ def run_circuits(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from clipmech.analysis import circuit_similarity as S
-    from clipmech.analysis.circuits import Circuit, cross_domain_faithfulness, discover_circuit, shared_node_ablation
+    from clipmech.analysis.circuits import (Circuit, ablation_values, cross_domain_faithfulness, discover_circuit,
+                                            shared_node_ablation)
     from clipmech.utils import atomic_write_json
 
     run = _Run(args)
@@ -222,16 +223,17 @@ def run_circuits(args: argparse.Namespace) -> int:
 
     if not args.no_faithfulness:
         faith = {}
-        refs = {d: run.reference(d) for d in domains}
+        # One reference forward per domain serves every class, circuit and point below.
+        fills = {d: ablation_values(run.model, run.reference(d), first.points, args.ablation) for d in domains}
         for k in tqdm(run.classes, desc="cross-domain faithfulness", unit="class"):
             have = [d for d in domains if k in circuits[d]]
             samples = {d: run.sample(d, k) for d in have}
             names, mat = cross_domain_faithfulness(run.model, {d: circuits[d][k] for d in have},
                                                    {d: s[0] for d, s in samples.items()},
                                                    {d: s[1] for d, s in samples.items()}, run.head,
-                                                   ablation=args.ablation, reference=refs)
+                                                   ablation=args.ablation, fill=fills)
             faith[k] = {"domains": names, "matrix": mat.tolist(), "per_point": {
-                d: {p: _point_faithfulness(run, circuits[d][k], samples[d], refs[d], args.ablation, p) for p in points}
+                d: {p: _point_faithfulness(run, circuits[d][k], samples[d], fills[d], args.ablation, p) for p in points}
                 for d in have}}
         full = np.full((len(domains), len(domains)), np.nan)
         for i, a in enumerate(domains):
