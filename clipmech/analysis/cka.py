@@ -428,7 +428,7 @@ def _permutation_cka(Sx: torch.Tensor, Sy: torch.Tensor, perms: torch.Tensor, ke
     for s in range(0, len(perms), step):
         p = perms[s:s + step]
         w = ones.expand(len(p), -1)
-        kl = _weighted_hsic(K, L[p[:, :, None], p[:, None, :]], w, estimator, Kw.expand(len(p), -1), Lw[:, p][0])
+        kl = _weighted_hsic(K, L[p[:, :, None], p[:, None, :]], w, estimator, Kw.expand(len(p), -1), Lw[0, p])
         out.append(_ratio(kl, kk.expand(len(p)), ll.expand(len(p))))
     return np.concatenate(out) if out else np.zeros(0)
 
@@ -520,60 +520,60 @@ def domain_cka(features: Mapping[str, Any], class_idx: Any, domain_idx: Any, dom
                 out["skipped"].append({"subset": subset, "pair": key, "reason":
                                        f"only {n} rows from {len(shared)} shared classes (need >= {min_n})"})
                 continue
-            # bootstrap over classes: each draw re-collects the rows of the drawn classes
+            # bootstrap over classes: each draw re-collects the rows of the drawn classes, kept as
+            # row counts (B, n) that every point and kernel below reuses
             by_class = {k: np.flatnonzero(row_class == k) for k in shared}
-            draws = [np.concatenate([by_class[k] for k in rng.choice(shared, size=len(shared))])
-                     for _ in range(n_boot)]
-            perms = [rng.permutation(n) for _ in range(n_perm)]
+            counts = torch.zeros(n_boot, n, dtype=torch.float64)
+            for i in range(n_boot):
+                rows = np.concatenate([by_class[k] for k in rng.choice(shared, size=len(shared))])
+                counts[i] = torch.from_numpy(np.bincount(rows, minlength=n).astype(np.float64))
+            perms = torch.from_numpy(np.stack([rng.permutation(n) for _ in range(n_perm)])) if n_perm \
+                else torch.zeros(0, n, dtype=torch.long)
             res = {k: {"cka": [], "ci_low": [], "ci_high": [], "perm_mean": [], "perm_p95": [],
                        "n_rows": n, "n_classes": len(shared), "classes_missing": len(cls) - len(shared),
                        "boot_failed": [], "error": []} for k in kernels}
             for kernel in kernels:
                 out["results"][subset][kernel][key] = res[kernel]
-            plans.append((a, b, torch.as_tensor(shared, dtype=torch.long), rows_a, rows_b, draws, perms, res))
+            plans.append((a, b, torch.as_tensor(shared, dtype=torch.long), rows_a, rows_b, counts, perms, res))
     n_classes = int(class_idx.max()) + 1 if len(class_idx) else 0
     for p in tqdm(points, desc="CKA per point", unit="point", disable=not progress):
         table = _centroid_table(F[p], class_idx, domain_idx, len(domains), n_classes) if mode == "centroid" else None
-        for a, b, shared, rows_a, rows_b, draws, perms, res in plans:
+        for a, b, shared, rows_a, rows_b, counts, perms, res in plans:
             if mode == "centroid":
                 X, Y = table[a, shared], table[b, shared]
             else:
                 X, Y = F[p][torch.from_numpy(rows_a)], F[p][torch.from_numpy(rows_b)]
             for kernel in kernels:
-                _append_point(res[kernel], X, Y, kernel, estimator, draws, perms, ci)
+                _append_point(res[kernel], X, Y, kernel, estimator, counts, perms, ci)
     return out
 
 
 def _append_point(res: dict, X: torch.Tensor, Y: torch.Tensor, kernel: str, estimator: str,
-                  draws: list[np.ndarray], perms: list[np.ndarray], ci: float) -> None:
-    """Append one point's CKA, bootstrap CI and permutation baseline to `res` (None + error if undefined)."""
+                  counts: torch.Tensor, perms: torch.Tensor, ci: float) -> None:
+    """Append one point's CKA, bootstrap CI (resamples as row counts (B, n)) and permutation baseline
+    (perms (P, n)) to `res` (None + error if undefined)."""
     try:
         value = cka(X, Y, kernel, estimator, form="gram")
     except ValueError as err:
         for f in ("cka", "ci_low", "ci_high", "perm_mean", "perm_p95"):
             res[f].append(None)
-        res["boot_failed"].append(len(draws))
+        res["boot_failed"].append(len(counts))
         res["error"].append(str(err))
         return
-    n = X.shape[0]
     Sx, Sy = _kernel_source(X, kernel), _kernel_source(Y, kernel)
-    counts = torch.from_numpy(np.stack([np.bincount(d, minlength=n) for d in draws]).astype(np.float64)) \
-        if draws else torch.zeros(0, n, dtype=torch.float64)
-    boot = _bootstrap_cka(Sx, Sy, counts, kernel, estimator) if draws else np.zeros(0)
+    boot = _bootstrap_cka(Sx, Sy, counts, kernel, estimator)
     boot = boot[np.isfinite(boot)]
     # Normal interval from the bootstrap SE. Percentile intervals can exclude the estimate: drawing a
     # class twice adds identical off-diagonal pairs, which bias resampled (unbiased-HSIC) CKA upwards.
     half = float(_z(ci) * boot.std(ddof=1)) if len(boot) > 1 else None
-    perm = np.zeros(0)
-    if perms:
-        perm = _permutation_cka(Sx, Sy, torch.from_numpy(np.stack(perms)), kernel, estimator)
-        perm = perm[np.isfinite(perm)]
+    perm = _permutation_cka(Sx, Sy, perms, kernel, estimator)
+    perm = perm[np.isfinite(perm)]
     res["cka"].append(value)
     res["ci_low"].append(value - half if half is not None else None)
     res["ci_high"].append(value + half if half is not None else None)
     res["perm_mean"].append(float(perm.mean()) if len(perm) else None)
     res["perm_p95"].append(float(np.percentile(perm, 95)) if len(perm) else None)
-    res["boot_failed"].append(len(draws) - len(boot))
+    res["boot_failed"].append(len(counts) - len(boot))
     res["error"].append(None)
 
 
