@@ -128,7 +128,7 @@ class Mixture:
         return torch.utils.data.ConcatDataset([BaseLinesView(lines, view.transform), view])
 
     def to_tsv(self, path: str | Path, image_dir: str | Path | None = None, manifest: bool = True) -> Path:
-        """Write the open_clip_train TSV (header filepath\\ttitle, base lines then dataset lines)
+        """Write the open_clip_train TSV (header filepath\\ttitle, base, extra, then dataset lines)
         and, if `manifest`, the manifest next to it as <path minus .tsv>.json. In-memory images
         are written once as PNG under `image_dir` (default: <tsv folder>/<name>-images-<hash>/)."""
         from clipmech.data.tsv import write_mixture_tsv
@@ -313,8 +313,7 @@ def _manifest(m: Mixture, *, setup, test_domain, c2, allow_p, included, aligned,
         "test_classes": [ds.classes[c] for c in c2], "allow_p": allow_p,
         "domains": [ds.domains[d] for d in included], "aligned": aligned, "seed": seed,
         "subsample": subsample, "templates": list(templates) if templates is not None else "paper",
-        "S": S, "rho": rho, "n_dataset_samples": int(len(m.indices)), "n_base_samples": len(m.base_lines),
-        "base": base_info,
+        "S": S, "rho": rho, "base": base_info,
         **_content_entries(m),
     }
 
