@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=int, default=1200)
     args = p.parse_args(argv)
 
+    from clipmech.models.configs import model_config
     from clipmech.train.config import load_config
-    from clipmech.train.trainer import model_config
 
     _, mcfg = model_config(load_config({"model": {"name": args.model, "image_size": args.image_size}}))
     mix = subset_mixture(args.dataset, args.setup, args.batch_size * args.steps)

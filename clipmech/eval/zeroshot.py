@@ -173,8 +173,8 @@ def evaluate_run(run_dir: str | Path, dataset=None, templates: str | list[str] |
     one image pass over the test split + the text head; both cached under RUN_DIR/eval/cache.
     Returns the path of results.json.
     """
+    from clipmech.models.configs import model_config
     from clipmech.train.config import load_config
-    from clipmech.train.trainer import model_config
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.toml"
     if not cfg_path.is_file():

@@ -53,3 +53,11 @@ def create_open_clip(name_or_cfg: str | dict) -> open_clip.model.CLIP:
     model = open_clip.model.CLIP(**cfg)
     model.eval()
     return model
+
+
+def model_config(run_cfg: dict) -> tuple[str | None, dict[str, Any]]:
+    """(name, open_clip model cfg) for a run config's [model] section (its image_size applied)."""
+    name, cfg = resolve_config(run_cfg["model"]["name"])
+    if run_cfg["model"]["image_size"] is not None:
+        cfg["vision_cfg"]["image_size"] = int(run_cfg["model"]["image_size"])
+    return name, cfg

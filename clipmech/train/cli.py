@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 # flag -> (config section, key)
@@ -49,7 +50,10 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from clipmech.eval.zeroshot import evaluate_run
+    from clipmech.train.config import load_config
     from clipmech.train.trainer import train
+
     config = args.config
     if config is None and args.resume:
         if args.out is None:
@@ -58,4 +62,8 @@ def run(args: argparse.Namespace) -> int:
         config = saved if saved.is_file() else None
     run_dir = train(config, overrides=overrides_from_args(args), resume=args.resume)
     print(f"clipmech train: finished; run directory {run_dir}")
+    # Under torchrun every process gets here; one evaluates.
+    if load_config(run_dir / "config.toml")["eval"]["after_train"] and int(os.environ.get("RANK", "0")) == 0:
+        path = evaluate_run(run_dir)
+        print(f"clipmech train: zero-shot evaluation of every checkpoint -> {path}")
     return 0

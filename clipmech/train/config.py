@@ -77,7 +77,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "eval": {
         "templates": "auto",        # auto | domainnet | emoji | path to a text file (one template per line)
         "batch_size": 256,
-        "after_train": False,       # run the zero-shot evaluation of every checkpoint when training ends
+        "after_train": False,       # `clipmech train` evaluates every checkpoint when training ends (train() does not)
     },
 }
 

@@ -30,7 +30,7 @@ from open_clip.loss import ClipLoss
 from open_clip_train.scheduler import assign_learning_rate, const_lr, cosine_lr
 from torch.utils.data import DataLoader
 
-from clipmech.models.configs import create_open_clip, resolve_config
+from clipmech.models.configs import create_open_clip, model_config
 from clipmech.train.config import load_config, save_config
 from clipmech.train.data import MixtureView, ResumableBatchSampler
 from clipmech.train.supervised import SupervisedClassifier, supervised_step
@@ -98,14 +98,6 @@ def autocast_for(precision: str, device: torch.device):
         return contextlib.nullcontext
     dtype = torch.bfloat16 if precision == "amp_bf16" else torch.float16
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def model_config(cfg: dict) -> tuple[str | None, dict]:
-    """(name, open_clip model cfg) for the run config's [model] section (image_size applied)."""
-    name, mcfg = resolve_config(cfg["model"]["name"])
-    if cfg["model"]["image_size"] is not None:
-        mcfg["vision_cfg"]["image_size"] = int(cfg["model"]["image_size"])
-    return name, mcfg
 
 
 def build_mixture_from_config(cfg: dict):
@@ -268,6 +260,52 @@ def _truncate_log(path: Path, step: int) -> None:
     atomic_write_text(buf.getvalue(), path)
 
 
+@dataclass
+class _Run:
+    """Everything one training run holds while it runs; `step` counts optimizer steps so far."""
+    cfg: dict
+    out: Path
+    env: DistEnv
+    name: str | None
+    mcfg: dict
+    mixture: Any
+    view: MixtureView
+    sampler: ResumableBatchSampler
+    model: torch.nn.Module
+    run_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    schedule: Any
+    warmup: int
+    total_steps: int
+    loss_fn: ClipLoss
+    autocast: Any
+    ckpt: dict | None
+    step: int = 0
+    writer: Any = None
+
+    @property
+    def supervised(self) -> bool:
+        return self.cfg["train"]["objective"] == "supervised"
+
+    def epoch_payload(self, epoch: int) -> dict:
+        payload = {"epoch": epoch, "name": self.name or "custom", "state_dict": self.model.state_dict(),
+                   "model_cfg": self.mcfg}
+        if self.supervised:
+            payload.update(objective="supervised", num_classes=len(self.mixture.dataset.classes))
+        return payload
+
+    def save_latest(self) -> None:
+        payload = self.epoch_payload(self.step // self.sampler.steps_per_epoch)
+        payload.update(step=self.step, optimizer=self.optimizer.state_dict(),
+                       scaler=self.scaler.state_dict() if self.scaler is not None else None,
+                       schedule={"kind": self.cfg["schedule"]["kind"], "lr": self.cfg["optim"]["lr"],
+                                 "warmup": self.warmup, "total_steps": self.total_steps},
+                       rng=rng_state(), config=self.cfg, world_size=self.env.world_size,
+                       objective=self.cfg["train"]["objective"])
+        atomic_torch_save(payload, self.out / "latest.pt")
+
+
 def train(config: dict | str | Path | None = None, *, overrides: dict | None = None, resume: bool = False,
           mixture=None) -> Path:
     """Train a CLIP as configured; returns the run directory.
@@ -276,16 +314,29 @@ def train(config: dict | str | Path | None = None, *, overrides: dict | None = N
     top. resume: continue from run_dir/latest.pt (starts fresh if there is none). mixture: a
     clipmech.data Mixture to train on instead of the one the config names. Under torchrun every
     process calls this; rank 0 writes files. Cost: epochs * len(mixture) image+text forward/backward.
+    Evaluation is the caller's (clipmech.eval.evaluate_run; `clipmech train` runs it when [eval]
+    after_train is set).
     """
     cfg = load_config(config, overrides)
     if cfg["train"]["out"] is None:
         raise ValueError("no run directory: set [train] out in the config or pass --out RUN_DIR")
+    run = _build_run(cfg, resume, mixture)
+    try:
+        _open_run_files(run)
+        _train_epochs(run)
+    finally:
+        if run.writer is not None:
+            run.writer.close()
+    return run.out
+
+
+def _build_run(cfg: dict, resume: bool, mixture) -> _Run:
+    """Data, sampler, model, optimizer and schedule of a run, restored from latest.pt when resuming."""
     out = Path(cfg["train"]["out"])
     env = setup_distributed(cfg["train"]["device"])
     precision = resolve_precision(cfg["train"]["precision"], env.device)
     name, mcfg = model_config(cfg)
     t = cfg["train"]
-
     if mixture is None:
         mixture = build_mixture_from_config(cfg)
     view = MixtureView(mixture, mcfg["vision_cfg"]["image_size"], mcfg["text_cfg"].get("context_length", 77))
@@ -294,18 +345,16 @@ def train(config: dict | str | Path | None = None, *, overrides: dict | None = N
                          "unset [data] base for objective = 'supervised'")
     sampler = ResumableBatchSampler(len(view), t["batch_size"], t["seed"], env.world_size, env.rank,
                                     t["accum_freq"])
-
     if env.is_main:
         _prepare_run_dir(out, resume)
     _barrier(env)
-    supervised = t["objective"] == "supervised"
     ckpt = _load_resume(out, name, mcfg, t["objective"]) if resume else None
     if resume and ckpt is None and env.is_main:
         print(f"clipmech train: no {out / 'latest.pt'} to resume from; starting a fresh run")
 
     torch.manual_seed(t["seed"])
-    num_classes = len(mixture.dataset.classes) if supervised else None
-    model = SupervisedClassifier(mcfg, num_classes) if supervised else create_open_clip(mcfg)
+    supervised = t["objective"] == "supervised"
+    model = SupervisedClassifier(mcfg, len(mixture.dataset.classes)) if supervised else create_open_clip(mcfg)
     if cfg["model"]["grad_checkpointing"]:
         model.set_grad_checkpointing(True)
     model.to(env.device)
@@ -316,137 +365,145 @@ def train(config: dict | str | Path | None = None, *, overrides: dict | None = N
     if warmup < cfg["schedule"]["warmup"] and env.is_main:
         print(f"clipmech train: warmup {cfg['schedule']['warmup']} steps exceeds 10% of the {total_steps} "
               f"steps; using {warmup}")
-    schedule = make_schedule(cfg, optimizer, warmup, sampler.steps_per_epoch, total_steps)
-
-    step = 0
+    run = _Run(cfg=cfg, out=out, env=env, name=name, mcfg=mcfg, mixture=mixture, view=view, sampler=sampler,
+               model=model, run_model=model, optimizer=optimizer, scaler=scaler,
+               schedule=make_schedule(cfg, optimizer, warmup, sampler.steps_per_epoch, total_steps),
+               warmup=warmup, total_steps=total_steps,
+               loss_fn=ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=env.rank,
+                                world_size=env.world_size),
+               autocast=autocast_for(precision, env.device), ckpt=ckpt)
     if ckpt is not None:
-        model.load_state_dict(ckpt["state_dict"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler") is not None:
-            scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-        saved = ckpt["config"]["train"]
-        saved_batch = saved["batch_size"] * ckpt["world_size"] * saved["accum_freq"]
-        if saved_batch != sampler.global_batch and env.is_main:
-            print(f"clipmech train: resuming with a global batch of {sampler.global_batch} instead of "
-                  f"{saved_batch}; the rest of the run will not repeat the interrupted run's data order")
-    run_model = model
+        _restore(run)
     if env.world_size > 1:
-        run_model = torch.nn.parallel.DistributedDataParallel(
+        run.run_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=env.rank,
-                       world_size=env.world_size)
-    autocast = autocast_for(precision, env.device)
+    return run
 
-    def epoch_payload(epoch: int) -> dict:
-        payload = {"epoch": epoch, "name": name or "custom", "state_dict": model.state_dict(), "model_cfg": mcfg}
-        if supervised:
-            payload.update(objective="supervised", num_classes=num_classes)
-        return payload
 
-    def save_latest() -> None:
-        payload = epoch_payload(step // sampler.steps_per_epoch)
-        payload.update(step=step, optimizer=optimizer.state_dict(),
-                       scaler=scaler.state_dict() if scaler is not None else None,
-                       schedule={"kind": cfg["schedule"]["kind"], "lr": cfg["optim"]["lr"], "warmup": warmup,
-                                 "total_steps": total_steps},
-                       rng=rng_state(), config=cfg, world_size=env.world_size, objective=t["objective"])
-        atomic_torch_save(payload, out / "latest.pt")
+def _restore(run: _Run) -> None:
+    """Load model, optimizer, scaler and step from the resume checkpoint (RNG state comes later)."""
+    ckpt = run.ckpt
+    run.model.load_state_dict(ckpt["state_dict"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    if run.scaler is not None and ckpt.get("scaler") is not None:
+        run.scaler.load_state_dict(ckpt["scaler"])
+    run.step = ckpt["step"]
+    saved = ckpt["config"]["train"]
+    saved_batch = saved["batch_size"] * ckpt["world_size"] * saved["accum_freq"]
+    if saved_batch != run.sampler.global_batch and run.env.is_main:
+        print(f"clipmech train: resuming with a global batch of {run.sampler.global_batch} instead of "
+              f"{saved_batch}; the rest of the run will not repeat the interrupted run's data order")
 
-    log_path = out / "log.csv"
-    writer = None
-    if env.is_main:
+
+def _open_run_files(run: _Run) -> None:
+    """Rank 0: config.toml, epoch_0.pt / truncated log, TensorBoard writer. Then restore RNG state."""
+    if run.env.is_main:
+        out = run.out
         (out / "done").unlink(missing_ok=True)  # a resumed run is unfinished until it ends
-        save_config(cfg, out / "config.toml")
-        if ckpt is None:
-            atomic_torch_save(epoch_payload(0), out / "epoch_0.pt")
-            log_path.unlink(missing_ok=True)
+        save_config(run.cfg, out / "config.toml")
+        if run.ckpt is None:
+            atomic_torch_save(run.epoch_payload(0), out / "epoch_0.pt")
+            (out / "log.csv").unlink(missing_ok=True)
         else:
-            _truncate_log(log_path, step)
-        if t["tensorboard"]:
+            _truncate_log(out / "log.csv", run.step)
+        if run.cfg["train"]["tensorboard"]:
             from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(str(out / "tb"), purge_step=step if ckpt is not None else None)
-    if ckpt is not None:
-        set_rng_state(ckpt["rng"])
+            run.writer = SummaryWriter(str(out / "tb"), purge_step=run.step if run.ckpt is not None else None)
+    if run.ckpt is not None:
+        set_rng_state(run.ckpt["rng"])
 
-    loader_kwargs = dict(batch_sampler=sampler, num_workers=cfg["data"]["workers"])
-    if cfg["data"]["workers"] > 0:
-        loader_kwargs.update(persistent_workers=False, pin_memory=env.device.type == "cuda")
-    loader = DataLoader(view, **loader_kwargs)
-    images_per_step = sampler.global_batch
-    labels = torch.as_tensor(mixture.dataset.class_idx[np.asarray(mixture.indices)]) if supervised else None
+
+def _train_epochs(run: _Run) -> None:
+    """The epoch loop from the current step to the configured end; writes `done` last."""
+    from tqdm.auto import tqdm
+
+    t, sampler = run.cfg["train"], run.sampler
+    loader_kwargs = dict(batch_sampler=sampler, num_workers=run.cfg["data"]["workers"])
+    if run.cfg["data"]["workers"] > 0:
+        loader_kwargs.update(persistent_workers=False, pin_memory=run.env.device.type == "cuda")
+    loader = DataLoader(run.view, **loader_kwargs)
+    labels = (torch.as_tensor(run.mixture.dataset.class_idx[np.asarray(run.mixture.indices)])
+              if run.supervised else None)
+    for epoch in range(run.step // sampler.steps_per_epoch, t["epochs"]):
+        sampler.set_epoch(epoch, run.step - epoch * sampler.steps_per_epoch)
+        run.run_model.train()
+        bar = tqdm(total=sampler.steps_per_epoch, initial=sampler.start_step, desc=f"epoch {epoch + 1}/{t['epochs']}",
+                   disable=not (t["progress"] and run.env.is_main), dynamic_ncols=True)
+        micro: list = []
+        tick = time.perf_counter()
+        for images, texts, pos in loader:
+            target = torch.as_tensor(labels[pos]) if run.supervised else texts
+            micro.append((images.to(run.env.device, non_blocking=True),
+                          target.to(run.env.device, non_blocking=True)))
+            if len(micro) < t["accum_freq"]:
+                continue
+            loss, lr = _optimizer_step(run, micro, epoch)
+            micro = []
+            now = time.perf_counter()
+            ips = sampler.global_batch / max(now - tick, 1e-9)
+            tick = now
+            if run.env.is_main:
+                _log_step(run, {"epoch": epoch + 1, "step": run.step, "loss": loss, "lr": lr,
+                                "logit_scale": 0.0 if run.supervised else run.model.logit_scale.exp().item(),
+                                "images_per_s": ips})
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+            bar.update(1)
+            _save_checkpoints(run, epoch)
+        bar.close()
+    _barrier(run.env)
+    if run.env.is_main:
+        atomic_write_text(json.dumps({"epochs": t["epochs"], "steps": run.step}) + "\n", run.out / "done")
+
+
+def _optimizer_step(run: _Run, micro: list, epoch: int) -> tuple[float, float]:
+    """One optimizer step over the accumulated micro-batches; returns (global loss, lr) and advances `step`."""
+    lr = run.schedule(run.step)
+    run.optimizer.zero_grad(set_to_none=True)
     try:
-        from tqdm.auto import tqdm
-        for epoch in range(step // sampler.steps_per_epoch, t["epochs"]):
-            sampler.set_epoch(epoch, step - epoch * sampler.steps_per_epoch)
-            run_model.train()
-            bar = tqdm(total=sampler.steps_per_epoch, initial=sampler.start_step,
-                       desc=f"epoch {epoch + 1}/{t['epochs']}",
-                       disable=not (t["progress"] and env.is_main), dynamic_ncols=True)
-            micro: list = []
-            tick = time.perf_counter()
-            for images, texts, pos in loader:
-                target = torch.as_tensor(labels[pos]) if supervised else texts
-                micro.append((images.to(env.device, non_blocking=True), target.to(env.device, non_blocking=True)))
-                if len(micro) < t["accum_freq"]:
-                    continue
-                lr = schedule(step)
-                optimizer.zero_grad(set_to_none=True)
-                try:
-                    if supervised:
-                        loss = supervised_step(run_model, micro, autocast, scaler, _check_finite)
-                    else:
-                        loss = contrastive_step(run_model, loss_fn, micro, autocast, scaler)
-                except NonFiniteLossError as err:
-                    last = out / "latest.pt" if (out / "latest.pt").exists() else out / "epoch_0.pt"
-                    raise NonFiniteLossError(
-                        f"{err} at epoch {epoch + 1}, step {step + 1} (lr {lr:.3g}); stopped without saving. "
-                        f"Last good checkpoint: {last}. Lower --lr, lengthen the warmup or use precision "
-                        "'fp32'.") from None
-                micro = []
-                if env.world_size > 1:  # log the global loss: the mean of the ranks' local-row losses
-                    loss_t = torch.tensor([loss], device=env.device)
-                    dist.all_reduce(loss_t)
-                    loss = loss_t.item() / env.world_size
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                if not supervised:
-                    with torch.no_grad():  # open_clip_train clamps the temperature at 100
-                        model.logit_scale.clamp_(0, math.log(100))
-                step += 1
-                now = time.perf_counter()
-                ips = images_per_step / max(now - tick, 1e-9)
-                tick = now
-                if env.is_main:
-                    row = {"epoch": epoch + 1, "step": step, "loss": loss, "lr": lr,
-                           "logit_scale": 0.0 if supervised else model.logit_scale.exp().item(),
-                           "images_per_s": ips}
-                    _append_log(log_path, row)
-                    if writer is not None:
-                        for key in ("loss", "lr", "logit_scale", "images_per_s"):
-                            writer.add_scalar(f"train/{key}", row[key], step)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
-                bar.update(1)
-                end_of_epoch = step % sampler.steps_per_epoch == 0
-                keep = t["save_epochs"] is None or epoch + 1 in t["save_epochs"] or epoch + 1 == t["epochs"]
-                if env.is_main and end_of_epoch and keep:
-                    atomic_torch_save(epoch_payload(epoch + 1), out / f"epoch_{epoch + 1}.pt")
-                if env.is_main and (end_of_epoch or step % t["save_every"] == 0):
-                    save_latest()
-            bar.close()
-        _barrier(env)
-        if env.is_main:
-            atomic_write_text(json.dumps({"epochs": t["epochs"], "steps": step}) + "\n", out / "done")
-    finally:
-        if writer is not None:
-            writer.close()
-    if env.is_main and cfg["eval"]["after_train"]:
-        from clipmech.eval.zeroshot import evaluate_run
-        evaluate_run(out)
-    return out
+        if run.supervised:
+            loss = supervised_step(run.run_model, micro, run.autocast, run.scaler, _check_finite)
+        else:
+            loss = contrastive_step(run.run_model, run.loss_fn, micro, run.autocast, run.scaler)
+    except NonFiniteLossError as err:
+        last = run.out / "latest.pt" if (run.out / "latest.pt").exists() else run.out / "epoch_0.pt"
+        raise NonFiniteLossError(
+            f"{err} at epoch {epoch + 1}, step {run.step + 1} (lr {lr:.3g}); stopped without saving. "
+            f"Last good checkpoint: {last}. Lower --lr, lengthen the warmup or use precision "
+            "'fp32'.") from None
+    if run.env.world_size > 1:  # log the global loss: the mean of the ranks' local-row losses
+        loss_t = torch.tensor([loss], device=run.env.device)
+        dist.all_reduce(loss_t)
+        loss = loss_t.item() / run.env.world_size
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    if not run.supervised:
+        with torch.no_grad():  # open_clip_train clamps the temperature at 100
+            run.model.logit_scale.clamp_(0, math.log(100))
+    run.step += 1
+    return loss, lr
+
+
+def _log_step(run: _Run, row: dict[str, Any]) -> None:
+    _append_log(run.out / "log.csv", row)
+    if run.writer is not None:
+        for key in ("loss", "lr", "logit_scale", "images_per_s"):
+            run.writer.add_scalar(f"train/{key}", row[key], run.step)
+
+
+def _save_checkpoints(run: _Run, epoch: int) -> None:
+    """Rank 0, after a step: epoch_N.pt at a kept epoch's end; latest.pt at epoch ends and every save_every steps."""
+    if not run.env.is_main:
+        return
+    t = run.cfg["train"]
+    end_of_epoch = run.step % run.sampler.steps_per_epoch == 0
+    keep = t["save_epochs"] is None or epoch + 1 in t["save_epochs"] or epoch + 1 == t["epochs"]
+    if end_of_epoch and keep:
+        atomic_torch_save(run.epoch_payload(epoch + 1), run.out / f"epoch_{epoch + 1}.pt")
+    if end_of_epoch or run.step % t["save_every"] == 0:
+        run.save_latest()
 
 
 def _append_log(path: Path, row: dict[str, Any]) -> None:
