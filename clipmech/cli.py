@@ -1,38 +1,31 @@
 """The `clipmech` command line.
 
 Each area registers its own subcommands through a `register(subparsers)` function so this file
-stays a table of contents; heavy imports happen inside the handlers.
+stays a table of contents; heavy imports happen inside the handlers. The area modules are plain
+imports: one that fails to import fails the command, it never silently drops subcommands.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-# (module, attribute) pairs whose `register(subparsers)` adds subcommands. A module that does not
-# exist yet is skipped so partially built trees still run.
-_AREAS = [
-    "clipmech.models.cli",
-    "clipmech.data.cli",
-    "clipmech.train.cli",
-    "clipmech.eval.cli",
-    "clipmech.analysis.cli",
-    "clipmech.study.cli",
-]
+from clipmech.analysis import cli as analysis_cli
+from clipmech.data import cli as data_cli
+from clipmech.eval import cli as eval_cli
+from clipmech.models import cli as models_cli
+from clipmech.study import cli as study_cli
+from clipmech.train import cli as train_cli
+
+# Each area's `register(subparsers)` adds its subcommands, in this order in the help.
+_AREAS = [models_cli, data_cli, train_cli, eval_cli, analysis_cli, study_cli]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipmech", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _AREAS:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name is not None and name.startswith(err.name):
-                continue
-            raise
-        mod.register(sub)
+    for area in _AREAS:
+        area.register(sub)
     return parser
 
 

@@ -9,7 +9,9 @@ import difflib
 import hashlib
 import json
 import os
+import pickle
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -118,11 +120,15 @@ class TensorCache:
         return self.root / f"{hash_obj(key)}.pt"
 
     def get_or_compute(self, key: Any, fn: Callable[[], Any]) -> Any:
+        """The cached value for `key`, else `fn()` (stored). An entry that cannot be read (truncated,
+        overwritten) is reported with a RuntimeWarning naming the file, then recomputed."""
         p = self.path(key)
         if p.exists():
             try:
                 return torch.load(p, map_location="cpu", weights_only=False)
-            except Exception:  # a corrupt cache entry is recomputed, never served
+            except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as err:
+                warnings.warn(f"cache entry {p} is unreadable ({type(err).__name__}: {str(err)[:120]}); "
+                              "recomputing it", RuntimeWarning, stacklevel=2)
                 p.unlink(missing_ok=True)
         value = fn()
         atomic_torch_save(value, p)

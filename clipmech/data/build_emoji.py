@@ -234,8 +234,14 @@ class IconifySet:
         return None
 
 
+_NEEDS_EXTRA = "building the emoji dataset needs the build-data extra: pip install -e '.[build-data]'"
+
+
 def _render_svg(svg: str) -> Image.Image:
-    import resvg_py  # optional extra `build-data`
+    try:
+        import resvg_py
+    except ImportError as err:
+        raise ImportError(_NEEDS_EXTRA) from err
     return Image.open(io.BytesIO(bytes(resvg_py.svg_to_bytes(svg_string=svg, width=RENDER, height=RENDER)))).convert("RGBA")
 
 
@@ -280,7 +286,10 @@ def render_style(style: Style, src: Path, keys: list[str], cldr: dict, noto_name
             if k in files and (img := normalise(Image.open(files[k]), size, margin)) is not None:
                 out[k] = img
     elif style.kind == "font":
-        from fontTools.ttLib import TTFont  # matplotlib dependency
+        try:
+            from fontTools.ttLib import TTFont
+        except ImportError as err:
+            raise ImportError(_NEEDS_EXTRA) from err
         path = _find(src, style.source)
         cmap = TTFont(path).getBestCmap()
         font = ImageFont.truetype(str(path), RENDER)

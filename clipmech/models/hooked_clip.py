@@ -211,7 +211,8 @@ def _check_supported(clip: nn.Module) -> None:
 class HookedCLIP(HookedRootModule):
     """CLIP with TransformerLens hook points on both towers (see module docstring for names).
 
-    Build with `from_config`, `from_open_clip` or `from_checkpoint`. Inference helpers
+    Build with `from_config`, `from_open_clip`, `from_checkpoint`, `from_pretrained` (open_clip
+    tags, weight files, hf-hub ids) or `from_hf` (transformers CLIPModel). Inference helpers
     (`encode_image`, `encode_text`, `forward`) match open_clip's numerics to ~1e-6 in fp32.
     """
 
@@ -221,6 +222,7 @@ class HookedCLIP(HookedRootModule):
         _check_supported(clip)
         self.cfg = cfg
         self.model_name = model_name
+        self.preprocess_cfg: dict[str, Any] = {}  # open_clip PreprocessCfg fields; empty = OpenAI defaults
         # Same attribute names as open_clip.model.CLIP, hence the same state_dict keys.
         self.visual = clip.visual
         self.transformer = clip.transformer
@@ -358,6 +360,42 @@ class HookedCLIP(HookedRootModule):
         _load_strict(model, state, f"{path} (model {name or 'from config'})")
         return model
 
+    @classmethod
+    def from_pretrained(cls, name: str | None, pretrained: str | os.PathLike | None = None,
+                        **open_clip_kwargs: Any) -> "HookedCLIP":
+        """A CLIP someone else trained, through open_clip's own loader: `name` an open_clip model name
+        ("RN50", "ViT-B-32"), "hf-hub:ORG/NAME" or a clipmech preset; `pretrained` a tag of that
+        model ("openai", "laion2b_s34b_b79k"), a local weight file or "hf-hub:ORG/NAME".
+        open_clip_kwargs go to open_clip (force_quick_gelu, force_image_size, cache_dir, ...); OpenAI
+        tags get QuickGELU as they were trained. `image_transform()` then uses the weights' own
+        preprocessing. Tags and hub ids download (cached by open_clip); a file never does. CPU, eval."""
+        from clipmech.models.pretrained import load_open_clip
+
+        clip, preprocess = load_open_clip(name, pretrained, **open_clip_kwargs)
+        model = cls(clip, _config_of(clip), name)
+        model.preprocess_cfg = preprocess
+        return model
+
+    @classmethod
+    def from_hf(cls, model_or_path: Any) -> "HookedCLIP":
+        """A transformers CLIPModel (ViT towers) as a HookedCLIP with a copy of its weights:
+        `model_or_path` a CLIPModel, a folder saved with save_pretrained, or a hub id (downloaded by
+        transformers). Embeddings match get_image_features / get_text_features to ~1e-6 (fp32).
+        Tokens: `tokenize` is open_clip's BPE tokenizer, the vocabulary of OpenAI's CLIP and of
+        transformers' CLIPTokenizer (same ids; padding differs, which the causal mask hides). A
+        CLIPModel with another vocabulary needs its own tokenizer: pass its ids, padded to
+        `context_length`, to encode_text. Needs the `hf` extra (transformers). CPU, eval mode."""
+        try:
+            from transformers import CLIPModel
+        except ImportError as err:
+            raise ImportError("HookedCLIP.from_hf needs transformers: pip install -e '.[hf]'") from err
+        from clipmech.models.pretrained import open_clip_from_hf
+
+        hf = model_or_path if isinstance(model_or_path, nn.Module) else CLIPModel.from_pretrained(str(model_or_path))
+        clip, cfg = open_clip_from_hf(hf)
+        name = f"hf:{model_or_path}" if not isinstance(model_or_path, nn.Module) else "hf"
+        return cls(clip, cfg, name)
+
     def to_open_clip(self) -> open_clip.model.CLIP:
         """A fresh open_clip CLIP with a copy of these weights (same device, dtype, train/eval mode)."""
         clip = create_open_clip(self.cfg)
@@ -374,8 +412,11 @@ class HookedCLIP(HookedRootModule):
         return self._image_hw[0]
 
     def image_transform(self, is_train: bool = False) -> Callable:
-        """open_clip's preprocessing (resize, centre crop, OpenAI normalisation) for this image size."""
-        return open_clip.image_transform(self._image_hw, is_train=is_train)
+        """open_clip's preprocessing (resize, centre crop, normalisation) for this image size; the
+        mean / std / interpolation of the pretrained weights (`preprocess_cfg`), else OpenAI's."""
+        cfg = self.preprocess_cfg
+        return open_clip.image_transform(self._image_hw, is_train=is_train, mean=cfg.get("mean"), std=cfg.get("std"),
+                                         interpolation=cfg.get("interpolation"), resize_mode=cfg.get("resize_mode"))
 
     def hook_names(self, tower: str | None = None) -> list[str]:
         """All hook-point names in forward order; tower "visual" or "text" selects one tower."""

@@ -2,9 +2,8 @@
 
 A config is a plain nested dict. `load_config` fills defaults and rejects unknown sections or keys
 (naming the closest valid ones), so a typo never silently falls back to a default. The resolved
-config is written into the run directory (`config.toml`) with the package version and git hash.
-TOML writing is done here because the standard library only reads TOML and the format we emit
-(flat sections of scalars and lists) needs no dependency.
+config is written into the run directory (`config.toml`, with tomli-w) with the package version
+and git hash.
 """
 from __future__ import annotations
 
@@ -18,6 +17,8 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+import tomli_w
 
 from clipmech.utils import atomic_write_text, closest_names
 
@@ -155,26 +156,10 @@ def git_hash() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
 def dumps(cfg: dict) -> str:
-    """TOML text for a dict of sections of scalars/lists; None values are omitted."""
-    lines = []
-    for section, values in cfg.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
-        lines.append("")
-    return "\n".join(lines)
+    """TOML text for a dict of sections of scalars/lists; None values (unset keys) are omitted."""
+    return tomli_w.dumps({section: {k: v for k, v in values.items() if v is not None}
+                          for section, values in cfg.items()})
 
 
 def save_config(cfg: dict, path: str | Path) -> Path:

@@ -1,0 +1,141 @@
+"""CLIPs someone else trained: open_clip models with pretrained weights, Hugging Face CLIPModels.
+
+`load_open_clip` goes through open_clip's own loader (`create_model_and_transforms`), so every
+pretrained tag (`openai`, `laion2b_s34b_b79k`, ...), local weight file (.pt / .bin / .safetensors,
+open_clip or OpenAI layout) and `hf-hub:ORG/NAME` id that open_clip reads works here, and OpenAI
+specifics come along: a tag trained with QuickGELU (all `openai` tags) gets `force_quick_gelu` unless
+the caller decides otherwise, and ModifiedResNet keeps open_clip's attention pool. Downloads happen
+only for tags and hub ids (on the user's machine; set HF_HUB_OFFLINE=1 to forbid them).
+
+`open_clip_from_hf` converts a transformers `CLIPModel` with ViT towers into an open_clip CLIP with
+the same numbers: q/k/v projections fused into `in_proj`, the projections transposed, text pooling
+at the first `eos_token_id` (or the highest token id for legacy configs with eos_token_id 2, as
+transformers does).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from torch import nn
+
+from clipmech.models.configs import PRESETS, create_open_clip
+
+OPENAI_MEAN_STD = (open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
+
+
+def load_open_clip(name: str | None, pretrained: str | os.PathLike | None,
+                   **open_clip_kwargs: Any) -> tuple[open_clip.model.CLIP, dict[str, Any]]:
+    """(CLIP in eval mode on CPU, preprocessing config) from open_clip's loader.
+
+    name: an open_clip model name (`RN50`, `ViT-B-32`, ...), `hf-hub:ORG/NAME`, or a clipmech preset
+    (`tiny-rn`, `tiny-vit`; then `pretrained` must be a local file). pretrained: a tag of that model,
+    a local weight file, or `hf-hub:ORG/NAME` (then `name` may be None). open_clip_kwargs go to
+    `open_clip.create_model_and_transforms` (e.g. force_quick_gelu, force_image_size, cache_dir).
+    Cost: building the model + reading (or downloading) its weights.
+    """
+    if pretrained is not None and str(pretrained).startswith("hf-hub:"):
+        name, pretrained = str(pretrained), None
+    if name is None:
+        raise ValueError("pass a model name (e.g. 'RN50', 'ViT-B-32', 'tiny-rn') or pretrained='hf-hub:ORG/NAME'")
+    if name in PRESETS:
+        return _load_preset(name, pretrained, open_clip_kwargs)
+    if not name.startswith("hf-hub:"):
+        if pretrained is None:
+            raise ValueError(f"from_pretrained({name!r}) needs pretrained=: a tag "
+                             f"({', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none known'}) or a "
+                             "local weight file; for random weights use HookedCLIP.from_config")
+        tag = open_clip.get_pretrained_cfg(name, str(pretrained))
+        if tag.get("quick_gelu") and "force_quick_gelu" not in open_clip_kwargs and not name.endswith("quickgelu"):
+            open_clip_kwargs["force_quick_gelu"] = True  # the tag was trained with QuickGELU (all OpenAI weights)
+        if not tag and not Path(pretrained).is_file():
+            raise FileNotFoundError(f"{pretrained!r} is neither a pretrained tag of {name} (known: "
+                                    f"{', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'}) "
+                                    "nor an existing weight file")
+    model = open_clip.create_model(name, pretrained=None if pretrained is None else str(pretrained),
+                                   require_pretrained=True, **open_clip_kwargs)
+    return model.eval(), dict(open_clip.get_model_preprocess_cfg(model))
+
+
+def _load_preset(name: str, path: str | os.PathLike | None, kwargs: dict) -> tuple[open_clip.model.CLIP, dict]:
+    """A clipmech preset with weights from a local file (open_clip's load_checkpoint)."""
+    if kwargs:
+        raise ValueError(f"open_clip options {sorted(kwargs)} apply to open_clip model names, not the preset {name!r}")
+    if path is None or not Path(path).is_file():
+        raise FileNotFoundError(f"preset {name!r} has no pretrained tags; pass pretrained= a local weight file "
+                                f"(got {path!r})")
+    model = create_open_clip(name)
+    open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+    size = model.visual.image_size
+    return model.eval(), {"size": size, "mean": OPENAI_MEAN_STD[0], "std": OPENAI_MEAN_STD[1],
+                          "interpolation": "bicubic", "resize_mode": "shortest"}
+
+
+def open_clip_from_hf(hf: nn.Module) -> tuple[open_clip.model.CLIP, dict[str, Any]]:
+    """(open_clip CLIP holding a copy of the weights of a transformers CLIPModel, its open_clip cfg).
+
+    Supports CLIPModel with ViT towers, `quick_gelu` or `gelu` MLPs and LayerNorm eps 1e-5 (all
+    released CLIP checkpoints); anything else raises ValueError naming the setting.
+    """
+    from transformers import CLIPModel
+
+    if not isinstance(hf, CLIPModel):
+        raise ValueError(f"from_hf needs a transformers CLIPModel, got {type(hf).__name__}")
+    vc, tc = hf.config.vision_config, hf.config.text_config
+    acts = {vc.hidden_act, tc.hidden_act}
+    if not acts <= {"quick_gelu", "gelu"} or len(acts) > 1:
+        raise ValueError(f"unsupported activations {sorted(acts)}: HookedCLIP converts CLIPModels whose towers "
+                         "both use quick_gelu or both use gelu")
+    for part, c in (("vision", vc), ("text", tc)):
+        if c.layer_norm_eps != 1e-5:
+            raise ValueError(f"{part} layer_norm_eps {c.layer_norm_eps} is not supported (open_clip uses 1e-5)")
+    eos = tc.eos_token_id
+    cfg = {
+        "embed_dim": hf.config.projection_dim,
+        "quick_gelu": vc.hidden_act == "quick_gelu",
+        "vision_cfg": {"image_size": vc.image_size, "patch_size": vc.patch_size, "width": vc.hidden_size,
+                       "layers": vc.num_hidden_layers, "head_width": vc.hidden_size // vc.num_attention_heads,
+                       "mlp_ratio": vc.intermediate_size / vc.hidden_size},
+        "text_cfg": {"context_length": tc.max_position_embeddings, "vocab_size": tc.vocab_size,
+                     "width": tc.hidden_size, "heads": tc.num_attention_heads, "layers": tc.num_hidden_layers,
+                     "mlp_ratio": tc.intermediate_size / tc.hidden_size,
+                     # transformers: legacy configs (eos_token_id 2) pool at the highest id, others at the first eos
+                     **({"pool_type": "argmax"} if eos == 2 else {"pool_type": "eos", "eos_id": int(eos)})},
+    }
+    clip = create_open_clip(cfg)
+    clip.load_state_dict(_hf_state_dict(hf))
+    return clip.eval(), cfg
+
+
+def _hf_state_dict(hf: nn.Module) -> dict[str, torch.Tensor]:
+    """transformers CLIPModel weights under open_clip CLIP's state_dict keys."""
+    sd = {k: v.detach().clone() for k, v in hf.state_dict().items()}
+    v, t = "vision_model.", "text_model."
+    out = {
+        "visual.class_embedding": sd[v + "embeddings.class_embedding"],
+        "visual.conv1.weight": sd[v + "embeddings.patch_embedding.weight"],
+        "visual.positional_embedding": sd[v + "embeddings.position_embedding.weight"],
+        "visual.ln_pre.weight": sd[v + "pre_layrnorm.weight"], "visual.ln_pre.bias": sd[v + "pre_layrnorm.bias"],
+        "visual.ln_post.weight": sd[v + "post_layernorm.weight"], "visual.ln_post.bias": sd[v + "post_layernorm.bias"],
+        "visual.proj": sd["visual_projection.weight"].T.contiguous(),
+        "token_embedding.weight": sd[t + "embeddings.token_embedding.weight"],
+        "positional_embedding": sd[t + "embeddings.position_embedding.weight"],
+        "ln_final.weight": sd[t + "final_layer_norm.weight"], "ln_final.bias": sd[t + "final_layer_norm.bias"],
+        "text_projection": sd["text_projection.weight"].T.contiguous(),
+        "logit_scale": sd["logit_scale"],
+    }
+    for src, dst, n in ((v, "visual.transformer.resblocks.", hf.config.vision_config.num_hidden_layers),
+                        (t, "transformer.resblocks.", hf.config.text_config.num_hidden_layers)):
+        for i in range(n):
+            a, b = f"{src}encoder.layers.{i}.", f"{dst}{i}."
+            for kind in ("weight", "bias"):
+                out[f"{b}attn.in_proj_{kind}"] = torch.cat([sd[f"{a}self_attn.{p}_proj.{kind}"] for p in "qkv"])
+                out[f"{b}attn.out_proj.{kind}"] = sd[f"{a}self_attn.out_proj.{kind}"]
+                out[f"{b}ln_1.{kind}"] = sd[f"{a}layer_norm1.{kind}"]
+                out[f"{b}ln_2.{kind}"] = sd[f"{a}layer_norm2.{kind}"]
+                out[f"{b}mlp.c_fc.{kind}"] = sd[f"{a}mlp.fc1.{kind}"]
+                out[f"{b}mlp.c_proj.{kind}"] = sd[f"{a}mlp.fc2.{kind}"]
+    return out
