@@ -59,3 +59,23 @@ def test_cli_reports_user_errors(capsys, tmp_path):
     assert main(["train", "--dataset", str(tmp_path / "DomainNet"), "--out", str(tmp_path / "r")]) == 1
     assert "DomainNet does not exist; pass --dataset emoji or a DomainNet folder" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("after_train,rank,evaluated", [(True, "0", True), (False, "0", False), (True, "1", False)])
+def test_train_command_evaluates_after_training_when_asked(tmp_path, monkeypatch, after_train, rank, evaluated):
+    """The trainer never evaluates; `clipmech train` does, on one process, when [eval] after_train is set."""
+    from clipmech.eval import zeroshot
+    from clipmech.train import trainer
+
+    def fake_train(config, overrides, resume):
+        cfg = load_config(config, overrides)
+        save_config(cfg, tmp_path / "config.toml")
+        return tmp_path
+
+    calls = []
+    monkeypatch.setattr(trainer, "train", fake_train)
+    monkeypatch.setattr(zeroshot, "evaluate_run", lambda run_dir: calls.append(run_dir) or run_dir / "r.json")
+    monkeypatch.setenv("RANK", rank)
+    config = save_config(load_config({"eval": {"after_train": after_train}}), tmp_path / "in.toml")
+    assert main(["train", "--config", str(config), "--out", str(tmp_path)]) == 0
+    assert calls == ([tmp_path] if evaluated else [])

@@ -1,39 +1,43 @@
-"""`clipmech analyze cka|embeddings|sae|sharing RUN_DIR`: representation analyses of a trained run.
+"""`clipmech analyze cka|embeddings|sae|sharing|circuits|patching`: analyses of a trained run or of any CLIP.
 
-cka: domain x domain CKA at every analysis point (class-centroid or per-image rows; subsets all/C1/C2;
-linear and RBF; bootstrap CIs over classes; permutation baseline) -> analysis/cka_<mode>.json and one
-PNG per domain pair. embeddings: UMAP with and without the test domain plus separation scores ->
-analysis/embeddings.json, umap*.png. sae: an SAE on one hook point, streamed from activation shards
--> analysis/sae_<point>.pt/.json. sharing: feature sharing (paper Alg. 1-2) with that SAE and concept
-names -> analysis/sharing_<point>.json, sharing_<point>.png. Activations are cached in
-analysis/cache and reused by all four. Causal analyses (circuits, patching) live in cli_causal.
+The model is a clipmech run (RUN_DIR), an open_clip model with pretrained weights (--model NAME
+--pretrained TAG_OR_PATH) or a Hugging Face CLIPModel (--hf PATH); with the last two give --dataset
+and --out. cka: domain x domain CKA at every analysis point (class-centroid or per-image rows;
+subsets all/C1/C2; linear and RBF; bootstrap CIs over classes; permutation baseline) ->
+cka_<mode>.json and one PNG per domain pair. embeddings: UMAP with and without the test domain plus
+separation scores -> embeddings.json, umap*.png. sae: an SAE on one hook point, streamed from
+activation shards -> sae_<point>.pt/.json. sharing: feature sharing (paper Alg. 1-2) with that SAE
+and concept names -> sharing_<point>.json, sharing_<point>.png. Results go to RUN_DIR/analysis (or
+--out); activations are cached in its cache/ folder and reused by all four.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import io
 from pathlib import Path
 
 import numpy as np
 
-RESULTS = "analysis"
+from clipmech.analysis import cli_causal
+from clipmech.analysis.source import add_source_arguments, source_flags
+
 EMBED_POINT = "hook_image_embed_normalized"
 SPLITS = ("test", "train", "all")
 
 
 def register(subparsers) -> None:
-    analyze = subparsers.add_parser("analyze", help="analyses of a trained run (cka, embeddings, sae, sharing, ...)",
-                                    description=__doc__)
+    analyze = subparsers.add_parser("analyze", aliases=["analyse"], description=__doc__,
+                                    help="analyses of a trained run or any CLIP (cka, embeddings, sae, sharing, "
+                                         "circuits, patching)")
     sub = analyze.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
     for name, func, text in (("cka", run_cka, "domain x domain CKA at every analysis point"),
                              ("embeddings", run_embeddings, "UMAP figures and domain-separation scores"),
                              ("sae", run_sae, "train a sparse autoencoder on one hook point"),
                              ("sharing", run_sharing, "SAE feature sharing between domains (paper Alg. 1-2)")):
         p = sub.add_parser(name, help=text, description=__doc__)
-        p.add_argument("run_dir", metavar="RUN_DIR", help="a clipmech training run directory")
-        p.add_argument("--checkpoint", type=int, metavar="EPOCH", help="epoch_N.pt to analyse (default: last)")
-        p.add_argument("--dataset", metavar="NAME_OR_ROOT", help="dataset (default: the run's)")
+        add_source_arguments(p)
+        p.add_argument("--classes", nargs="+", metavar="CLASS",
+                       help="the held-out (C2) classes (default: the run's; for --model / --hf: the dataset's)")
         p.add_argument("--split", choices=SPLITS, default="all" if name == "sae" else "test",
                        help="which images to use (sae default: all; others: test)")
         p.add_argument("--pooling", choices=("mean", "cls"),
@@ -62,58 +66,42 @@ def register(subparsers) -> None:
             p.add_argument("--epochs", type=int, default=50)
             p.add_argument("--sae-batch-size", type=int, default=2048)
         if name == "sharing":
-            p.add_argument("--classes", choices=("C2", "C1", "all"), default="C2", help="classes (paper: C2)")
+            p.add_argument("--subset", choices=("C2", "C1", "all"), default="C2",
+                           help="which classes to compare (paper: C2)")
             p.add_argument("--top", type=int, default=20, help="latents per image (paper: 20)")
         p.set_defaults(func=func)
-    try:
-        causal = importlib.import_module("clipmech.analysis.cli_causal")
-    except ModuleNotFoundError as err:
-        if err.name != "clipmech.analysis.cli_causal":
-            raise
-        return
-    causal.register(sub)
+    cli_causal.register(sub)
 
 
 class _Context:
-    """Run directory, config, checkpoint, model, dataset, class subsets and the rows to analyse."""
+    """The model, dataset, class subsets and rows to analyse, and where results go."""
 
     def __init__(self, args: argparse.Namespace):
         import torch
 
-        from clipmech.data import load_dataset
-        from clipmech.eval.zeroshot import checkpoints
-        from clipmech.models import HookedCLIP
-        from clipmech.train.config import load_config
-        from clipmech.utils import file_hash
+        from clipmech.analysis.source import load_source
+        from clipmech.utils import unknown_name_error
 
-        self.dir = Path(args.run_dir)
-        if not (self.dir / "config.toml").is_file():
-            raise FileNotFoundError(f"{self.dir / 'config.toml'} not found; is {self.dir} a clipmech run directory?")
-        self.cfg = load_config(self.dir / "config.toml")
-        found = dict(checkpoints(self.dir))
-        if not found:
-            raise FileNotFoundError(f"no epoch_N.pt checkpoints in {self.dir}; train first (clipmech train)")
-        self.epoch = max(found) if args.checkpoint is None else args.checkpoint
-        if self.epoch not in found:
-            raise FileNotFoundError(f"{self.dir}/epoch_{self.epoch}.pt not found; available epochs: {sorted(found)}")
-        self.checkpoint = found[self.epoch]
-        self.model_key = f"file:{file_hash(self.checkpoint)}"
+        self.source = src = load_source(args)
+        self.model, self.model_key, self.dataset = src.model, src.model_key, src.dataset
         self.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = HookedCLIP.from_checkpoint(self.checkpoint).eval()
         self.is_vit = self.model.analysis_points()[0] == "visual.hook_embed"
         if args.pooling is None and self.is_vit:
-            raise ValueError("this run is a ViT: choose how tokens are pooled with --pooling cls or --pooling mean "
+            raise ValueError("this model is a ViT: choose how tokens are pooled with --pooling cls or --pooling mean "
                              "(the choice is recorded in the outputs)")
         self.pooling = args.pooling or "mean"
-        self.dataset = ds = load_dataset(args.dataset or str(self.cfg["data"]["dataset"]))
+        ds = self.dataset
         self.indices = ds.indices(split=None if args.split == "all" else args.split)
         if len(self.indices) == 0:
             raise ValueError(f"dataset {ds.name!r} has no {args.split!r} images; choose another --split")
-        c2 = [ds.class_index(k) for k in (self.cfg["mixture"]["test_classes"] or ds.default_test_classes or [])]
+        for k in args.classes or []:
+            if k not in ds.classes:
+                raise unknown_name_error("class", k, ds.classes)
+        c2 = [ds.class_index(k) for k in (args.classes or src.c2)]
         self.subsets = {"all": list(range(len(ds.classes))), "C1": [k for k in range(len(ds.classes)) if k not in c2],
                         "C2": c2}
-        self.test_domain = self.cfg["mixture"]["test_domain"] or ds.default_test_domain
-        self.out = self.dir / RESULTS
+        self.test_domain = src.test_domain
+        self.out = src.out
         self.args = args
 
     def features(self, points: list[str]) -> dict:
@@ -123,8 +111,7 @@ class _Context:
                                    model_key=self.model_key, device=self.device)
 
     def meta(self) -> dict:
-        return {"run_dir": str(self.dir), "checkpoint": str(self.checkpoint), "epoch": self.epoch,
-                "dataset": self.dataset.name, "split": self.args.split, "pooling": self.pooling,
+        return {**self.source.meta, "dataset": self.dataset.name, "split": self.args.split, "pooling": self.pooling,
                 "n_images": int(len(self.indices))}
 
 
@@ -279,12 +266,14 @@ def run_sharing(args: argparse.Namespace) -> int:
     ctx = _Context(args)
     sae_path = ctx.out / f"sae_{_slug(args.point)}.pt"
     if not sae_path.exists():
-        raise FileNotFoundError(f"{sae_path} not found; train it first: clipmech analyze sae {ctx.dir} --point {args.point}")
+        raise FileNotFoundError(f"{sae_path} not found; train it first: clipmech analyze sae {source_flags(args)} "
+                                f"--point {args.point}")
     sae = SparseAutoencoder.load(sae_path)
     ds, rows = ctx.dataset, ctx.indices
-    classes = ctx.subsets[args.classes]
+    classes = ctx.subsets[args.subset]
     if not classes:
-        raise ValueError(f"the run defines no {args.classes} classes; use --classes all")
+        raise ValueError(f"there are no {args.subset} classes (no held-out classes given); use --subset all or "
+                         "name them with --classes")
     keep = np.isin(ds.class_idx[rows], classes)
     acts = ctx.features([args.point])[args.point][torch.from_numpy(keep)]
     if acts.shape[1] != sae.cfg.d_in:
@@ -295,7 +284,7 @@ def run_sharing(args: argparse.Namespace) -> int:
     H = top_latent_histograms(codes, ds.class_idx[rows][keep], ds.domain_idx[rows][keep], classes, len(ds.domains),
                               top=args.top)
     res = feature_sharing(H, ds.domains, class_names=[ds.classes[k] for k in classes])
-    res.update(meta=ctx.meta(), point=args.point, sae=str(sae_path), top=args.top, class_subset=args.classes,
+    res.update(meta=ctx.meta(), point=args.point, sae=str(sae_path), top=args.top, class_subset=args.subset,
                test_domain=ctx.test_domain)
     if sae.cfg.d_in == ctx.model.cfg["embed_dim"] and args.point.startswith("hook_image_embed"):
         words = dataset_vocabulary(ds)
@@ -314,7 +303,7 @@ def run_sharing(args: argparse.Namespace) -> int:
             if np.isfinite(M[i, j]):
                 ax.text(j, i, f"{M[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w" if M[i, j] < 0.5 else "k")
     fig.colorbar(im, ax=ax, shrink=0.8)
-    ax.set_title(f"SAE feature sharing ({args.classes}, {args.point})", fontsize=9)
+    ax.set_title(f"SAE feature sharing ({args.subset}, {args.point})", fontsize=9)
     _save_png(fig, ctx.out / f"sharing_{_slug(args.point)}.png")
     print(f"clipmech analyze sharing: {len(classes)} classes -> {path}")
     for d, s in res["score"].items():

@@ -1,9 +1,11 @@
-"""`clipmech analyze circuits|patching RUN_DIR`: causal analyses of a trained run.
+"""`clipmech analyze circuits|patching`: causal analyses of a trained run or of any CLIP.
 
-circuits: one circuit per (domain, class) of the run's test split (paper §8.4, cached and resumable),
-node / edge Jaccard and WL similarity matrices over domains (mean over classes, bootstrap CIs over
-classes), heatmaps, a circuit drawing, cross-domain faithfulness, and the shared-node ablation test
-of the paper's claim on the test domain's C2 classes. Everything goes to RUN_DIR/analysis/.
+The model is a clipmech run (RUN_DIR), --model NAME --pretrained TAG_OR_PATH, or --hf PATH (with
+--dataset and --out). circuits: one circuit per (domain, class) of the test split (paper §8.4, cached
+and resumable), node / edge Jaccard and WL similarity matrices over domains (mean over classes,
+bootstrap CIs over classes), heatmaps, a circuit drawing, cross-domain faithfulness, and the
+shared-node ablation test of the paper's claim on the test domain's C2 classes. Everything goes to
+RUN_DIR/analysis/ (or --out).
 
 patching: exact activation patching vs attribution patching and IG at every analysis point
 (receiver = domain d images of class k, source = --source-domain images of class k), with Spearman
@@ -18,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-RESULTS = "analysis"
+from clipmech.analysis.source import add_source_arguments
 
 
 def register(subparsers) -> None:
@@ -26,10 +28,10 @@ def register(subparsers) -> None:
     for name, func, helptext in (("circuits", run_circuits, "per-(domain, class) circuits, similarity, causal test"),
                                  ("patching", run_patching, "exact vs attribution patching vs IG (rank correlations)")):
         p = subparsers.add_parser(name, help=helptext, description=__doc__)
-        p.add_argument("run_dir", metavar="RUN_DIR", help="a clipmech training run directory")
-        p.add_argument("--checkpoint", type=int, metavar="EPOCH", help="epoch_N.pt to analyse (default: last)")
+        add_source_arguments(p)
         p.add_argument("--domains", nargs="+", metavar="DOMAIN", help="domains (default: all)")
-        p.add_argument("--classes", nargs="+", metavar="CLASS", help="classes (default: the run's C2 classes)")
+        p.add_argument("--classes", nargs="+", metavar="CLASS", help="classes (default: the held-out C2 classes: "
+                       "the run's; for --model / --hf: the dataset's)")
         p.add_argument("--n-images", type=int, default=50, help="test images per (domain, class) (paper: 50)")
         p.add_argument("--steps", type=int, default=10, help="IG steps (paper: 10)")
         p.add_argument("--seed", type=int, default=42, help="seed of the image sample")
@@ -56,43 +58,33 @@ class _Run:
     def __init__(self, args: argparse.Namespace):
         import torch
 
-        from clipmech.data import load_dataset
+        from clipmech.analysis.source import load_source
         from clipmech.eval.templates import get_templates
-        from clipmech.eval.zeroshot import checkpoints, class_prompts_names
-        from clipmech.models.hooked_clip import HookedCLIP
-        from clipmech.train.config import load_config
+        from clipmech.eval.zeroshot import class_prompts_names
         from clipmech.utils import unknown_name_error
 
-        self.dir = Path(args.run_dir)
-        if not (self.dir / "config.toml").is_file():
-            raise FileNotFoundError(f"{self.dir / 'config.toml'} not found; is {self.dir} a clipmech run directory?")
-        self.cfg = load_config(self.dir / "config.toml")
-        found = dict(checkpoints(self.dir))
-        if not found:
-            raise FileNotFoundError(f"no epoch_N.pt checkpoints in {self.dir}; train first (clipmech train)")
-        self.epoch = max(found) if args.checkpoint is None else args.checkpoint
-        if self.epoch not in found:
-            raise FileNotFoundError(f"{self.dir}/epoch_{self.epoch}.pt not found; available epochs: {sorted(found)}")
+        src = load_source(args)
+        self.epoch, self.label, self.model_key = src.epoch, src.label, src.model_key
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = HookedCLIP.from_checkpoint(found[self.epoch]).to(self.device).eval()
-        self.dataset = ds = load_dataset(str(self.cfg["data"]["dataset"]))
+        self.model = src.model.to(self.device).eval()
+        self.dataset = ds = src.dataset
         for d in args.domains or []:
             if d not in ds.domains:
                 raise unknown_name_error("domain", d, ds.domains)
         self.domains = list(args.domains or ds.domains)
-        self.c2 = list(self.cfg["mixture"]["test_classes"] or ds.default_test_classes or [])
+        self.c2 = src.c2
         for k in args.classes or []:
             if k not in ds.classes:
                 raise unknown_name_error("class", k, ds.classes)
         self.classes = list(args.classes or self.c2)
         if not self.classes:
-            raise ValueError("no classes to analyse: the run defines no C2 classes; pass --classes")
-        self.test_domain = self.cfg["mixture"]["test_domain"] or ds.default_test_domain
-        templates = get_templates(self.cfg["eval"]["templates"], ds.name)
+            raise ValueError("no classes to analyse: there are no held-out C2 classes; pass --classes")
+        self.test_domain = src.test_domain
+        templates = get_templates(src.templates, ds.name)
         self.head = self.model.zero_shot_head(class_prompts_names(ds), templates).to(self.device)
         self.n_images, self.seed = args.n_images, args.seed
         self.split = None if args.split == "all" else args.split
-        self.out = self.dir / RESULTS
+        self.out = src.out
 
     def sample(self, domain: str, cls: str, n: int | None = None):
         """(images [n, 3, S, S], labels [n]) of test images of `cls` in `domain`; None if there are none."""
@@ -173,9 +165,9 @@ def run_circuits(args: argparse.Namespace) -> int:
     from clipmech.utils import atomic_write_json
 
     run = _Run(args)
-    out = run.out / f"circuits_epoch{run.epoch}"
+    out = run.out / f"circuits_{run.label}"
     settings = {"n_images": run.n_images, "split": args.split, "steps": args.steps, "node_fraction": args.node_fraction,
-                "top_k": args.top_k, "seed": run.seed, "epoch": run.epoch}
+                "top_k": args.top_k, "seed": run.seed, "epoch": run.epoch, "model": run.model_key}
     circuits: dict[str, dict[str, Circuit]] = {d: {} for d in run.domains}
     skipped = []
     for d, k in tqdm(run.pairs(), desc="circuits (domain, class)", unit="circuit"):
@@ -328,7 +320,7 @@ def run_patching(args: argparse.Namespace) -> int:
     if args.source_domain not in run.dataset.domains:
         from clipmech.utils import unknown_name_error
         raise unknown_name_error("source domain", args.source_domain, run.dataset.domains)
-    out = run.out / f"patching_epoch{run.epoch}"
+    out = run.out / f"patching_{run.label}"
     points = [p for p in run.model.analysis_points() if not p.endswith("hook_input")]
     rows, pooled = [], {"exact": [], "attribution": [], "ig": []}
     pairs = [(d, k) for d, k in run.pairs() if d != args.source_domain]

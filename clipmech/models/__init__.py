@@ -1,22 +1,19 @@
 """CLIP models: HookedCLIP (open_clip CLIP with TransformerLens hook points) and model configs.
 
-Attributes are imported lazily so `import clipmech.models` (e.g. by the CLI) stays cheap.
+Attributes are imported on first use so `import clipmech.models` (e.g. by the CLI) stays cheap.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
-_EXPORTS = {
-    "HookedCLIP": "clipmech.models.hooked_clip",
-    "PRESETS": "clipmech.models.configs",
-    "resolve_config": "clipmech.models.configs",
-    "create_open_clip": "clipmech.models.configs",
-}
-__all__ = list(_EXPORTS)
+__all__ = ["HookedCLIP", "PRESETS", "create_open_clip", "resolve_config"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name == "HookedCLIP":
+        from clipmech.models.hooked_clip import HookedCLIP
+        return HookedCLIP
+    if name in ("PRESETS", "create_open_clip", "resolve_config"):
+        from clipmech.models import configs
+        return getattr(configs, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--full", action="store_true", help="every non-natural test domain and 3 seeds")
     p.add_argument("--quiet", action="store_true", help="no stage progress display")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.add_argument("--model", default=None, help="model preset or open_clip config (default tiny-vit)")
+    p.add_argument("--model", default=None, help="model preset or open_clip config (default: tiny-rn)")
     # Every other QuickstartOptions field as a hidden flag (--epochs, --max-classes, ...): reduced
     # runs for tests and smoke checks, not part of the user-facing interface.
     for name, ftype in _TUNABLE.items():
@@ -35,8 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e = subparsers.add_parser(
         "experiment", help="run a paper-scale experiment from experiments/*.toml (torchrun, resumable)",
         description="run: train (torchrun) and evaluate every unfinished run; figures: redraw from stored "
-                    "results; analyse: mechanistic analyses of trained runs. See experiments/README.md.")
-    e.add_argument("action", choices=["run", "figures", "analyse"])
+                    "results; analyze (or analyse): mechanistic analyses of trained runs. See experiments/README.md.")
+    e.add_argument("action", choices=["run", "figures", "analyze"], type=lambda a: "analyze" if a == "analyse" else a)
     e.add_argument("file", help="experiment file, e.g. experiments/main.toml")
     e.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
                    help="data path for a {NAME} placeholder, e.g. domainnet=/data/domainnet (repeatable)")

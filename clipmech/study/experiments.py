@@ -121,7 +121,7 @@ def check_supported(exp: Mapping[str, Any]) -> None:
     command) and experiments whose [experiment] `unsupported` names a missing library piece."""
     e = exp["experiment"]
     if e.get("kind") == "analysis":
-        raise ValueError(f"experiment {e['name']!r} is an analysis; run it with `clipmech experiment analyse`")
+        raise ValueError(f"experiment {e['name']!r} is an analysis; run it with `clipmech experiment analyze`")
     if e.get("unsupported"):
         raise ValueError(f"experiment {e['name']!r} cannot run yet: {e['unsupported']}")
 
