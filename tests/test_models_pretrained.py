@@ -101,6 +101,8 @@ def test_openai_tags_get_quick_gelu_and_hub_ids_route_to_open_clip(monkeypatch, 
 def test_from_pretrained_errors(tiny_open_clip_name, tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a pretrained tag of RN50.*openai"):
         HookedCLIP.from_pretrained("RN50", pretrained=tmp_path / "missing.pt")
+    with pytest.raises(KeyError, match="unknown model 'RN5O'.*'RN50'"):
+        HookedCLIP.from_pretrained("RN5O", pretrained="openai")
     with pytest.raises(ValueError, match="needs pretrained=.*from_config"):
         HookedCLIP.from_pretrained("RN50")
     with pytest.raises(FileNotFoundError, match="preset 'tiny-rn' has no pretrained tags"):

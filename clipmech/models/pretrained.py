@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from clipmech.models.configs import PRESETS, create_open_clip
+from clipmech.utils import unknown_name_error
 
 OPENAI_MEAN_STD = (open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
 
@@ -44,6 +45,8 @@ def load_open_clip(name: str | None, pretrained: str | os.PathLike | None,
     if name in PRESETS:
         return _load_preset(name, pretrained, open_clip_kwargs)
     if not name.startswith("hf-hub:"):
+        if open_clip.get_model_config(name) is None:
+            raise unknown_name_error("model", name, list(PRESETS) + open_clip.list_models())
         if pretrained is None:
             raise ValueError(f"from_pretrained({name!r}) needs pretrained=: a tag "
                              f"({', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none known'}) or a "
