@@ -30,6 +30,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      "(natural_only, lod, cg_high), or with --in-sketch-keep the mix variant (cg_high)")
     mix.add_argument("--in-sketch-keep", metavar="KEEP", help="mix variant: fiftyp, thirtyp, twentyfivep, tenp, "
                      "fivep, onep or one (share of C1 classes whose test-domain images stay)")
+    mix.add_argument("--in-sketch-filter", choices=["mapping", "dn_substring", "dn_words"], default="mapping",
+                     help="ImageNet-Sketch filter: the paper's class mapping (default) or DomainNet names as "
+                          "substrings / whole words (not the paper's)")
+    mix.add_argument("--paper-compat", action="store_true",
+                     help="reproduce the paper code's allow-p float ceil (experiments/README.md, parity table)")
     mix.add_argument("--no-subsample", action="store_true", help="keep the whole pool (id suffix -nosub)")
     mix.add_argument("--verify", choices=["exists", "open"], default="open",
                      help="DomainNet file check: 'open' also skips files PIL cannot identify (default)")
@@ -60,10 +65,11 @@ def _mixture(args: argparse.Namespace) -> int:
     ds = _load(args.domainnet, args.verify)
     m = build_mixture(ds, args.setup, test_domain=args.test_domain, test_classes=args.test_classes,
                       allow_p=args.allow_p, domains=args.domains, aligned=args.aligned, split=args.split,
-                      seed=args.seed, base=args.base, subsample=not args.no_subsample)
+                      seed=args.seed, base=args.base, subsample=not args.no_subsample, paper_compat=args.paper_compat)
     if args.in_sketch:
         from clipmech.data.imagenet_sketch import add_imagenet_sketch
-        m = add_imagenet_sketch(m, args.in_sketch, keep=args.in_sketch_keep, seed=args.seed)
+        m = add_imagenet_sketch(m, args.in_sketch, keep=args.in_sketch_keep, filter=args.in_sketch_filter,
+                                seed=args.seed)
     elif args.in_sketch_keep:
         raise ValueError("--in-sketch-keep needs --in-sketch ROOT (the ImageNet-Sketch folder)")
     out = Path(args.out)

@@ -124,14 +124,14 @@ def build_mixture_from_config(cfg: dict):
                                 "(filepath<TAB>title) or remove it")
     mixture = build_mixture(dataset, m["setup"], test_domain=m["test_domain"], test_classes=m["test_classes"],
                             allow_p=m["allow_p"], domains=m["domains"], aligned=m["aligned"], split="train",
-                            seed=m["seed"], base=base)
+                            seed=m["seed"], base=base, paper_compat=cfg["analysis"]["paper_compat"])
     if m["in_sketch"] is None:
         if m["in_sketch_keep"] is not None:
             raise ValueError("[mixture] in_sketch_keep needs in_sketch = the ImageNet-Sketch root folder")
         return mixture
     from clipmech.data.imagenet_sketch import add_imagenet_sketch
     return add_imagenet_sketch(mixture, m["in_sketch"], keep=m["in_sketch_keep"],
-                               word_match=m["in_sketch_word_match"], seed=m["seed"])
+                               filter=m["in_sketch_filter"], seed=m["seed"])
 
 
 def step_lr(optimizer, base_lr: float, warmup: int, steps_per_epoch: int, milestones: list[int], gamma: float):
