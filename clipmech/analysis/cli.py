@@ -48,6 +48,9 @@ def register(subparsers) -> None:
             p.add_argument("--estimator", choices=("unbiased", "biased"), default="unbiased")
             p.add_argument("--n-boot", type=int, default=200)
             p.add_argument("--n-perm", type=int, default=100)
+            p.add_argument("--paper-compat", action="store_true",
+                           help="the paper code's 'all'/'C1' class list from painting for every pair "
+                                "(also [analysis] paper_compat in the run config)")
         if name == "embeddings":
             p.add_argument("--exclude", metavar="DOMAIN", help="domain left out of the second UMAP (default: test domain)")
             p.add_argument("--per-domain", type=int, default=2000, help="UMAP points per domain (seeded sample)")
@@ -141,17 +144,20 @@ def _save_png(fig, path: Path) -> None:
 
 def run_cka(args: argparse.Namespace) -> int:
     from clipmech.analysis.cka import domain_cka
+    from clipmech.analysis.paper_compat import cka_class_list_domain
     from clipmech.utils import atomic_write_json
 
     ctx = _Context(args)
+    paper_compat = bool(args.paper_compat or ctx.cfg["analysis"]["paper_compat"])
     points = [p for p in ctx.model.analysis_points() if p != "visual.hook_input"]  # paper: no pixels
     feats = ctx.features(points)
     ds, rows = ctx.dataset, ctx.indices
     subsets = {k: v for k, v in ctx.subsets.items() if v}
     res = domain_cka(feats, ds.class_idx[rows], ds.domain_idx[rows], ds.domains, subsets, mode=args.mode,
                      kernels=args.kernels, estimator=args.estimator, n_boot=args.n_boot, n_perm=args.n_perm,
-                     seed=args.seed, pooling=ctx.pooling, progress=True)
-    res["meta"] = ctx.meta()
+                     seed=args.seed, pooling=ctx.pooling, progress=True,
+                     class_list_domain=cka_class_list_domain(ds.domains, paper_compat))
+    res["meta"] = {**ctx.meta(), "paper_compat": paper_compat}
     path = atomic_write_json(res, ctx.out / f"cka_{args.mode}.json")
     figs = _plot_cka(res, ctx.out / f"cka_{args.mode}", args.kernels[0])
     print(f"clipmech analyze cka: {len(points)} points x {len(ds.domains) * (len(ds.domains) - 1) // 2} domain pairs "
