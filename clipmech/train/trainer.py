@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from clipmech.models.configs import create_open_clip, resolve_config
 from clipmech.train.config import load_config, save_config
 from clipmech.train.data import MixtureView, ResumableBatchSampler
-from clipmech.train.supervised import SupervisedClassifier, supervised_step
+from clipmech.train.supervised import SupervisedClassifier, supervised_labels, supervised_step
 from clipmech.utils import atomic_torch_save, atomic_write_text
 
 LOG_FIELDS = ["epoch", "step", "loss", "lr", "logit_scale", "images_per_s"]
@@ -289,9 +289,6 @@ def train(config: dict | str | Path | None = None, *, overrides: dict | None = N
     if mixture is None:
         mixture = build_mixture_from_config(cfg)
     view = MixtureView(mixture, mcfg["vision_cfg"]["image_size"], mcfg["text_cfg"].get("context_length", 77))
-    if t["objective"] == "supervised" and view.base:
-        raise ValueError("the supervised baseline needs class labels, which base TSV pairs lack; "
-                         "unset [data] base for objective = 'supervised'")
     sampler = ResumableBatchSampler(len(view), t["batch_size"], t["seed"], env.world_size, env.rank,
                                     t["accum_freq"])
 
@@ -304,7 +301,7 @@ def train(config: dict | str | Path | None = None, *, overrides: dict | None = N
         print(f"clipmech train: no {out / 'latest.pt'} to resume from; starting a fresh run")
 
     torch.manual_seed(t["seed"])
-    num_classes = len(mixture.dataset.classes) if supervised else None
+    labels, num_classes = supervised_labels(mixture) if supervised else (None, None)
     model = SupervisedClassifier(mcfg, num_classes) if supervised else create_open_clip(mcfg)
     if cfg["model"]["grad_checkpointing"]:
         model.set_grad_checkpointing(True)
@@ -374,7 +371,6 @@ def train(config: dict | str | Path | None = None, *, overrides: dict | None = N
         loader_kwargs.update(persistent_workers=False, pin_memory=env.device.type == "cuda")
     loader = DataLoader(view, **loader_kwargs)
     images_per_step = sampler.global_batch
-    labels = torch.as_tensor(mixture.dataset.class_idx[np.asarray(mixture.indices)]) if supervised else None
     try:
         from tqdm.auto import tqdm
         for epoch in range(step // sampler.steps_per_epoch, t["epochs"]):
