@@ -67,6 +67,8 @@ def register(subparsers) -> None:
         if name == "sharing":
             p.add_argument("--classes", choices=("C2", "C1", "all"), default="C2", help="classes (paper: C2)")
             p.add_argument("--top", type=int, default=20, help="latents per image (paper: 20)")
+            p.add_argument("--vocab", metavar="FILE", help="concept vocabulary, one word per line, embedded by the "
+                           "run's text tower (paper: CLIP-Dissect 20k words; default: dataset class and domain words)")
         p.set_defaults(func=func)
     try:
         causal = importlib.import_module("clipmech.analysis.cli_causal")
@@ -279,7 +281,7 @@ def run_sharing(args: argparse.Namespace) -> int:
 
     from clipmech.analysis.sae import SparseAutoencoder
     from clipmech.analysis.sharing import (dataset_vocabulary, embed_words, feature_sharing, name_latents,
-                                           top_latent_histograms)
+                                           name_latents_by_data, read_vocabulary, top_latent_histograms)
     from clipmech.utils import atomic_write_json
 
     ctx = _Context(args)
@@ -303,12 +305,24 @@ def run_sharing(args: argparse.Namespace) -> int:
     res = feature_sharing(H, ds.domains, class_names=[ds.classes[k] for k in classes])
     res.update(meta=ctx.meta(), point=args.point, sae=str(sae_path), top=args.top, class_subset=args.classes,
                test_domain=ctx.test_domain)
+    counts = H.sum((0, 1))
     if sae.cfg.d_in == ctx.model.cfg["embed_dim"] and args.point.startswith("hook_image_embed"):
-        words = dataset_vocabulary(ds)
+        words = read_vocabulary(args.vocab) if args.vocab else dataset_vocabulary(ds)
         names = name_latents(sae.W_dec.detach(), embed_words(ctx.model, words), words)
-        counts = H.sum((0, 1))
-        res["concepts"] = [dict(names[i], count=int(counts[i])) for i in counts.argsort(descending=True)[:30].tolist()
-                           if counts[i] > 0]
+        res["concept_naming"] = {"method": "nearest word to the decoder column in the joint embedding",
+                                 "vocabulary": str(args.vocab) if args.vocab else "dataset class and domain words",
+                                 "n_words": len(words)}
+    else:
+        # an intermediate layer has no text space to compare decoder columns with
+        names = name_latents_by_data(codes, ds.class_idx[rows][keep], ds.domain_idx[rows][keep],
+                                     ds.classes, ds.domains)
+        res["concept_naming"] = {"method": "top-activating classes and domains (intermediate-layer SAE: no word "
+                                           "vocabulary applies)", "vocabulary": None}
+        if args.vocab:
+            print(f"  note: --vocab ignored: {args.point} is not the joint embedding; latents are named by their "
+                  "top-activating classes and domains")
+    res["concepts"] = [dict(names[i], count=int(counts[i])) for i in counts.argsort(descending=True)[:30].tolist()
+                       if counts[i] > 0]
     path = atomic_write_json(res, ctx.out / f"sharing_{_slug(args.point)}.json")
     M = np.array([[np.nan if v is None else v for v in row] for row in res["matrix"]], dtype=float)
     fig, ax = plt.subplots(figsize=(5, 4.3), dpi=120)
