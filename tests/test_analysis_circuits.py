@@ -116,11 +116,11 @@ def test_similarity_known_answers():
         assert S.wl_kernel(a, a, h) == pytest.approx(1.0)
     # h = 0: cosine of node-label counts = 2 shared labels of 3 and 3 nodes.
     assert S.wl_kernel(a, b, 0) == pytest.approx(2 / 3)
-    # h = 1 adds one new label per node; only p0/1 keeps the same neighbourhood in both
-    # (p1/2 has different predecessors): shared = 2 (h0) + 1 (h1) of 6 per graph.
-    assert S.wl_kernel(a, b, 1) == pytest.approx(3 / 6)
-    # h = 2: p0/1's successor now carries different labels in a and b, so nothing new is shared.
-    assert S.wl_kernel(a, b, 2) == pytest.approx(3 / 9)
+    # h = 1 adds one new label per node; neighbourhoods are successors only (paper.md §8.6): p0/1
+    # (successor p1/2) and p1/2 (no successor) match in both: shared = 2 (h0) + 2 (h1) of 6 per graph.
+    assert S.wl_kernel(a, b, 1) == pytest.approx(4 / 6)
+    # h = 2: the same two nodes match again.
+    assert S.wl_kernel(a, b, 2) == pytest.approx(6 / 9)
     same_nodes = _toy({"p0": [0, 1], "p1": [2]}, [("p0", 0, "p1", 2)])
     assert S.wl_kernel(a, same_nodes, 0) == pytest.approx(1.0)
     assert S.wl_kernel(a, same_nodes, 1) < 1.0

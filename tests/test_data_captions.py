@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,16 +41,39 @@ def test_captions_use_templates_terms_and_drop_periods(dn):
         dom = dn.domains[dn.domain_idx[i]]
         assert _pattern(TEMPLATES, ["image", "picture", *terms[dom]], dn.classes[dn.class_idx[i]]).match(c), c
     frac = np.mean([c.endswith(".") for c in caps])
-    assert 0.35 < frac < 0.65  # p = 0.5 drop
+    assert 0.35 < frac < 0.65  # period kept with p = 0.5
 
 
 def test_caption_draw_order_is_fixed():
-    # template, then term, then the period coin: the same stream as a hand-written replay
+    # paper.md §3.4: template, then the period coin (kept iff random() < 0.5), then the term
     rng, ref = random.Random(42), random.Random(42)
-    got = caption(rng, TEMPLATES, ["image", "picture", "sketch", "drawing"], "axe")
-    t, term, drop = ref.choice(TEMPLATES), ref.choice(["image", "picture", "sketch", "drawing"]), ref.random() < 0.5
-    want = t.format(A=article(term), T=term, C="axe")
-    assert got == (want[:-1] if drop else want)
+    for _ in range(50):
+        got = caption(rng, TEMPLATES, ["image", "picture", "sketch", "drawing"], "axe")
+        t, keep, term = ref.choice(TEMPLATES), ref.random() < 0.5, ref.choice(["image", "picture", "sketch", "drawing"])
+        want = t.format(A=article(term), T=term, C="axe")
+        assert got == (want if keep else want[:-1])
+
+
+def test_first_captions_follow_the_single_paper_stream(dn):
+    """paper.md §3.4, re-derived from the split files: one random.Random(42) over clipart, infograph,
+    painting, quickdraw, real, sketch; per domain train then test lines in file order."""
+    root, rng, want = Path(dn.root), random.Random(42), {}
+    terms = {"clipart": ["clipart", "illustration"], "infograph": ["infograph", "informational chart"],
+             "painting": ["painting", "art"], "quickdraw": ["quickdraw", "doodle"], "real": ["photo", "snapshot"],
+             "sketch": ["sketch", "drawing"]}
+    for dom in ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"):
+        for split in ("train", "test"):
+            for line in (root / f"{dom}_{split}.txt").read_text().splitlines():
+                rel = line.split()[0]
+                t, keep, term = rng.choice(TEMPLATES), rng.random() < 0.5, rng.choice(["image", "picture", *terms[dom]])
+                text = t.format(A=article(term), T=term, C=rel.split("/")[1].replace("_", " "))
+                want[str(root / rel)] = text if keep else text[:-1]
+    got = dict(zip(dn.sources, make_captions(dn, dn.indices())))
+    assert got == want
+    first_sketch_train = (root / "sketch_train.txt").read_text().split()[0]
+    # a mixture of one domain cuts the same captions from the same stream
+    idx = dn.indices("train", domains=["sketch"])
+    assert make_captions(dn, idx)[0] == want[str(root / first_sketch_train)]
 
 
 def test_deterministic_and_independent_of_mixture(dn):

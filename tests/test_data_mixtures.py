@@ -134,9 +134,20 @@ def test_allow_p_keeps_quota_of_c2(dn):
     quota = [math.ceil(p * rho_pseudo * n - 1e-9) for n in tr[d, _c2_idx(dn)]]
     assert m.counts()[d, _c2_idx(dn)].tolist() == quota
     assert len(m.indices) == S
-    assert m.id == "lso-cipqrs-nosketchclasses-allow0.5"
+    assert m.id == "lso-cipqrs-nosketchclasses-allow0.5" and m.manifest["paper_compat"] is False
+    compat = build_mixture(dn, "cg_high", test_domain="sketch", test_classes=C2, allow_p=p, paper_compat=True)
+    assert compat.manifest["paper_compat"] is True and compat.counts().tolist() == m.counts().tolist()  # no float hit
     with pytest.raises(ValueError, match="allow_p"):
         build_mixture(dn, "lod", test_domain="sketch", test_classes=C2, allow_p=p)
+
+
+def test_allow_p_quota_exact_and_paper_float_ceil():
+    """paper_compat reproduces the paper's float ceil(p * rho * n); the default is exact."""
+    from clipmech.data.mixtures import allow_p_quota
+    assert 0.05 * (2 / 5) * 50 > 1  # 1.0000000000000002: exactly 1 in rationals, a hair above in floats
+    assert allow_p_quota(0.05, 2, 5, 50) == 1 and allow_p_quota(0.05, 2, 5, 50, paper_compat=True) == 2
+    assert allow_p_quota(0.05, 2, 5, 51) == allow_p_quota(0.05, 2, 5, 51, paper_compat=True) == 2
+    assert allow_p_quota(0.5, 10, 20, 8) == allow_p_quota(0.5, 10, 20, 8, paper_compat=True) == 2  # exact hit
 
 
 def test_domain_subsets_and_aligned(dn):

@@ -10,7 +10,7 @@ DATA = {"domainnet": "/data/domainnet", "imagenet_captions": "/data/inc.tsv", "c
         "imagenet_sketch": "/data/imagenet-sketch"}
 
 
-@pytest.mark.parametrize("name,runs", [("main", 48), ("cc12m", 7), ("allow_p", 60), ("supervised", 45),
+@pytest.mark.parametrize("name,runs", [("main", 48), ("cc12m", 7), ("allow_p", 60), ("supervised", 90),
                                        ("aligned_quickdraw", 1), ("domain_interpolation_sketch", 9),
                                        ("domain_interpolation_clipart", 9), ("imagenet_sketch_add", 3),
                                        ("imagenet_sketch_mix", 7)])

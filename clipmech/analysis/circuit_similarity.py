@@ -2,7 +2,10 @@
 Weisfeiler-Lehman subtree kernel, and bootstrap confidence intervals over images.
 
 Our own code: the WL kernel is ~30 lines here, and graph libraries (grakel, networkx) would be a
-dependency for one function. Node labels are the node names ('point/index'), as in the paper.
+dependency for one function. Node labels are the node names ('point/index'), as in the paper; a
+node's neighbourhood is its successors (out-edges) only, as in the paper's code (paper.md §8.6).
+`h` is the true iteration count: the paper's score named "h2" runs h = 3 (`wl_scores` with
+paper_compat=True reproduces that naming).
 """
 from __future__ import annotations
 
@@ -42,27 +45,26 @@ def edge_jaccard(a: Circuit, b: Circuit) -> float:
 def _wl_features(circuit: Circuit, h: int, table: dict) -> Counter:
     """Counts of WL labels of iterations 0..h; `table` compresses labels consistently across graphs."""
     nodes = sorted(circuit.node_set())
-    ins = {n: [] for n in nodes}
     outs = {n: [] for n in nodes}
     for src, dst in circuit.edge_set():
-        if src in outs and dst in ins:
+        if src in outs and dst in outs:
             outs[src].append(dst)
-            ins[dst].append(src)
     labels = {n: table.setdefault(("node", n), len(table)) for n in nodes}
     feats = Counter(labels.values())
     for _ in range(h):
-        # Direction-aware: a node's new label hashes its label with the sorted multisets of its
-        # predecessors' and successors' labels.
-        labels = {n: table.setdefault((labels[n], tuple(sorted(labels[m] for m in ins[n])),
-                                       tuple(sorted(labels[m] for m in outs[n]))), len(table)) for n in nodes}
+        # the paper's relabelling: own label + sorted multiset of the successors' labels; one table
+        # for all iterations equals a fresh table per iteration (keys of different rounds never meet)
+        labels = {n: table.setdefault((labels[n], tuple(sorted(labels[m] for m in outs[n]))), len(table))
+                  for n in nodes}
         feats.update(labels.values())
     return feats
 
 
 def wl_kernel(a: Circuit, b: Circuit, h: int = 2, normalize: bool = True) -> float:
-    """Weisfeiler-Lehman subtree kernel with `h` refinement iterations (h = 0: node-label overlap),
-    node names as initial labels: k = <phi_a, phi_b> with phi the label counts of iterations 0..h.
-    `normalize` divides by sqrt(k(a,a) k(b,b)), giving [0, 1]."""
+    """Weisfeiler-Lehman subtree kernel on the directed graphs (successors only) with `h`
+    refinement iterations (h = 0: node-label overlap), node names as initial labels:
+    k = <phi_a, phi_b> with phi the label counts of iterations 0..h. `normalize` divides by
+    sqrt(k(a,a) k(b,b)), giving [0, 1]."""
     if h < 0:
         raise ValueError(f"WL iterations h must be >= 0, got {h}")
     table: dict = {}
@@ -76,12 +78,28 @@ def wl_kernel(a: Circuit, b: Circuit, h: int = 2, normalize: bool = True) -> flo
     return k / norm
 
 
-def circuit_similarities(a: Circuit, b: Circuit, wl_h: Sequence[int] = (1, 2, 3)) -> dict[str, Any]:
-    """All similarities of two circuits: per-point node Jaccard, their mean, edge Jaccard, WL(h)."""
+# The paper's script names its WL scores by a flag whose "h2" runs 3 iterations (paper.md §8.6, §12).
+PAPER_WL_ITERATIONS = {1: 1, 2: 3, 3: 3}
+
+
+def wl_iterations(name: int, paper_compat: bool = False) -> int:
+    """Iterations run for the score named wl_h{name}: `name` itself, or the paper's (h2 -> 3)."""
+    return PAPER_WL_ITERATIONS.get(name, name) if paper_compat else name
+
+
+def wl_scores(a: Circuit, b: Circuit, names: Sequence[int] = (1, 2, 3), paper_compat: bool = False) -> dict[str, float]:
+    """{f"wl_h{n}": normalised WL kernel} for the named iteration counts (see `wl_iterations`)."""
+    return {f"wl_h{n}": wl_kernel(a, b, wl_iterations(n, paper_compat)) for n in names}
+
+
+def circuit_similarities(a: Circuit, b: Circuit, wl_h: Sequence[int] = (1, 2, 3),
+                         paper_compat: bool = False) -> dict[str, Any]:
+    """All similarities of two circuits: per-point node Jaccard, their mean, edge Jaccard, WL(h)
+    (`wl_scores`; paper_compat: the paper's WL naming)."""
     nodes = node_jaccard(a, b)
     out: dict[str, Any] = {"node_jaccard": nodes, "node_jaccard_mean": float(np.mean(list(nodes.values()))),
                            "edge_jaccard": edge_jaccard(a, b)}
-    out.update({f"wl_h{h}": wl_kernel(a, b, h) for h in wl_h})
+    out.update(wl_scores(a, b, wl_h, paper_compat))
     return out
 
 

@@ -470,7 +470,8 @@ def domain_cka(features: Mapping[str, Any], class_idx: Any, domain_idx: Any, dom
                class_subsets: Mapping[str, Sequence[int]], mode: str = "centroid",
                kernels: Sequence[str] = ("linear", "rbf"), estimator: str = "unbiased",
                n_boot: int = 200, n_perm: int = 100, ci: float = 0.95, seed: int = 0,
-               pooling: str | None = None, progress: bool = False) -> dict:
+               pooling: str | None = None, progress: bool = False,
+               class_list_domain: str | None = None) -> dict:
     """CKA between every pair of domains at every point, per class subset and kernel.
 
     features: point name -> (N, d) pooled activations of the same N images (see activations.py).
@@ -482,6 +483,9 @@ def domain_cka(features: Mapping[str, Any], class_idx: Any, domain_idx: Any, dom
     Permutation baseline: n_perm shuffles of the second domain's rows (mean and 95th percentile).
     Cost per (point, pair, subset, kernel): O((1 + n_boot + n_perm) n^2) after O(n^2 d) Grams; with
     n = 459 class centroids about 0.2 s (linear) / 1 s (RBF) on 2 CPU cores. progress: a tqdm bar over points.
+    class_list_domain: None (default: every pair uses the classes present in both its domains), or
+    a domain whose class list restricts the "all" and "C1" subsets of EVERY pair — the paper code's
+    quirk (a leftover loop variable: painting, paper.md §8.3, §12); `paper_compat` passes "painting".
     Returns a JSON-able dict; results[subset][kernel][f"{a}|{b}"] has lists over points.
     """
     _check_choice("mode", mode, ("centroid", "image"))
@@ -497,16 +501,24 @@ def domain_cka(features: Mapping[str, Any], class_idx: Any, domain_idx: Any, dom
         if M.shape[0] != len(class_idx) or len(domain_idx) != len(class_idx):
             raise ValueError(f"features[{p!r}] has {M.shape[0]} rows but class_idx/domain_idx have "
                              f"{len(class_idx)}/{len(domain_idx)}; they must describe the same images")
-    rng = np.random.default_rng(seed)
     present = {d: set(np.unique(class_idx[domain_idx == d]).tolist()) for d in range(len(domains))}
+    if class_list_domain is not None and class_list_domain not in domains:
+        from clipmech.utils import unknown_name_error
+        raise unknown_name_error("class_list_domain", class_list_domain, domains)
     pairs = [(a, b) for a in range(len(domains)) for b in range(a + 1, len(domains))]
     out: dict = {"mode": mode, "estimator": estimator, "pooling": pooling, "points": points,
                  "domains": list(domains), "kernels": list(kernels), "n_boot": n_boot, "n_perm": n_perm,
-                 "ci": ci, "ci_method": "normal, bootstrap SE over classes", "seed": seed, "results": {}, "skipped": []}
+                 "ci": ci, "ci_method": "normal, bootstrap SE over classes", "seed": seed,
+                 "class_list_domain": class_list_domain, "results": {}, "skipped": []}
     plans = []  # one per (subset, domain pair): rows, resamples and result lists shared by all points
-    for subset, cls in class_subsets.items():
+    for si, (subset, cls) in enumerate(class_subsets.items()):
         out["results"][subset] = {k: {} for k in kernels}
+        listed = len(cls)
+        if class_list_domain is not None and subset in ("all", "C1"):
+            cls = [k for k in cls if k in present[list(domains).index(class_list_domain)]]
         for a, b in pairs:
+            # one stream per (subset, pair): its resamples do not shift when another pair's rows change
+            rng = np.random.default_rng([seed, si, a, b])
             shared = [k for k in cls if k in present[a] and k in present[b]]
             key = f"{domains[a]}|{domains[b]}"
             if mode == "centroid":
@@ -530,7 +542,7 @@ def domain_cka(features: Mapping[str, Any], class_idx: Any, domain_idx: Any, dom
             perms = torch.from_numpy(np.stack([rng.permutation(n) for _ in range(n_perm)])) if n_perm \
                 else torch.zeros(0, n, dtype=torch.long)
             res = {k: {"cka": [], "ci_low": [], "ci_high": [], "perm_mean": [], "perm_p95": [],
-                       "n_rows": n, "n_classes": len(shared), "classes_missing": len(cls) - len(shared),
+                       "n_rows": n, "n_classes": len(shared), "classes_missing": listed - len(shared),
                        "boot_failed": [], "error": []} for k in kernels}
             for kernel in kernels:
                 out["results"][subset][kernel][key] = res[kernel]

@@ -52,6 +52,9 @@ def register(subparsers) -> None:
             p.add_argument("--estimator", choices=("unbiased", "biased"), default="unbiased")
             p.add_argument("--n-boot", type=int, default=200)
             p.add_argument("--n-perm", type=int, default=100)
+            p.add_argument("--paper-compat", action="store_true",
+                           help="the paper code's 'all'/'C1' class list from painting for every pair "
+                                "(also [analysis] paper_compat in the run config)")
         if name == "embeddings":
             p.add_argument("--exclude", metavar="DOMAIN", help="domain left out of the second UMAP (default: test domain)")
             p.add_argument("--per-domain", type=int, default=2000, help="UMAP points per domain (seeded sample)")
@@ -69,6 +72,8 @@ def register(subparsers) -> None:
             p.add_argument("--subset", choices=("C2", "C1", "all"), default="C2",
                            help="which classes to compare (paper: C2)")
             p.add_argument("--top", type=int, default=20, help="latents per image (paper: 20)")
+            p.add_argument("--vocab", metavar="FILE", help="concept vocabulary, one word per line, embedded by the "
+                           "run's text tower (paper: CLIP-Dissect 20k words; default: dataset class and domain words)")
         p.set_defaults(func=func)
     cli_causal.register(sub)
 
@@ -128,17 +133,20 @@ def _save_png(fig, path: Path) -> None:
 
 def run_cka(args: argparse.Namespace) -> int:
     from clipmech.analysis.cka import domain_cka
+    from clipmech.analysis.paper_compat import cka_class_list_domain
     from clipmech.utils import atomic_write_json
 
     ctx = _Context(args)
+    paper_compat = bool(args.paper_compat or ctx.source.paper_compat)
     points = [p for p in ctx.model.analysis_points() if p != "visual.hook_input"]  # paper: no pixels
     feats = ctx.features(points)
     ds, rows = ctx.dataset, ctx.indices
     subsets = {k: v for k, v in ctx.subsets.items() if v}
     res = domain_cka(feats, ds.class_idx[rows], ds.domain_idx[rows], ds.domains, subsets, mode=args.mode,
                      kernels=args.kernels, estimator=args.estimator, n_boot=args.n_boot, n_perm=args.n_perm,
-                     seed=args.seed, pooling=ctx.pooling, progress=True)
-    res["meta"] = ctx.meta()
+                     seed=args.seed, pooling=ctx.pooling, progress=True,
+                     class_list_domain=cka_class_list_domain(ds.domains, paper_compat))
+    res["meta"] = {**ctx.meta(), "paper_compat": paper_compat}
     path = atomic_write_json(res, ctx.out / f"cka_{args.mode}.json")
     figs = _plot_cka(res, ctx.out / f"cka_{args.mode}", args.kernels[0])
     print(f"clipmech analyze cka: {len(points)} points x {len(ds.domains) * (len(ds.domains) - 1) // 2} domain pairs "
@@ -260,7 +268,7 @@ def run_sharing(args: argparse.Namespace) -> int:
 
     from clipmech.analysis.sae import SparseAutoencoder
     from clipmech.analysis.sharing import (dataset_vocabulary, embed_words, feature_sharing, name_latents,
-                                           top_latent_histograms)
+                                           name_latents_by_data, read_vocabulary, top_latent_histograms)
     from clipmech.utils import atomic_write_json
 
     ctx = _Context(args)
@@ -286,12 +294,24 @@ def run_sharing(args: argparse.Namespace) -> int:
     res = feature_sharing(H, ds.domains, class_names=[ds.classes[k] for k in classes])
     res.update(meta=ctx.meta(), point=args.point, sae=str(sae_path), top=args.top, class_subset=args.subset,
                test_domain=ctx.test_domain)
+    counts = H.sum((0, 1))
     if sae.cfg.d_in == ctx.model.cfg["embed_dim"] and args.point.startswith("hook_image_embed"):
-        words = dataset_vocabulary(ds)
+        words = read_vocabulary(args.vocab) if args.vocab else dataset_vocabulary(ds)
         names = name_latents(sae.W_dec.detach(), embed_words(ctx.model, words), words)
-        counts = H.sum((0, 1))
-        res["concepts"] = [dict(names[i], count=int(counts[i])) for i in counts.argsort(descending=True)[:30].tolist()
-                           if counts[i] > 0]
+        res["concept_naming"] = {"method": "nearest word to the decoder column in the joint embedding",
+                                 "vocabulary": str(args.vocab) if args.vocab else "dataset class and domain words",
+                                 "n_words": len(words)}
+    else:
+        # an intermediate layer has no text space to compare decoder columns with
+        names = name_latents_by_data(codes, ds.class_idx[rows][keep], ds.domain_idx[rows][keep],
+                                     ds.classes, ds.domains)
+        res["concept_naming"] = {"method": "top-activating classes and domains (intermediate-layer SAE: no word "
+                                           "vocabulary applies)", "vocabulary": None}
+        if args.vocab:
+            print(f"  note: --vocab ignored: {args.point} is not the joint embedding; latents are named by their "
+                  "top-activating classes and domains")
+    res["concepts"] = [dict(names[i], count=int(counts[i])) for i in counts.argsort(descending=True)[:30].tolist()
+                       if counts[i] > 0]
     path = atomic_write_json(res, ctx.out / f"sharing_{_slug(args.point)}.json")
     M = np.array([[np.nan if v is None else v for v in row] for row in res["matrix"]], dtype=float)
     fig, ax = plt.subplots(figsize=(5, 4.3), dpi=120)

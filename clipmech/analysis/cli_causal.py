@@ -30,9 +30,10 @@ def register(subparsers) -> None:
         p = subparsers.add_parser(name, help=helptext, description=__doc__)
         add_source_arguments(p)
         p.add_argument("--domains", nargs="+", metavar="DOMAIN", help="domains (default: all)")
-        p.add_argument("--classes", nargs="+", metavar="CLASS", help="classes (default: the held-out C2 classes: "
-                       "the run's; for --model / --hf: the dataset's)")
-        p.add_argument("--n-images", type=int, default=50, help="test images per (domain, class) (paper: 50)")
+        p.add_argument("--classes", nargs="+", metavar="CLASS",
+                       help="classes (default: all, C2 first, as the paper; similarities reported for all / C2 / C1)")
+        p.add_argument("--n-images", type=int, default=50,
+                       help="images per (domain, class), from one shuffle of the split seeded --seed (paper: 50)")
         p.add_argument("--steps", type=int, default=10, help="IG steps (paper: 10)")
         p.add_argument("--seed", type=int, default=42, help="seed of the image sample")
         p.add_argument("--split", choices=("test", "train", "all"), default="test",
@@ -46,6 +47,9 @@ def register(subparsers) -> None:
             p.add_argument("--ablation", choices=("mean", "zero"), default="mean")
             p.add_argument("--n-random", type=int, default=10, help="random node sets in the causal test")
             p.add_argument("--no-faithfulness", action="store_true", help="skip cross-domain faithfulness")
+            p.add_argument("--paper-compat", action="store_true",
+                           help="reproduce the paper code's quirks: WL 'h2' runs 3 iterations, wrap-around "
+                                "attnpool -> input edges (also [analysis] paper_compat in the run config)")
         else:
             p.add_argument("--source-domain", default="real", help="domain whose activations are patched in")
         p.set_defaults(func=func)
@@ -76,27 +80,35 @@ class _Run:
         for k in args.classes or []:
             if k not in ds.classes:
                 raise unknown_name_error("class", k, ds.classes)
-        self.classes = list(args.classes or self.c2)
+        self.classes = list(args.classes or self.c2 + [k for k in ds.classes if k not in self.c2])
         if not self.classes:
-            raise ValueError("no classes to analyse: there are no held-out C2 classes; pass --classes")
+            raise ValueError("no classes to analyse: the dataset has none; pass --classes")
         self.test_domain = src.test_domain
         templates = get_templates(src.templates, ds.name)
         self.head = self.model.zero_shot_head(class_prompts_names(ds), templates).to(self.device)
         self.n_images, self.seed = args.n_images, args.seed
         self.split = None if args.split == "all" else args.split
         self.out = src.out
+        self.paper_compat = bool(getattr(args, "paper_compat", False) or src.paper_compat)
+        self.cells: dict | None = None
 
     def sample(self, domain: str, cls: str, n: int | None = None):
-        """(images [n, 3, S, S], labels [n]) of test images of `cls` in `domain`; None if there are none."""
+        """(images [n, 3, S, S], labels [n]) of test images of `cls` in `domain`; None if there are none.
+        n=None: the paper's --n-images per cell from one seeded shuffle of the split (`cell_samples`)."""
         import torch
 
+        from clipmech.data.samples import cell_samples
         from clipmech.eval.zeroshot import eval_images
 
-        idx = self.dataset.indices(split=self.split, domains=[domain], classes=[cls])
+        if n is None:
+            if self.cells is None:
+                self.cells = cell_samples(self.dataset, self.n_images, self.split, self.seed)
+            idx = self.cells.get((domain, cls), np.zeros(0, np.int64))
+        else:
+            idx = self.dataset.indices(split=self.split, domains=[domain], classes=[cls])
+            idx = np.sort(np.random.default_rng(self.seed).permutation(idx)[:n])
         if len(idx) == 0:
             return None
-        rng = np.random.default_rng(self.seed)
-        idx = np.sort(rng.permutation(idx)[:n or self.n_images])
         images = eval_images(self.dataset, idx, self.model.image_size).to(self.device)
         labels = torch.as_tensor(self.dataset.class_idx[idx], device=self.device)
         return images, labels
@@ -162,12 +174,15 @@ def run_circuits(args: argparse.Namespace) -> int:
     from clipmech.analysis import circuit_similarity as S
     from clipmech.analysis.circuits import (Circuit, ablation_values, cross_domain_faithfulness, discover_circuit,
                                             shared_node_ablation)
+    from clipmech.analysis.paper_compat import wraparound_edges
     from clipmech.utils import atomic_write_json
 
     run = _Run(args)
     out = run.out / f"circuits_{run.label}"
+    paper_compat = run.paper_compat
     settings = {"n_images": run.n_images, "split": args.split, "steps": args.steps, "node_fraction": args.node_fraction,
-                "top_k": args.top_k, "seed": run.seed, "epoch": run.epoch, "model": run.model_key}
+                "top_k": args.top_k, "seed": run.seed, "epoch": run.epoch, "model": run.model_key,
+                "sampling": "one shuffle of the split", "paper_compat": paper_compat}
     circuits: dict[str, dict[str, Circuit]] = {d: {} for d in run.domains}
     skipped = []
     for d, k in tqdm(run.pairs(), desc="circuits (domain, class)", unit="circuit"):
@@ -183,6 +198,8 @@ def run_circuits(args: argparse.Namespace) -> int:
             continue
         c = discover_circuit(run.model, *sample, run.head, steps=args.steps, node_fraction=args.node_fraction,
                              top_k=args.top_k, meta={**settings, "domain": d, "class": k, "images_used": len(sample[0])})
+        if paper_compat:
+            c = wraparound_edges(c, args.top_k)
         c.save(path)
         circuits[d][k] = c
     if skipped:
@@ -193,20 +210,29 @@ def run_circuits(args: argparse.Namespace) -> int:
     first = next(iter(circuits[domains[0]].values()))
     first.draw(out / "circuit.png")
     points = [p for p in first.points if not p.endswith("hook_input")]
-    sims: dict[str, Any] = {"domains": domains, "classes": run.classes, "skipped": skipped}
+    subsets = {"all": run.classes, "C2": [k for k in run.classes if k in run.c2],
+               "C1": [k for k in run.classes if k not in run.c2]}
+    sims: dict[str, Any] = {"domains": domains, "classes": run.classes, "skipped": skipped, "paper_compat": paper_compat,
+                            "subsets": {name: len(ks) for name, ks in subsets.items()}}
     measures = {"node_jaccard": lambda a, b: float(np.mean([S.node_jaccard(a, b, points)[p] for p in points])),
-                "edge_jaccard": S.edge_jaccard, "wl_h2": lambda a, b: S.wl_kernel(a, b, 2)}
+                "edge_jaccard": S.edge_jaccard,
+                "wl_h2": lambda a, b: S.wl_scores(a, b, (2,), paper_compat)["wl_h2"]}
     for name, fn in measures.items():
-        mean = np.full((len(domains), len(domains)), np.nan)
-        cis = [[None] * len(domains) for _ in domains]
-        for i, a in enumerate(domains):
-            for j, b in enumerate(domains):
-                vals = [fn(circuits[a][k], circuits[b][k]) for k in run.classes if k in circuits[a] and k in circuits[b]]
-                if vals:
-                    res = S.mean_with_ci(vals)
-                    mean[i, j], cis[i][j] = res["mean"], res["ci"]
-        sims[name] = {"mean": mean.tolist(), "ci95_over_classes": cis}
-        _heatmap(mean, domains, f"{name.replace('_', ' ')} (mean over {len(run.classes)} classes)", out / f"{name}.png")
+        sims[name] = {}
+        for subset, ks in subsets.items():
+            mean = np.full((len(domains), len(domains)), np.nan)
+            cis = [[None] * len(domains) for _ in domains]
+            for i, a in enumerate(domains):
+                for j, b in enumerate(domains):
+                    vals = [fn(circuits[a][k], circuits[b][k]) for k in ks if k in circuits[a] and k in circuits[b]]
+                    if vals:
+                        res = S.mean_with_ci(vals)
+                        mean[i, j], cis[i][j] = res["mean"], res["ci"]
+            if subset == "all":  # the heatmap and the top-level "mean" cover every analysed class
+                sims[name].update(mean=mean.tolist(), ci95_over_classes=cis)
+            sims[name][subset] = {"mean": mean.tolist(), "ci95_over_classes": cis}
+        _heatmap(np.array(sims[name]["mean"], dtype=float), domains,
+                 f"{name.replace('_', ' ')} (mean over {len(run.classes)} classes)", out / f"{name}.png")
     sims["node_jaccard_per_point"] = {
         p: [[float(np.mean([S.node_jaccard(circuits[a][k], circuits[b][k], [p])[p] for k in run.classes
                             if k in circuits[a] and k in circuits[b]] or [np.nan])) for b in domains] for a in domains]

@@ -121,3 +121,43 @@ def dataset_vocabulary(dataset) -> list[str]:
     words.extend(dataset.domains)
     seen: set[str] = set()
     return [w for w in words if not (w in seen or seen.add(w))]
+
+
+def read_vocabulary(path) -> list[str]:
+    """A concept vocabulary file: one word (or phrase) per line, blank lines and duplicates dropped,
+    order kept (the paper: CLIP-Dissect's 20k English words, paper.md §8.9)."""
+    from pathlib import Path
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"vocabulary file {path} not found (one word per line)")
+    seen: set[str] = set()
+    words = [w for w in (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+             if w and not (w in seen or seen.add(w))]
+    if not words:
+        raise ValueError(f"vocabulary file {path} holds no words (one word per line)")
+    return words
+
+
+@torch.no_grad()
+def name_latents_by_data(codes: torch.Tensor, class_idx: np.ndarray, domain_idx: np.ndarray, classes: Sequence[str],
+                         domains: Sequence[str], top: int = 3) -> list[dict]:
+    """Name latents of an SAE with no text space to compare with (an intermediate layer): per latent,
+    the `top` classes and domains with the largest mean activation over their images.
+    codes (N, n_latents); returns [{"latent", "classes", "domains", "mean_activation"}] per latent."""
+    codes = torch.as_tensor(codes).float()
+    class_idx, domain_idx = np.asarray(class_idx), np.asarray(domain_idx)
+    if len(codes) != len(class_idx) or len(codes) != len(domain_idx):
+        raise ValueError(f"codes has {len(codes)} rows but class_idx/domain_idx have {len(class_idx)}/{len(domain_idx)}")
+
+    def group_means(groups: np.ndarray, n: int) -> torch.Tensor:
+        key = torch.from_numpy(groups.astype(np.int64))
+        sums = torch.zeros(n, codes.shape[1]).index_add_(0, key, codes)
+        counts = torch.bincount(key, minlength=n).float()
+        return torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], torch.tensor(float("-inf")))
+
+    by_class, by_domain = group_means(class_idx, len(classes)), group_means(domain_idx, len(domains))
+    tc = by_class.topk(min(top, len(classes)), dim=0)
+    td = by_domain.topk(min(top, len(domains)), dim=0)
+    return [{"latent": i, "classes": [classes[k] for k in tc.indices[:, i].tolist()],
+             "domains": [domains[d] for d in td.indices[:, i].tolist()],
+             "mean_activation": float(tc.values[0, i])} for i in range(codes.shape[1])]

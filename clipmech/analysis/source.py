@@ -50,6 +50,7 @@ class Source:
     out: Path
     epoch: int | None  # the run's checkpoint epoch; None for other models
     meta: dict[str, Any]  # what was analysed, recorded in every result file
+    paper_compat: bool = False  # the run config's [analysis] paper_compat (False for other models)
 
     @property
     def label(self) -> str:
@@ -95,7 +96,8 @@ def _from_run(args: argparse.Namespace) -> Source:
                   dataset=ds, c2=list(cfg["mixture"]["test_classes"] or ds.default_test_classes or []),
                   test_domain=cfg["mixture"]["test_domain"] or ds.default_test_domain,
                   templates=cfg["eval"]["templates"], out=Path(args.out) if args.out else run_dir / RESULTS,
-                  epoch=epoch, meta={"run_dir": str(run_dir), "checkpoint": str(found[epoch]), "epoch": epoch})
+                  epoch=epoch, meta={"run_dir": str(run_dir), "checkpoint": str(found[epoch]), "epoch": epoch},
+                  paper_compat=bool(cfg["analysis"]["paper_compat"]))
 
 
 def _from_model(args: argparse.Namespace) -> Source:

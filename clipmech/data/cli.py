@@ -9,7 +9,7 @@ SETUP_CHOICES = ["natural_only", "cg_low", "cg_high", "lod", "pseudo_low", "pseu
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the `data` command with subcommands mixture, summary, build-emoji."""
+    """Add the `data` command with subcommands mixture, imagenet-captions, summary, build-emoji."""
     data = subparsers.add_parser("data", help="datasets, training mixtures, TSV export")
     sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     data.set_defaults(func=lambda args: (data.print_help(), 2)[1])
@@ -30,12 +30,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      "(natural_only, lod, cg_high), or with --in-sketch-keep the mix variant (cg_high)")
     mix.add_argument("--in-sketch-keep", metavar="KEEP", help="mix variant: fiftyp, thirtyp, twentyfivep, tenp, "
                      "fivep, onep or one (share of C1 classes whose test-domain images stay)")
+    mix.add_argument("--in-sketch-filter", choices=["mapping", "dn_substring", "dn_words"], default="mapping",
+                     help="ImageNet-Sketch filter: the paper's class mapping (default) or DomainNet names as "
+                          "substrings / whole words (not the paper's)")
+    mix.add_argument("--paper-compat", action="store_true",
+                     help="reproduce the paper code's allow-p float ceil (experiments/README.md, parity table)")
     mix.add_argument("--no-subsample", action="store_true", help="keep the whole pool (id suffix -nosub)")
     mix.add_argument("--verify", choices=["exists", "open"], default="open",
                      help="DomainNet file check: 'open' also skips files PIL cannot identify (default)")
     mix.add_argument("--out", required=True, metavar="FILE.tsv",
                      help="output TSV (a folder: use the paper's file name inside it)")
     mix.set_defaults(func=_mixture)
+
+    caps = sub.add_parser("imagenet-captions", help="ImageNet-Captions JSON + ImageNet train folder -> base TSV")
+    caps.add_argument("--json", required=True, metavar="FILE", help="the ImageNet-Captions JSON release")
+    caps.add_argument("--imagenet", required=True, metavar="ROOT", help="ImageNet folder (ROOT/train/<wnid>/...)")
+    caps.add_argument("--out", required=True, metavar="FILE.tsv",
+                      help="train TSV; the validation TSV goes to FILE-val.tsv, the manifest to FILE.json")
+    caps.add_argument("--val-fraction", type=float, default=0.05,
+                      help="share of entries in validation, by sha256 of the file name (default 0.05)")
+    caps.set_defaults(func=_imagenet_captions)
 
     summ = sub.add_parser("summary", help="print a domain x split count table")
     summ.add_argument("dataset", metavar="NAME_OR_ROOT", help="'emoji' or a DomainNet root folder")
@@ -60,10 +74,11 @@ def _mixture(args: argparse.Namespace) -> int:
     ds = _load(args.domainnet, args.verify)
     m = build_mixture(ds, args.setup, test_domain=args.test_domain, test_classes=args.test_classes,
                       allow_p=args.allow_p, domains=args.domains, aligned=args.aligned, split=args.split,
-                      seed=args.seed, base=args.base, subsample=not args.no_subsample)
+                      seed=args.seed, base=args.base, subsample=not args.no_subsample, paper_compat=args.paper_compat)
     if args.in_sketch:
         from clipmech.data.imagenet_sketch import add_imagenet_sketch
-        m = add_imagenet_sketch(m, args.in_sketch, keep=args.in_sketch_keep, seed=args.seed)
+        m = add_imagenet_sketch(m, args.in_sketch, keep=args.in_sketch_keep, filter=args.in_sketch_filter,
+                                seed=args.seed)
     elif args.in_sketch_keep:
         raise ValueError("--in-sketch-keep needs --in-sketch ROOT (the ImageNet-Sketch folder)")
     out = Path(args.out)
@@ -73,6 +88,18 @@ def _mixture(args: argparse.Namespace) -> int:
     extra = f" + {len(m.extra_lines)} ImageNet-Sketch" if m.extra_lines else ""
     print(f"wrote {out} ({len(m.base_lines)} base + {len(m.indices)} {ds.name}{extra} lines, id {m.id}) "
           f"and {out.with_suffix('.json')}")
+    return 0
+
+
+def _imagenet_captions(args: argparse.Namespace) -> int:
+    from clipmech.data.imagenet_captions import build_imagenet_captions
+    m = build_imagenet_captions(args.json, args.imagenet, args.out, val_fraction=args.val_fraction)
+    print(f"wrote {m['outputs']['train']} ({m['n_train']} lines)"
+          + (f" and {m['outputs']['val']} ({m['n_val']} lines)" if "val" in m["outputs"] else "")
+          + f" from {m['n_entries']} entries; manifest {Path(args.out).with_suffix('.json')}")
+    if m["n_missing_images"] or m["n_empty_captions"]:
+        print(f"skipped {m['n_missing_images']} entries without an image file (first: "
+              f"{', '.join(m['missing_first'][:3]) or '-'}) and {m['n_empty_captions']} with an empty caption")
     return 0
 
 

@@ -24,6 +24,7 @@ until exactly S remain. ceil() is computed in exact integer arithmetic (a float 
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -33,6 +34,7 @@ import numpy as np
 
 from clipmech.data.captions import make_captions
 from clipmech.data.dataset import DomainDataset
+from clipmech.data.tsv import BaseLinesView, materialise_images, read_base_tsv, write_tsv
 
 SETUPS = ("natural_only", "cg_low", "cg_high", "lod", "pseudo_low", "pseudo_high")
 
@@ -72,6 +74,17 @@ def stratified_keep(sizes: np.ndarray, target: int, trim_order: Sequence[int],
                     if over == 0:
                         return keep
     return keep
+
+
+def allow_p_quota(p: float, S: int, pseudo_total: int, n: int, paper_compat: bool = False) -> int:
+    """Samples an allow-p C2 bucket of n samples keeps: ceil(p * rho_pseudo * n) with
+    rho_pseudo = S / pseudo_total, in exact rational arithmetic. paper_compat=True reproduces the
+    paper code's float product math.ceil(p * rho * n), which rounds up when the float lands a hair
+    above an integer (p = 0.1, rho = 1, n = 30: 3.0000000000000004 -> 4 instead of 3)."""
+    if paper_compat:
+        return math.ceil(p * (S / pseudo_total) * n)
+    q = Fraction(str(p))
+    return _ceil_div(q.numerator * S * n, q.denominator * pseudo_total)
 
 
 def _shrink(budget: int, pool: int) -> float:
@@ -119,7 +132,6 @@ class Mixture:
     def torch_dataset(self, transform: Callable | None = None):
         """torch Dataset yielding (image, caption, class_idx, domain_idx); base and extra lines come
         first with class_idx = domain_idx = -1."""
-        from clipmech.data.tsv import BaseLinesView
         view = self.dataset.torch_dataset(transform, captions=self.captions, indices=self.indices)
         lines = self.base_lines + self.extra_lines
         if not lines:
@@ -131,8 +143,17 @@ class Mixture:
         """Write the open_clip_train TSV (header filepath\\ttitle, base, extra, then dataset lines)
         and, if `manifest`, the manifest next to it as <path minus .tsv>.json. In-memory images
         are written once as PNG under `image_dir` (default: <tsv folder>/<name>-images-<hash>/)."""
-        from clipmech.data.tsv import write_mixture_tsv
-        return write_mixture_tsv(self, Path(path), image_dir=image_dir, manifest=manifest)
+        ds, path = self.dataset, Path(path)
+        if ds.sources is None:
+            image_dir = Path(image_dir) if image_dir else path.parent / f"{ds.name}-images-{ds.content_hash()}"
+            paths = materialise_images(ds, self.indices, image_dir)
+        else:
+            paths = [str(Path(ds.sources[int(i)]).resolve()) for i in self.indices]
+        for cap in self.captions:
+            if "\t" in cap or "\n" in cap:
+                raise ValueError(f"caption {cap!r} contains a tab or newline; the TSV cannot hold it")
+        lines = [*self.base_lines, *self.extra_lines, *(f"{p}\t{c}" for p, c in zip(paths, self.captions))]
+        return write_tsv(lines, path, self.manifest if manifest else None)
 
 
 def _resolve_classes(ds: DomainDataset, test_classes: Sequence[str | int] | str | None) -> list[int]:
@@ -195,9 +216,10 @@ def build_mixture(dataset: DomainDataset, setup: str, test_domain: str | None = 
                   test_classes: Sequence[str | int] | str | None = None, allow_p: float | None = None,
                   domains: str | None = None, aligned: bool = False, split: str = "train", seed: int = 42,
                   base: str | Path | None = None, subsample: bool = True,
-                  templates: Sequence[str] | None = None) -> Mixture:
+                  templates: Sequence[str] | None = None, paper_compat: bool = False) -> Mixture:
     """Build one mixture of paper.md §4 (see module docstring). split='val' (or 'test') gives the
-    validation mixture: same filters on the test split, never subsampled. Raises ValueError on
+    validation mixture: same filters on the test split, never subsampled. paper_compat: allow-p
+    quotas with the paper code's float ceil (`allow_p_quota`); recorded in the manifest. Raises ValueError on
     bad parameters and RuntimeError if a sanity check fails. Cost: O(N) numpy + captions.
     """
     ds = dataset
@@ -243,8 +265,7 @@ def build_mixture(dataset: DomainDataset, setup: str, test_domain: str | None = 
     if do_sub and allow_p is not None:
         pseudo = pool_sizes(counts, with_c2=True)
         fixed = np.zeros_like(counts)
-        p = Fraction(str(allow_p))
-        fixed[d_star, c2] = [_ceil_div(int(p.numerator) * S * int(n), int(p.denominator) * int(pseudo.sum()))
+        fixed[d_star, c2] = [allow_p_quota(allow_p, S, int(pseudo.sum()), int(n), paper_compat)
                              for n in counts[d_star, c2]]
         allowed = fixed
         keep = _keep(ds, pseudo, S, fixed, setup)
@@ -257,12 +278,12 @@ def build_mixture(dataset: DomainDataset, setup: str, test_domain: str | None = 
     indices = _take_first(ds, data_split, keep)
     captions = make_captions(ds, indices, seed=seed, aligned=aligned, templates=templates)
     mid = mixture_id(ds, setup, d_star, included, subsample, allow_p, aligned)
-    from clipmech.data.tsv import read_base_tsv
     base_lines, base_info = read_base_tsv(base) if base is not None else ([], None)
     m = Mixture(ds, indices, captions, {}, mid, split=data_split, base_lines=base_lines)
     m.manifest = _manifest(m, setup=setup, test_domain=None if d_star is None else ds.domains[d_star], c2=c2, allow_p=allow_p,
                            included=included, aligned=aligned, seed=seed, subsample=subsample, S=S,
                            rho=rho, base_info=base_info, templates=templates)
+    m.manifest["paper_compat"] = paper_compat
     c2_allowed = (allowed[d_star, c2] if allowed is not None else 0) if hold_out_c2 else None
     check_mixture(m, S=S if do_sub else None, d_star=d_star, c2=c2, c2_allowed=c2_allowed)
     return m
@@ -314,11 +335,11 @@ def _manifest(m: Mixture, *, setup, test_domain, c2, allow_p, included, aligned,
         "domains": [ds.domains[d] for d in included], "aligned": aligned, "seed": seed,
         "subsample": subsample, "templates": list(templates) if templates is not None else "paper",
         "S": S, "rho": rho, "base": base_info,
-        **_content_entries(m),
+        **content_entries(m),
     }
 
 
-def _content_entries(m: Mixture) -> dict:
+def content_entries(m: Mixture) -> dict:
     """The manifest entries that describe the mixture's content: sizes, counts, content hash."""
     ds, counts = m.dataset, m.counts()
     h = hashlib.sha256()
@@ -330,54 +351,3 @@ def _content_entries(m: Mixture) -> dict:
             "n_extra_samples": len(m.extra_lines),
             "counts": {d: {c: int(counts[i, j]) for j, c in enumerate(ds.classes)} for i, d in enumerate(ds.domains)},
             "content_hash": h.hexdigest()[:16]}
-
-
-def with_in_sketches(m: Mixture, lines: Sequence[str], info: dict, keep: str | None = None,
-                     seed: int = 42) -> Mixture:
-    """The paper's ImageNet-Sketch variant of mixture `m` (clipmech.data.imagenet_sketch explains
-    them). keep=None ("add"; setups natural_only, lod, cg_high): add `lines` and drop as many random
-    dataset samples. keep in imagenet_sketch.KEEP ("mix"; cg_high): first keep the test domain's
-    samples only for a nested random subset of C1 classes (floor(fraction * |C1|), at least one),
-    then add the lines and drop as many random samples of the other domains. The id gains
-    -with-in-sketches[-KEEP]. Deterministic in `seed`. Cost O(N)."""
-    from clipmech.data.imagenet_sketch import KEEP
-    setup = m.manifest.get("setup")
-    allowed = ("natural_only", "lod", "cg_high") if keep is None else ("cg_high",)
-    if keep is not None and keep not in KEEP:
-        from clipmech.utils import unknown_name_error
-        raise unknown_name_error("ImageNet-Sketch keep variant", keep, list(KEEP))
-    if setup not in allowed:
-        raise ValueError(f"the ImageNet-Sketch {'mix' if keep else 'add'} variant applies to setups {allowed}, "
-                         f"not {setup!r} (paper.md §4)")
-    if m.extra_lines:
-        raise ValueError(f"mixture {m.id} already has {len(m.extra_lines)} extra lines")
-    if not lines:
-        raise ValueError("no ImageNet-Sketch lines to add (did the DomainNet-class filter remove every image?)")
-    ds, idx, caps = m.dataset, m.indices, np.asarray(m.captions, dtype=object)
-    droppable = np.ones(len(idx), dtype=bool)
-    kept_classes: list[str] | None = None
-    if keep is not None:
-        d_star = ds.domain_index(m.manifest["test_domain"])
-        c2 = {ds.class_index(c) for c in m.manifest["test_classes"]}
-        c1 = np.array([c for c in range(len(ds.classes)) if c not in c2])
-        # floor (25 % of 330 = 82), at least one class on small datasets
-        n_keep = 1 if KEEP[keep] is None else max(1, int(Fraction(str(KEEP[keep])) * len(c1)))
-        chosen = np.random.default_rng(seed).permutation(c1)[:n_keep]  # one permutation: nested subsets
-        kept_classes = [ds.classes[c] for c in sorted(chosen)]
-        gone = (ds.domain_idx[idx] == d_star) & ~np.isin(ds.class_idx[idx], chosen)
-        idx, caps = idx[~gone], caps[~gone]
-        droppable = ds.domain_idx[idx] != d_star
-    candidates = np.flatnonzero(droppable)
-    if len(lines) > len(candidates):
-        raise ValueError(f"cannot add {len(lines)} ImageNet-Sketch lines: only {len(candidates)} dataset samples "
-                         "can be dropped to make room")
-    drop = np.random.default_rng(seed).choice(candidates, len(lines), replace=False)
-    stay = np.ones(len(idx), dtype=bool)
-    stay[drop] = False
-    out = Mixture(ds, idx[stay], list(caps[stay]), {}, m.id + "-with-in-sketches" + (f"-{keep}" if keep else ""),
-                  split=m.split, base_lines=list(m.base_lines), extra_lines=list(lines))
-    out.manifest = {**m.manifest, "id": out.id, **_content_entries(out),
-                    "in_sketch": {**info, "variant": "mix" if keep else "add", "keep": keep,
-                                  "kept_c1_classes": kept_classes, "variant_seed": seed,
-                                  "dropped_dataset_samples": int(len(m.indices) - len(out.indices))}}
-    return out

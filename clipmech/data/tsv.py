@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Sequence
 
 from PIL import Image
 
 from clipmech.utils import atomic_write_json, atomic_write_text, file_hash
-
-if TYPE_CHECKING:
-    from clipmech.data.mixtures import Mixture
 
 HEADER = "filepath\ttitle"
 
@@ -46,41 +43,30 @@ def read_base_tsv(path: str | Path) -> tuple[list[str], dict]:
     return lines, {"path": str(path.resolve()), "file_hash": file_hash(path), "n_lines": len(lines)}
 
 
-def materialise_images(mixture: "Mixture", image_dir: Path) -> list[str]:
-    """Write in-memory images of the mixture as PNG files (skipping existing ones); their paths."""
-    ds = mixture.dataset
+def materialise_images(dataset, indices: Sequence[int], image_dir: Path) -> list[str]:
+    """Write the in-memory images `dataset.images[indices]` as PNG files under image_dir/{domain}/
+    (skipping existing ones); their absolute paths, aligned with `indices`."""
     paths = []
-    for i in mixture.indices:
+    for i in indices:
         i = int(i)
-        p = image_dir / ds.domains[ds.domain_idx[i]] / f"{i:06d}.png"
+        p = image_dir / dataset.domains[dataset.domain_idx[i]] / f"{i:06d}.png"
         if not p.exists():
             # temp name + rename: a crash never leaves a truncated PNG; no per-file fsync, which
             # would cost ~5 ms x thousands of files
             p.parent.mkdir(parents=True, exist_ok=True)
             tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-            Image.fromarray(ds.images[i]).save(tmp, format="PNG")
+            Image.fromarray(dataset.images[i]).save(tmp, format="PNG")
             os.replace(tmp, p)
         paths.append(str(p.resolve()))
     return paths
 
 
-def write_mixture_tsv(mixture: "Mixture", path: Path, image_dir: str | Path | None = None,
-                      manifest: bool = True) -> Path:
-    """Write header, base lines, extra lines, dataset lines to `path`; the manifest to `path` with .json."""
-    ds = mixture.dataset
-    if ds.sources is None:
-        image_dir = Path(image_dir) if image_dir else path.parent / f"{ds.name}-images-{ds.content_hash()}"
-        paths = materialise_images(mixture, image_dir)
-    else:
-        paths = [str(Path(ds.sources[int(i)]).resolve()) for i in mixture.indices]
-    for cap in mixture.captions:
-        if "\t" in cap or "\n" in cap:
-            raise ValueError(f"caption {cap!r} contains a tab or newline; the TSV cannot hold it")
-    lines = [HEADER, *mixture.base_lines, *mixture.extra_lines,
-             *(f"{p}\t{c}" for p, c in zip(paths, mixture.captions))]
-    out = atomic_write_text("\n".join(lines) + "\n", path)
-    if manifest:
-        atomic_write_json(mixture.manifest, path.with_suffix(".json"))
+def write_tsv(lines: Sequence[str], path: Path, manifest: dict | None = None) -> Path:
+    """Write the header then the '<path>\\t<caption>' `lines` to `path` atomically; `manifest`, if
+    given, to `path` with .json."""
+    out = atomic_write_text("\n".join([HEADER, *lines]) + "\n", path)
+    if manifest is not None:
+        atomic_write_json(manifest, path.with_suffix(".json"))
     return out
 
 
@@ -105,7 +91,7 @@ class BaseLinesView:
 
 
 def read_tsv(path: str | Path) -> tuple[list[str], list[str]]:
-    """(paths, captions) of a TSV written by `write_mixture_tsv` (header checked)."""
+    """(paths, captions) of a TSV written by `write_tsv` (header checked)."""
     rows = Path(path).read_text(encoding="utf-8").splitlines()
     if not rows or rows[0] != HEADER:
         raise ValueError(f"{path}: first line must be {HEADER!r}")

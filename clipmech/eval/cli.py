@@ -14,6 +14,9 @@ def register(subparsers) -> None:
                    help="template set (domainnet, emoji, openai, simple, auto) or a file with one per line")
     p.add_argument("--batch-size", type=int, metavar="N")
     p.add_argument("--device", metavar="DEVICE", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--imagenet", metavar="ROOT", help="also ImageNet-1k zero-shot top-1 of every checkpoint "
+                   "(ImageNet val folder, ROOT/<wnid>/*.JPEG) -> RUN_DIR/eval/imagenet.json")
+    p.add_argument("--fp16", action="store_true", help="ImageNet evaluation with the fp16 model (the paper's)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=run)
 
@@ -29,4 +32,12 @@ def run(args: argparse.Namespace) -> int:
     for key, value in sorted(results[last].items()):
         if key.endswith("/top1"):
             print(f"  {key:<28} {value:.3f}")
+    if args.imagenet:
+        from clipmech.eval.imagenet import evaluate_run_imagenet
+        path = evaluate_run_imagenet(args.run_dir, args.imagenet, precision="fp16" if args.fp16 else "fp32",
+                                     batch_size=args.batch_size or 256, device=args.device)
+        res = json.loads(path.read_text())
+        print(f"  imagenet-val total ({res['precision']}, {res['n_images']} images) {res['results'][last]:.3f} -> {path}")
+    elif args.fp16:
+        raise ValueError("--fp16 applies to the ImageNet evaluation; add --imagenet ROOT")
     return 0

@@ -207,7 +207,9 @@ def evaluate_run(run_dir: str | Path, dataset=None, templates: str | list[str] |
             scores = cache.get_or_compute(
                 {"checkpoint": key, "dataset": ds_hash, "kind": "supervised_logits",
                  "indices": hash_obj(indices), "transform": eval_transform_description(image_size)},
-                lambda: encode_dataset(load(), dataset, indices, image_size, batch_size, device))
+                # the last C logits: a merged 1000 + C head (paper.md §6) or a plain C head
+                lambda: encode_dataset(lambda x: load()(x)[:, -len(dataset.classes):], dataset, indices, image_size,
+                                       batch_size, device))
         else:
             from clipmech.models.hooked_clip import HookedCLIP
             load = functools.cache(lambda p=path: HookedCLIP.from_checkpoint(p).to(device).eval())

@@ -372,14 +372,16 @@ def cka_pairs(cka_result: dict[str, Any], subset: str = "C2") -> dict[tuple[str,
 
 
 def circuits_model(study: Study, run: dict[str, Any], model) -> tuple[dict[str, Any], bool]:
-    """Per-(domain, class) circuits on the test images for the first `circuit_classes` C2 classes;
+    """Per-(domain, class) circuits on up to 50 test images per cell (`cell_samples`) for the first
+    `circuit_classes` C2 classes;
     node Jaccard (mean over points except the input, paper §8.5) and edge Jaccard (§8.6) between
     domains, averaged over classes. Returns {"domains", "classes", "node": [D, D], "edge": [D, D]}."""
     discover_circuit, = _require("circuits", "clipmech.analysis.circuits", "discover_circuit")
     node_jaccard, edge_jaccard = _require("circuits", "clipmech.analysis.circuit_similarity",
                                           "node_jaccard", "edge_jaccard")
     class_prompts_names, = _require("circuits", "clipmech.eval.zeroshot", "class_prompts_names")
-    key = {"stage": "circuits", "checkpoint": run["checkpoint_hash"], "dataset": study.dataset.content_hash(),
+    cell_samples, = _require("circuits", "clipmech.data.samples", "cell_samples")
+    key = {"stage": "circuits", "sampling": "cell_samples(50, seed 42)", "checkpoint": run["checkpoint_hash"], "dataset": study.dataset.content_hash(),
            "c2": study.c2, **study.opts.analysis_key()}
 
     def compute() -> dict:
@@ -388,10 +390,11 @@ def circuits_model(study: Study, run: dict[str, Any], model) -> tuple[dict[str, 
             head = model.zero_shot_head(class_prompts_names(ds), study.templates())
         test = ds.indices(split="test")
         classes = _c2_idx(study)[: study.opts.circuit_classes]
+        cells = cell_samples(ds, n=50, split="test", seed=42)  # paper.md §8.4: one seeded shuffle, 50 per cell
         circuits: dict[str, dict[int, Any]] = {d: {} for d in ds.domains}
-        for di, d in enumerate(ds.domains):
+        for d in ds.domains:
             for k in classes:
-                rows = np.flatnonzero((ds.domain_idx[test] == di) & (ds.class_idx[test] == k))
+                rows = np.searchsorted(test, cells.get((d, ds.classes[k]), np.zeros(0, np.int64)))
                 if len(rows):
                     circuits[d][k] = discover_circuit(model, study.images("test")[rows],
                                                       torch.full((len(rows),), k, dtype=torch.long), head,

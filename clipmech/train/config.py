@@ -1,4 +1,4 @@
-"""Run configuration: TOML sections model/data/mixture/optim/schedule/train/eval, defaults, validation.
+"""Run configuration: TOML sections model/data/mixture/optim/schedule/train/eval/analysis, defaults, validation.
 
 A config is a plain nested dict. `load_config` fills defaults and rejects unknown sections or keys
 (naming the closest valid ones), so a typo never silently falls back to a default. The resolved
@@ -44,7 +44,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "seed": 42,
         "in_sketch": None,          # ImageNet-Sketch root: the paper's sketch add / mix variants
         "in_sketch_keep": None,     # mix variant: fiftyp | thirtyp | twentyfivep | tenp | fivep | onep | one
-        "in_sketch_word_match": False,  # True: whole-word DomainNet-class filter (paper: substring)
+        "in_sketch_filter": "mapping",  # mapping (paper) | dn_substring | dn_words (clipmech.data.imagenet_sketch)
     },
     "optim": {
         "name": "adamw",            # adamw | sgd (Nesterov; the supervised baseline's recipe)
@@ -80,6 +80,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "batch_size": 256,
         "after_train": False,       # `clipmech train` evaluates every checkpoint when training ends (train() does not)
     },
+    # paper fidelity (experiments/README.md, parity table)
+    "analysis": {
+        "paper_compat": False,      # true: reproduce the paper code's documented quirks (allow-p float ceil, CKA painting class list, ...)
+    },
 }
 
 _CHOICES = {
@@ -88,6 +92,8 @@ _CHOICES = {
     ("train", "objective"): ("clip", "supervised"),
     ("train", "precision"): ("auto", "fp32", "amp_bf16", "amp_fp16"),
     ("train", "device"): ("auto", "cpu", "cuda"),
+    ("mixture", "in_sketch_filter"): ("mapping", "dn_substring", "dn_words"),
+    ("analysis", "paper_compat"): (False, True),
 }
 
 

@@ -66,7 +66,8 @@ def image_tensor(dataset, index: int) -> torch.Tensor:
 class MixtureView(Dataset):
     """Items of a mixture for training. Key = (position in mixture, crop seed or -1 for no crop).
 
-    Positions 0..len(base_lines)-1 are the base TSV pairs (image files), then the dataset samples,
+    Positions 0..len(base_lines)+len(extra_lines)-1 are the base TSV and extra pairs (image files),
+    then the dataset samples,
     the order of the mixture's TSV. Yields (image float32 [3, S, S] normalised, tokens int64
     [context_length], position).
     """
@@ -77,7 +78,9 @@ class MixtureView(Dataset):
         self.captions = list(mixture.captions)
         if len(self.captions) != len(self.indices):
             raise ValueError(f"mixture has {len(self.indices)} images but {len(self.captions)} captions")
-        self.base = [line.split("\t", 1) for line in getattr(mixture, "base_lines", None) or []]
+        # base TSV lines, then extra lines (ImageNet-Sketch), as in the mixture's TSV
+        lines = [*(getattr(mixture, "base_lines", None) or []), *(getattr(mixture, "extra_lines", None) or [])]
+        self.base = [line.split("\t", 1) for line in lines]
         self.image_size = image_size
         self.context_length = context_length
         self.augment = augment

@@ -1,13 +1,17 @@
 """Supervised baseline (paper.md §6): a randomly initialised CLIP image tower -> ReLU -> Linear head.
 
-Trained by clipmech.train.train with `[train] objective = "supervised"` on the same mixtures (labels
-= the mixture's class indices); `PAPER_RECIPE` holds the paper's optimiser settings. Evaluated by
-clipmech.eval with the same metrics (argmax over the class logits instead of text prompts).
+Trained by clipmech.train.train with `[train] objective = "supervised"` on the same mixtures;
+`PAPER_RECIPE` holds the paper's optimiser settings. Labels (`supervised_labels`): with base /
+ImageNet-Sketch lines (ImageNet folder layout), the paper's merge through its class mapping — ImageNet
+class k -> 1000 + j when it maps to DomainNet class j, else k; DomainNet class j -> 1000 + j — and a
+1000 + C-way head (1345 on DomainNet); without them, the C dataset classes. Evaluated by
+clipmech.eval on the LAST C logits (the paper's "last 345"), with the same metrics.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from open_clip.model import _build_vision_tower
@@ -19,6 +23,22 @@ PAPER_RECIPE = {
     "optim": {"name": "sgd", "lr": 0.01, "weight_decay": 1e-4, "momentum": 0.9},
     "schedule": {"kind": "step", "warmup": 0, "milestones": [30, 50, 70], "gamma": 0.1},
 }
+
+
+def supervised_labels(mixture) -> tuple[torch.Tensor, int]:
+    """(int64 labels [len(mixture)] in training-view order: base lines, extra lines, dataset samples;
+    number of classes). Cost: one folder listing per ImageNet root, O(N)."""
+    from clipmech.data.imagenet_mapping import N_IMAGENET, imagenet_class_of_path, merged_labels
+
+    ds = mixture.dataset
+    classes = torch.as_tensor(ds.class_idx[np.asarray(mixture.indices, dtype=np.int64)])
+    lines = [*(getattr(mixture, "base_lines", None) or []), *(getattr(mixture, "extra_lines", None) or [])]
+    if not lines:
+        return classes, len(ds.classes)
+    imagenet, _ = merged_labels(list(ds.classes))
+    base = torch.as_tensor([imagenet[imagenet_class_of_path(line.split("\t", 1)[0])] for line in lines],
+                           dtype=torch.int64)
+    return torch.cat([base, N_IMAGENET + classes]), N_IMAGENET + len(ds.classes)
 
 
 class SupervisedClassifier(nn.Module):

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from clipmech.models.configs import create_open_clip, model_config
 from clipmech.train.config import load_config, save_config
 from clipmech.train.data import MixtureView, ResumableBatchSampler
-from clipmech.train.supervised import SupervisedClassifier, supervised_step
+from clipmech.train.supervised import SupervisedClassifier, supervised_labels, supervised_step
 from clipmech.utils import atomic_torch_save, atomic_write_text
 
 LOG_FIELDS = ["epoch", "step", "loss", "lr", "logit_scale", "images_per_s"]
@@ -116,14 +116,14 @@ def build_mixture_from_config(cfg: dict):
                                 "(filepath<TAB>title) or remove it")
     mixture = build_mixture(dataset, m["setup"], test_domain=m["test_domain"], test_classes=m["test_classes"],
                             allow_p=m["allow_p"], domains=m["domains"], aligned=m["aligned"], split="train",
-                            seed=m["seed"], base=base)
+                            seed=m["seed"], base=base, paper_compat=cfg["analysis"]["paper_compat"])
     if m["in_sketch"] is None:
         if m["in_sketch_keep"] is not None:
             raise ValueError("[mixture] in_sketch_keep needs in_sketch = the ImageNet-Sketch root folder")
         return mixture
     from clipmech.data.imagenet_sketch import add_imagenet_sketch
     return add_imagenet_sketch(mixture, m["in_sketch"], keep=m["in_sketch_keep"],
-                               word_match=m["in_sketch_word_match"], seed=m["seed"])
+                               filter=m["in_sketch_filter"], seed=m["seed"])
 
 
 def step_lr(optimizer, base_lr: float, warmup: int, steps_per_epoch: int, milestones: list[int], gamma: float):
@@ -281,6 +281,8 @@ class _Run:
     loss_fn: ClipLoss
     autocast: Any
     ckpt: dict | None
+    labels: torch.Tensor | None = None  # supervised: class label per training sample (view order)
+    num_classes: int | None = None  # supervised: width of the class head
     step: int = 0
     writer: Any = None
 
@@ -292,7 +294,7 @@ class _Run:
         payload = {"epoch": epoch, "name": self.name or "custom", "state_dict": self.model.state_dict(),
                    "model_cfg": self.mcfg}
         if self.supervised:
-            payload.update(objective="supervised", num_classes=len(self.mixture.dataset.classes))
+            payload.update(objective="supervised", num_classes=self.num_classes)
         return payload
 
     def save_latest(self) -> None:
@@ -340,9 +342,6 @@ def _build_run(cfg: dict, resume: bool, mixture) -> _Run:
     if mixture is None:
         mixture = build_mixture_from_config(cfg)
     view = MixtureView(mixture, mcfg["vision_cfg"]["image_size"], mcfg["text_cfg"].get("context_length", 77))
-    if t["objective"] == "supervised" and view.base:
-        raise ValueError("the supervised baseline needs class labels, which base TSV pairs lack; "
-                         "unset [data] base for objective = 'supervised'")
     sampler = ResumableBatchSampler(len(view), t["batch_size"], t["seed"], env.world_size, env.rank,
                                     t["accum_freq"])
     if env.is_main:
@@ -354,7 +353,8 @@ def _build_run(cfg: dict, resume: bool, mixture) -> _Run:
 
     torch.manual_seed(t["seed"])
     supervised = t["objective"] == "supervised"
-    model = SupervisedClassifier(mcfg, len(mixture.dataset.classes)) if supervised else create_open_clip(mcfg)
+    labels, num_classes = supervised_labels(mixture) if supervised else (None, None)
+    model = SupervisedClassifier(mcfg, num_classes) if supervised else create_open_clip(mcfg)
     if cfg["model"]["grad_checkpointing"]:
         model.set_grad_checkpointing(True)
     model.to(env.device)
@@ -371,7 +371,7 @@ def _build_run(cfg: dict, resume: bool, mixture) -> _Run:
                warmup=warmup, total_steps=total_steps,
                loss_fn=ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=env.rank,
                                 world_size=env.world_size),
-               autocast=autocast_for(precision, env.device), ckpt=ckpt)
+               autocast=autocast_for(precision, env.device), ckpt=ckpt, labels=labels, num_classes=num_classes)
     if ckpt is not None:
         _restore(run)
     if env.world_size > 1:
@@ -422,8 +422,6 @@ def _train_epochs(run: _Run) -> None:
     if run.cfg["data"]["workers"] > 0:
         loader_kwargs.update(persistent_workers=False, pin_memory=run.env.device.type == "cuda")
     loader = DataLoader(run.view, **loader_kwargs)
-    labels = (torch.as_tensor(run.mixture.dataset.class_idx[np.asarray(run.mixture.indices)])
-              if run.supervised else None)
     for epoch in range(run.step // sampler.steps_per_epoch, t["epochs"]):
         sampler.set_epoch(epoch, run.step - epoch * sampler.steps_per_epoch)
         run.run_model.train()
@@ -432,7 +430,7 @@ def _train_epochs(run: _Run) -> None:
         micro: list = []
         tick = time.perf_counter()
         for images, texts, pos in loader:
-            target = torch.as_tensor(labels[pos]) if run.supervised else texts
+            target = torch.as_tensor(run.labels[pos]) if run.supervised else texts
             micro.append((images.to(run.env.device, non_blocking=True),
                           target.to(run.env.device, non_blocking=True)))
             if len(micro) < t["accum_freq"]:

@@ -1,0 +1,35 @@
+"""Per-(domain, class) image samples for the paper's circuit analysis (paper.md §8.4).
+
+The paper draws each (domain, class) batch from ONE shuffle of the whole test split seeded 42: the
+first n images of that cell in the shuffled order. A cell's sample therefore does not depend on which
+domains or classes are analysed, and a smaller n gives a prefix of a larger one. The shuffle is
+numpy's `default_rng(seed).permutation` (the paper's own shuffle routine is not documented, so exact
+image ids may differ from the paper's; the rule is the same).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from clipmech.data.dataset import DomainDataset
+
+
+def cell_samples(dataset: DomainDataset, n: int = 50, split: str | None = "test",
+                 seed: int = 42) -> dict[tuple[str, str], np.ndarray]:
+    """{(domain, class name): int64 sample indices} — up to `n` per cell, in shuffled order, from
+    one permutation of `split` (None: all samples) seeded `seed`. Cells without samples are absent.
+    Cost: one permutation and one stable sort of the split, O(N log N)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1 images per (domain, class), got {n}")
+    shuffled = np.random.default_rng(seed).permutation(dataset.indices(split=split))
+    cell = dataset.domain_idx[shuffled] * len(dataset.classes) + dataset.class_idx[shuffled]
+    order = np.argsort(cell, kind="stable")  # cells contiguous, shuffled order kept inside each
+    cell_sorted = cell[order]
+    starts = np.searchsorted(cell_sorted, cell_sorted, side="left")
+    take = np.arange(len(order)) - starts < n
+    first, keys = order[take], cell_sorted[take]  # grouped by cell, shuffled order inside each
+    bounds = np.flatnonzero(np.diff(keys)) + 1
+    out: dict[tuple[str, str], np.ndarray] = {}
+    for group in np.split(np.arange(len(first)), bounds) if len(first) else []:
+        d, k = divmod(int(keys[group[0]]), len(dataset.classes))
+        out[(dataset.domains[d], dataset.classes[k])] = shuffled[first[group]].astype(np.int64)
+    return out
