@@ -231,3 +231,24 @@ def test_bootstrap_resample_too_small_or_without_bandwidth_is_nan_not_error():
     counts = torch.tensor([[3.0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.float64)
     got = _bootstrap_cka(_kernel_source(X, "rbf"), _kernel_source(X, "rbf"), counts, "rbf", "unbiased")
     assert np.isnan(got[:2]).all() and got[2] == pytest.approx(1.0)
+
+
+def test_minibatch_float32_and_nonfinite_layer_named():
+    rng = np.random.default_rng(7)
+    Z = rng.normal(size=(64, 4))
+    xs = [Z @ rng.normal(size=(4, 6)) + 0.3 * rng.normal(size=(64, 6)) + 50.0, rng.normal(size=(64, 3))]
+    ys = [Z @ rng.normal(size=(4, 5)) + 0.3 * rng.normal(size=(64, 5))]
+    exact = MinibatchCKA()
+    exact.update(xs, ys)
+    fast = MinibatchCKA(dtype=torch.float32)
+    fast.update(xs, ys)
+    assert fast.cross.dtype == torch.float64  # float32 Grams, float64 accumulators
+    np.testing.assert_allclose(fast.compute(), exact.compute(), atol=1e-4)
+    assert not np.allclose(fast.compute(), exact.compute(), rtol=0, atol=1e-12)  # really ran in float32
+    with pytest.raises(ValueError, match="dtype must be"):
+        MinibatchCKA(dtype=torch.float16)
+    bad = [xs[0], np.where(np.eye(64, 3) > 0, np.inf, xs[1])]
+    acc = MinibatchCKA(x_names=["a", "b"])
+    with pytest.raises(ValueError, match=r"xs layers \['b'\] have non-finite"):
+        acc.update(bad, ys)
+    assert acc.n_batches == 0 and acc.cross is None  # nothing accumulated from the bad batch
