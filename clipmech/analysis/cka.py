@@ -272,6 +272,7 @@ class MinibatchCKA:
         self.self_y: torch.Tensor | None = None
         self.n_batches = 0
         self.n_examples = 0
+        self._buffers: dict[str, np.ndarray] = {}  # per side, the (L, m, m) centered Grams of the last batch
 
     def _centered(self, acts: Sequence[Any], side: str) -> np.ndarray:
         """(L, m*m) centered Grams, written into one preallocated array (no per-layer copies or scans).
@@ -296,7 +297,11 @@ class MinibatchCKA:
         # numpy throughout the per-layer loop: `A @ A.T` goes to BLAS syrk (one triangle, half the flops
         # of torch.mm's general product), and staying in one BLAS thread pool avoids pools spinning
         # against each other on a few shared cores
-        out = np.empty((len(mats), m, m), dtype=mats[0].numpy().dtype)
+        # reused across batches: a fresh (L, m, m) array per batch costs page faults on first touch
+        shape = (len(mats), m, m)
+        out = self._buffers.get(side)
+        if out is None or out.shape != shape:
+            out = self._buffers[side] = np.empty(shape, dtype=mats[0].numpy().dtype)
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf are reported in `update`
             for K, M in zip(out, mats):
                 Mc = M.numpy() - M.numpy().mean(0)
