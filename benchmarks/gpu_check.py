@@ -52,7 +52,8 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 class Budget:
-    """Wall-clock cap of one item: `left()` seconds remain; loops stop when it reaches 0."""
+    """Wall-clock cap of one item: `left()` seconds remain; loops stop when it reaches 0, after at
+    least one measurement (a cap of 0 gives the quickest estimate, never none)."""
 
     def __init__(self, cap: float):
         self.end = time.perf_counter() + cap
@@ -127,7 +128,7 @@ def item_train_step(s, emit: Callable[[dict], None]) -> None:
             step()
         sync(dev)
         times = []
-        while len(times) < s.steps and budget.left() > 0:
+        while len(times) < s.steps and (budget.left() > 0 or not times):  # at least one timed step
             t = time.perf_counter()
             step()
             sync(dev)
@@ -234,7 +235,7 @@ def item_circuit(s, emit: Callable[[dict], None]) -> None:
     node_s = time.perf_counter() - t
     edge_s, done = 0.0, []
     for u, d in zip(points[:-1], points[1:]):
-        if budget.left() <= 0:
+        if done and budget.left() <= 0:  # past the cap: extrapolate from the pairs measured so far
             break
         top = math.ceil(0.1 * len(nodes[d]))
         sample = torch.argsort(nodes[d], descending=True)[: min(s.edge_sample, top)].tolist()
@@ -245,7 +246,7 @@ def item_circuit(s, emit: Callable[[dict], None]) -> None:
         edge_s += dt * top / len(sample)  # extrapolated to the top-10% downstream nodes
         done.append({"pair": f"{u}->{d}", "sampled": len(sample), "top10": top, "seconds": dt})
     pairs = len(points) - 1
-    if done and len(done) < pairs:
+    if len(done) < pairs:
         edge_s *= pairs / len(done)
     cell = node_s + edge_s
     emit({"item": "circuit", "model": s.model, "image_size": model.image_size, "images": len(images), "steps": 10,
@@ -271,7 +272,7 @@ def item_cka(s, emit: Callable[[dict], None]) -> None:
     extract = grid = 0.0
     n = 0
     g = torch.Generator(device=s.device).manual_seed(0)
-    while n < s.cka_images and budget.left() > 0:
+    while n < s.cka_images and (budget.left() > 0 or n == 0):
         images = torch.randn(s.cka_batch, 3, size, size, device=s.device, generator=g)
         t = time.perf_counter()
         feats = []
@@ -336,13 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     emit(head)
     failed = 0
     for name in a.items:
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         try:
             ITEMS[name](s, emit)
         except Exception as err:  # one broken item must not cost the others their GPU minutes
             failed += 1
             emit({"item": name, "error": f"{type(err).__name__}: {err}"})
-        print(f"[{name}] {time.perf_counter() - t:.1f}s", file=sys.stderr, flush=True)
+        print(f"[{name}] {time.perf_counter() - t:.1f}s wall, {time.process_time() - cpu:.1f}s CPU", file=sys.stderr,
+              flush=True)
     return 1 if failed else 0
 
 
