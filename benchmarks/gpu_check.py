@@ -26,7 +26,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import platform
 import re
 import sys

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import platform
 import sys
 import time
@@ -37,7 +38,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -389,7 +389,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for key in a.rows:
         rows += ROWS[key](a)
-    print(f"total {time.perf_counter() - start:.0f}s")
+    cpu = os.times()
+    print(f"total {time.perf_counter() - start:.0f}s wall, "
+          f"{cpu.user + cpu.system + cpu.children_user + cpu.children_system:.0f}s CPU (with subprocesses)")
     return rows
 
 

@@ -255,7 +255,7 @@ class MinibatchCKA:
       CKA_ij = mean_b HSIC(K_i^b, L_j^b) / sqrt(mean_b HSIC(K_i^b, K_i^b) * mean_b HSIC(L_j^b, L_j^b)),
     which with the unbiased estimator converges to the full-data CKA as batches accumulate.
     One batch of all N examples is the exact full-data grid. dtype: Grams in float64 (default) or
-    float32 (about 2x faster, ~1e-6 error); the HSIC sums are accumulated in float64 either way.
+    float32 (about 1.7x faster, ~1e-6 error); the HSIC sums are accumulated in float64 either way.
     """
 
     def __init__(self, kernel: str = "linear", estimator: str = "unbiased", sigma: float | None = None,
@@ -296,8 +296,8 @@ class MinibatchCKA:
                              "(use a larger batch or drop_last=True)")
         # numpy throughout the per-layer loop: `A @ A.T` goes to BLAS syrk (one triangle, half the flops
         # of torch.mm's general product), and staying in one BLAS thread pool avoids pools spinning
-        # against each other on a few shared cores
-        # reused across batches: a fresh (L, m, m) array per batch costs page faults on first touch
+        # against each other on a few shared cores. The array is reused across batches: a fresh
+        # (L, m, m) array per batch costs page faults on first touch.
         shape = (len(mats), m, m)
         out = self._buffers.get(side)
         if out is None or out.shape != shape:
@@ -330,6 +330,7 @@ class MinibatchCKA:
         m = int(round(A.shape[1] ** 0.5))
         z = hsic_norm(m, self.estimator)
         cross = torch.from_numpy((A @ B.T).astype(np.float64) / z)
+
         def self_hsic(M: np.ndarray) -> torch.Tensor:  # row dot products, BLAS, no (L, m^2) temporary
             return torch.from_numpy((M[:, None, :] @ M[:, :, None]).reshape(-1).astype(np.float64) / z)
         sx = self_hsic(A)
