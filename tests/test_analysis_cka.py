@@ -252,3 +252,17 @@ def test_minibatch_float32_and_nonfinite_layer_named():
     with pytest.raises(ValueError, match=r"xs layers \['b'\] have non-finite"):
         acc.update(bad, ys)
     assert acc.n_batches == 0 and acc.cross is None  # nothing accumulated from the bad batch
+
+
+def test_minibatch_float64_keeps_digits_under_a_dominant_mean():
+    # column means 1e4 x the spread: the raw Gram would lose ~8 digits; the grid must still match the
+    # exact (feature-centred) estimate, and an offset below the threshold must not change the answer
+    rng = np.random.default_rng(8)
+    Z = rng.normal(size=(40, 3))
+    x = Z @ rng.normal(size=(3, 7)) + 0.5 * rng.normal(size=(40, 7))
+    y = Z @ rng.normal(size=(3, 4)) + 0.5 * rng.normal(size=(40, 4))
+    exact = cka(x, y)
+    for offset in (0.0, 3.0, 1e4):
+        acc = MinibatchCKA()
+        acc.update([x + offset], [y - offset])
+        np.testing.assert_allclose(acc.compute(), [[exact]], rtol=1e-11)

@@ -161,6 +161,20 @@ def _u_center_(K: np.ndarray) -> None:
     K[diag] = 0
 
 
+# Centre the features of a float64 Gram when ||column mean||^2 exceeds this many times the mean squared
+# distance to it: rounding then costs more than 3 of float64's 16 digits.
+_MEAN_DOMINANCE = 1e3
+
+
+def _mean_dominates(K: np.ndarray) -> bool:
+    """From the Gram K = X X' (m, m) alone: ||mean row||^2 = sum(K) / m^2, and the mean squared
+    distance of the rows to it is trace(K) / m - ||mean row||^2. True when the first is more than
+    `_MEAN_DOMINANCE` times the second (or the rows are all equal). One O(m^2) pass."""
+    m = K.shape[0]
+    mean_sq = K.sum() / m ** 2
+    return bool(mean_sq > _MEAN_DOMINANCE * (np.trace(K) / m - mean_sq))
+
+
 def hsic_norm(n: int, estimator: str) -> float:
     """The denominator of HSIC for `n` examples: n(n-3) (unbiased) or (n-1)^2 (biased)."""
     return float(n * (n - 3)) if estimator == "unbiased" else float((n - 1) ** 2)
@@ -277,10 +291,12 @@ class MinibatchCKA:
     def _centered(self, acts: Sequence[Any], side: str) -> np.ndarray:
         """(L, m*m) centered Grams, written into one preallocated array (no per-layer copies or scans).
 
-        Feature columns are centered first (O(m d), far below the O(m^2 d) Gram): HSIC does not change,
-        and post-ReLU features that share a large mean would otherwise lose digits to cancellation.
-        Then the linear Gram Xc Xc' is already H K H (biased) and needs one rank-2 update to be
-        U-centered (unbiased). Non-finite inputs are caught once per batch in `update`, on the HSICs.
+        Linear, unbiased, float64: the Gram of the raw features is U-centered (which removes column
+        means exactly); features are centered first only where their mean dominates (`_mean_dominates`),
+        since cancellation would then cost digits. Otherwise features are centered first (O(m d), far
+        below the O(m^2 d) Gram; HSIC does not change): the linear Gram Xc Xc' is then already H K H
+        (biased) and the RBF distances lose no digits. Non-finite inputs are caught once per batch in
+        `update`, on the HSICs.
         """
         mats = []
         for i, a in enumerate(acts):
@@ -304,6 +320,15 @@ class MinibatchCKA:
             out = self._buffers[side] = np.empty(shape, dtype=mats[0].numpy().dtype)
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf are reported in `update`
             for K, M in zip(out, mats):
+                if self.kernel == "linear" and self.estimator == "unbiased" and self.dtype == torch.float64:
+                    # U-centering removes the column means exactly, so the O(m d) centering pass is only
+                    # needed where a large common mean would cost digits to cancellation
+                    np.matmul(M.numpy(), M.numpy().T, out=K)
+                    if _mean_dominates(K):
+                        Mc = M.numpy() - M.numpy().mean(0)
+                        np.matmul(Mc, Mc.T, out=K)
+                    _u_center_(K)
+                    continue
                 Mc = M.numpy() - M.numpy().mean(0)
                 if self.kernel == "linear":
                     np.matmul(Mc, Mc.T, out=K)
