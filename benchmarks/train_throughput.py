@@ -97,7 +97,8 @@ def run_clipmech(work: Path, mix, args, tag: str) -> list[float]:
         return [float(r["images_per_s"]) for r in csv.DictReader(fh)][args.skip:]
 
 
-def main(argv: list[str] | None = None) -> int:
+def measure(argv: list[str] | None = None) -> dict:
+    """Run both trainers (arguments as on the command line); median images/s of each and the setting."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny-rn")
     p.add_argument("--image-size", type=int, default=32)
@@ -130,11 +131,18 @@ def main(argv: list[str] | None = None) -> int:
             ours += run_clipmech(work, mix, args, f"r{r}")
             print(f"round {r + 1}/{args.rounds}: clipmech median {statistics.median(ours):.1f} img/s, "
                   f"open_clip_train median {statistics.median(theirs):.1f} img/s", flush=True)
-    a, b = statistics.median(ours), statistics.median(theirs)
-    print(f"model {args.model} @ {args.image_size}px, batch {args.batch_size}, {args.steps} steps x "
-          f"{args.rounds} rounds, CPU threads {os.environ['OMP_NUM_THREADS']}")
-    print(f"clipmech        median {a:8.1f} images/s  ({len(ours)} steps)")
-    print(f"open_clip_train median {b:8.1f} images/s  ({len(theirs)} steps)")
+    setting = (f"model {args.model} @ {args.image_size}px, batch {args.batch_size}, {args.steps} steps x "
+               f"{args.rounds} rounds, CPU threads {os.environ['OMP_NUM_THREADS']}")
+    return {"clipmech": statistics.median(ours), "open_clip_train": statistics.median(theirs), "setting": setting,
+            "steps": (len(ours), len(theirs))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    r = measure(argv)
+    a, b = r["clipmech"], r["open_clip_train"]
+    print(r["setting"])
+    print(f"clipmech        median {a:8.1f} images/s  ({r['steps'][0]} steps)")
+    print(f"open_clip_train median {b:8.1f} images/s  ({r['steps'][1]} steps)")
     print(f"ratio clipmech / open_clip_train = {a / b:.2f}")
     return 0
 

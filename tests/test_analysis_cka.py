@@ -231,3 +231,38 @@ def test_bootstrap_resample_too_small_or_without_bandwidth_is_nan_not_error():
     counts = torch.tensor([[3.0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.float64)
     got = _bootstrap_cka(_kernel_source(X, "rbf"), _kernel_source(X, "rbf"), counts, "rbf", "unbiased")
     assert np.isnan(got[:2]).all() and got[2] == pytest.approx(1.0)
+
+
+def test_minibatch_float32_and_nonfinite_layer_named():
+    rng = np.random.default_rng(7)
+    Z = rng.normal(size=(64, 4))
+    xs = [Z @ rng.normal(size=(4, 6)) + 0.3 * rng.normal(size=(64, 6)) + 50.0, rng.normal(size=(64, 3))]
+    ys = [Z @ rng.normal(size=(4, 5)) + 0.3 * rng.normal(size=(64, 5))]
+    exact = MinibatchCKA()
+    exact.update(xs, ys)
+    fast = MinibatchCKA(dtype=torch.float32)
+    fast.update(xs, ys)
+    assert fast.cross.dtype == torch.float64  # float32 Grams, float64 accumulators
+    np.testing.assert_allclose(fast.compute(), exact.compute(), atol=1e-4)
+    assert not np.allclose(fast.compute(), exact.compute(), rtol=0, atol=1e-12)  # really ran in float32
+    with pytest.raises(ValueError, match="dtype must be"):
+        MinibatchCKA(dtype=torch.float16)
+    bad = [xs[0], np.where(np.eye(64, 3) > 0, np.inf, xs[1])]
+    acc = MinibatchCKA(x_names=["a", "b"])
+    with pytest.raises(ValueError, match=r"xs layers \['b'\] have non-finite"):
+        acc.update(bad, ys)
+    assert acc.n_batches == 0 and acc.cross is None  # nothing accumulated from the bad batch
+
+
+def test_minibatch_float64_keeps_digits_under_a_dominant_mean():
+    # column means 1e4 x the spread: the raw Gram would lose ~8 digits; the grid must still match the
+    # exact (feature-centred) estimate, and an offset below the threshold must not change the answer
+    rng = np.random.default_rng(8)
+    Z = rng.normal(size=(40, 3))
+    x = Z @ rng.normal(size=(3, 7)) + 0.5 * rng.normal(size=(40, 7))
+    y = Z @ rng.normal(size=(3, 4)) + 0.5 * rng.normal(size=(40, 4))
+    exact = cka(x, y)
+    for offset in (0.0, 3.0, 1e4):
+        acc = MinibatchCKA()
+        acc.update([x + offset], [y - offset])
+        np.testing.assert_allclose(acc.compute(), [[exact]], rtol=1e-11)
