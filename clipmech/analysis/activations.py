@@ -235,10 +235,13 @@ def write_shards(model, dataset, indices: np.ndarray, points: Sequence[str], roo
                                                stop_at=max(points, key=order.index))
             for p in points:
                 writers[p].add(pool(acts[p], pooling).float())
+        for w in writers.values():
+            w.close()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     finally:
         model.train(was_training)
-    for w in writers.values():
-        w.close()
     np.save(tmp / "indices.npy", idx)
     atomic_write_json({"key": key, "points": list(points), "rows": int(len(idx))}, tmp / "meta.json")
     (tmp / "done").write_text("done\n")

@@ -7,6 +7,7 @@ them. submitit's own job files (sbatch script, pickles, stdout/stderr) go to `<f
 """
 from __future__ import annotations
 
+import re
 import sys
 import time
 from dataclasses import dataclass, fields, replace
@@ -145,6 +146,13 @@ def _run_submitit(units: Sequence[Unit], opts: LaunchOptions, stage: str, progre
             waiting.remove((u, job))
             err = job.exception()
             if err is not None:
-                failed.append((u, f"job {job.job_id}: {str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}"))
+                failed.append((u, f"job {job.job_id}: {_reason(err)}"))
             progress.tick(u.name, ok=err is None)
     return failed
+
+
+def _reason(err: BaseException) -> str:
+    """The last 'SomeError: message' line of a job's error (submitit wraps the remote traceback)."""
+    lines = [ln.strip() for ln in str(err).splitlines()]
+    found = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt|Exit)\b.*:", ln)]
+    return found[-1] if found else (lines[0] if lines and lines[0] else type(err).__name__)
