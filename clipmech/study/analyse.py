@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from clipmech.launch import Unit
+from clipmech.launch import LaunchOptions, Unit, run_units
 from clipmech.utils import file_hash, hash_obj
 
 EMBED_POINT = "hook_image_embed_normalized"
@@ -376,3 +376,21 @@ def model_rows(ctx: RunContext, setup: str, seed: int, test_domains: Sequence[st
                      "classes": list(ctx.dataset.classes), "c2_classes": ctx.c2,
                      "checkpoint_hash": ctx.checkpoint_hash})
     return rows, curves
+
+
+def analyse_run(run_dir: str | Path, opts: AnalysisOptions, out: str | Path, launch: LaunchOptions = LaunchOptions(),
+                test_domains: Sequence[str] | None = None, with_umap: bool = False) -> list[dict[str, Any]]:
+    """Analyse one trained run (every unit, through `launch`) and return its model rows, one per test
+    domain (default: the run's [mixture] test_domain). Units and shards go under OUT; finished units
+    are reused. Cost: one image pass over the run's test and train splits, then the units."""
+    ctx = RunContext(run_dir, opts)
+    domains = list(test_domains or [ctx.cfg["mixture"]["test_domain"] or ctx.dataset.default_test_domain])
+    run_id = ctx.run_dir.name
+    units = plan_units(ctx, out, run_id, with_umap)
+    first = [u for n, u in units.items() if n.split("/")[0] in FIRST_STAGE]
+    run_units(first, launch, stage=f"{run_id} extract+circuits")
+    run_units([u for u in units.values() if u not in first], launch, stage=f"{run_id} cka+sae+embeddings")
+    m = collect(units)
+    rows, _ = model_rows(ctx, ctx.cfg["mixture"]["setup"], int(ctx.cfg["train"]["seed"]), domains, run_id,
+                         m["cka"], m["circuits"], m["sharing"], m["embeddings"])
+    return rows
