@@ -83,3 +83,14 @@ def test_streamed_centroids_give_the_same_cka(tiny, tmp_path):
     for pair, r in ref["results"]["all"]["linear"].items():
         assert np.allclose(got["results"]["all"]["linear"][pair]["cka"], r["cka"], atol=1e-10)
         assert np.allclose(got["results"]["all"]["linear"][pair]["ci_low"], r["ci_low"], atol=1e-10)
+
+
+def test_bf16_extraction_is_close_and_kept_apart(tiny, tmp_path):
+    model, ds = tiny
+    fp32 = write_shards(model, ds, np.arange(8), PTS[-1:], tmp_path, "m0")
+    bf16 = write_shards(model, ds, np.arange(8), PTS[-1:], tmp_path, "m0", precision="bf16")
+    assert bf16.folder != fp32.folder
+    a = next(fp32.iter_batches(PTS[-1:]))[1][PTS[-1]]
+    b = next(bf16.iter_batches(PTS[-1:]))[1][PTS[-1]]
+    assert b.dtype == torch.float32 and not torch.equal(a, b)
+    assert torch.allclose(a, b, atol=0.05)  # normalised embeddings: bf16 keeps ~3 significant digits
