@@ -152,9 +152,10 @@ class RunContext:
         return get_templates(self.cfg["eval"]["templates"], self.dataset.name)[: self.opts.n_templates]
 
     def points(self) -> list[str]:
-        pts = list(self.opts.points) if self.opts.points else [p for p in self.model.analysis_points()
-                                                               if p != "visual.hook_input"]
-        return pts
+        """Analysis points for CKA and node similarity: [analysis] points, else all but the input (§8.1)."""
+        if self.opts.points:
+            return list(self.opts.points)
+        return [p for p in self.model.analysis_points() if p != "visual.hook_input"]
 
     def rows(self, split: str) -> np.ndarray:
         """Dataset rows of `split`, at most images_per_cell per (domain, class), in dataset order."""
