@@ -2,8 +2,9 @@
 of the peak RSS above the post-import baseline <= 25 %).
 
 A DomainNet-layout fixture (clipmech.data.synthetic.write_fake_domainnet) holds N test images (and a
-fixed 2 train images per (domain, class) for the SAE, whose training streams shards either way); a tiny-rn run is created at IMAGE_SIZE px (0 training epochs: memory does not
-depend on the weights' values). Each size runs in a fresh subprocess: import and load, record the
+fixed 2 train images per (domain, class) for the SAE, whose training streams shards either way); a
+tiny-rn run is created at IMAGE_SIZE px in this process (0 training epochs: memory does not depend on
+the weights' values). Each size is analysed in a fresh subprocess: import and load, record the
 RSS (the baseline), then run every analysis unit of the run in that process (extraction to shards,
 circuits, streamed CKA, SAE + sharing, embeddings) and report the peak RSS (ru_maxrss) above the
 baseline. N is chosen so that the preprocessed N images alone (N x 3 x S x S float32, what the old
