@@ -46,6 +46,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--without-base", action="store_true",
                    help="leave out the [experiment] base_tsv (ImageNet-Captions / CC) and train on the DomainNet "
                         "part alone; not the paper's setting, run ids get -nobase")
+    e.add_argument("--launcher", choices=["local", "slurm"], default=None,
+                   help="local: run here (default); slurm: one job per run / analysis unit through submitit")
+    s = e.add_argument_group("scheduler (override the file's [launch]; see experiments/README.md)")
+    s.add_argument("--partition", default=None, help="SLURM partition")
+    s.add_argument("--account", default=None, help="SLURM account")
+    s.add_argument("--gpus-per-job", type=int, default=None, dest="gpus_per_job",
+                   help="GPUs per job (default: nproc_per_node for training, 1 for analysis units, 0 with --device cpu)")
+    s.add_argument("--cpus-per-job", type=int, default=None, dest="cpus_per_job", help="CPUs per job (default 8)")
+    s.add_argument("--mem-gb", type=int, default=None, dest="mem_gb", help="memory per job in GB")
+    s.add_argument("--time-min", type=int, default=None, dest="time_min", help="time limit per job in minutes (default 240)")
+    s.add_argument("--max-parallel", type=int, default=None, dest="max_parallel", help="array tasks running at once")
+    s.add_argument("--nnodes", type=int, default=None, help="run: nodes per training run (torchrun --nnodes)")
+    s.add_argument("--rdzv-endpoint", default=None, dest="rdzv_endpoint",
+                   help="run: torchrun rendezvous HOST:PORT for multi-node runs (default: the job's first node)")
+    s.add_argument("--submitit-cluster", default=None, dest="cluster", help=argparse.SUPPRESS)  # "local": tests
+    a = e.add_argument_group("analyse (override the file's [analysis])")
+    a.add_argument("--device", default=None, help="auto (GPU when present), cpu, cuda or cuda:N")
+    a.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="activation extraction precision (attributions stay fp32)")
+    a.add_argument("--workers", type=int, default=None, help="DataLoader workers decoding images")
     e.add_argument("--debug", action="store_true", help="show tracebacks")
     e.set_defaults(func=_experiment)
 
@@ -92,12 +112,21 @@ def _experiment(args: argparse.Namespace) -> int:
     from clipmech.study import experiments as X
 
     data = _parse_data(args.data)
+    launch = {k: getattr(args, k) for k in ("launcher", "partition", "account", "gpus_per_job", "cpus_per_job",
+                                            "mem_gb", "time_min", "max_parallel", "cluster")}
     if args.action == "run":
         X.run_experiment(args.file, args.out, data, nproc=args.nproc, dry_run=args.dry_run,
-                         without_base=args.without_base)
+                         without_base=args.without_base,
+                         launch=launch | {"nnodes": args.nnodes, "rdzv_endpoint": args.rdzv_endpoint})
     elif args.action == "figures":
         for path in X.redraw_figures(args.file, args.out, data, args.without_base):
             print(f"wrote {path}")
     else:
-        X.run_analyses(args.file, args.out, data, args.without_base)
+        results = X.analyse_experiment(args.file, args.out, data, args.without_base, launch, args.dry_run,
+                                       {"device": args.device, "precision": args.precision, "workers": args.workers})
+        if results is not None:
+            print(f"clipmech experiment analyse: wrote results.json, report.md and figures/ for "
+                  f"{len(results['models'])} model rows")
+            for f in results["findings"]:
+                print(f"  {f['finding']}: {f['verdict']}")
     return 0

@@ -7,13 +7,17 @@ An experiment file has four tables:
     [base]        a clipmech.train config (sections model/data/mixture/optim/schedule/train/eval)
                   shared by every run; strings may name data paths as "{domainnet}" etc.
     [matrix]      "section.key" = [values]; the runs are the cross product
-    [launch]      nproc_per_node (GPUs per run), nnodes
+    [launch]      nproc_per_node (GPUs per run), nnodes, rdzv_endpoint / rdzv_backend / rdzv_id
+                  (torchrun, multi-node), launcher ("local" | "slurm"), partition, account,
+                  gpus_per_job, cpus_per_job, mem_gb, time_min, max_parallel (SLURM via submitit)
+    [analysis]    (kind = "analysis" only) source experiment file + clipmech.study.analyse options
 
 Data paths are given on the command line (`--data domainnet=/data/domainnet`) and substituted into
 every string of the resolved configs; an unfilled "{name}" is an error naming the missing --data.
 Natural-only runs do not depend on the test domain: runs whose resolved configs coincide after
 dropping it are trained once. Finished runs are recorded in a `Registry` keyed by the resolved config
-(plus a `done` marker in the run folder), so rerunning the command skips them.
+(plus a `done` marker in the run folder), so rerunning the command skips them. Training runs and
+analysis units go through clipmech.launch: in this process / torchrun, or SLURM job arrays.
 """
 from __future__ import annotations
 
@@ -22,7 +26,6 @@ import itertools
 import json
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -126,22 +129,30 @@ def check_supported(exp: Mapping[str, Any]) -> None:
         raise ValueError(f"experiment {e['name']!r} cannot run yet: {e['unsupported']}")
 
 
-def launch_command(config_path: Path, run_dir: Path, nproc: int, nnodes: int = 1) -> list[str]:
-    """The torchrun command training one run (resumes from latest.pt when the run was interrupted)."""
-    cmd = ["torchrun", f"--nproc_per_node={nproc}", f"--nnodes={nnodes}"]
-    if nnodes == 1:
-        cmd.append("--standalone")
-    return cmd + ["-m", "clipmech.cli", "train", "--config", str(config_path), "--out", str(run_dir), "--resume"]
+def train_and_evaluate(cmd: list[str], run_dir: str, evaluate: bool) -> dict[str, Any]:
+    """A training unit: run the torchrun command, then (if asked) the zero-shot evaluation of every
+    checkpoint, so a cluster job leaves a run ready for analysis."""
+    from clipmech.launch.torchrun import run_command
+    run_command(cmd)
+    if evaluate:
+        from clipmech.eval.zeroshot import evaluate_run
+        evaluate_run(run_dir)
+    return {"run_dir": run_dir, "command": cmd}
 
 
 def run_experiment(path: PathLike, out: PathLike = "runs/experiments", data: Mapping[str, str] | None = None,
                    nproc: int | None = None, dry_run: bool = False, evaluate: bool = True,
-                   without_base: bool = False) -> list[dict[str, Any]]:
+                   without_base: bool = False, launch: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """Train (via torchrun) and evaluate every unfinished run of the experiment; returns the run table.
 
-    Each run lives in OUT/<experiment>/<run id>/. A run is skipped when the registry records it as
-    finished and its `done` marker exists. With dry_run the commands are printed, nothing runs.
+    Each run lives in OUT/<experiment>/<run id>/ and is one unit (clipmech.launch) launched locally or
+    as a SLURM job; `launch` overrides the file's [launch] table (launcher, partition, ...). A run is
+    skipped when the registry records it as finished and its `done` marker exists. With dry_run the
+    commands are printed, nothing runs.
     """
+    from clipmech.launch import Unit, run_units
+    from clipmech.launch.launcher import TORCHRUN_KEYS, launch_options
+    from clipmech.launch.torchrun import torchrun_command
     from clipmech.train.config import load_config, save_config
 
     exp = load_experiment(path)
@@ -149,25 +160,33 @@ def run_experiment(path: PathLike, out: PathLike = "runs/experiments", data: Map
     name = exp["experiment"]["name"]
     root = Path(out) / name
     registry = Registry(Path(out) / "registry")
-    nproc = nproc or int(exp["launch"].get("nproc_per_node", 1))
-    table = []
+    launch = {k: v for k, v in (launch or {}).items() if v is not None}
+    torchrun_opts = {**exp["launch"], **{k: launch.pop(k) for k in TORCHRUN_KEYS if k in launch}}
+    opts = launch_options(exp["launch"], folder=str(root / "submitit"), **launch)
+    nproc = nproc or int(torchrun_opts.get("nproc_per_node", 1))
+    nnodes = int(torchrun_opts.get("nnodes", 1))
+    table, units = [], []
     for run in expand_runs(exp, data, without_base):
         run_dir = root / run["id"]
         cfg = load_config(run["config"], {"train": {"out": str(run_dir)}})  # validates keys before any launch
         key = {"stage": "experiment-train", "config": run["config"]}
         done = registry.get("experiment-train", key) is not None and (run_dir / "done").is_file()
-        status = "finished" if done else "to run"
-        cmd = launch_command(run_dir / "config.toml", run_dir, nproc, int(exp["launch"].get("nnodes", 1)))
-        print(f"[{name}] {run['id']}: {status}" + ("" if done else f"\n    {shlex.join(cmd)}"), flush=True)
-        if not done and not dry_run:
-            save_config(cfg, run_dir / "config.toml")
-            subprocess.run(cmd, check=True)
-            registry.put("experiment-train", key, {"run_dir": str(run_dir)})
-        eval_path = run_dir / "eval" / "results.json"
-        if evaluate and not dry_run and not eval_path.is_file():
+        cmd = torchrun_command(str(run_dir / "config.toml"), str(run_dir), nproc, nnodes, torchrun_opts)
+        print(f"[{name}] {run['id']}: {'finished' if done else 'to run'}" + ("" if done else f"\n    {shlex.join(cmd)}"),
+              flush=True)
+        if done and evaluate and not dry_run and not (run_dir / "eval" / "results.json").is_file():
             from clipmech.eval.zeroshot import evaluate_run
             evaluate_run(run_dir)
+        if not done:
+            if not dry_run:
+                save_config(cfg, run_dir / "config.toml")
+            units.append((key, Unit(run["id"], str(run_dir / "unit"), train_and_evaluate, (cmd, str(run_dir), evaluate),
+                                    gpus=nproc, nodes=nnodes)))
         table.append({"id": run["id"], "run_dir": str(run_dir), "config": run["config"], "finished": done or not dry_run})
+    run_units([u for _, u in units], opts, stage=f"{name} train", dry_run=dry_run)
+    if not dry_run:
+        for key, u in units:
+            registry.put("experiment-train", key, {"run_dir": str(Path(u.folder).parent)})
     return table
 
 
@@ -211,45 +230,109 @@ def redraw_figures(path: PathLike, out: PathLike = "runs/experiments", data: Map
                            title=f"{name}: C2 accuracy per setup and test domain ({exp['experiment'].get('figure', '')})")]
 
 
-def run_analyses(path: PathLike, out: PathLike = "runs/experiments", data: Mapping[str, str] | None = None,
-                 without_base: bool = False) -> list[dict[str, Any]]:
-    """Run the quickstart's per-model analyses (CKA, circuits, SAE sharing, embeddings) on every
-    trained run of the [analysis] source experiment; results go to the shared registry."""
-    from dataclasses import replace
+def analyse_experiment(path: PathLike, out: PathLike = "runs/experiments", data: Mapping[str, str] | None = None,
+                       without_base: bool = False, launch: Mapping[str, Any] | None = None, dry_run: bool = False,
+                       options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """The mechanistic study of every trained run of an analysis experiment's [analysis] source.
 
-    from clipmech.study import quickstart as Q
+    Each run is analysed from its own config (clipmech.study.analyse); `options` override the file's
+    [analysis] keys. Units run in two stages (extraction + circuits, then CKA / SAE / embeddings from
+    the shards) through the launcher; finished units are reused. Writes OUT/<experiment>/results.json,
+    report.md and figures/ with the quickstart's schema, statistics and verdicts; returns the results
+    (None on dry_run).
+    """
+    from clipmech.launch import run_units
+    from clipmech.launch.launcher import launch_options
+    from clipmech.study import analyse as A
 
     exp = load_experiment(path)
     if exp["experiment"].get("kind") != "analysis" or "source" not in exp.get("analysis", {}):
         raise ValueError(f"{path} is not an analysis experiment ([experiment] kind = \"analysis\", [analysis] source)")
-    a = dict(exp["analysis"])
-    source = Path(path).parent / a.pop("source")
+    table = dict(exp["analysis"])
+    source = Path(path).parent / table.pop("source")
+    opts = A.analysis_options(table, **dict(options or {}))
     src = load_experiment(source)
-    root = Path(out) / src["experiment"]["name"]
-    unknown = set(a) - set(Q.QuickstartOptions.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"{path}: unknown [analysis] keys {sorted(unknown)}")
-    rows = []
-    for run in expand_runs(src, data, without_base):
-        run_dir = root / run["id"]
-        epochs = run["config"].get("train", {}).get("epochs", 32)
-        ckpt = run_dir / f"epoch_{epochs}.pt"
-        if not ckpt.is_file():
-            raise FileNotFoundError(f"{ckpt} is missing; train it with `clipmech experiment run {source}`")
-        m = run["config"].get("mixture", {})
-        opts = replace(Q.QuickstartOptions(out=str(Path(out) / exp["experiment"]["name"]),
-                                           dataset=run["config"]["data"]["dataset"]), **a)
-        study = Q.Study(opts, registry=Registry(Path(out) / "registry"))
-        study.dataset, study.test_domains, study.c2 = Q.resolve_dataset(
-            replace(opts, test_domains=(m["test_domain"],) if m.get("test_domain") else None))
-        info = {"run_dir": str(run_dir), "checkpoint": str(ckpt), "checkpoint_hash": Q.file_hash(ckpt)}
-        model = Q.load_model(info)
-        d = study.test_domains[0]
-        cka_res, _ = Q.cka_model(study, info, model)
-        circ, _ = Q.circuits_model(study, info, model)
-        share, _ = Q.sae_sharing_model(study, info, model)
-        emb, _ = Q.embeddings_model(study, info, model, with_umap=True)
-        rows.append({"id": run["id"], "test_domain": d, "cka": cka_res, "circuits": circ, "sharing": share,
-                     "embeddings": emb})
-        print(f"[{exp['experiment']['name']}] analysed {run['id']}", flush=True)
-    return rows
+    dest = Path(out) / exp["experiment"]["name"]
+    launch_opts = launch_options(exp["launch"], folder=str(dest / "submitit"), **dict(launch or {}))
+    runs = _trained_runs(src, Path(out) / src["experiment"]["name"], data, without_base, source)
+    figure_run = next((r for r in runs if r["setup"] == "cg_high"), runs[0])
+    plans = {}
+    for r in runs:
+        r["ctx"] = A.RunContext(r["run_dir"], opts)
+        plans[r["id"]] = A.plan_units(r["ctx"], dest, r["id"], with_umap=r is figure_run)
+    first = [u for p in plans.values() for n, u in p.items() if n.split("/")[0] in A.FIRST_STAGE]
+    second = [u for p in plans.values() for n, u in p.items() if n.split("/")[0] not in A.FIRST_STAGE]
+    name = exp["experiment"]["name"]
+    run_units(first, launch_opts, stage=f"{name} extract+circuits", dry_run=dry_run)
+    run_units(second, launch_opts, stage=f"{name} cka+sae+embeddings", dry_run=dry_run)
+    if dry_run:
+        return None
+    return _write_study(exp, src, runs, {r["id"]: A.collect(plans[r["id"]]) for r in runs}, figure_run, opts, dest)
+
+
+def _trained_runs(src: Mapping[str, Any], root: Path, data: Mapping[str, str] | None, without_base: bool,
+                  source: Path) -> list[dict[str, Any]]:
+    """The source experiment's runs with setup, seed and the test domains each serves (natural-only:
+    every test domain of the experiment). Raises FileNotFoundError naming an untrained run."""
+    runs = expand_runs(src, data, without_base)
+    domains = sorted({r["config"].get("mixture", {}).get("test_domain") for r in runs} - {None})
+    out = []
+    for r in runs:
+        run_dir = root / r["id"]
+        if not (run_dir / "done").is_file():
+            raise FileNotFoundError(f"{run_dir} has not finished training; run `clipmech experiment run {source}` first")
+        m = r["config"].get("mixture", {})
+        served = [m["test_domain"]] if m.get("test_domain") else domains
+        if not served:
+            raise ValueError(f"run {r['id']} names no test domain and no other run of {source} does")
+        out.append({"id": r["id"], "run_dir": str(run_dir), "setup": m.get("setup", "run"),
+                    "seed": int(r["config"].get("train", {}).get("seed", 0)), "test_domains": served})
+    return out
+
+
+def _write_study(exp: Mapping[str, Any], src: Mapping[str, Any], runs: Sequence[Mapping[str, Any]],
+                 measures: Mapping[str, Mapping[str, Any]], figure_run: Mapping[str, Any], opts: Any,
+                 dest: Path) -> dict[str, Any]:
+    """Model rows -> clipmech.study.report's results (statistics, verdicts) -> results.json, report.md
+    and the quickstart's figures in DEST."""
+    from dataclasses import asdict
+
+    from clipmech.study import analyse as A
+    from clipmech.study import quickstart as Q
+    from clipmech.study.report import build_results, write_outputs
+
+    rows, curves = [], {}
+    for r in runs:
+        m = measures[r["id"]]
+        got, c = A.model_rows(r["ctx"], r["setup"], r["seed"], r["test_domains"], r["id"], m["cka"],
+                              m["circuits"], m["sharing"], m["embeddings"])
+        rows += got
+        for d, curve in c.items():
+            curves.setdefault(d, {}).setdefault(r["setup"], []).append(curve)
+    epochs, points = _curve_grid([c for per in curves.values() for cs in per.values() for c in cs])
+    grid = {d: {s: [[c[e] for e in Q.curve_epochs(epochs, points)] for c in cs] for s, cs in per.items()}
+            for d, per in curves.items()}
+    config = {"experiment": exp["experiment"]["name"], "source": src["experiment"]["name"],
+              "analysis": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items()},
+              "image_sizes": sorted({row["image_size"] for row in rows}), "epochs": epochs, "curve_points": points,
+              "c2_classes": rows[0]["c2_classes"], "test_domains": sorted({row["test_domain"] for row in rows})}
+    results = build_results(rows, config=config, extra={"runs": [r["id"] for r in runs]})
+    ctx = figure_run["ctx"]
+    spec = Q.ModelSpec(figure_run["setup"], figure_run["seed"], figure_run["test_domains"][0])
+    fm = measures[figure_run["id"]]
+    Q.draw_figures(results, grid, {"cka": fm["cka"], "circuits": fm["circuits"], "sharing": fm["sharing"],
+                                   "emb": fm["embeddings"]}, spec, ctx.dataset.domains, dest / "figures")
+    write_outputs(results, dest, {f"figures/{k}": v for k, v in Q.FIGURE_NOTES.items()})
+    return results
+
+
+def _curve_grid(curves: Sequence[Mapping[int, float]]) -> tuple[int, int]:
+    """(epochs, points) such that quickstart.curve_epochs(epochs, points) picks only epochs every run
+    evaluated, with as many points as possible (0 and the last epoch always exist)."""
+    from clipmech.study.quickstart import curve_epochs
+    common = set.intersection(*(set(c) for c in curves))
+    last = max(common)
+    for k in range(len(common), 1, -1):
+        if set(curve_epochs(last, k)) <= common:
+            return last, k
+    return last, 2

@@ -1,0 +1,158 @@
+"""Run a list of units here (`local`) or as SLURM job arrays through submitit (`slurm`).
+
+Finished units are skipped; the rest run once. On SLURM each group of units with the same resources
+becomes one job array (`executor.map_array`); the command waits for the array, printing units done /
+total with an ETA. Failed units are listed with their logs: rerunning the same command resubmits only
+them. submitit's own job files (sbatch script, pickles, stdout/stderr) go to `<folder>/%j`.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import time
+from dataclasses import dataclass, fields, replace
+from typing import IO, Any, Mapping, Sequence
+
+from clipmech.launch.units import Unit, run_unit, unit_result
+
+LAUNCHERS = ("local", "slurm")
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """How units become processes. SLURM settings are ignored by `local`.
+
+    gpus_per_job None: each unit's own `gpus` (0 for CPU-only analysis units, [launch]
+    nproc_per_node for training). cluster: submitit cluster name; None means "slurm", "local" runs
+    the same job arrays as local processes (submitit's local executor; used by the tests).
+    """
+
+    launcher: str = "local"
+    partition: str | None = None
+    account: str | None = None
+    gpus_per_job: int | None = None
+    cpus_per_job: int = 8
+    mem_gb: int | None = None
+    time_min: int = 240
+    max_parallel: int | None = None
+    cluster: str | None = None
+    folder: str = "submitit"
+    poll_s: float = 2.0
+
+
+# [launch] keys that configure the trainer's torchrun rather than the scheduler
+TORCHRUN_KEYS = ("nproc_per_node", "nnodes", "rdzv_endpoint", "rdzv_backend", "rdzv_id")
+
+
+def launch_options(table: Mapping[str, Any], **overrides: Any) -> LaunchOptions:
+    """LaunchOptions from an experiment's [launch] table plus command-line overrides (None = unset).
+
+    Unknown keys raise ValueError naming every valid one, so a typo never falls back to a default."""
+    valid = {f.name for f in fields(LaunchOptions)} - {"folder", "poll_s"}
+    unknown = set(table) - valid - set(TORCHRUN_KEYS)
+    if unknown:
+        raise ValueError(f"unknown [launch] key(s) {sorted(unknown)}; valid: {sorted(valid | set(TORCHRUN_KEYS))}")
+    opts = LaunchOptions(**{k: v for k, v in table.items() if k in valid})
+    opts = replace(opts, **{k: v for k, v in overrides.items() if v is not None})
+    if opts.launcher not in LAUNCHERS:
+        raise ValueError(f"unknown launcher {opts.launcher!r}; valid: {', '.join(LAUNCHERS)}")
+    return opts
+
+
+def _fmt(seconds: float) -> str:
+    s = max(0, int(round(seconds)))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class UnitProgress:
+    """Prints 'units done / total' with elapsed time and an ETA from this session's rate."""
+
+    def __init__(self, stage: str, total: int, already: int, stream: IO[str]):
+        self.stage, self.total, self.count, self.stream = stage, total, already, stream
+        self.start, self.ran = time.perf_counter(), 0
+
+    def tick(self, name: str, ok: bool = True) -> None:
+        self.count += 1
+        self.ran += 1
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / self.ran * (self.total - self.count)
+        print(f"[{self.stage}] {self.count}/{self.total} units {'done' if ok else 'FAILED'}: {name} | "
+              f"elapsed {_fmt(elapsed)}, ETA {_fmt(eta)}", file=self.stream, flush=True)
+
+
+def run_units(units: Sequence[Unit], opts: LaunchOptions, stage: str = "units", dry_run: bool = False,
+              stream: IO[str] | None = None) -> list[Any] | None:
+    """Run the unfinished `units` with `opts.launcher`; returns every unit's result in order.
+
+    dry_run: print the plan (finished / to run, with output folders) and run nothing; returns None.
+    Raises RuntimeError listing failed units and their logs (after every job has ended).
+    """
+    stream = stream or sys.stderr
+    pending = [u for u in units if not u.done]
+    print(f"[{stage}] {len(units) - len(pending)}/{len(units)} units finished, {len(pending)} to run "
+          f"({opts.launcher})", file=stream, flush=True)
+    if dry_run:
+        for u in units:
+            print(f"    {'finished' if u.done else 'to run  '}  {u.name}  -> {u.folder}", file=stream)
+        return None
+    progress = UnitProgress(stage, len(units), len(units) - len(pending), stream)
+    failed: list[tuple[Unit, str]] = []
+    if opts.launcher == "local":
+        for u in pending:
+            try:
+                run_unit(u)
+            except Exception as err:  # the other units still run; all failures are reported at the end
+                failed.append((u, f"{type(err).__name__}: {err}"))
+            progress.tick(u.name, ok=u.done)
+    else:
+        failed = _run_submitit(pending, opts, stage, progress)
+    if failed:
+        lines = "\n".join(f"  {u.name}: {why}\n    log: {u.log}" for u, why in failed)
+        raise RuntimeError(f"{len(failed)} of {len(pending)} {stage} units failed:\n{lines}\n"
+                           "Rerun the same command: finished units are skipped and only these are resubmitted.")
+    return [unit_result(u) for u in units]
+
+
+def _run_submitit(units: Sequence[Unit], opts: LaunchOptions, stage: str, progress: UnitProgress
+                  ) -> list[tuple[Unit, str]]:
+    """One submitit job array per (gpus, nodes) group of units; waits for all; returns the failures."""
+    if not units:
+        return []
+    try:
+        import submitit
+    except ModuleNotFoundError as err:
+        raise RuntimeError("--launcher slurm needs submitit: pip install 'clipmech[slurm]'") from err
+    groups: dict[tuple[int, int], list[Unit]] = {}
+    for u in units:
+        gpus = u.gpus if opts.gpus_per_job is None else opts.gpus_per_job
+        groups.setdefault((gpus, u.nodes), []).append(u)
+    jobs = []
+    for (gpus, nodes), group in groups.items():
+        ex = submitit.AutoExecutor(folder=f"{opts.folder}/%j", cluster=opts.cluster or "slurm")
+        params: dict[str, Any] = {"name": f"clipmech-{stage}", "timeout_min": opts.time_min, "nodes": nodes,
+                                  "gpus_per_node": gpus, "cpus_per_task": opts.cpus_per_job, "tasks_per_node": 1}
+        if opts.mem_gb:
+            params["mem_gb"] = opts.mem_gb
+        slurm = {"slurm_partition": opts.partition, "slurm_account": opts.account,
+                 "slurm_array_parallelism": opts.max_parallel}
+        ex.update_parameters(**params, **{k: v for k, v in slurm.items() if v is not None})
+        jobs += zip(group, ex.map_array(run_unit, group))
+    print(f"[{stage}] submitted {len(jobs)} jobs: {', '.join(sorted({j.job_id.split('_')[0] for _, j in jobs}))}",
+          file=progress.stream, flush=True)
+    failed, waiting = [], list(jobs)
+    while waiting:
+        time.sleep(opts.poll_s)
+        for u, job in [p for p in waiting if p[1].done()]:
+            waiting.remove((u, job))
+            err = job.exception()
+            if err is not None:
+                failed.append((u, f"job {job.job_id}: {_reason(err)}"))
+            progress.tick(u.name, ok=err is None)
+    return failed
+
+
+def _reason(err: BaseException) -> str:
+    """The last 'SomeError: message' line of a job's error (submitit wraps the remote traceback)."""
+    lines = [ln.strip() for ln in str(err).splitlines()]
+    found = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt|Exit)\b.*:", ln)]
+    return found[-1] if found else (lines[0] if lines and lines[0] else type(err).__name__)

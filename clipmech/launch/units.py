@@ -1,0 +1,85 @@
+"""An idempotent unit of work: a picklable call whose JSON result lives in its own folder.
+
+`Unit.folder` is chosen by the caller from a content hash of everything the result depends on, so a
+changed input gets a new folder and a finished one is never recomputed. `run_unit` writes, in that
+folder, `log.txt` (the unit's stdout/stderr, appended per attempt), `result.json` and, last, the
+`done` marker; a unit killed half-way has no `done` and runs again from the start.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from clipmech.utils import atomic_write_json, atomic_write_text
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit: `fn(*args)` (a module-level function, so it pickles for submitit) -> JSON-able result.
+
+    name: a short human label ("run-a/cka"); folder: where its outputs go (content-hashed by the
+    caller); gpus: GPUs the unit wants when launched as a job (0: CPU only); nodes: nodes per job.
+    """
+
+    name: str
+    folder: str
+    fn: Callable[..., Any]
+    args: tuple = ()
+    gpus: int = 0
+    nodes: int = 1
+    info: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def done(self) -> bool:
+        """Whether the unit finished (its `done` marker and result exist)."""
+        f = Path(self.folder)
+        return (f / "done").is_file() and (f / "result.json").is_file()
+
+    @property
+    def log(self) -> Path:
+        return Path(self.folder) / "log.txt"
+
+
+def unit_result(unit: Unit) -> Any:
+    """The stored result of a finished unit; FileNotFoundError naming the unit otherwise."""
+    if not unit.done:
+        raise FileNotFoundError(f"unit {unit.name} has not finished (no {Path(unit.folder) / 'done'}); "
+                                f"see its log {unit.log}")
+    return json.loads((Path(unit.folder) / "result.json").read_text())
+
+
+def run_unit(unit: Unit) -> Any:
+    """Run `unit` unless finished; returns its result. Output is appended to the unit's log.txt.
+
+    The `done` marker is written after the result, both atomically, so an interrupted unit reruns.
+    Exceptions propagate after their traceback is written to the log.
+    """
+    if unit.done:
+        return unit_result(unit)
+    folder = Path(unit.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(unit.log, "a", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        print(f"== {unit.name}: start {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
+        try:
+            result = unit.fn(*unit.args)
+        except BaseException:
+            traceback.print_exc(file=log)
+            raise
+        seconds = time.time() - t0
+        print(f"== {unit.name}: done in {seconds:.1f}s", flush=True)
+    atomic_write_json(result, folder / "result.json")
+    atomic_write_text(json.dumps({"seconds": round(seconds, 3), "finished": time.time()}) + "\n", folder / "done")
+    return result
+
+
+def unit_seconds(unit: Unit) -> float | None:
+    """Wall seconds the finished unit took (from its `done` marker), None if unfinished."""
+    if not unit.done:
+        return None
+    return float(json.loads((Path(unit.folder) / "done").read_text()).get("seconds", 0.0))

@@ -1,0 +1,397 @@
+"""The mechanistic analysis of one trained run, at any scale, from the run's own configuration.
+
+`RunContext(run_dir, options)` reads RUN_DIR/config.toml: the model and image size come from the
+checkpoint and config, the dataset (and so its classes), the C2 classes ([mixture] test_classes or
+the dataset's default) and the templates ([eval] templates) from the config; nothing falls back to
+the quickstart's defaults. `AnalysisOptions` (an experiment file's [analysis] table) only sets how
+much to analyse.
+
+The analysis is split into idempotent units (clipmech.launch), each a module-level function of
+(run_dir, options, ...):
+
+    extract      test split: pooled activations at every analysis point + normalised image
+                 embedding; train split: the embedding. Streamed to content-hashed shards.
+    circuits     one C2 class: its circuit in every domain, node and edge Jaccard between domains
+    cka          class-centroid linear CKA between every domain pair, per point (streamed centroids)
+    sae          SAE on the train embeddings (streamed), feature sharing on the C2 test images
+    embeddings   domain separation (and UMAP) of a per-domain sample of test embeddings
+
+`model_rows` turns the finished units and the run's zero-shot evaluation into the study's model rows
+(clipmech.study.report schema), one per test domain the run serves.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields, replace
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from clipmech.launch import LaunchOptions, Unit, run_units
+from clipmech.utils import file_hash, hash_obj
+
+EMBED_POINT = "hook_image_embed_normalized"
+ANALYSIS_VERSION = 1
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """How much of each run to analyse (an experiment's [analysis] table); what is analysed (model,
+    image size, classes, C2, templates) always comes from the run. Paper values noted."""
+
+    points: tuple[str, ...] | None = None  # analysis points; None: the model's, except the input
+    classes: tuple[str, ...] | None = None  # restrict the run's classes (must keep C2); None: all
+    images_per_cell: int | None = None  # test/train images per (domain, class); None: all
+    circuit_images: int = 50  # images per (domain, class) circuit (paper: 50)
+    circuit_steps: int = 10  # IG Riemann steps (paper: 10)
+    circuit_classes: int | None = None  # first C2 classes with circuits; None: all (paper: all 15)
+    sae_expansion: int = 4  # latents = expansion x embedding width (paper: 4)
+    sae_epochs: int = 30
+    sae_batch_size: int = 1024
+    cka_boot: int = 200
+    n_templates: int | None = None  # first templates of the run's set for the circuit head; None: all
+    embedding_images: int = 2000  # test embeddings per domain for separation and UMAP (paper: 2000)
+    batch_size: int = 128
+    workers: int = 0  # DataLoader workers decoding images
+    shard_rows: int = 4096
+    precision: str = "fp32"  # extraction: fp32 | bf16 | fp16; attributions are always fp32
+    device: str = "auto"  # auto (cuda when present) | cpu | cuda
+
+    def key(self) -> dict[str, Any]:
+        """The options results depend on (not batch size, workers, shard size or device)."""
+        skip = {"batch_size", "workers", "shard_rows", "device"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip} | {"v": ANALYSIS_VERSION}
+
+
+def analysis_options(table: Mapping[str, Any], **overrides: Any) -> AnalysisOptions:
+    """AnalysisOptions from an [analysis] table (without `source`) and overrides (None = unset).
+    An unknown key raises ValueError naming every valid one."""
+    valid = [f.name for f in fields(AnalysisOptions)]
+    unknown = sorted(set(table) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown [analysis] key(s) {unknown}; valid: {', '.join(valid)} (and source)")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
+    opts = replace(AnalysisOptions(**values), **{k: v for k, v in overrides.items() if v is not None})
+    if opts.precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"[analysis] precision {opts.precision!r}; valid: fp32, bf16, fp16")
+    if opts.device not in ("auto", "cpu", "cuda") and not opts.device.startswith("cuda:"):
+        raise ValueError(f"device {opts.device!r}; valid: auto, cpu, cuda, cuda:N")
+    return opts
+
+
+class RunContext:
+    """A trained run as the analysis sees it: its config, final checkpoint, dataset, C2, templates."""
+
+    def __init__(self, run_dir: str | Path, opts: AnalysisOptions):
+        from clipmech.train.config import load_config
+        self.run_dir, self.opts = Path(run_dir), opts
+        cfg_path = self.run_dir / "config.toml"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{cfg_path} not found; is {self.run_dir} a trained clipmech run?")
+        self.cfg = load_config(cfg_path)
+        self.checkpoint = self.run_dir / f"epoch_{self.cfg['train']['epochs']}.pt"
+        if not self.checkpoint.is_file():
+            raise FileNotFoundError(f"{self.checkpoint} is missing; the run has not finished training")
+
+    @cached_property
+    def checkpoint_hash(self) -> str:
+        return file_hash(self.checkpoint)
+
+    @cached_property
+    def device(self) -> str:
+        if self.opts.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.opts.device
+
+    @cached_property
+    def model(self):
+        from clipmech.models.hooked_clip import HookedCLIP
+        from clipmech.train.trainer import model_config
+        model = HookedCLIP.from_checkpoint(self.checkpoint).eval()
+        want = model_config(self.cfg)[1]["vision_cfg"]["image_size"]
+        if model.image_size != want:
+            raise ValueError(f"{self.checkpoint} takes {model.image_size} px images but {self.run_dir}/config.toml "
+                             f"says {want}; the checkpoint does not belong to this config")
+        return model
+
+    @property
+    def image_size(self) -> int:
+        return self.model.image_size
+
+    @cached_property
+    def dataset(self):
+        from clipmech.data import load_dataset
+        ds = load_dataset(str(self.cfg["data"]["dataset"]))
+        if self.opts.classes is not None:
+            missing = [c for c in self.c2_of(ds) if c not in self.opts.classes]
+            if missing:
+                raise ValueError(f"[analysis] classes leaves out the run's C2 classes {missing}")
+            ds = ds.select_classes(list(self.opts.classes))
+        return ds
+
+    def c2_of(self, ds) -> list[str]:
+        c2 = self.cfg["mixture"]["test_classes"] or ds.default_test_classes
+        if not c2:
+            raise ValueError(f"{self.run_dir}: no C2 classes ([mixture] test_classes unset and dataset "
+                             f"{ds.name!r} has no default)")
+        return [ds.classes[ds.class_index(c)] for c in c2]
+
+    @cached_property
+    def c2(self) -> list[str]:
+        return self.c2_of(self.dataset)
+
+    @property
+    def c2_idx(self) -> list[int]:
+        return [self.dataset.classes.index(c) for c in self.c2]
+
+    def templates(self) -> list[str]:
+        from clipmech.eval.templates import get_templates
+        return get_templates(self.cfg["eval"]["templates"], self.dataset.name)[: self.opts.n_templates]
+
+    def points(self) -> list[str]:
+        """Analysis points for CKA and node similarity: [analysis] points, else all but the input (§8.1)."""
+        if self.opts.points:
+            return list(self.opts.points)
+        return [p for p in self.model.analysis_points() if p != "visual.hook_input"]
+
+    def rows(self, split: str) -> np.ndarray:
+        """Dataset rows of `split`, at most images_per_cell per (domain, class), in dataset order."""
+        idx = self.dataset.indices(split=split)
+        return _cap_per_cell(idx, self.dataset, self.opts.images_per_cell)
+
+    def shards(self, split: str, root: str | Path):
+        """The split's activation shards (written once; later calls reuse the folder)."""
+        from clipmech.analysis.activations import write_shards
+        points = self.points() + [EMBED_POINT] if split == "test" else [EMBED_POINT]
+        return write_shards(self.model, self.dataset, self.rows(split), points, root, self.checkpoint_hash,
+                            batch_size=self.opts.batch_size, num_workers=self.opts.workers, device=self.device,
+                            precision=self.opts.precision, shard_rows=self.opts.shard_rows)
+
+    def unit_key(self, unit: str) -> dict[str, Any]:
+        """Everything a unit's result depends on (its output folder is named by this key's hash)."""
+        return {"unit": unit, "checkpoint": self.checkpoint_hash, "dataset": self.dataset.content_hash(),
+                "c2": self.c2, "templates": self.templates(), "options": self.opts.key()}
+
+
+def _cap_per_cell(idx: np.ndarray, ds, cap: int | None) -> np.ndarray:
+    if cap is None:
+        return idx
+    cell = ds.domain_idx[idx].astype(np.int64) * len(ds.classes) + ds.class_idx[idx]
+    order = np.argsort(cell, kind="stable")
+    rank = np.empty(len(idx), np.int64)
+    starts = np.r_[0, np.flatnonzero(np.diff(cell[order])) + 1]
+    rank[order] = np.arange(len(idx)) - np.repeat(starts, np.diff(np.r_[starts, len(idx)]))
+    return idx[rank < cap]
+
+
+# ------------------------------------------------------------------------------------ units
+def unit_extract(run_dir: str, opts: AnalysisOptions, shard_root: str) -> dict[str, Any]:
+    """Write the run's test and train activation shards; returns their folders and sizes."""
+    ctx = RunContext(run_dir, opts)
+    test, train = ctx.shards("test", shard_root), ctx.shards("train", shard_root)
+    return {"test": str(test.folder), "train": str(train.folder), "n_test": len(test), "n_train": len(train),
+            "points": test.points, "image_size": ctx.image_size, "device": ctx.device}
+
+
+def unit_cka(run_dir: str, opts: AnalysisOptions, shard_root: str) -> dict[str, Any]:
+    """Linear, unbiased, class-centroid CKA between every domain pair per point, on C2 (paper §8.3),
+    from streamed centroids of the test shards. Returns domain_cka's dict."""
+    from clipmech.analysis.activations import cell_means
+    from clipmech.analysis.cka import domain_cka
+    ctx = RunContext(run_dir, opts)
+    ds, points = ctx.dataset, ctx.points()
+    means, cells = cell_means(ctx.shards("test", shard_root), points, ds.class_idx, ds.domain_idx,
+                              len(ds.domains), len(ds.classes))
+    return domain_cka(means, cells[:, 1], cells[:, 0], ds.domains, {"C2": ctx.c2_idx}, mode="centroid",
+                      kernels=("linear",), n_boot=opts.cka_boot, n_perm=0)
+
+
+def unit_sae(run_dir: str, opts: AnalysisOptions, shard_root: str) -> dict[str, Any]:
+    """SAE on the train embeddings (streamed from shards), then Alg. 1-2 feature sharing over the C2
+    test images, histograms accumulated batch by batch. Returns feature_sharing's dict + SAE metrics."""
+    from clipmech.analysis.sae import evaluate_sae, train_sae
+    from clipmech.analysis.sharing import feature_sharing, top_latent_histograms
+    ctx = RunContext(run_dir, opts)
+    ds, c2 = ctx.dataset, np.asarray(ctx.c2_idx)
+    train = ctx.shards("train", shard_root).shards(EMBED_POINT)
+    sae, history = train_sae(train, n_latents=opts.sae_expansion * train.dim, epochs=opts.sae_epochs,
+                             batch_size=opts.sae_batch_size, seed=0, device=ctx.device)
+    H = None
+    with torch.no_grad():
+        for rows, xs in ctx.shards("test", shard_root).iter_batches([EMBED_POINT]):
+            keep = np.isin(ds.class_idx[rows], c2)
+            if keep.any():
+                r = rows[keep]
+                h = top_latent_histograms(sae.encode(xs[EMBED_POINT][torch.from_numpy(keep)]), ds.class_idx[r],
+                                          ds.domain_idx[r], ctx.c2_idx, len(ds.domains))
+                H = h if H is None else H + h
+    if H is None:
+        raise ValueError(f"{run_dir}: the test split holds no image of the C2 classes {ctx.c2}")
+    out = feature_sharing(H, ds.domains, class_names=ctx.c2)
+    out.pop("per_class")
+    return out | {"sae": evaluate_sae(sae, train), "sae_last_epoch": history[-1]}
+
+
+def unit_embeddings(run_dir: str, opts: AnalysisOptions, shard_root: str, with_umap: bool) -> dict[str, Any]:
+    """Domain separation (silhouette, domain-probe accuracy) of up to `embedding_images` test
+    embeddings per domain (seeded sample), and their 2-D UMAP when asked."""
+    from clipmech.analysis.embeddings import separation_scores, subsample_per_domain, umap_2d
+    ctx = RunContext(run_dir, opts)
+    shards = ctx.shards("test", shard_root)
+    dom_all = ctx.dataset.domain_idx[shards.indices]
+    pick = set(subsample_per_domain(dom_all, opts.embedding_images).tolist())
+    parts, start = [], 0
+    for rows, xs in shards.iter_batches([EMBED_POINT]):
+        sel = [j for j in range(len(rows)) if start + j in pick]
+        parts.append(xs[EMBED_POINT][sel])
+        start += len(rows)
+    emb = torch.cat(parts).numpy()
+    dom = dom_all[sorted(pick)]
+    out = {"separation": separation_scores(emb, dom, ctx.dataset.domains)["overall"], "n": int(len(emb))}
+    if with_umap:
+        out["umap"] = np.asarray(umap_2d(emb)).tolist()
+        out["domain_idx"] = dom.tolist()
+    return out
+
+
+def unit_circuits(run_dir: str, opts: AnalysisOptions, class_name: str) -> dict[str, Any]:
+    """The circuit of one C2 class in every domain holding it (up to circuit_images test images,
+    fp32 attributions), and node (mean over points, §8.5) / edge (§8.6) Jaccard between domains:
+    {"class", "domains", "node": [D, D], "edge": [D, D]} with None where a domain lacks the class."""
+    from clipmech.analysis.activations import image_batches
+    from clipmech.analysis.circuit_similarity import edge_jaccard, node_jaccard
+    from clipmech.analysis.circuits import discover_circuit
+    from clipmech.eval.zeroshot import class_prompts_names
+    ctx = RunContext(run_dir, opts)
+    ds, model = ctx.dataset, ctx.model.to(ctx.device)
+    k = ds.class_index(class_name)
+    with torch.no_grad():
+        head = model.zero_shot_head(class_prompts_names(ds), ctx.templates())
+    test = ds.indices(split="test")
+    circuits = {}
+    for di, d in enumerate(ds.domains):
+        rows = test[(ds.domain_idx[test] == di) & (ds.class_idx[test] == k)][: opts.circuit_images]
+        if len(rows):
+            images = torch.cat(list(image_batches(ds, rows, ctx.image_size, opts.batch_size, opts.workers)))
+            circuits[d] = discover_circuit(model, images.to(ctx.device), torch.full((len(rows),), k, dtype=torch.long,
+                                                                                     device=ctx.device),
+                                           head, steps=opts.circuit_steps)
+    points = ctx.points()
+    D = len(ds.domains)
+    node, edge = [[None] * D for _ in range(D)], [[None] * D for _ in range(D)]
+    for a, da in enumerate(ds.domains):
+        for b, db in enumerate(ds.domains):
+            if da in circuits and db in circuits:
+                node[a][b] = float(np.mean(list(node_jaccard(circuits[da], circuits[db], points).values())))
+                edge[a][b] = edge_jaccard(circuits[da], circuits[db])
+    return {"class": ds.classes[k], "domains": ds.domains, "node": node, "edge": edge}
+
+
+def circuit_classes(ctx: RunContext) -> list[str]:
+    """The C2 classes that get circuits (the first `circuit_classes`, all when None)."""
+    return ctx.c2[: ctx.opts.circuit_classes]
+
+
+def mean_circuit_matrices(per_class: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Node / edge Jaccard matrices averaged over classes (entries a class lacks are left out)."""
+    out: dict[str, Any] = {"domains": per_class[0]["domains"], "classes": [c["class"] for c in per_class]}
+    for kind in ("node", "edge"):
+        stack = np.array([[[np.nan if v is None else v for v in row] for row in c[kind]] for c in per_class])
+        have = ~np.isnan(stack)
+        mean = np.where(have.any(0), np.nansum(stack, 0) / np.maximum(have.sum(0), 1), np.nan)
+        out[kind] = [[None if np.isnan(v) else float(v) for v in row] for row in mean]
+    return out
+
+
+# ------------------------------------------------------------------------------------ plan
+FIRST_STAGE = ("extract", "circuits")  # need nothing but the checkpoint; the rest read the shards
+
+
+def plan_units(ctx: RunContext, out: str | Path, run_id: str, with_umap: bool) -> dict[str, Unit]:
+    """The run's analysis units {name: Unit}: "extract", "circuits/<class>" per circuit class, "cka",
+    "sae", "embeddings". Unit folders are OUT/units/<run_id>/<name>-<hash of unit_key>, shards go to
+    OUT/shards/<content hash>. GPU jobs unless the options say device "cpu"."""
+    out = Path(out)
+    gpus = 0 if ctx.opts.device == "cpu" else 1
+    shard_root = str(out / "shards")
+    run_dir = str(ctx.run_dir)
+
+    def unit(name: str, fn, *args, **extra) -> Unit:
+        key = ctx.unit_key(name) | extra
+        folder = out / "units" / run_id / f"{name.replace('/', '-')}-{hash_obj(key)[:12]}"
+        return Unit(f"{run_id}/{name}", str(folder), fn, args, gpus=gpus)
+
+    units = {"extract": unit("extract", unit_extract, run_dir, ctx.opts, shard_root)}
+    for c in circuit_classes(ctx):
+        units[f"circuits/{c}"] = unit(f"circuits/{c}", unit_circuits, run_dir, ctx.opts, c)
+    units["cka"] = unit("cka", unit_cka, run_dir, ctx.opts, shard_root)
+    units["sae"] = unit("sae", unit_sae, run_dir, ctx.opts, shard_root)
+    units["embeddings"] = unit("embeddings", unit_embeddings, run_dir, ctx.opts, shard_root, with_umap,
+                               umap=with_umap)
+    return units
+
+
+def collect(units: Mapping[str, Unit]) -> dict[str, Any]:
+    """{"cka", "circuits" (class means), "sharing", "embeddings"} from a run's finished units."""
+    from clipmech.launch import unit_result
+    per_class = [unit_result(u) for name, u in units.items() if name.startswith("circuits/")]
+    return {"cka": unit_result(units["cka"]), "circuits": mean_circuit_matrices(per_class),
+            "sharing": unit_result(units["sae"]), "embeddings": unit_result(units["embeddings"])}
+
+
+# ------------------------------------------------------------------------------------ rows
+def run_metrics(run_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """{epoch: flat zero-shot metrics | {"per_class": {"{domain}/{C1|C2}": {class: acc}}}} from
+    RUN_DIR/eval/results.json and details.json (written by clipmech.eval.zeroshot.evaluate_run)."""
+    ev = Path(run_dir) / "eval"
+    if not (ev / "results.json").is_file() or not (ev / "details.json").is_file():
+        raise FileNotFoundError(f"{ev}/results.json or details.json is missing; evaluate the run with "
+                                f"`clipmech eval {run_dir}` (or rerun `clipmech experiment run`)")
+    results, details = json.loads((ev / "results.json").read_text()), json.loads((ev / "details.json").read_text())
+    return {e: results[e] | {"per_class": {k: v["per_class"] for k, v in details[e].items() if k != "skipped"}}
+            for e in results}
+
+
+def model_rows(ctx: RunContext, setup: str, seed: int, test_domains: Sequence[str], run_id: str,
+               cka: Mapping[str, Any], circuits: Mapping[str, Any], sharing: Mapping[str, Any],
+               embeddings: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict[str, dict[int, float]]]:
+    """(study model rows, {test domain: {epoch: C2 accuracy}}) of one run: one row per test domain,
+    with the measures of clipmech.study.report plus the run's model, image size and classes."""
+    from clipmech.study.quickstart import _final_metrics, _mean_vs_others, cka_pairs
+    from clipmech.study.report import cka_mid
+    metrics = run_metrics(ctx.run_dir)
+    domains = ctx.dataset.domains
+    rows, curves = [], {}
+    for d in test_domains:
+        accuracy, curve = _final_metrics(metrics, d)
+        curves[d] = dict(zip(sorted(map(int, metrics)), curve))
+        rows.append({"setup": setup, "seed": seed, "test_domain": d, **accuracy,
+                     "cka_mid": cka_mid(cka_pairs(dict(cka)), d),
+                     "node_jaccard": _mean_vs_others(circuits["node"], domains, d),
+                     "edge_jaccard": _mean_vs_others(circuits["edge"], domains, d),
+                     "feature_sharing": sharing["score"][d], "embedding_separation": embeddings["separation"],
+                     "run_id": run_id, "model": ctx.cfg["model"]["name"], "image_size": ctx.image_size,
+                     "classes": list(ctx.dataset.classes), "c2_classes": ctx.c2,
+                     "checkpoint_hash": ctx.checkpoint_hash})
+    return rows, curves
+
+
+def analyse_run(run_dir: str | Path, opts: AnalysisOptions, out: str | Path, launch: LaunchOptions = LaunchOptions(),
+                test_domains: Sequence[str] | None = None, with_umap: bool = False) -> list[dict[str, Any]]:
+    """Analyse one trained run (every unit, through `launch`) and return its model rows, one per test
+    domain (default: the run's [mixture] test_domain). Units and shards go under OUT; finished units
+    are reused. Cost: one image pass over the run's test and train splits, then the units."""
+    ctx = RunContext(run_dir, opts)
+    domains = list(test_domains or [ctx.cfg["mixture"]["test_domain"] or ctx.dataset.default_test_domain])
+    run_id = ctx.run_dir.name
+    units = plan_units(ctx, out, run_id, with_umap)
+    first = [u for n, u in units.items() if n.split("/")[0] in FIRST_STAGE]
+    run_units(first, launch, stage=f"{run_id} extract+circuits")
+    run_units([u for u in units.values() if u not in first], launch, stage=f"{run_id} cka+sae+embeddings")
+    m = collect(units)
+    rows, _ = model_rows(ctx, ctx.cfg["mixture"]["setup"], int(ctx.cfg["train"]["seed"]), domains, run_id,
+                         m["cka"], m["circuits"], m["sharing"], m["embeddings"])
+    return rows

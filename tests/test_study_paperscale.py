@@ -1,0 +1,124 @@
+"""The paper-scale study end to end on a DomainNet-layout fixture: `clipmech experiment run` trains two
+64 px runs, `clipmech experiment analyse` analyses them from their own configs and writes results.json,
+report.md and figures; the same through `--launcher slurm` on submitit's local executor."""
+import json
+
+import pytest
+
+from clipmech.cli import main
+from clipmech.data.domainnet import DOMAINS
+from clipmech.data.synthetic import write_fake_domainnet
+
+CLASSES = ("apple", "axe", "banana", "bear", "cat", "dog", "tree")
+C2 = ["apple", "axe", "banana", "bear"]  # centroid CKA needs >= 4 shared classes
+
+TRAIN = f"""
+[experiment]
+name = "tiny"
+kind = "clip"
+[base.model]
+name = "tiny-rn"
+image_size = 64
+[base.data]
+dataset = "{{domainnet}}"
+[base.mixture]
+test_classes = {json.dumps(C2)}
+[base.schedule]
+warmup = 1
+[base.train]
+epochs = 1
+batch_size = 32
+tensorboard = false
+progress = false
+[base.eval]
+templates = "simple"
+[matrix]
+"mixture.setup" = ["lod", "cg_high"]
+"mixture.test_domain" = ["clipart"]
+[launch]
+nproc_per_node = 1
+gpus_per_job = 0
+"""
+
+ANALYSIS = """
+[experiment]
+name = "tinymech"
+kind = "analysis"
+[analysis]
+source = "tiny.toml"
+circuit_steps = 2
+circuit_classes = 1
+sae_epochs = 2
+cka_boot = 10
+embedding_images = 20
+device = "cpu"
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("paperscale")
+    counts = {(d, c, s): (5 if s == "train" else 2) for d in DOMAINS for c in CLASSES for s in ("train", "test")}
+    data = write_fake_domainnet(root / "dn", counts, size=16)
+    (root / "tiny.toml").write_text(TRAIN)
+    (root / "mech.toml").write_text(ANALYSIS)
+    return root, data
+
+
+def _study(root, data, out, *launcher):
+    common = ["--data", f"domainnet={data}", "--out", str(out), *launcher]
+    assert main(["experiment", "run", str(root / "tiny.toml"), *common]) == 0
+    assert main(["experiment", "analyse", str(root / "mech.toml"), *common]) == 0
+    return json.loads((out / "tinymech" / "results.json").read_text())
+
+
+def _check(results, out):
+    models = results["models"]
+    assert {m["setup"] for m in models} == {"lod", "cg_high"} and len(models) == 2
+    for m in models:
+        assert m["image_size"] == 64  # the run's own size, not the quickstart's 32
+        assert m["classes"] == sorted(CLASSES)  # every fixture class, not a quickstart subset
+        assert m["c2_classes"] == C2 and m["test_domain"] == "clipart"
+        assert set(m["c2_test_acc_per_class"]) == set(C2)
+        for k in ("cka_mid", "node_jaccard", "edge_jaccard", "feature_sharing"):
+            assert -1 <= m[k] <= 1
+    assert set(results["correlations"]) == {"cka_mid", "node_jaccard", "edge_jaccard", "feature_sharing"}
+    assert [f["finding"] for f in results["findings"]][0] == "domain diversity helps DG and CG"
+    report = (out / "tinymech" / "report.md").read_text()
+    assert "## The paper's findings" in report and "| lod |" in report
+    figures = {p.name for p in (out / "tinymech" / "figures").iterdir()}
+    assert {"fig2_c2_accuracy.png", "cka_per_layer.png", "circuit_jaccard.png", "feature_sharing.png",
+            "umap_by_domain.png", "sharedness_vs_c2.png", "accuracy_over_epochs.png"} <= figures
+
+
+def test_local_study_from_each_runs_own_config(setup, capsys):
+    root, data = setup
+    out = root / "local"
+    results = _study(root, data, out)
+    _check(results, out)
+    units = out / "tinymech" / "units"
+    logs = sorted(p.parent.name.split("-")[0] for p in units.rglob("log.txt"))
+    assert logs.count("extract") == 2 and logs.count("cka") == 2 and logs.count("sae") == 2
+    capsys.readouterr()
+    # a rerun finds every unit finished and recomputes nothing
+    before = {p: p.stat().st_mtime_ns for p in units.rglob("result.json")}
+    assert main(["experiment", "analyse", str(root / "mech.toml"), "--data", f"domainnet={data}", "--out", str(out)]) == 0
+    assert "6/6 units finished, 0 to run" in capsys.readouterr().err
+    assert before == {p: p.stat().st_mtime_ns for p in units.rglob("result.json")}
+
+
+def test_slurm_launcher_through_submitit_local_executor(setup):
+    pytest.importorskip("submitit", reason="--launcher slurm needs the [slurm] extra (submitit)")
+    root, data = setup
+    out = root / "slurm"
+    _check(_study(root, data, out, "--launcher", "slurm", "--submitit-cluster", "local"), out)
+    assert any((out / "tinymech" / "submitit").iterdir()) and any((out / "tiny" / "submitit").iterdir())
+
+
+def test_unknown_analysis_key_names_the_valid_ones(setup, tmp_path, capsys):
+    root, data = setup
+    bad = root / "bad.toml"
+    bad.write_text(ANALYSIS.replace("circuit_steps", "circuit_stepz"))
+    assert main(["experiment", "analyse", str(bad), "--data", f"domainnet={data}", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "unknown [analysis] key(s) ['circuit_stepz']" in err and "circuit_steps" in err
