@@ -101,9 +101,6 @@ class QuickstartOptions:
                 "sae_expansion": self.sae_expansion, "sae_epochs": self.sae_epochs, "cka_boot": self.cka_boot,
                 "n_templates": self.n_templates, "version": STAGE_VERSION}
 
-    def drawings_per_cell(self) -> int:
-        """Distinct C2 drawings per (test domain, class) the accuracy averages (emoji: 1 per split)."""
-        return 2 if self.c2_both_splits else 1
 
 
 @dataclass
@@ -336,6 +333,20 @@ def unseen_c2_rows(study: Study, spec: ModelSpec) -> np.ndarray:
     keep = (view == 0) & np.isin(ds.class_idx[tr], _c2_idx(study)) & np.isin(ds.domain_idx[tr],
                                                                               [ds.domain_index(d) for d in domains])
     return np.flatnonzero(keep)
+
+
+def drawings_per_cell(study: Study) -> str:
+    """Distinct C2 drawings per (test domain, class) that the C2 accuracy averages, e.g. "2" or "1-3"."""
+    ds = study.dataset
+    test = ds.indices(split="test")
+    counts = []
+    for d in study.test_domains:
+        extra = unseen_c2_rows(study, ModelSpec("lod", 0, d)) if study.opts.c2_both_splits else np.zeros(0, int)
+        classes = np.concatenate([ds.class_idx[test][ds.domain_idx[test] == ds.domain_index(d)],
+                                  ds.class_idx[ds.indices(split="train")[extra]]])
+        counts += [int((classes == k).sum()) for k in _c2_idx(study)]
+    lo, hi = min(counts), max(counts)
+    return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
 def load_model(run: dict[str, Any]):
@@ -592,7 +603,7 @@ def run_quickstart(opts: QuickstartOptions) -> dict[str, Any]:
     with progress.stage("figures and report"):
         config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items() if k != "progress"}
         results = build_results(rows, config=config | {"test_domains": study.test_domains, "c2_classes": study.c2,
-                                                       "c2_drawings_per_cell": opts.drawings_per_cell()},
+                                                       "c2_drawings_per_cell": drawings_per_cell(study)},
                                 extra={"wall_time_s": None})
         fig_dir = study.out / "figures"
         draw_figures(results, curves, per_model[(figure_spec.run_id, figure_spec.test_domain)], figure_spec,

@@ -58,8 +58,10 @@ def class_table(models: Sequence[Mapping[str, Any]], metric: str = "c2_test_acc"
 
 
 def _multinomial(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
-    """[size, n] resampling counts of n units drawn with replacement."""
-    return rng.multinomial(n, np.full(n, 1.0 / n), size=size).astype(float)
+    """[size, n] resampling counts of n units drawn with replacement (bincount of uniform draws:
+    ~50x faster than rng.multinomial with many rows)."""
+    flat = rng.integers(0, n, (size, n)) + n * np.arange(size)[:, None]
+    return np.bincount(flat.ravel(), minlength=size * n).reshape(size, n).astype(float)
 
 
 def _summary(estimate: float | None, boots: np.ndarray | None, level: float) -> dict[str, Any]:
