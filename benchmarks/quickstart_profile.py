@@ -7,7 +7,9 @@ prints, from results.json's extra.stages: each stage's wall and CPU seconds, tot
 (train, evaluate, CKA, circuits, SAE, embeddings, ...) with their share of the total, and totals per
 trained model. CPU seconds (all threads of this process) change little when other processes share
 the machine; wall seconds do, so report both. With --second-run it runs again in the same folder and
-prints how many stages were reused (all of them, when nothing changed).
+prints how many stages were reused (all of them, when nothing changed). With --data it instead
+times the training input pipeline side by side in one process: CPU seconds of a first pass over a
+quickstart mixture (captions tokenized) against a second pass (tokens cached), per item.
 """
 from __future__ import annotations
 
@@ -49,15 +51,38 @@ def summarize(stages: dict[str, dict], wall_total: float, cpu_total: float) -> s
     return "\n".join(lines)
 
 
+def data_pipeline(opts: QuickstartOptions) -> str:
+    """CPU seconds per item of clipmech.train.data.MixtureView: first pass vs cached-token passes."""
+    from clipmech.data.mixtures import build_mixture
+    from clipmech.study.quickstart import resolve_dataset
+    from clipmech.train.data import MixtureView
+
+    ds, domains, c2 = resolve_dataset(opts)
+    mix = build_mixture(ds, "cg_high", test_domain=domains[0], test_classes=c2, split="train", seed=42)
+    view = MixtureView(mix, opts.image_size, 77)
+    times = []
+    for epoch in range(3):
+        c0 = time.process_time()
+        for pos in range(len(view)):
+            view[(pos, epoch * len(view) + pos)]
+        times.append((time.process_time() - c0) / len(view))
+    return (f"MixtureView, {len(view)} items: first pass {1e3 * times[0]:.3f} ms/item CPU (tokenizes), "
+            f"later passes {1e3 * min(times[1:]):.3f} ms/item (cached tokens): {times[0] / min(times[1:]):.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--seeds", type=int, default=None, help="default: the quickstart's")
     ap.add_argument("--second-run", action="store_true", help="run again in the same folder (reuse check)")
     ap.add_argument("--stages", action="store_true", help="also print every stage")
+    ap.add_argument("--data", action="store_true", help="only time the training input pipeline")
     args = ap.parse_args()
     opts = replace(QuickstartOptions(out=args.out, progress=False),
                    **({"seeds": args.seeds} if args.seeds else {}))
+    if args.data:
+        print(data_pipeline(opts))
+        return
     for attempt in range(2 if args.second_run else 1):
         t0, c0 = time.perf_counter(), time.process_time()
         res = run_quickstart(opts)
