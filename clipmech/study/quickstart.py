@@ -509,7 +509,7 @@ FIGURE_NOTES = {
     "circuit_jaccard.png": "Node and edge Jaccard of per-class circuits between domains (CG-high model, C2 classes).",
     "umap_by_domain.png": "UMAP of the CG-high model's test embeddings, coloured by domain.",
     "feature_sharing.png": "SAE feature-sharing matrix over C2 classes (CG-high model, paper Alg. 1-2).",
-    "sharedness_vs_c2.png": "Each sharedness measure against C2 accuracy across all models, with Spearman correlation and bootstrap CI.",
+    "sharedness_vs_c2.png": "Each sharedness measure against C2 accuracy across all models, with the within-domain Spearman correlation (averaged over test domains) and its bootstrap CI.",
 }
 
 
