@@ -306,11 +306,12 @@ def evaluate_model(study: Study, run: dict[str, Any], spec: ModelSpec) -> tuple[
             with torch.no_grad():
                 head = model.zero_shot_head(class_prompts_names(ds), study.templates())
                 scores = encode(model, study.images("test")) @ head.T
-                extra_scores = encode(model, study.images("train")[extra]) @ head.T
             flat, details = group_metrics(scores, ds, idx, study.c2)
             # Per-class accuracies give the report's class-level bootstrap CIs.
             out[str(e)] = flat | {"per_class": {k: v["per_class"] for k, v in details.items() if k != "skipped"}}
             if extra.size:
+                with torch.no_grad():
+                    extra_scores = encode(model, study.images("train")[extra]) @ head.T
                 tr = ds.indices(split="train")[extra]
                 both, both_details = group_metrics(torch.cat([scores, extra_scores]), ds, np.concatenate([idx, tr]),
                                                    study.c2)
