@@ -11,7 +11,7 @@ from clipmech.study.report import MODEL_FIELDS, SHAREDNESS_MEASURES, validate_re
 # Smallest settings that still exercise every stage: 15 C2 + 9 C1 classes, 4 views per drawing (fewer
 # make the mixtures degenerate, which the quickstart refuses),
 # one epoch, one circuit class, two IG steps.
-REDUCED = ["--test-domain", "quickdraw", "--max-classes", "24", "--views", "4", "--epochs", "1", "--batch-size", "16", "--circuit-classes", "1",
+REDUCED = ["--test-domain", "quickdraw", "--max-classes", "24", "--n-c2", "15", "--seeds", "1", "--views", "4", "--epochs", "1", "--batch-size", "16", "--circuit-classes", "1",
            "--circuit-steps", "2", "--sae-epochs", "2", "--cka-boot", "5", "--n-templates", "1",
            "--curve-points", "2", "--quiet"]
 
@@ -37,6 +37,66 @@ def test_results_match_schema_and_figures_exist(quickstart):
         assert (out / "figures" / f"{name}.png").stat().st_size > 5000
     report = (out / "report.md").read_text()
     assert "CG can fall below DG" in report and "| cg_high |" in report
+    # C2 is scored on both unseen drawings of each (test domain, class); rows name their model
+    nat = next(m for m in results["models"] if m["setup"] == "natural_only")
+    assert nat["model_id"] == "natural_only-s0" and set(nat["c2_test_acc_per_class"].values()) <= {0.0, 0.5, 1.0}
+    assert results["config"]["c2_drawings_per_cell"] == "2" and results["extra"]["stages"]
+
+
+def test_report_recomputes_the_same_verdicts_for_any_boot_seed(quickstart, tmp_path, capsys):
+    import shutil
+    out, _ = quickstart
+    run = tmp_path / "run"
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns("runs", "cache", "registry"))
+    original = json.loads((run / "results.json").read_text())
+    verdicts = set()
+    for seed in range(5):
+        assert main(["report", str(run), "--boot-seed", str(seed)]) == 0
+        res = json.loads((run / "results.json").read_text())
+        assert res["models"] == original["models"] and res["statistics"]["boot_seed"] == seed
+        verdicts.add(tuple(f["verdict"] for f in res["findings"]))
+    assert len(verdicts) == 1
+    md = (run / "report.md").read_text()
+    assert "figures/fig2_c2_accuracy.png" in md and "What the CIs cover" in md
+    assert main(["report", str(tmp_path / "nowhere")]) == 1
+    assert "must be a folder written by `clipmech quickstart`" in capsys.readouterr().err
+
+
+def test_unseen_c2_drawings_are_never_trained_on():
+    from clipmech.data.mixtures import build_mixture
+    from clipmech.study.quickstart import (ModelSpec, QuickstartOptions, Study, drawings_per_cell,
+                                           resolve_dataset, unseen_c2_rows)
+    study = Study(QuickstartOptions(max_classes=24, n_c2=15, test_domains=("quickdraw",)))
+    study.dataset, study.test_domains, study.c2 = resolve_dataset(study.opts)
+    ds = study.dataset
+    train_idx = ds.indices(split="train")
+    for setup in ("natural_only", "lod", "cg_low", "cg_high"):
+        spec = ModelSpec(setup, 0, "quickdraw")
+        rows = unseen_c2_rows(study, spec)
+        mix = build_mixture(ds, setup, test_domain=None if setup == "natural_only" else "quickdraw",
+                            test_classes=study.c2, split="train", seed=42)
+        assert not set(train_idx[rows].tolist()) & set(mix.indices.tolist()), setup
+        assert (ds.view_idx[train_idx[rows]] == 0).all()  # original drawings, no augmented views
+        in_test_domain = ds.domain_idx[train_idx[rows]] == ds.domain_index("quickdraw")
+        assert in_test_domain.sum() == 15, setup  # one train-split drawing per C2 class of quickdraw
+        if setup != "natural_only":
+            assert in_test_domain.all()
+        else:  # natural-only never trained on any non-natural domain
+            assert {ds.domains[i] for i in ds.domain_idx[train_idx[rows]]} == set(ds.domains) - {"real"}
+    assert drawings_per_cell(study) == "2"
+
+
+def test_c2_extension_follows_the_builders_rule():
+    from clipmech.study.quickstart import extend_c2
+    classes = [f"c{i}" for i in range(30)]
+    ext = extend_c2(["c3", "c7"], classes, 6)
+    assert ext[:2] == ["c3", "c7"] and len(ext) == 6 and len(set(ext)) == 6
+    import hashlib
+    assert ext[2:] == sorted((c for c in classes if c not in ("c3", "c7")),
+                             key=lambda c: hashlib.sha256(c.encode()).hexdigest())[:4]
+    assert extend_c2(["c3", "c7"], classes, 1) == ["c3", "c7"]
+    with pytest.raises(ValueError, match="leaves fewer than 4 C1 classes"):
+        extend_c2([], classes, 27)
 
 
 def test_second_run_reuses_everything(quickstart, capsys):

@@ -3,8 +3,8 @@ import json
 
 import numpy as np
 import pytest
-from scipy import stats
 
+from clipmech.analysis import bootstrap as B
 from clipmech.study import report as R
 
 
@@ -31,69 +31,100 @@ def test_middle_third_and_cka_mid():
         R.cka_mid(per_layer, "quickdraw")
 
 
-def test_spearman_ci_matches_scipy_and_handles_degenerate():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=30)
-    y = x + 0.5 * rng.normal(size=30)
-    out = R.spearman_ci(list(x) + [None], list(y) + [0.3])
-    assert out["rho"] == pytest.approx(stats.spearmanr(x, y).statistic)
-    assert out["n"] == 30 and out["n_dropped"] == 1
-    assert out["ci_low"] < out["rho"] < out["ci_high"] and out["ci_low"] > 0
-    assert R.spearman_ci([1, 2], [3, 4])["rho"] is None
-    const = R.spearman_ci([1, 1, 1, 1], [1, 2, 3, 4])
-    assert const["rho"] is None and const["reason"] == "x is constant across the 4 models"
-    with pytest.raises(ValueError, match="x has 2 values but y has 3"):
-        R.spearman_ci([1, 2], [1, 2, 3])
+def _per_class_models(p: dict[str, float], n_cls=30, seeds=3, domains=("clipart", "painting"), seed=0):
+    """Rows with per-class C2 accuracies (one drawing per class: 0 or 1) drawn with success rate
+    p[setup]; sharedness tracks accuracy. Natural-only rows of a seed share one model_id."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for d in domains:
+        for s in range(seeds):
+            for setup, rate in p.items():
+                pc = {f"k{i}": float(rng.random() < rate) for i in range(n_cls)}
+                acc = float(np.mean(list(pc.values())))
+                share = acc + 0.05 * rng.normal()
+                rows.append({"setup": setup, "seed": s, "test_domain": d, "c1_test_acc": 0.5, "c2_test_acc": acc,
+                             "c2_test_acc_per_class": pc, "cka_mid": share, "node_jaccard": share,
+                             "edge_jaccard": share / 2, "feature_sharing": share})
+    return rows
 
 
-def test_verdicts_follow_the_fixed_rule():
-    # Diversity helps, CG-low below DG, sharedness tracks accuracy: every finding reproduced.
-    good = _models({"natural_only": [0.05, 0.06, 0.04], "lod": [0.30, 0.32, 0.31],
-                    "cg_low": [0.10, 0.12, 0.11], "cg_high": [0.40, 0.42, 0.41]})
-    res = R.build_results(good, config={"steps": 10})
-    verdicts = {f["finding"]: f["verdict"] for f in res["findings"]}
-    assert verdicts == {"domain diversity helps DG and CG": "reproduced", "CG can fall below DG": "reproduced",
-                        "sharedness goes with generalization": "reproduced"}
-    # Reversed: natural-only best, CG-low above everything -> contradicted, not tuned to agree.
+def test_verdicts_are_the_same_for_five_bootstrap_seeds():
+    rows = _per_class_models({"natural_only": 0.1, "lod": 0.4, "cg_low": 0.15, "cg_high": 0.45})
+    verdicts = set()
+    for seed in range(5):
+        res = R.build_results(rows, boot_seed=seed)
+        verdicts.add(tuple((f["verdict"], tuple(e["verdict"] for e in f["evidence"])) for f in res["findings"]))
+    assert len(verdicts) == 1
+    f1, f2, f3 = verdicts.pop()
+    assert f1[0] == f2[0] == f3[0] == "reproduced"
+    assert f2[1][1] == "inconclusive"  # LOD - CG-high: no difference in the data
+
+
+def test_holm_is_applied_per_claim_and_reported_raw_and_adjusted():
+    res = R.build_results(_per_class_models({"natural_only": 0.1, "lod": 0.4, "cg_low": 0.15, "cg_high": 0.45}))
+    f1, f2, f3 = res["findings"]
+    for e in f1["evidence"]:  # each must hold: no correction
+        assert e["p_adjusted"] == e["p_star"] and e["rule"] == R.RULES["all"]
+    p = [e["p_star"] for e in f2["evidence"]]
+    adj = [e["p_adjusted"] for e in f2["evidence"]]
+    assert adj == pytest.approx(B.holm(p)[0]) and min(adj) == pytest.approx(2 * min(p))
+    assert [e["p_adjusted"] for e in f3["evidence"]] == pytest.approx(B.holm([e["p_star"] for e in f3["evidence"]])[0])
+    for e in f1["evidence"] + f2["evidence"]:
+        assert {"estimate", "ci_low", "ci_high", "level", "p_star", "p_star_se", "n_models", "n_classes",
+                "rule", "p_adjusted", "verdict", "verdict_unadjusted"} <= set(e)
+        assert e["n_classes"] == 30 and e["n_seeds"] == 3
+
+
+def test_reversed_effects_are_contradicted_and_one_seed_without_classes_has_no_ci():
     bad = _models({"natural_only": [0.50, 0.52, 0.51], "lod": [0.10, 0.12, 0.11],
                    "cg_low": [0.60, 0.62, 0.61], "cg_high": [0.20, 0.22, 0.21]})
-    res = R.build_results(bad)
-    verdicts = {f["finding"]: f["verdict"] for f in res["findings"]}
+    verdicts = {f["finding"]: f["verdict"] for f in R.build_results(bad)["findings"]}
     assert verdicts["domain diversity helps DG and CG"] == "contradicted"
     assert verdicts["CG can fall below DG"] == "contradicted"
-    # One seed: no CI, sign only.
     single = _models({"natural_only": [0.05], "lod": [0.3], "cg_low": [0.1], "cg_high": [0.2]})
-    res = R.build_results(single)
-    f1 = res["findings"][0]
-    assert f1["verdict"] == "consistent (no CI)"
-    assert all(e["ci_low"] is None for e in f1["evidence"])
+    f1 = R.build_results(single)["findings"][0]
+    assert f1["verdict"] == "consistent (no CI)" and all(e["ci_low"] is None for e in f1["evidence"])
 
 
 def test_combined_verdicts():
-    assert R._combine(["reproduced", "inconclusive (CI includes 0)"], "all") == "partly reproduced (1 of 2)"
-    assert R._combine(["inconclusive (CI includes 0)"] * 2, "all") == "inconclusive"
-    assert R._combine(["inconclusive (CI includes 0)", "reproduced"], "any") == "reproduced"
-    assert R._combine(["reproduced", "contradicted"], "all") == "contradicted"
+    inc, rep, con, bor = B.INCONCLUSIVE, B.REPRODUCED, B.CONTRADICTED, B.BORDERLINE
+    assert R._combine([rep, inc], "all") == "partly reproduced (1 of 2)"
+    assert R._combine([inc, inc], "all") == "inconclusive"
+    assert R._combine([inc, rep], "any") == "reproduced"
+    assert R._combine([rep, con], "all") == "contradicted"
+    assert R._combine([con, inc], "any") == "inconclusive"
+    assert R._combine([bor, inc], "any") == bor
     assert R._combine(["not measured", "not measured"], "all") == "not measured"
 
 
-def test_paired_difference_resamples_classes_within_one_unit():
-    lod = {"setup": "lod", "seed": 0, "test_domain": "sketch", "c2_test_acc": 0.5,
-           "c2_test_acc_per_class": {"a": 1.0, "b": 0.0, "c": 1.0, "d": 0.0}}
-    nat = {"setup": "natural_only", "seed": 0, "test_domain": "sketch", "c2_test_acc": 0.0,
-           "c2_test_acc_per_class": {"a": 0.0, "b": 0.0, "c": 0.0, "d": 0.0, "e": 0.0}}
-    d = R.paired_difference([lod, nat], "lod", "natural_only")
-    # Classes a-d are shared; each resample's mean is k/4 for k in 0..4.
-    assert d["diff"] == 0.5 and d["n"] == 1 and d["n_classes"] == 4 and d["ci_over"] == "units and classes"
-    assert d["ci_low"] in (0.0, 0.25) and d["ci_high"] in (0.75, 1.0)
-    # A constant per-class difference has a zero-width CI.
-    same = dict(lod, c2_test_acc=0.2, c2_test_acc_per_class={k: 0.2 for k in "abcd"})
-    d = R.paired_difference([same, nat], "lod", "natural_only")
-    assert d["ci_low"] == pytest.approx(0.2) and d["ci_high"] == pytest.approx(0.2)
-    # The setup table gets a CI for a single model from its classes.
-    s = R.setup_summary([dict(lod, c1_test_acc=0.5)])
-    assert s["lod"]["c2_test_acc"]["ci_low"] in (0.0, 0.25)
-    assert s["lod"]["c1_test_acc"]["ci_low"] is None  # no per-class C1 accuracies given
+def test_finding3_judges_by_normalized_measure_when_every_row_has_one():
+    rows = _per_class_models({"natural_only": 0.1, "lod": 0.4, "cg_low": 0.15, "cg_high": 0.45})
+    for r in rows:
+        r["cka_mid_norm"] = -r["cka_mid"]  # normalized sharedness that runs against accuracy
+    res = R.build_results(rows)
+    cka = next(e for e in res["findings"][2]["evidence"] if e["measure"] == "cka_mid")
+    assert cka["judged_by"] == "cka_mid_norm" and cka["rho"] < 0 < cka["raw"]["rho"]
+    assert res["correlations"]["cka_mid"]["normalized"]["rho"] == pytest.approx(cka["rho"])
+    assert "judged by cka_mid_norm" in R.render_report(res)
+    rows[0]["cka_mid_norm"] = None  # undefined for one row: judge by raw, say so
+    res = R.build_results(rows)
+    assert next(e for e in res["findings"][2]["evidence"] if e["measure"] == "cka_mid")["judged_by"] == "cka_mid"
+
+
+def test_setup_summary_and_power_report():
+    rows = _per_class_models({"natural_only": 0.1, "lod": 0.4, "cg_low": 0.15, "cg_high": 0.45})
+    s = R.setup_summary(rows)
+    assert s["natural_only"]["n"] == 3 and s["lod"]["n"] == 6  # natural-only: one model per seed
+    lod = [r["c2_test_acc"] for r in rows if r["setup"] == "lod"]
+    assert s["lod"]["c2_test_acc"]["mean"] == pytest.approx(np.mean(lod))
+    assert s["lod"]["c2_test_acc"]["ci_low"] < np.mean(lod) < s["lod"]["c2_test_acc"]["ci_high"]
+    pw = R.build_results(rows)["power"]
+    assert set(pw["half_width"]) == {"lod - natural_only", "cg_high - cg_low", "lod - cg_low"}
+    assert pw["pilot"]["n_classes"] == [5, 10, 15, 20, 30]
+    # more classes, narrower CI (up to Monte-Carlo noise)
+    curve = pw["pilot"]["lod - natural_only"]
+    assert curve[0] > curve[-1] and curve[-1] == pytest.approx(pw["half_width"]["lod - natural_only"])
+    assert pw["met"] == all(h <= 0.15 for h in pw["half_width"].values())
 
 
 def test_validate_results_names_the_problem(tmp_path):
@@ -108,4 +139,5 @@ def test_validate_results_names_the_problem(tmp_path):
     with pytest.raises(ValueError, match=r"models\[0\].c2_test_acc = 1.5.*models\[1\] lacks \['edge_jaccard'\]"):
         R.validate_results(loaded)
     with pytest.raises(ValueError, match="missing top-level key 'correlations'"):
-        R.validate_results({"schema_version": 1, "models": []})
+        R.validate_results({"schema_version": 2, "models": []})
+    assert "What the CIs cover" in md and "## Power" in md

@@ -7,7 +7,7 @@ import argparse
 # Hidden quickstart flags: QuickstartOptions fields with scalar values (kept in sync by construction).
 _TUNABLE = {"views": int, "epochs": int, "batch_size": int, "lr": float, "image_size": int, "curve_points": int,
             "n_templates": int, "max_classes": int, "circuit_steps": int, "circuit_classes": int,
-            "sae_expansion": int, "sae_epochs": int, "cka_boot": int}
+            "sae_expansion": int, "sae_epochs": int, "cka_boot": int, "n_c2": int}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,8 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--test-domain", action="append", dest="test_domains", metavar="D",
                    help="test domain (repeatable; default: clipart and painting, where a 10-minute tiny "
                         "CLIP's held-out-class accuracy is above the floor)")
-    p.add_argument("--seeds", type=int, default=None, help="training seeds per setup (default 1; 3 with --full)")
-    p.add_argument("--full", action="store_true", help="every non-natural test domain and 3 seeds")
+    p.add_argument("--seeds", type=int, default=None, help="training seeds per setup (default 3)")
+    p.add_argument("--full", action="store_true", help="every non-natural test domain")
     p.add_argument("--quiet", action="store_true", help="no stage progress display")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--model", default=None, help="model preset or open_clip config (default: tiny-rn)")
@@ -31,6 +31,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for name, ftype in _TUNABLE.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=ftype, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_quickstart)
+
+    r = subparsers.add_parser(
+        "report", help="recompute a run's statistics, verdicts and report.md from its stored per-model results",
+        description="Read RUN_DIR/results.json (written by `clipmech quickstart` or `experiment analyse`), "
+                    "recompute its correlations, findings and power from the per-model rows (no training or "
+                    "analysis), and rewrite RUN_DIR/results.json and RUN_DIR/report.md.")
+    r.add_argument("run_dir", metavar="RUN_DIR", help="folder holding results.json")
+    r.add_argument("--n-boot", type=int, default=2000,
+                   help="bootstrap resamples to start with; doubled near a threshold, up to 64000 (default 2000)")
+    r.add_argument("--boot-seed", type=int, default=0, help="bootstrap seed (verdicts do not depend on it)")
+    r.add_argument("--debug", action="store_true", help="show tracebacks")
+    r.set_defaults(func=_report)
 
     e = subparsers.add_parser(
         "experiment", help="run a paper-scale experiment from experiments/*.toml (torchrun, resumable)",
@@ -81,7 +93,7 @@ def _quickstart(args: argparse.Namespace) -> int:
     test_domains = tuple(args.test_domains) if args.test_domains else None
     if args.full:
         test_domains = test_domains or full_test_domains(opts.dataset)
-    changes = {"test_domains": test_domains, "seeds": args.seeds or (3 if args.full else opts.seeds)}
+    changes = {"test_domains": test_domains, "seeds": args.seeds or opts.seeds}
     for name in ("model", *_TUNABLE):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
@@ -93,6 +105,26 @@ def _quickstart(args: argparse.Namespace) -> int:
           f"in {results['extra']['wall_time_s']:.0f}s")
     print("C2 accuracy (class-balanced, mean over models): " +
           ", ".join(f"{s} {100 * sum(v) / len(v):.1f}%" for s, v in c2.items()))
+    for f in results["findings"]:
+        print(f"  {f['finding']}: {f['verdict']}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from clipmech.study.report import recompute, write_outputs
+
+    path = Path(args.run_dir) / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; RUN_DIR must be a folder written by `clipmech quickstart` "
+                                "or `clipmech experiment analyse`")
+    if args.n_boot < 100:
+        raise ValueError(f"--n-boot must be >= 100, got {args.n_boot}")
+    results = recompute(json.loads(path.read_text()), n_boot=args.n_boot, boot_seed=args.boot_seed)
+    write_outputs(results, args.run_dir)
+    print(f"clipmech report: rewrote {args.run_dir}/report.md and results.json")
     for f in results["findings"]:
         print(f"  {f['finding']}: {f['verdict']}")
     return 0

@@ -245,7 +245,8 @@ def sharedness_scatter(points: Mapping[str, Sequence[tuple[float, float, str]]],
     """One panel per sharedness measure: x = measure, y = C2 accuracy (in [0, 1]) of each model.
 
     `points[measure]` = [(sharedness, c2_acc, setup), ...]; `correlations[measure]` = {"rho",
-    "ci_low", "ci_high", "n"} (see `clipmech.study.report.spearman_ci`), shown in the panel title.
+    "ci_low", "ci_high", "n"} (within-domain Spearman averaged over test domains, see
+    `clipmech.study.stats.correlation`), shown in the panel title.
     """
     measures = list(points)
     if not measures:

@@ -24,6 +24,7 @@ class Progress:
     def __init__(self, budgets: dict[str, float], stream: IO[str] | None = None, enabled: bool = True):
         self.budgets = dict(budgets)
         self.done: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}  # process CPU seconds per stage (all threads): stable under contention
         self.reused: set[str] = set()
         self.start = time.perf_counter()
         self.stream = stream or sys.stderr
@@ -48,16 +49,23 @@ class Progress:
             raise KeyError(f"stage {name!r} was not planned; planned stages: {list(self.budgets)[:5]} ...")
         index = list(self.budgets).index(name) + 1
         handle = StageHandle()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         self._print(f"[{index:>2}/{len(self.budgets)}] {name} ...")
         yield handle
         self.done[name] = time.perf_counter() - t0
+        self.cpu[name] = time.process_time() - c0
         if handle.reused:
             self.reused.add(name)
         elapsed = time.perf_counter() - self.start
         how = "reused" if handle.reused else f"{self.done[name]:.1f}s"
         self._print(f"[{index:>2}/{len(self.budgets)}] {name}: done ({how}) | elapsed {_fmt(elapsed)}, "
                     f"~{_fmt(self.remaining())} left")
+
+
+    def timings(self) -> dict[str, dict[str, float | bool]]:
+        """{stage: {"wall_s", "cpu_s", "reused"}} of the finished stages, in plan order."""
+        return {n: {"wall_s": round(self.done[n], 2), "cpu_s": round(self.cpu[n], 2), "reused": n in self.reused}
+                for n in self.budgets if n in self.done}
 
 
 class StageHandle:

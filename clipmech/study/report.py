@@ -12,14 +12,14 @@ import math
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
-from scipy import stats
-
+from clipmech.analysis import bootstrap as B
+from clipmech.study import stats as S
 from clipmech.utils import PathLike, atomic_write_json, atomic_write_text
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SHAREDNESS_MEASURES = ("cka_mid", "node_jaccard", "edge_jaccard", "feature_sharing")
 ACCURACY_FIELDS = ("c1_test_acc", "c2_test_acc")
-MODEL_FIELDS = ("setup", "seed", "test_domain") + ACCURACY_FIELDS + SHAREDNESS_MEASURES
+MODEL_FIELDS = ("setup", "seed", "test_domain", "model_id") + ACCURACY_FIELDS + SHAREDNESS_MEASURES
 MAIN_SETUPS = ("natural_only", "lod", "cg_low", "cg_high")
 
 
@@ -47,169 +47,163 @@ def cka_mid(per_layer: Mapping[tuple[str, str], Sequence[float]], test_domain: s
     return float(mid.mean())
 
 
-def spearman_ci(x: Sequence[float | None], y: Sequence[float | None], n_boot: int = 2000,
-                level: float = 0.95, seed: int = 0, names: tuple[str, str] = ("x", "y")) -> dict[str, Any]:
-    """Spearman rho of paired values with a percentile bootstrap CI over pairs.
-
-    Pairs with a missing (None / NaN) value are dropped and counted. Returns {"rho", "ci_low",
-    "ci_high", "p_value", "n", "n_dropped", "n_boot_valid"}; rho and the CI are None, with a
-    "reason", when fewer than 3 pairs remain or a variable is constant (never NaN). Bootstrap
-    resamples in which a variable is constant are skipped (counted in n_boot_valid). Cost
-    O(n_boot * n log n).
-    """
-    xa = np.array([np.nan if v is None else v for v in x], dtype=float)
-    ya = np.array([np.nan if v is None else v for v in y], dtype=float)
-    if xa.shape != ya.shape:
-        raise ValueError(f"spearman_ci: x has {xa.size} values but y has {ya.size}")
-    keep = np.isfinite(xa) & np.isfinite(ya)
-    xa, ya = xa[keep], ya[keep]
-    out: dict[str, Any] = {"rho": None, "ci_low": None, "ci_high": None, "p_value": None,
-                           "n": int(keep.sum()), "n_dropped": int((~keep).sum()), "n_boot_valid": 0,
-                           "level": level}
-    if xa.size < 3:
-        out["reason"] = f"only {xa.size} model(s) have this measure; need at least 3"
-        return out
-    constant = [name for name, v in zip(names, (xa, ya)) if np.ptp(v) == 0]
-    if constant:
-        out["reason"] = f"{' and '.join(constant)} is constant across the {xa.size} models"
-        return out
-    res = stats.spearmanr(xa, ya)
-    out["rho"], out["p_value"] = float(res.statistic), float(res.pvalue)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, xa.size, size=(n_boot, xa.size))
-    rx, ry = stats.rankdata(xa[idx], axis=1), stats.rankdata(ya[idx], axis=1)
-    rx -= rx.mean(1, keepdims=True)
-    ry -= ry.mean(1, keepdims=True)
-    denom = np.sqrt((rx ** 2).sum(1) * (ry ** 2).sum(1))
-    valid = denom > 0  # resamples where one variable came out constant have no rank correlation
-    rhos = (rx * ry).sum(1)[valid] / denom[valid]
-    out["n_boot_valid"] = int(valid.sum())
-    if rhos.size == 0:
-        out["reason"] = "every bootstrap resample was constant"
-        return out
-    alpha = (1 - level) / 2
-    out["ci_low"], out["ci_high"] = (float(v) for v in np.quantile(rhos, [alpha, 1 - alpha]))
-    return out
+ALPHA = 0.05
+POWER_TARGET = 0.15  # issue 12: 95% CI half-width of each main contrast, pooled over test domains
+MAIN_CONTRASTS = (("lod", "natural_only"), ("cg_high", "cg_low"), ("lod", "cg_low"))
+# Each finding: its contrasts (better, worse) and how they combine into the claim.
+# "all": every piece must hold on its own (no correction); "any": one piece suffices, so Holm's
+# correction over the pieces; finding 3 is judged per measure with Holm over the four measures.
+CONTRAST_FINDINGS = (
+    ("domain diversity helps DG and CG", (("lod", "natural_only"), ("cg_high", "cg_low")), "all"),
+    ("CG can fall below DG", (("lod", "cg_low"), ("lod", "cg_high")), "any"),
+)
+SHAREDNESS_FINDING = "sharedness goes with generalization"
+RULES = {"all": "each contrast must hold on its own (no correction)",
+         "any": "any contrast suffices: Holm over the finding's contrasts",
+         "holm_measures": "Holm over the four sharedness measures; every measure must hold"}
 
 
-def paired_difference(models: Sequence[Mapping[str, Any]], better: str, worse: str,
-                      metric: str = "c2_test_acc", n_boot: int = 2000, level: float = 0.95,
-                      seed: int = 0) -> dict[str, Any]:
-    """Mean of metric(better) - metric(worse), paired by (test_domain, seed), with a bootstrap CI.
-
-    When both rows of a unit carry per-class accuracies (`{metric}_per_class`, {class: accuracy};
-    the metric is class-balanced, so its classes are its samples) the bootstrap resamples units and,
-    within each unit, the classes both models were scored on: one unit still gets a CI from the
-    class-to-class variation. Without them only units are resampled and n < 2 gives no CI.
-    Returns {"better", "worse", "metric", "diff", "ci_low", "ci_high", "n", "n_classes", "ci_over"}.
-    """
-    by_unit: dict[tuple, dict[str, Mapping[str, Any]]] = {}
-    for m in models:
-        by_unit.setdefault((m["test_domain"], m["seed"]), {})[m["setup"]] = m
-    pairs = [(u[better], u[worse]) for u in by_unit.values() if better in u and worse in u]
-    out: dict[str, Any] = {"better": better, "worse": worse, "metric": metric, "diff": None,
-                           "ci_low": None, "ci_high": None, "n": len(pairs), "n_classes": None,
-                           "ci_over": None, "level": level}
-    if not pairs:
-        return out
-    diffs = np.array([b[metric] - w[metric] for b, w in pairs])
-    out["diff"] = float(diffs.mean())
-    per_class = [_class_differences(b, w, metric) for b, w in pairs]
-    rng = np.random.default_rng(seed)
-    if all(c is not None and c.size >= 2 for c in per_class):
-        boots = _two_level_bootstrap(per_class, n_boot, rng)
-        out["n_classes"], out["ci_over"] = int(sum(c.size for c in per_class)), "units and classes"
-    elif diffs.size >= 2:
-        boots = diffs[rng.integers(0, diffs.size, size=(n_boot, diffs.size))].mean(1)
-        out["ci_over"] = "units"
-    else:
-        return out
-    alpha = (1 - level) / 2
-    out["ci_low"], out["ci_high"] = (float(v) for v in np.quantile(boots, [alpha, 1 - alpha]))
-    return out
+def _apply_rule(evidence: list[dict[str, Any]], rule: str, alpha: float = ALPHA) -> None:
+    """Fill each piece's p_adjusted, its SE and verdict under `rule` ("all" or a Holm rule)."""
+    measured = [e for e in evidence if e.get("p_star") is not None]
+    if rule == "all":
+        for e in measured:
+            e["p_adjusted"], e["p_adjusted_se"] = e["p_star"], e["p_star_se"]
+            e["verdict"] = B.decide(e["p_star"], e["p_star_se"], alpha)
+    elif measured:
+        adj, adj_se = B.holm([e["p_star"] for e in measured], [e["p_star_se"] for e in measured])
+        for e, pa, sa in zip(measured, adj, adj_se):
+            e["p_adjusted"], e["p_adjusted_se"] = pa, sa
+            e["verdict"] = B.decide_holm(e["p_star"], e["p_star_se"], pa, sa, alpha)
+    for e in evidence:
+        e["rule"] = RULES[rule]
+        e["verdict_unadjusted"] = (B.decide(e["p_star"], e["p_star_se"], alpha) if e.get("p_star") is not None
+                                   else None)
+        if e.get("p_star") is None:
+            e["p_adjusted"] = e["p_adjusted_se"] = None
+            e["verdict"] = _no_ci_verdict(e.get("estimate"))
 
 
-def _two_level_bootstrap(groups: Sequence[np.ndarray], n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """[n_boot] bootstrap means: values resampled within each group, then groups resampled."""
-    within = np.stack([g[rng.integers(0, g.size, (n_boot, g.size))].mean(1) for g in groups])  # [G, n_boot]
-    pick = rng.integers(0, len(groups), (n_boot, len(groups)))
-    return within[pick, np.arange(n_boot)[:, None]].mean(1)
-
-
-def _class_differences(better: Mapping[str, Any], worse: Mapping[str, Any], metric: str) -> np.ndarray | None:
-    """Per-class accuracy differences over the classes both rows scored, or None without them."""
-    b, w = better.get(f"{metric}_per_class"), worse.get(f"{metric}_per_class")
-    if not b or not w:
-        return None
-    common = [c for c in b if c in w]
-    return np.array([b[c] - w[c] for c in common]) if common else None
-
-
-def _verdict(value: float | None, ci_low: float | None, ci_high: float | None) -> str:
-    """Fixed rule: 'reproduced' iff the effect is positive and its CI excludes 0, 'contradicted' iff
-    negative with CI excluding 0, otherwise 'inconclusive'. Without a CI (one unit) the sign alone
-    gives 'consistent (no CI)' or 'not reproduced (no CI)'."""
+def _no_ci_verdict(value: float | None) -> str:
+    """Without resampling variation (one seed, no per-class values) only the sign is reported."""
     if value is None:
         return "not measured"
-    if ci_low is None or ci_high is None:
-        return "consistent (no CI)" if value > 0 else "not reproduced (no CI)"
-    if ci_low > 0:
-        return "reproduced"
-    if ci_high < 0:
-        return "contradicted"
-    return "inconclusive (CI includes 0)"
+    return "consistent (no CI)" if value > 0 else "not reproduced (no CI)"
 
 
 def _combine(verdicts: Sequence[str], mode: str) -> str:
-    """One verdict from the evidence's: mode "all" needs every piece, "any" one piece. A mix of
-    reproduced and inconclusive pieces is "partly reproduced (k of n)"; only inconclusive pieces
-    give "inconclusive"."""
+    """One verdict from the pieces': mode "all" needs every piece reproduced (contradicted when any
+    piece is), mode "any" one piece (contradicted when every piece is). Short of that: "partly
+    reproduced (k of n)" for "all" with some reproduced pieces, "inconclusive (borderline)" when a
+    piece sits on its threshold, else "inconclusive"."""
     if not verdicts or all(v == "not measured" for v in verdicts):
         return "not measured"
-    need = all if mode == "all" else any
-    opposite = any if mode == "all" else all
-    if need(v == "reproduced" for v in verdicts):
-        return "reproduced"
-    if opposite(v == "contradicted" for v in verdicts):
-        return "contradicted"
-    if need(v in ("reproduced", "consistent (no CI)") for v in verdicts):
+    need, opposite = (all, any) if mode == "all" else (any, all)
+    if need(v == B.REPRODUCED for v in verdicts):
+        return B.REPRODUCED
+    if opposite(v == B.CONTRADICTED for v in verdicts):
+        return B.CONTRADICTED
+    if need(v in (B.REPRODUCED, "consistent (no CI)") for v in verdicts):
         return "consistent (no CI)"
-    n_repro = sum(v == "reproduced" for v in verdicts)
-    if n_repro and not any(v == "contradicted" for v in verdicts):
+    n_repro = sum(v == B.REPRODUCED for v in verdicts)
+    if mode == "all" and n_repro and not any(v == B.CONTRADICTED for v in verdicts):
         return f"partly reproduced ({n_repro} of {len(verdicts)})"
-    if all(v.startswith("inconclusive") for v in verdicts):
-        return "inconclusive"
+    if any(v == B.BORDERLINE for v in verdicts):
+        return B.BORDERLINE
+    if any(v.startswith(B.INCONCLUSIVE) or v == B.CONTRADICTED for v in verdicts):
+        return B.INCONCLUSIVE
     return "not reproduced"
 
 
-def assess_findings(models: Sequence[Mapping[str, Any]],
-                    correlations: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The paper's three findings, each with its evidence and a verdict from `_verdict`.
+def judged_measure(models: Sequence[Mapping[str, Any]], measure: str) -> str:
+    """`{measure}_norm` (sharedness normalized between its floor and ceiling) when every row has a
+    finite one, else the raw `measure`: finding 3 judges by the normalized value when it exists."""
+    key = f"{measure}_norm"
+    ok = all(_is_number(m.get(key)) for m in models)
+    return key if models and ok else measure
 
-    1 diversity helps DG (LOD > natural-only) and CG (CG-high > CG-low) on C2 accuracy;
-    2 CG can fall below DG (LOD > CG-low or LOD > CG-high);
-    3 sharedness goes with generalization (Spearman rho > 0, per measure).
+
+def correlations_for(models: Sequence[Mapping[str, Any]], n_boot: int = S.DEFAULT_BOOT, seed: int = 0,
+                     max_boot: int = S.MAX_BOOT) -> dict[str, dict[str, Any]]:
+    """Per sharedness measure: the within-domain Spearman correlation with C2 accuracy
+    (`clipmech.study.stats.correlation`), with "centred" (setup-centred) and, when rows carry
+    `{measure}_norm`, "normalized" beside it; "judged_by" names the variable finding 3 uses."""
+    n_tests = len(SHAREDNESS_MEASURES)
+    out = {}
+    for k in SHAREDNESS_MEASURES:
+        c = S.correlation(models, k, n_boot=n_boot, max_boot=max_boot, n_tests=n_tests, seed=seed)
+        c["centred"] = S.correlation(models, k, centred=True, n_boot=n_boot, max_boot=max_boot, seed=seed)
+        judged = judged_measure(models, k)
+        if judged != k:
+            c["normalized"] = S.correlation(models, judged, n_boot=n_boot, max_boot=max_boot, n_tests=n_tests,
+                                            seed=seed)
+        c["judged_by"] = judged
+        out[k] = c
+    return out
+
+
+def assess_findings(models: Sequence[Mapping[str, Any]], correlations: Mapping[str, Mapping[str, Any]],
+                    n_boot: int = S.DEFAULT_BOOT, seed: int = 0, max_boot: int = S.MAX_BOOT,
+                    alpha: float = ALPHA) -> list[dict[str, Any]]:
+    """The paper's three findings, each with its evidence, multiple-comparison rule and verdict.
+
+    1 diversity helps DG (LOD > natural-only) and CG (CG-high > CG-low): both must hold;
+    2 CG can fall below DG (LOD > CG-low or LOD > CG-high): Holm over the two;
+    3 sharedness goes with generalization (rho > 0 per measure): Holm over the four measures,
+      judged by the normalized measure where every row has one (`judged_measure`).
+    Verdicts: `clipmech.analysis.bootstrap.decide` / `decide_holm` on the bootstrap tail probability.
     """
     findings = []
-    f1 = [paired_difference(models, "lod", "natural_only"), paired_difference(models, "cg_high", "cg_low")]
-    findings.append({"finding": "domain diversity helps DG and CG", "evidence": f1})
-    f2 = [paired_difference(models, "lod", "cg_low"), paired_difference(models, "lod", "cg_high")]
-    findings.append({"finding": "CG can fall below DG", "evidence": f2})
-    f3 = [{"measure": k, **dict(v)} for k, v in correlations.items()]
-    findings.append({"finding": "sharedness goes with generalization", "evidence": f3})
-    for f in findings:
-        for e in f["evidence"]:
-            e["verdict"] = _verdict(e.get("diff", e.get("rho")), e["ci_low"], e["ci_high"])
-    # Finding 1 needs both halves, finding 2 one CG setup below DG, finding 3 every measure.
-    modes = {"domain diversity helps DG and CG": "all", "CG can fall below DG": "any",
-             "sharedness goes with generalization": "all"}
-    for f in findings:
-        f["verdict"] = _combine([e["verdict"] for e in f["evidence"]], modes[f["finding"]])
+    for name, pairs, mode in CONTRAST_FINDINGS:
+        n_tests = 1 if mode == "all" else len(pairs)
+        ev = [S.contrast(models, b, w, n_boot=n_boot, max_boot=max_boot, level=1 - alpha, n_tests=n_tests,
+                         seed=seed) for b, w in pairs]
+        for e in ev:
+            e["diff"] = e["estimate"]
+        _apply_rule(ev, mode, alpha)
+        findings.append({"finding": name, "mode": mode, "rule": RULES[mode], "evidence": ev,
+                         "verdict": _combine([e["verdict"] for e in ev], mode)})
+    ev = []
+    for k, c in correlations.items():
+        judged = c.get("normalized", c)
+        ev.append({**{f: v for f, v in judged.items() if f not in ("centred",)}, "measure": k,
+                   "judged_by": c["judged_by"], "raw": {f: c[f] for f in ("rho", "ci_low", "ci_high", "p_star")},
+                   "centred": {f: c["centred"].get(f) for f in ("rho", "ci_low", "ci_high", "p_star", "p_star_se")}})
+    _apply_rule(ev, "holm_measures", alpha)
+    findings.append({"finding": SHAREDNESS_FINDING, "mode": "all", "rule": RULES["holm_measures"], "evidence": ev,
+                     "verdict": _combine([e["verdict"] for e in ev], "all")})
     return findings
 
 
+def power(models: Sequence[Mapping[str, Any]], n_boot: int = S.DEFAULT_BOOT, seed: int = 0,
+          class_counts: Sequence[int] | None = None) -> dict[str, Any]:
+    """Achieved 95% CI half-width of each main contrast (pooled over test domains) against
+    POWER_TARGET, and the pilot curve: half-widths when only the first k C2 classes are used.
+
+    Returns {"target", "half_width": {contrast: hw}, "met", "pilot": {"n_classes": [k...],
+    contrast: [hw...]}}; a fixed `n_boot` (not adaptive) so curve points are comparable.
+    """
+    classes, _, per_class = S.class_table(models)
+    out: dict[str, Any] = {"target": POWER_TARGET, "half_width": {}, "n_boot": n_boot}
+    for b, w in MAIN_CONTRASTS:
+        c = S.contrast(models, b, w, n_boot=n_boot, max_boot=n_boot, seed=seed)
+        out["half_width"][f"{b} - {w}"] = None if c["ci_low"] is None else (c["ci_high"] - c["ci_low"]) / 2
+    hw = list(out["half_width"].values())
+    out["met"] = bool(hw and all(h is not None and h <= POWER_TARGET for h in hw))
+    if per_class and len(classes) >= 4:
+        ks = class_counts or sorted({k for k in (5, 10, 15, 20, 30, 45, 60, 90, 120) if k < len(classes)}
+                                    | {len(classes)})
+        pilot: dict[str, Any] = {"n_classes": list(ks)}
+        for b, w in MAIN_CONTRASTS:
+            pts = [S.contrast(models, b, w, n_boot=n_boot, max_boot=n_boot, seed=seed, classes=classes[:k])
+                   for k in ks]
+            pilot[f"{b} - {w}"] = [None if c["ci_low"] is None else (c["ci_high"] - c["ci_low"]) / 2 for c in pts]
+        out["pilot"] = pilot
+    return out
+
+
 def validate_results(results: Mapping[str, Any]) -> None:
-    """Raise ValueError listing every way `results` departs from schema version 1."""
+    """Raise ValueError listing every way `results` departs from the schema (SCHEMA_VERSION)."""
     problems: list[str] = []
     for key in ("schema_version", "models", "correlations"):
         if key not in results:
@@ -248,7 +242,7 @@ def validate_results(results: Mapping[str, Any]) -> None:
         if c.get("ci_low") is not None and not c["ci_low"] <= c["ci_high"]:
             problems.append(f"correlations[{measure!r}]: ci_low > ci_high")
     if problems:
-        raise ValueError("results.json does not match schema version 1: " + "; ".join(problems))
+        raise ValueError(f"results.json does not match schema version {SCHEMA_VERSION}: " + "; ".join(problems))
 
 
 def _is_number(v: Any) -> bool:
@@ -256,16 +250,39 @@ def _is_number(v: Any) -> bool:
 
 
 def build_results(models: Sequence[Mapping[str, Any]], config: Mapping[str, Any] | None = None,
-                  extra: Mapping[str, Any] | None = None, n_boot: int = 2000) -> dict[str, Any]:
-    """The results.json object: models, correlations (per measure vs c2_test_acc), findings."""
-    models = [dict(m) for m in models]
-    correlations = {k: spearman_ci([m.get(k) for m in models], [m["c2_test_acc"] for m in models],
-                                   n_boot=n_boot, names=(k, "c2_test_acc")) for k in SHAREDNESS_MEASURES}
+                  extra: Mapping[str, Any] | None = None, n_boot: int = S.DEFAULT_BOOT, boot_seed: int = 0,
+                  max_boot: int = S.MAX_BOOT) -> dict[str, Any]:
+    """The results.json object from per-model rows: the one entry point of the quickstart, the
+    paper-scale `experiment analyse` and `clipmech report`.
+
+    `models`: one dict per (trained model, test domain) with MODEL_FIELDS, optionally `model_id`
+    (derived from setup and seed when absent: natural-only is one model per seed),
+    `{c1,c2}_test_acc_per_class` ({class: accuracy}; enables class resampling) and
+    `{measure}_norm` (judged by finding 3 when every row has it). Adds "correlations" (per measure),
+    "findings" (verdicts) and "power" (CI half-widths and pilot curve). `n_boot` resamples to start
+    with, doubled while a decision is within 2 Monte-Carlo SEs of its threshold, up to `max_boot`;
+    `boot_seed` seeds them (verdicts do not depend on it but near a threshold). Cost: seconds.
+    """
+    models = [dict(m) | {"model_id": S.model_id(m)} for m in models]
+    correlations = correlations_for(models, n_boot=n_boot, seed=boot_seed, max_boot=max_boot)
     results = {"schema_version": SCHEMA_VERSION, "config": dict(config or {}), "models": models,
-               "correlations": correlations, "findings": assess_findings(models, correlations),
+               "correlations": correlations,
+               "findings": assess_findings(models, correlations, n_boot=n_boot, seed=boot_seed, max_boot=max_boot),
+               "power": power(models, seed=boot_seed),
+               "statistics": {"alpha": ALPHA, "n_boot": n_boot, "max_boot": max_boot, "boot_seed": boot_seed},
                "extra": dict(extra or {})}
     validate_results(results)
     return results
+
+
+def recompute(results: Mapping[str, Any], n_boot: int = S.DEFAULT_BOOT, boot_seed: int = 0) -> dict[str, Any]:
+    """`build_results` again from a stored results dict's per-model rows, config and extra (no
+    training or analysis): what `clipmech report RUN_DIR` writes. Accepts schema 1 files (their
+    rows get a derived `model_id`)."""
+    if not isinstance(results.get("models"), list) or not results["models"]:
+        raise ValueError("results.json has no 'models' rows to recompute the statistics from")
+    return build_results(results["models"], results.get("config"), results.get("extra"), n_boot=n_boot,
+                         boot_seed=boot_seed)
 
 
 def _pct(v: float | None) -> str:
@@ -278,26 +295,19 @@ def _ci(e: Mapping[str, Any], scale: float = 100.0, digits: int = 1) -> str:
     return f"[{scale * e['ci_low']:.{digits}f}, {scale * e['ci_high']:.{digits}f}]"
 
 
-def setup_summary(models: Iterable[Mapping[str, Any]], n_boot: int = 2000) -> dict[str, dict[str, Any]]:
-    """Per setup: mean C1/C2 accuracy with a 95% bootstrap CI over models (test domains x seeds)
-    and, where rows carry `{field}_per_class`, over classes within each model (see paired_difference)."""
-    by_setup: dict[str, list[Mapping[str, Any]]] = {}
-    for m in models:
-        by_setup.setdefault(m["setup"], []).append(m)
+def setup_summary(models: Iterable[Mapping[str, Any]], n_boot: int = S.DEFAULT_BOOT, seed: int = 0
+                  ) -> dict[str, dict[str, Any]]:
+    """Per setup: mean C1/C2 accuracy over test domains, seeds and classes with a 95% percentile CI
+    from the crossed seed x class bootstrap (`clipmech.study.stats.contrast` with worse=None)."""
+    rows = list(models)
     out = {}
-    for setup, rows in by_setup.items():
-        entry: dict[str, Any] = {"n": len(rows)}
+    for setup in dict.fromkeys(m["setup"] for m in rows):
+        mine = [m for m in rows if m["setup"] == setup]
+        entry: dict[str, Any] = {"n": len({S.model_id(m) for m in mine})}
         for f in ACCURACY_FIELDS:
-            vals = np.array([r[f] for r in rows], dtype=float)
-            per_class = [np.array(list((r.get(f"{f}_per_class") or {}).values()), dtype=float) for r in rows]
-            rng = np.random.default_rng(0)
-            ci = (None, None)
-            if all(c.size >= 2 for c in per_class):
-                ci = tuple(float(v) for v in np.quantile(_two_level_bootstrap(per_class, n_boot, rng), [0.025, 0.975]))
-            elif vals.size >= 2:
-                boots = vals[rng.integers(0, vals.size, (n_boot, vals.size))].mean(1)
-                ci = tuple(float(v) for v in np.quantile(boots, [0.025, 0.975]))
-            entry[f] = {"mean": float(vals.mean()), "ci_low": ci[0], "ci_high": ci[1]}
+            c = S.contrast(mine, setup, None, metric=f, n_boot=n_boot, max_boot=n_boot, seed=seed)
+            entry[f] = {"mean": float(np.mean([m[f] for m in mine])) if c["estimate"] is None else c["estimate"],
+                        "ci_low": c["ci_low"], "ci_high": c["ci_high"]}
         out[setup] = entry
     return out
 
@@ -310,8 +320,9 @@ def render_report(results: Mapping[str, Any], figures: Mapping[str, str] | None 
         lines += ["Configuration: " + ", ".join(f"{k} = `{v}`" for k, v in sorted(cfg.items())
                                                if not isinstance(v, (dict, list))), ""]
     lines += ["## Accuracy per setup", "",
-              "Class-balanced zero-shot top-1 (%) on the test domain; mean over models with a 95% "
-              "bootstrap CI over models and, within each, over classes. C2 = held-out classes, C1 = the others.", "",
+              "Class-balanced zero-shot top-1 (%) on the test domain; mean over test domains, seeds and "
+              "classes with a 95% CI from the crossed seed × class bootstrap. C2 = held-out classes, "
+              "C1 = the others; models = distinct trained models.", "",
               "| setup | models | C1 accuracy | C2 accuracy |", "|---|---|---|---|"]
     summary = setup_summary(results["models"])
     order = [s for s in MAIN_SETUPS if s in summary] + [s for s in summary if s not in MAIN_SETUPS]
@@ -320,27 +331,21 @@ def render_report(results: Mapping[str, Any], figures: Mapping[str, str] | None 
         lines.append(f"| {s} | {e['n']} | {_pct(e['c1_test_acc']['mean'])} {_ci(e['c1_test_acc'])} "
                      f"| {_pct(e['c2_test_acc']['mean'])} {_ci(e['c2_test_acc'])} |")
     lines += ["", "## The paper's findings", "",
-              "Verdict rule (fixed in advance): *reproduced* when the effect has the paper's sign and its "
-              "95% bootstrap CI excludes 0; *contradicted* when the opposite sign's CI excludes 0; "
-              "otherwise *inconclusive*. Accuracy differences are paired by (test domain, seed); their CI "
-              "resamples those units and, within each, the C2 classes (the accuracy is class-balanced). "
-              "Without per-class accuracies and with one unit there is no CI and only the sign is "
-              "reported.", ""]
+              "Verdict rule (fixed in advance, `clipmech.analysis.bootstrap.decide`): p* = P*(effect* < 0) + "
+              "½ P*(effect* = 0) is the bootstrap probability that the effect does not have the paper's sign, "
+              "SE its Monte-Carlo error. *reproduced* when p* + 2 SE < α/2 (α = 0.05), *contradicted* when "
+              "the opposite tail does the same, *inconclusive (borderline)* when p* is within 2 SE of α/2, "
+              "otherwise *inconclusive*. Resamples are added until every decision is clear of its band (or "
+              "the cap is reached), so the verdicts do not depend on the bootstrap seed. The 95% percentile "
+              "CI is shown beside. Contrasts: mean over test domains of the mean over seeds and C2 classes; "
+              "seeds and classes are resampled independently (one class draw for every model). "
+              "Correlations: Spearman ρ within each test domain, averaged over domains; trained models are "
+              "resampled as clusters.", ""]
     for f in results["findings"]:
-        lines.append(f"### {f['finding']}: **{f['verdict']}**")
-        lines.append("")
-        for e in f["evidence"]:
-            if "measure" in e:
-                rho = "n/a" if e["rho"] is None else f"{e['rho']:.2f}"
-                why = f" ({e['reason']})" if e.get("reason") else ""
-                lines.append(f"- Spearman ρ({e['measure']}, C2 accuracy) = {rho} "
-                             f"{_ci(e, 1.0, 2)}, n = {e['n']} models{why}: {e['verdict']}")
-            else:
-                diff = "n/a" if e["diff"] is None else f"{100 * e['diff']:+.1f}"
-                over = f", CI over {e['ci_over']}" if e.get("ci_over") else ""
-                lines.append(f"- C2 accuracy {e['better']} − {e['worse']} = {diff} points "
-                             f"{_ci(e)}, n = {e['n']} paired units{over}: {e['verdict']}")
-        lines.append("")
+        lines += [f"### {f['finding']}: **{f['verdict']}**", "", f"Rule: {f['rule']}.", ""]
+        lines += [_evidence_line(e) for e in f["evidence"]]
+        lines += ["", f"*What the CIs cover:* {ci_coverage(f, cfg)}", ""]
+    lines += _power_lines(results.get("power"))
     lines += ["## Models", "", "| setup | test domain | seed | C1 % | C2 % | " +
               " | ".join(SHAREDNESS_MEASURES) + " |", "|---" * (5 + len(SHAREDNESS_MEASURES)) + "|"]
     for m in results["models"]:
@@ -354,17 +359,94 @@ def render_report(results: Mapping[str, Any], figures: Mapping[str, str] | None 
               "- Tiny models on the embedded emoji domains: the numbers test whether the paper's "
               "*qualitative* findings appear at toy scale; they are not comparable to the paper's "
               "DomainNet accuracies.",
-              "- Correlations pool models of different setups and seeds; they are correlational, "
-              "not causal, and with few models the CIs are wide.", ""]
+              "- Correlations are correlational, not causal; the setup-centred ρ shows whether the link "
+              "holds beyond the differences between setups.", ""]
     return "\n".join(lines)
+
+
+def _p(e: Mapping[str, Any]) -> str:
+    if e.get("p_star") is None:
+        return "no p*"
+    adj = "" if e.get("p_adjusted") == e["p_star"] else f", Holm-adjusted {e['p_adjusted']:.4f}"
+    return f"p* = {e['p_star']:.4f} ± {e['p_star_se']:.4f}{adj}, B = {e['n_boot']}"
+
+
+def _evidence_line(e: Mapping[str, Any]) -> str:
+    """One bullet of a finding: estimate, CI, p*, sizes and verdict."""
+    if "measure" in e:
+        rho = "n/a" if e.get("rho") is None else f"{e['rho']:.2f}"
+        why = f" ({e['reason']})" if e.get("reason") else ""
+        judged = f" judged by {e['judged_by']}, raw ρ = {e['raw']['rho']:.2f};" if e["judged_by"] != e["measure"] \
+            and e["raw"]["rho"] is not None else ""
+        c = e.get("centred") or {}
+        centred = "" if c.get("rho") is None else f"; setup-centred ρ = {c['rho']:.2f} {_ci(c, 1.0, 2)}"
+        return (f"- Spearman ρ({e['measure']}, C2 accuracy) = {rho} {_ci(e, 1.0, 2)},{judged} {_p(e)}, "
+                f"{e['n_models']} models ({e['n']} rows) in {e.get('n_domains', 0)} test domain(s){why}"
+                f"{centred}: **{e['verdict']}**")
+    diff = "n/a" if e.get("estimate") is None else f"{100 * e['estimate']:+.1f}"
+    classes = f", {e['n_classes']} C2 classes" if e.get("n_classes") else ""
+    return (f"- C2 accuracy {e['better']} − {e['worse']} = {diff} points {_ci(e)}, {_p(e)}, "
+            f"{e['n_models']} models, {e['n_seeds']} seed(s){classes}, {e['n_domains']} test domain(s): "
+            f"**{e['verdict']}**")
+
+
+def ci_coverage(finding: Mapping[str, Any], config: Mapping[str, Any]) -> str:
+    """One sentence: what a finding's CIs resample and what they leave out."""
+    ev = [e for e in finding["evidence"] if e.get("p_star") is not None]
+    if not ev:
+        return "no CI: nothing to resample (one seed and no per-class accuracies)."
+    e = ev[0]
+    domains = config.get("test_domains")
+    fixed = f"the test domains ({', '.join(domains)}) are fixed, not sampled" if domains else \
+        "the test domains are fixed, not sampled"
+    drawings = config.get("c2_drawings_per_cell")
+    per = f", {drawings} distinct drawing(s) per class and test domain" if drawings else ""
+    if "measure" in e:
+        covers = f"{e['n_models']} trained models resampled as clusters" + (
+            f" and {e['n_classes']} C2 classes (accuracy side{per})" if "classes" in e["resampled"] else "")
+        return (f"covers {covers}. Not covered: {fixed}; the sharedness measures' own noise within a model "
+                f"(circuit classes, SAE training) and other datasets, model sizes and budgets.")
+    parts = []
+    if "seeds" in e["resampled"]:
+        parts.append(f"{e['n_seeds']} training seeds (training randomness)")
+    if "classes" in e["resampled"]:
+        parts.append(f"{e['n_classes']} C2 classes{per} (which classes and images are held out)")
+    missing = "" if "seeds" in e["resampled"] else "training randomness (one seed); "
+    return (f"covers {' and '.join(parts)}. Not covered: {missing}{fixed}; other datasets, model sizes "
+            f"and training budgets.")
+
+
+def _power_lines(pw: Mapping[str, Any] | None) -> list[str]:
+    """The power section: achieved half-widths against the target and the pilot curve."""
+    if not pw:
+        return []
+    hw = ", ".join(f"{k}: {'n/a' if v is None else f'{100 * v:.1f}'}" for k, v in pw["half_width"].items())
+    lines = ["## Power", "",
+             f"95% CI half-width of each main C2 contrast, pooled over test domains (points; target ≤ "
+             f"{100 * pw['target']:.0f}): {hw} — target {'met' if pw['met'] else 'NOT met'}.", ""]
+    pilot = pw.get("pilot")
+    if pilot:
+        names = [k for k in pilot if k != "n_classes"]
+        lines += ["Pilot curve: half-width (points) using only the first k C2 classes.", "",
+                  "| k | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for i, k in enumerate(pilot["n_classes"]):
+            lines.append(f"| {k} | " + " | ".join("n/a" if pilot[n][i] is None else f"{100 * pilot[n][i]:.1f}"
+                                                 for n in names) + " |")
+        lines.append("")
+    return lines
 
 
 def write_outputs(results: Mapping[str, Any], out_dir: PathLike,
                   figures: Mapping[str, str] | None = None) -> None:
-    """Validate and write results.json and report.md into `out_dir` atomically."""
+    """Validate and write results.json and report.md into `out_dir` atomically. `figures`
+    ({path: description}) are listed in the report and kept in results["extra"]["figures"], so a
+    later `clipmech report` lists them again."""
     from pathlib import Path
 
     validate_results(results)
+    figures = figures if figures is not None else results.get("extra", {}).get("figures")
+    if figures:
+        results = {**results, "extra": {**results.get("extra", {}), "figures": dict(figures)}}
     out = Path(out_dir)
     atomic_write_json(results, out / "results.json")
     atomic_write_text(render_report(results, figures), out / "report.md")

@@ -84,6 +84,9 @@ class MixtureView(Dataset):
         self.image_size = image_size
         self.context_length = context_length
         self.augment = augment
+        # Tokens per position, filled on first use: captions are fixed per sample, and BPE-tokenizing
+        # them again every epoch was ~10% of quickstart training time (benchmarks/quickstart_profile.py).
+        self._tokens: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.base) + len(self.indices)
@@ -103,8 +106,10 @@ class MixtureView(Dataset):
             img = TF.resized_crop(img, top, left, h, w, size, InterpolationMode.BICUBIC, antialias=True)
         else:
             img = TF.center_crop(TF.resize(img, size[0], InterpolationMode.BICUBIC, antialias=True), size)
-        tokens = open_clip.tokenize([caption], context_length=self.context_length)[0]
-        return normalize(img), tokens, pos
+        tokens = self._tokens.get(pos)
+        if tokens is None:
+            tokens = self._tokens[pos] = open_clip.tokenize([caption], context_length=self.context_length)[0]
+        return normalize(img), tokens.clone(), pos
 
 
 class ResumableBatchSampler(Sampler):
