@@ -34,7 +34,7 @@ from clipmech.models.configs import create_open_clip, resolve_config
 from clipmech.train.config import load_config, save_config
 from clipmech.train.data import MixtureView, ResumableBatchSampler
 from clipmech.train.supervised import SupervisedClassifier, supervised_step
-from clipmech.utils import atomic_torch_save, atomic_write_text
+from clipmech.utils import atomic_torch_save, atomic_write_text, read_checkpoint
 
 LOG_FIELDS = ["epoch", "step", "loss", "lr", "logit_scale", "images_per_s"]
 
@@ -243,7 +243,7 @@ def _load_resume(out: Path, name: str | None, mcfg: dict, objective: str) -> dic
     path = out / "latest.pt"
     if not path.exists():
         return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(path, trusted=True)  # our own file: it holds optimizer and RNG state
     if ckpt.get("objective", "clip") != objective:
         raise ValueError(f"cannot resume: {path} is a {ckpt.get('objective')!r} run but the config asks for "
                          f"objective {objective!r}")
