@@ -13,6 +13,7 @@ folder or a file in the way fails here, before any work, with the OSError naming
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -95,6 +96,8 @@ def acquire(folder: PathLike, unit: str, command: str | None = None) -> Path:
     and replaced. Cost: a few small file operations.
     """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "output folder is a file", str(folder))
     folder.mkdir(parents=True, exist_ok=True)
     path = lock_path(folder, unit)
     record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),

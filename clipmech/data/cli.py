@@ -31,15 +31,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mix.add_argument("--in-sketch-keep", metavar="KEEP", help="mix variant: fiftyp, thirtyp, twentyfivep, tenp, "
                      "fivep, onep or one (share of C1 classes whose test-domain images stay)")
     mix.add_argument("--no-subsample", action="store_true", help="keep the whole pool (id suffix -nosub)")
-    mix.add_argument("--verify", choices=["exists", "open"], default="open",
-                     help="DomainNet file check: 'open' also skips files PIL cannot identify (default)")
+    mix.add_argument("--verify", choices=["none", "header", "decode"], default="header",
+                     help="DomainNet file check: 'header' skips files PIL cannot identify (default), 'decode' "
+                          "also truncated files (decodes every image), 'none' only missing files")
     mix.add_argument("--out", required=True, metavar="FILE.tsv",
                      help="output TSV (a folder: use the paper's file name inside it)")
     mix.set_defaults(func=_mixture)
 
     summ = sub.add_parser("summary", help="print a domain x split count table")
     summ.add_argument("dataset", metavar="NAME_OR_ROOT", help="'emoji' or a DomainNet root folder")
-    summ.add_argument("--verify", choices=["exists", "open"], default="exists")
+    summ.add_argument("--verify", choices=["none", "header", "decode"], default="none")
     summ.set_defaults(func=_summary)
 
     build = sub.add_parser("build-emoji", help="rebuild the embedded emoji dataset from npm / Debian / PyPI")
@@ -52,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _load(name: str, verify: str):
     from clipmech.data import load_dataset
-    return load_dataset(name) if name == "emoji" else load_dataset(name, verify=verify)
+    return load_dataset(name, verify=verify)
 
 
 def _mixture(args: argparse.Namespace) -> int:

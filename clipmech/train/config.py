@@ -243,6 +243,24 @@ def load_config(source: dict | str | Path | None = None, overrides: dict | None 
     return validate(cfg)
 
 
+# Keys a resumed run may change: they do not alter what the finished run computes (longer training,
+# saving, display, hardware; batch-size changes are announced by the trainer).
+RESUMABLE_CHANGES = {("train", k) for k in ("epochs", "save_every", "save_epochs", "tensorboard", "progress",
+                                            "device", "precision", "batch_size", "accum_freq", "out")} | \
+    {("data", k) for k in ("workers", "verify", "max_unreadable")} | {("eval", k) for k in DEFAULTS["eval"]}
+
+
+def config_difference(old: dict, new: dict, ignore: set[tuple[str, str]] = frozenset()) -> list[str]:
+    """'[section] key old -> new' for every key whose value differs (sections/keys of `new`)."""
+    out = []
+    for section, values in new.items():
+        for key, value in values.items():
+            before = old.get(section, {}).get(key)
+            if (section, key) not in ignore and before != value:
+                out.append(f"[{section}] {key} {before!r} -> {value!r}")
+    return out
+
+
 def git_hash() -> str | None:
     """Commit of the clipmech source tree, or None outside a git checkout."""
     try:

@@ -30,8 +30,9 @@ from open_clip.loss import ClipLoss
 from open_clip_train.scheduler import assign_learning_rate, const_lr, cosine_lr
 from torch.utils.data import DataLoader
 
+from clipmech.data.dataset import report_unreadable
 from clipmech.models.configs import create_open_clip, resolve_config
-from clipmech.train.config import load_config, save_config
+from clipmech.train.config import config_difference, load_config, save_config
 from clipmech.train.data import MixtureView, ResumableBatchSampler
 from clipmech.train.supervised import SupervisedClassifier, supervised_step
 from clipmech.utils import atomic_torch_save, atomic_write_text, read_checkpoint
@@ -116,7 +117,7 @@ def build_mixture_from_config(cfg: dict):
         raise FileNotFoundError(f"dataset root {source} does not exist; pass --dataset emoji or a DomainNet folder")
     from clipmech.data import load_dataset
     from clipmech.data.mixtures import build_mixture
-    dataset = load_dataset(source)
+    dataset = load_dataset(source, verify=cfg["data"]["verify"])
     m = cfg["mixture"]
     base = cfg["data"]["base"]
     if base is not None and not Path(base).is_file():
@@ -224,7 +225,7 @@ def _check_finite(loss: torch.Tensor) -> None:
         raise NonFiniteLossError(f"loss is {loss.item()}")
 
 
-def _prepare_run_dir(out: Path, resume: bool) -> None:
+def _prepare_run_dir(out: Path, resume: bool, cfg: dict) -> None:
     """Create `out` (or check it) and prove it is writable; refuse to overwrite a finished/started run."""
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -235,7 +236,12 @@ def _prepare_run_dir(out: Path, resume: bool) -> None:
         raise ValueError(f"run directory {out} is not writable ({err.strerror}); choose another --out") from err
     started = any(out.glob("epoch_*.pt")) or (out / "latest.pt").exists()
     if started and not resume:
-        raise ValueError(f"run directory {out} already holds a run; pass --resume to continue it "
+        try:
+            changed = config_difference(load_config(out / "config.toml"), cfg, {("train", "out")})
+        except (ValueError, OSError):  # no readable config.toml: nothing to compare
+            changed = []
+        what = f" of another configuration ({'; '.join(changed)})" if changed else ""
+        raise ValueError(f"run directory {out} already holds a run{what}; pass --resume to continue it "
                          "or choose another --out")
 
 
@@ -296,7 +302,7 @@ def train(config: dict | str | Path | None = None, *, overrides: dict | None = N
                                     t["accum_freq"])
 
     if env.is_main:
-        _prepare_run_dir(out, resume)
+        _prepare_run_dir(out, resume, cfg)
     _barrier(env)
     supervised = t["objective"] == "supervised"
     ckpt = _load_resume(out, name, mcfg, t["objective"]) if resume else None
@@ -375,6 +381,7 @@ def train(config: dict | str | Path | None = None, *, overrides: dict | None = N
     loader = DataLoader(view, **loader_kwargs)
     images_per_step = sampler.global_batch
     labels = torch.as_tensor(mixture.dataset.class_idx[np.asarray(mixture.indices)]) if supervised else None
+    unreadable: set[str] = set()  # files skipped since this process started (counted per resume)
     try:
         from tqdm.auto import tqdm
         for epoch in range(step // sampler.steps_per_epoch, t["epochs"]):
@@ -385,7 +392,11 @@ def train(config: dict | str | Path | None = None, *, overrides: dict | None = N
                        disable=not (t["progress"] and env.is_main), dynamic_ncols=True)
             micro: list = []
             tick = time.perf_counter()
-            for images, texts, pos in loader:
+            for images, texts, pos, bad in loader:
+                unreadable.update(b for b in bad if b)
+                if len(unreadable) > cfg["data"]["max_unreadable"] * len(view) and env.is_main:
+                    report_unreadable(unreadable, len(view), out / "unreadable.txt", cfg["data"]["max_unreadable"],
+                                      "training images")
                 target = torch.as_tensor(labels[pos]) if supervised else texts
                 micro.append((images.to(env.device, non_blocking=True), target.to(env.device, non_blocking=True)))
                 if len(micro) < t["accum_freq"]:
@@ -439,7 +450,12 @@ def train(config: dict | str | Path | None = None, *, overrides: dict | None = N
             bar.close()
         _barrier(env)
         if env.is_main:
-            atomic_write_text(json.dumps({"epochs": t["epochs"], "steps": step}) + "\n", out / "done")
+            summary = report_unreadable(unreadable, len(view), out / "unreadable.txt", cfg["data"]["max_unreadable"],
+                                        "training images")
+            if summary:
+                print(f"clipmech train: {summary}")
+            atomic_write_text(json.dumps({"epochs": t["epochs"], "steps": step, "unreadable": len(unreadable)}) + "\n",
+                              out / "done")
     finally:
         if writer is not None:
             writer.close()
