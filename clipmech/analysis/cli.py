@@ -70,8 +70,25 @@ def register(subparsers) -> None:
     except ModuleNotFoundError as err:
         if err.name != "clipmech.analysis.cli_causal":
             raise
-        return
-    causal.register(sub)
+    else:
+        causal.register(sub)
+    for name, p in {id(p): (n, p) for n, p in sub.choices.items()}.values():
+        p.add_argument("--verify", choices=("none", "header", "decode"),
+                       help="check DomainNet image files when loading (default: the run's [data] verify)")
+        p.set_defaults(func=_one_writer(name, p.get_default("func")))
+
+
+def _one_writer(name: str, func):
+    """`func` holding the lock of this analysis of the run (RUN/analysis/.clipmech-analyze-NAME.lock),
+    so two processes never write one analysis's files at once; different analyses run in parallel."""
+    def run(args: argparse.Namespace) -> int:
+        from clipmech.locks import unit_lock
+        run_dir = Path(args.run_dir)
+        if not (run_dir / "config.toml").is_file():
+            raise FileNotFoundError(f"{run_dir / 'config.toml'} not found; is {run_dir} a clipmech run directory?")
+        with unit_lock(run_dir / RESULTS, f"analyze-{name}", recursive=True):
+            return func(args)
+    return run
 
 
 class _Context:
@@ -105,7 +122,8 @@ class _Context:
             raise ValueError("this run is a ViT: choose how tokens are pooled with --pooling cls or --pooling mean "
                              "(the choice is recorded in the outputs)")
         self.pooling = args.pooling or "mean"
-        self.dataset = ds = load_dataset(args.dataset or str(self.cfg["data"]["dataset"]))
+        self.dataset = ds = load_dataset(args.dataset or str(self.cfg["data"]["dataset"]),
+                                         verify=args.verify or self.cfg["data"]["verify"])
         self.indices = ds.indices(split=None if args.split == "all" else args.split)
         if len(self.indices) == 0:
             raise ValueError(f"dataset {ds.name!r} has no {args.split!r} images; choose another --split")

@@ -142,7 +142,7 @@ def run_experiment(path: PathLike, out: PathLike = "runs/experiments", data: Map
     Each run lives in OUT/<experiment>/<run id>/. A run is skipped when the registry records it as
     finished and its `done` marker exists. With dry_run the commands are printed, nothing runs.
     """
-    from clipmech.train.config import load_config, save_config
+    from clipmech.train.config import load_config
 
     exp = load_experiment(path)
     check_supported(exp)
@@ -159,16 +159,35 @@ def run_experiment(path: PathLike, out: PathLike = "runs/experiments", data: Map
         status = "finished" if done else "to run"
         cmd = launch_command(run_dir / "config.toml", run_dir, nproc, int(exp["launch"].get("nnodes", 1)))
         print(f"[{name}] {run['id']}: {status}" + ("" if done else f"\n    {shlex.join(cmd)}"), flush=True)
-        if not done and not dry_run:
+        finished = done or not dry_run
+        if not dry_run:
+            finished = _run_unit(run_dir, cfg, cmd, done, evaluate, lambda: registry.put(
+                "experiment-train", key, {"run_dir": str(run_dir)}), f"[{name}] {run['id']}")
+        table.append({"id": run["id"], "run_dir": str(run_dir), "config": run["config"], "finished": finished})
+    return table
+
+
+def _run_unit(run_dir: Path, cfg: dict, cmd: list[str], done: bool, evaluate: bool, record, tag: str) -> bool:
+    """Train (unless `done`) and evaluate one run while holding its experiment lock; False when
+    another process holds it (that process is finishing the run, so this one moves on)."""
+    from clipmech.locks import UnitLockedError, acquire, release
+    from clipmech.train.config import save_config
+    try:
+        lock = acquire(run_dir, "experiment")
+    except UnitLockedError as err:
+        print(f"{tag}: skipped here, {err}", flush=True)
+        return False
+    try:
+        if not done:
             save_config(cfg, run_dir / "config.toml")
             subprocess.run(cmd, check=True)
-            registry.put("experiment-train", key, {"run_dir": str(run_dir)})
-        eval_path = run_dir / "eval" / "results.json"
-        if evaluate and not dry_run and not eval_path.is_file():
+            record()
+        if evaluate and not (run_dir / "eval" / "results.json").is_file():
             from clipmech.eval.zeroshot import evaluate_run
             evaluate_run(run_dir)
-        table.append({"id": run["id"], "run_dir": str(run_dir), "config": run["config"], "finished": done or not dry_run})
-    return table
+    finally:
+        release(lock)
+    return True
 
 
 def collect_accuracies(table: Sequence[Mapping[str, Any]], metric: str = "top1_balanced"

@@ -170,11 +170,17 @@ def _inferred(default: Any) -> tuple[str, Any]:
 def check_value(section: str, key: str, value: Any) -> None:
     """Raise ConfigError unless `value` has the schema type and range of [section] key."""
     kind, rule = SCHEMA.get((section, key)) or _inferred(DEFAULTS[section][key])
+    check_typed(f"[{section}] {key}", value, kind, rule)
+
+
+def check_typed(name: str, value: Any, kind: str, rule: Any = None) -> None:
+    """Raise ConfigError "NAME = value ..." unless `value` has type `kind` and obeys `rule` (SCHEMA's
+    notation); shared by the run config and other typed options (e.g. the quickstart's)."""
     optional = kind.endswith("?")
     kind = kind.rstrip("?")
     if kind == "any" or (optional and value is None):
         return
-    where = f"[{section}] {key} = {value!r}"
+    where = f"{name} = {value!r}"
     if not _has_type(value, kind):
         unset = " (or leave it out)" if optional else ""
         raise ConfigError(f"{where} is a {type(value).__name__}; it must be {_EXAMPLES[kind]}{unset}")
