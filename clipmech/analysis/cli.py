@@ -48,6 +48,8 @@ def register(subparsers) -> None:
             p.add_argument("--estimator", choices=("unbiased", "biased"), default="unbiased")
             p.add_argument("--n-boot", type=int, default=200)
             p.add_argument("--n-perm", type=int, default=100)
+            p.add_argument("--min-rows", type=int, default=None,
+                           help="skip domain pairs with fewer rows (default: clipmech.analysis.cka.MIN_ROWS = 8)")
         if name == "embeddings":
             p.add_argument("--exclude", metavar="DOMAIN", help="domain left out of the second UMAP (default: test domain)")
             p.add_argument("--per-domain", type=int, default=2000, help="UMAP points per domain (seeded sample)")
@@ -168,7 +170,8 @@ def run_cka(args: argparse.Namespace) -> int:
     subsets = {k: v for k, v in ctx.subsets.items() if v}
     res = domain_cka(feats, ds.class_idx[rows], ds.domain_idx[rows], ds.domains, subsets, mode=args.mode,
                      kernels=args.kernels, estimator=args.estimator, n_boot=args.n_boot, n_perm=args.n_perm,
-                     seed=args.seed, pooling=ctx.pooling, progress=True)
+                     seed=args.seed, pooling=ctx.pooling, progress=True,
+                     **({"min_rows": args.min_rows} if args.min_rows is not None else {}))
     res["meta"] = ctx.meta()
     path = atomic_write_json(res, ctx.out / f"cka_{args.mode}.json")
     figs = _plot_cka(res, ctx.out / f"cka_{args.mode}", args.kernels[0])
@@ -177,8 +180,10 @@ def run_cka(args: argparse.Namespace) -> int:
     for subset, by_kernel in res["results"].items():
         for pair, r in by_kernel[args.kernels[0]].items():
             vals = [v for v in r["cka"] if v is not None]
+            flags = [u for u in r["unreliable"] if u]
             if vals:
-                print(f"  {subset:>3} {args.kernels[0]} {pair:<22} min {min(vals):.3f}  last {vals[-1]:.3f}")
+                print(f"  {subset:>3} {args.kernels[0]} {pair:<22} min {min(vals):.3f}  last {vals[-1]:.3f}"
+                      + (f"  UNRELIABLE at {len(flags)} points: {flags[0]}" if flags else ""))
     for s in res["skipped"]:
         print(f"  skipped {s['subset']} {s['pair']}: {s['reason']}")
     return 0
@@ -275,6 +280,8 @@ def run_sae(args: argparse.Namespace) -> int:
     path = atomic_write_json(info, ctx.out / f"sae_{_slug(args.point)}.json")
     print(f"clipmech analyze sae: {args.point} ({shards.dim}-d, {len(shards)} vectors) -> {n_latents} latents; "
           f"FVU {metrics['fvu']:.3f}, L0 {metrics['l0']:.1f}, dead {metrics['dead_latents']} -> {path}")
+    for flag in metrics["flags"]:
+        print(f"  warning: {flag} (flagged in {path})")
     if args.k is None and metrics["l0"] >= shards.dim:
         # The paper's L1 of 1e-4 is weak for unit-norm embeddings: 64-d tiny-rn embeddings gave L0 122
         # at 1e-4 and 22 at 0.1 (FVU 0.003 -> 0.026).
