@@ -88,6 +88,19 @@ def _create(path: Path, record: dict) -> bool:
     return True
 
 
+def ensure_folder(folder: PathLike) -> Path:
+    """Create `folder` and its parents; NotADirectoryError naming a file that stands in the way."""
+    folder = Path(folder)
+    for p in [folder, *folder.parents]:
+        if p.exists():
+            if not p.is_dir():
+                what = "output folder is a file" if p == folder else f"a file stands where output folder {folder} needs a folder"
+                raise NotADirectoryError(errno.ENOTDIR, what, str(p))
+            break
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def acquire(folder: PathLike, unit: str, command: str | None = None) -> Path:
     """Create `folder` if needed and take the lock of `unit` in it; returns the lock path.
 
@@ -95,10 +108,7 @@ def acquire(folder: PathLike, unit: str, command: str | None = None) -> Path:
     cannot be created or written. A stale lock (dead process of this host) is reported on stderr
     and replaced. Cost: a few small file operations.
     """
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, "output folder is a file", str(folder))
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = ensure_folder(folder)
     path = lock_path(folder, unit)
     record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
               "command": command or " ".join(["clipmech", *sys.argv[1:]])[:300]}
@@ -127,14 +137,22 @@ def release(path: PathLike) -> None:
 @contextlib.contextmanager
 def unit_lock(folder: PathLike, unit: str, command: str | None = None, clean_tmp: bool = True,
               recursive: bool = False) -> Iterator[Path]:
-    """Hold the lock of `unit` in `folder` for the block; first removes stale temporary files there."""
-    path = acquire(folder, unit, command)
+    """Hold the lock of `unit` in `folder` for the block; first removes stale temporary files there.
+    A folder this call created is removed again when the block leaves it empty (a run that failed
+    before writing anything leaves nothing behind)."""
+    created = not Path(folder).exists()
     try:
-        if clean_tmp:
-            remove_stale_tmp(folder, recursive=recursive)
-        yield path
+        path = acquire(folder, unit, command)
+        try:
+            if clean_tmp:
+                remove_stale_tmp(folder, recursive=recursive)
+            yield path
+        finally:
+            release(path)
     finally:
-        release(path)
+        if created:
+            with contextlib.suppress(OSError):  # not empty (or never made): keep it
+                Path(folder).rmdir()
 
 
 def remove_stale_tmp(folder: PathLike, recursive: bool = False) -> list[Path]:

@@ -58,6 +58,9 @@ def _load(name: str, verify: str):
 
 def _mixture(args: argparse.Namespace) -> int:
     from clipmech.data.mixtures import build_mixture
+    from clipmech.locks import ensure_folder
+    folder = Path(args.out) if args.out.endswith(("/", "\\")) or Path(args.out).is_dir() else Path(args.out).parent
+    ensure_folder(folder)  # a file in the way fails now, not after the mixture is built
     ds = _load(args.domainnet, args.verify)
     m = build_mixture(ds, args.setup, test_domain=args.test_domain, test_classes=args.test_classes,
                       allow_p=args.allow_p, domains=args.domains, aligned=args.aligned, split=args.split,

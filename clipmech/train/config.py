@@ -183,7 +183,8 @@ def check_typed(name: str, value: Any, kind: str, rule: Any = None) -> None:
     where = f"{name} = {value!r}"
     if not _has_type(value, kind):
         unset = " (or leave it out)" if optional else ""
-        raise ConfigError(f"{where} is a {type(value).__name__}; it must be {_EXAMPLES[kind]}{unset}")
+        got = type(value).__name__
+        raise ConfigError(f"{where} is {'an' if got[0] in 'aeiou' else 'a'} {got}; it must be {_EXAMPLES[kind]}{unset}")
     if kind == "float" and not math.isfinite(value):
         raise ConfigError(f"{where} is not a finite number")
     if isinstance(rule, tuple) and value not in rule:
