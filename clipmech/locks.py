@@ -94,7 +94,7 @@ def ensure_folder(folder: PathLike) -> Path:
     for p in [folder, *folder.parents]:
         if p.exists():
             if not p.is_dir():
-                what = "output folder is a file" if p == folder else f"a file stands where output folder {folder} needs a folder"
+                what = "output folder is a file" if p == folder else f"a file is in the way of output folder {folder}"
                 raise NotADirectoryError(errno.ENOTDIR, what, str(p))
             break
     folder.mkdir(parents=True, exist_ok=True)

@@ -58,8 +58,7 @@ def write_failure(err: BaseException, path: PathLike) -> OSError:
         return OSError(errno.ENOSPC, f"disk full ({room} on the file system of {folder})", str(path))
     if isinstance(err, OSError):
         return OSError(err.errno, err.strerror or str(err), str(path))
-    return OSError(errno.EIO, f"write failed ({str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__})",
-                   str(path))
+    return OSError(errno.EIO, f"write failed ({_first_line(err)})", str(path))
 
 
 def _atomic(path: PathLike, write: Callable[[str], None]) -> Path:

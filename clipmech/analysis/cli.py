@@ -125,7 +125,7 @@ class _Context:
                              "(the choice is recorded in the outputs)")
         self.pooling = args.pooling or "mean"
         self.dataset = ds = load_dataset(args.dataset or str(self.cfg["data"]["dataset"]),
-                                         verify=args.verify or self.cfg["data"]["verify"])
+                                         verify=getattr(args, "verify", None) or self.cfg["data"]["verify"])
         self.indices = ds.indices(split=None if args.split == "all" else args.split)
         if len(self.indices) == 0:
             raise ValueError(f"dataset {ds.name!r} has no {args.split!r} images; choose another --split")

@@ -75,7 +75,8 @@ class _Run:
             raise FileNotFoundError(f"{self.dir}/epoch_{self.epoch}.pt not found; available epochs: {sorted(found)}")
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = HookedCLIP.from_checkpoint(found[self.epoch]).to(self.device).eval()
-        self.dataset = ds = load_dataset(str(self.cfg["data"]["dataset"]), verify=args.verify or self.cfg["data"]["verify"])
+        verify = getattr(args, "verify", None) or self.cfg["data"]["verify"]
+        self.dataset = ds = load_dataset(str(self.cfg["data"]["dataset"]), verify=verify)
         for d in args.domains or []:
             if d not in ds.domains:
                 raise unknown_name_error("domain", d, ds.domains)
