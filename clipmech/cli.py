@@ -113,7 +113,7 @@ def run_guarded(args: argparse.Namespace) -> int:
         return int(args.func(args) or 0)
     except (Exception, KeyboardInterrupt) as err:
         described = describe_error(err, getattr(args, "command", None))
-        if described is None or args.debug_all or getattr(args, "debug", False):
+        if described is None or getattr(args, "debug_all", False) or getattr(args, "debug", False):
             raise
         message, code = described
         prefix = "clipmech: " if code == EXIT_INTERRUPTED else "clipmech: error: "
