@@ -74,8 +74,8 @@ def test_mixture_view_normalises_and_tokenizes():
     std = torch.tensor(OPENAI_STD)
     mean_back = img.mean(dim=(1, 2)) * std + torch.tensor(OPENAI_MEAN)
     assert torch.allclose(mean_back, raw, atol=0.02)  # upsampling keeps the mean colour
-    aug1, _, _ = view.__class__(mix, 48, 16, augment=True)[(3, 7)]
-    aug2, _, _ = view.__class__(mix, 48, 16, augment=True)[(3, 7)]
+    aug1, _, _, _ = view.__class__(mix, 48, 16, augment=True)[(3, 7)]
+    aug2, _, _, _ = view.__class__(mix, 48, 16, augment=True)[(3, 7)]
     assert torch.equal(aug1, aug2)
 
 

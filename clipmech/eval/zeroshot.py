@@ -100,7 +100,7 @@ def group_metrics(scores: torch.Tensor, dataset, indices: np.ndarray, c2_classes
 
     Groups without samples are listed in details["skipped"] rather than reported as 0 or NaN. Rows
     whose scores are not finite (unreadable images, see `encode_dataset`) are left out and their
-    samples listed in details["unreadable"].
+    samples listed in details["unreadable"] (present only when there are any).
     """
     readable = torch.isfinite(scores).all(1).numpy()
     unreadable = np.asarray(indices)[~readable]
@@ -110,7 +110,9 @@ def group_metrics(scores: torch.Tensor, dataset, indices: np.ndarray, c2_classes
     domains = dataset.domain_idx[indices]
     is_c2 = np.isin(dataset.class_idx[indices], list(c2_idx))
     flat: dict[str, float] = {}
-    details: dict[str, Any] = {"skipped": [], "unreadable": [dataset.source_key(int(i)) for i in unreadable]}
+    details: dict[str, Any] = {"skipped": []}
+    if len(unreadable):
+        details["unreadable"] = [dataset.source_key(int(i)) for i in unreadable]
     for d, dom in enumerate(dataset.domains):
         for group, mask in (("C1", ~is_c2), ("C2", is_c2)):
             rows = np.flatnonzero((domains == d) & mask)
@@ -240,7 +242,7 @@ def evaluate_run(run_dir: str | Path, dataset=None, templates: str | list[str] |
             scores = clip_scores(load, dataset, indices, classnames, templates, image_size, cache, key, batch_size,
                                  ds_hash)
         results[str(epoch)], details[str(epoch)] = group_metrics(scores, dataset, indices, c2)
-        unreadable.update(details[str(epoch)]["unreadable"])
+        unreadable.update(details[str(epoch)].get("unreadable", []))
     summary = report_unreadable(unreadable, len(indices), run_dir / "eval" / "unreadable.txt",
                                 cfg["data"]["max_unreadable"], "test images")
     if summary:
