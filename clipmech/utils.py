@@ -6,10 +6,14 @@ through `atomic_*` so a crash never leaves a half-written file under the final n
 from __future__ import annotations
 
 import difflib
+import errno
 import hashlib
 import json
 import os
 import pickle
+import re
+import shutil
+import socket
 import tempfile
 import warnings
 from pathlib import Path
@@ -29,16 +33,53 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
+def host_tag() -> str:
+    """This host's name reduced to [A-Za-z0-9_-] (part of temporary file names)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
+
+
+# Temporary files of the atomic writers: `.NAME.<pid>@<host>.XXXXXXXX.tmp`; the writer's pid and host
+# let clipmech.locks tell a crashed save's leftover from a save in progress.
+TMP_PATTERN = r"\.(?P<name>.+)\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9_-]+)\.[A-Za-z0-9_]+\.tmp"
+
+# Messages of torch.save's zip writer when the device fills up (it reports no errno).
+_TORCH_WRITE_FAILURES = ("unexpected pos", "PytorchStreamWriter failed", "file write failed")
+
+
+def write_failure(err: BaseException, path: PathLike) -> OSError:
+    """An OSError naming `path` for a failed write; ENOSPC ("disk full") when the file system is full
+    or the error says so, with the free space in the message."""
+    folder = Path(path).parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    full = getattr(err, "errno", None) == errno.ENOSPC or (free is not None and free < (1 << 20))
+    if full:
+        room = f"{free / 2**20:.1f} MiB free" if free is not None else "free space unknown"
+        return OSError(errno.ENOSPC, f"disk full ({room} on the file system of {folder})", str(path))
+    if isinstance(err, OSError):
+        return OSError(err.errno, err.strerror or str(err), str(path))
+    return OSError(errno.EIO, f"write failed ({_first_line(err)})", str(path))
+
+
 def _atomic(path: PathLike, write: Callable[[str], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}@{host_tag()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
     try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        try:
+            write(tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        except OSError as err:
+            raise write_failure(err, path) from err
+        except RuntimeError as err:
+            if not any(s in str(err) for s in _TORCH_WRITE_FAILURES):
+                raise
+            raise write_failure(err, path) from err
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -103,6 +144,50 @@ def unknown_name_error(kind: str, name: str, valid: Iterable[str]) -> KeyError:
     """A KeyError naming `name` and the 3 closest valid names."""
     near = ", ".join(repr(v) for v in closest_names(name, valid))
     return KeyError(f"unknown {kind} {name!r}; closest valid names: {near}")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and the cause."""
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def read_checkpoint(path: PathLike, trusted: bool = False) -> Any:
+    """torch.load(path) on CPU with one named cause per failure (CheckpointError): missing, empty,
+    not a PyTorch checkpoint, truncated, or holding Python objects besides tensors (only when
+    `trusted` is False: weights_only loading refuses them)."""
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): its save was interrupted; delete it and "
+                              "rerun the step that writes it (train --resume recreates checkpoints)")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head != _ZIP_MAGIC and not head.startswith(b"\x80"):  # torch zip format / legacy pickle protocol 2+
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (it starts with bytes {head.hex()}, "
+                              "not a torch.save file); check the path")
+    if head == _ZIP_MAGIC and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"checkpoint {path} is truncated ({size} bytes, its end is missing): a save or a "
+                              "copy did not finish; copy it again or rerun the step that writes it")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trusted)
+    except pickle.UnpicklingError as err:
+        if not trusted and "Weights only load failed" in str(err):
+            raise CheckpointError(f"{path} holds Python objects besides tensors (optimizer / RNG state?); load "
+                                  "an epoch_N.pt file instead, or pass trusted=True if you trust its source") from err
+        raise CheckpointError(f"checkpoint {path} is corrupt ({_first_line(err)})") from err
+    except (RuntimeError, EOFError, OSError, IndexError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({_first_line(err)})") from err
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
 
 
 class TensorCache:

@@ -34,7 +34,7 @@ def run_dir(tmp_path_factory):
 def test_cka_writes_json_and_one_figure_per_pair(run_dir, capsys):
     run, ds = run_dir
     assert main(["analyze", "cka", str(run), "--split", "train", "--kernels", "linear",
-                 "--n-boot", "3", "--n-perm", "3"]) == 0
+                 "--n-boot", "3", "--n-perm", "3", "--min-rows", "4"]) == 0  # 6 classes: below the default 8
     res = json.loads((run / "analysis" / "cka_centroid.json").read_text())
     assert res["pooling"] == "mean" and res["meta"]["epoch"] == 0 and "visual.hook_input" not in res["points"]
     assert set(res["results"]) == {"all", "C1", "C2"}

@@ -169,7 +169,7 @@ def test_domain_cka_centroid_and_image_modes():
     F, cls, dom = _toy_domains()
     subsets = {"all": list(range(12)), "C2": [0, 1, 2, 3, 4]}
     out = domain_cka({"p0": F, "p1": F * 2}, cls, dom, ["real", "clip", "noise"], subsets,
-                     n_boot=50, n_perm=50, seed=0)
+                     n_boot=50, n_perm=50, seed=0, min_rows=5)
     r = out["results"]["all"]["linear"]
     assert set(r) == {"real|clip", "real|noise", "clip|noise"}
     shared, unrelated = r["real|clip"], r["real|noise"]
@@ -191,7 +191,7 @@ def test_domain_cka_skips_and_reports_tiny_subsets():
     F, cls, dom = _toy_domains()
     out = domain_cka({"p": F}, cls, dom, ["a", "b", "c"], {"tiny": [0, 1, 2]}, n_boot=5, n_perm=5)
     assert out["results"]["tiny"]["linear"] == {}
-    assert len(out["skipped"]) == 3 and "need >= 4" in out["skipped"][0]["reason"]
+    assert len(out["skipped"]) == 3 and "need >= 8 rows" in out["skipped"][0]["reason"]
     with pytest.raises(ValueError, match="same images"):
         domain_cka({"p": F[:-1]}, cls, dom, ["a", "b", "c"], {"all": list(range(12))})
 

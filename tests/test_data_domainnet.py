@@ -76,8 +76,20 @@ def test_corrupt_image_skipped_with_verify_open(root):
     # without the header check it is listed, and reading it names the file and the fix
     fast = DomainNet(root)
     i = fast.sources.index(str(root.resolve() / rel))
-    with pytest.raises(RuntimeError, match="verify='open'"):
+    with pytest.raises(RuntimeError, match="rerun with --verify decode"):
         fast.load_image(i)
+
+
+def test_truncated_image_passes_the_header_check_and_fails_decode(root):
+    from PIL import Image
+    rel = (root / "clipart_test.txt").read_text().split()[0]
+    Image.effect_noise((64, 64), 40).convert("RGB").save(root / rel, format="PNG")  # noise: no compression
+    data = (root / rel).read_bytes()
+    (root / rel).write_bytes(data[: len(data) // 2])
+    assert len(DomainNet(root, verify="header")) == sum(fake_counts().values())  # header still parses
+    with pytest.warns(SkippedSamplesWarning, match=r"skipped 1 .*unreadable"):
+        ds = DomainNet(root, verify="decode")
+    assert str(root.resolve() / rel) not in ds.sources
 
 
 def test_label_mismatch_and_bad_line(root):

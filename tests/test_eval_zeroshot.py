@@ -92,7 +92,7 @@ def test_eval_cli_prints_and_errors(run_dir, capsys, tmp_path, monkeypatch):
     import clipmech.data
     from clipmech.cli import main
     ds = synthetic_dataset()  # the run's config names 'emoji'; the CLI must load ours
-    monkeypatch.setattr(clipmech.data, "load_dataset", lambda name: ds, raising=False)
+    monkeypatch.setattr(clipmech.data, "load_dataset", lambda name, **kw: ds, raising=False)
     assert main(["eval", str(run_dir), "--templates", "simple"]) == 0
     out = capsys.readouterr().out
     assert "2 checkpoints" in out and "sketch/C2/top1" in out

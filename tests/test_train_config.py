@@ -18,11 +18,11 @@ def test_unknown_key_names_the_key_and_the_valid_ones():
 def test_bad_values_are_rejected():
     with pytest.raises(ValueError, match=r"\[train\] precision = 'fp64'; choose one of auto, fp32"):
         load_config({"train": {"precision": "fp64"}})
-    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+    with pytest.raises(ValueError, match=r"\[train\] batch_size = 0 is out of range; it must be >= 1"):
         load_config({"train": {"batch_size": 0}})
     with pytest.raises(ValueError, match=r"save_epochs must be a list of epochs in 0..2, got \[5\]"):
         load_config({"train": {"epochs": 2, "save_epochs": [5]}})
-    with pytest.raises(ValueError, match="lr must be > 0"):
+    with pytest.raises(ValueError, match=r"\[optim\] lr = -1.0 is out of range; it must be > 0"):
         load_config({"optim": {"lr": -1.0}})
 
 

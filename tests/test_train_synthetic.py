@@ -68,14 +68,14 @@ def test_crop_params_are_seeded_and_inside_the_image():
 def test_mixture_view_normalises_and_tokenizes():
     mix = synthetic_mixture()
     view = MixtureView(mix, image_size=48, context_length=16, augment=False)
-    img, tokens, pos = view[(3, -1)]
-    assert img.shape == (3, 48, 48) and tokens.shape == (16,) and pos == 3
+    img, tokens, pos, bad = view[(3, -1)]
+    assert img.shape == (3, 48, 48) and tokens.shape == (16,) and pos == 3 and bad == ""
     raw = torch.from_numpy(mix.dataset.images[mix.indices[3]]).float().div(255).mean(dim=(0, 1))
     std = torch.tensor(OPENAI_STD)
     mean_back = img.mean(dim=(1, 2)) * std + torch.tensor(OPENAI_MEAN)
     assert torch.allclose(mean_back, raw, atol=0.02)  # upsampling keeps the mean colour
-    aug1, _, _ = view.__class__(mix, 48, 16, augment=True)[(3, 7)]
-    aug2, _, _ = view.__class__(mix, 48, 16, augment=True)[(3, 7)]
+    aug1, _, _, _ = view.__class__(mix, 48, 16, augment=True)[(3, 7)]
+    aug2, _, _, _ = view.__class__(mix, 48, 16, augment=True)[(3, 7)]
     assert torch.equal(aug1, aug2)
 
 
@@ -110,10 +110,10 @@ def test_mixture_view_puts_base_tsv_pairs_first(tmp_path):
     mix.base_lines = [f"{p}\tbase caption {k}" for k, p in enumerate(paths)]
     view = MixtureView(mix, image_size=32, context_length=16, augment=False)
     assert len(view) == 2 + len(mix.indices)
-    img, tokens, _ = view[(1, -1)]
+    img, tokens, _, _ = view[(1, -1)]
     back = img * torch.tensor(OPENAI_STD).view(3, 1, 1) + torch.tensor(OPENAI_MEAN).view(3, 1, 1)
     assert torch.allclose(back.mean(dim=(1, 2)), torch.tensor([0.0, 0.0, 1.0]), atol=0.01)
     import open_clip
     assert torch.equal(tokens, open_clip.tokenize(["base caption 1"], context_length=16)[0])
-    _, tokens2, _ = view[(2, -1)]  # the first dataset sample follows the base pairs
+    _, tokens2, _, _ = view[(2, -1)]  # the first dataset sample follows the base pairs
     assert torch.equal(tokens2, open_clip.tokenize([mix.captions[0]], context_length=16)[0])

@@ -551,12 +551,18 @@ def _centroid_table(F: torch.Tensor, class_idx: np.ndarray, domain_idx: np.ndarr
     return (sums / counts[:, None]).reshape(n_domains, n_classes, -1)
 
 
+# Fewest rows (class centroids or paired images) a domain pair's CKA is computed from: the unbiased
+# estimator is defined from 4, but below ~8 rows its value and bootstrap spread are noise (4 rows
+# gave -1.00 with a 95 % CI of [-3.02, 2.46]).
+MIN_ROWS = 8
+
+
 def domain_cka(features: Mapping[str, Any], class_idx: Any, domain_idx: Any, domains: Sequence[str],
                class_subsets: Mapping[str, Sequence[int]], mode: str = "centroid",
                kernels: Sequence[str] = ("linear", "rbf"), estimator: str = "unbiased",
                n_boot: int = 200, n_perm: int = 100, ci: float = 0.95, seed: int = 0,
                pooling: str | None = None, progress: bool = False,
-               class_list_domain: str | None = None) -> dict:
+               class_list_domain: str | None = None, min_rows: int = MIN_ROWS) -> dict:
     """CKA between every pair of domains at every point, per class subset and kernel.
 
     features: point name -> (N, d) pooled activations of the same N images (see activations.py).
@@ -571,9 +577,15 @@ def domain_cka(features: Mapping[str, Any], class_idx: Any, domain_idx: Any, dom
     class_list_domain: None (default: every pair uses the classes present in both its domains), or
     a domain whose class list restricts the "all" and "C1" subsets of EVERY pair — the paper code's
     quirk (a leftover loop variable: painting, paper.md §8.3, §12); `paper_compat` passes "painting".
+    Guard rails: a (subset, pair) with fewer than `min_rows` rows (or 2 classes) is not computed but
+    listed in "skipped" with the reason; a point whose CI leaves CKA's range is kept unclipped and
+    flagged in "unreliable" (None when fine) with the reason.
     Returns a JSON-able dict; results[subset][kernel][f"{a}|{b}"] has lists over points.
     """
     _check_choice("mode", mode, ("centroid", "image"))
+    if min_rows < (4 if estimator == "unbiased" else 2):
+        raise ValueError(f"min_rows={min_rows} is below what the {estimator} estimator is defined for "
+                         f"({4 if estimator == 'unbiased' else 2})")
     _z(ci)  # validates ci before any work
     for k in kernels:
         _check_choice("kernel", k, KERNELS)
@@ -593,7 +605,7 @@ def domain_cka(features: Mapping[str, Any], class_idx: Any, domain_idx: Any, dom
     pairs = [(a, b) for a in range(len(domains)) for b in range(a + 1, len(domains))]
     out: dict = {"mode": mode, "estimator": estimator, "pooling": pooling, "points": points,
                  "domains": list(domains), "kernels": list(kernels), "n_boot": n_boot, "n_perm": n_perm,
-                 "ci": ci, "ci_method": "normal, bootstrap SE over classes", "seed": seed,
+                 "ci": ci, "ci_method": "normal, bootstrap SE over classes", "seed": seed, "min_rows": min_rows,
                  "class_list_domain": class_list_domain, "results": {}, "skipped": []}
     plans = []  # one per (subset, domain pair): rows, resamples and result lists shared by all points
     for si, (subset, cls) in enumerate(class_subsets.items()):
@@ -612,10 +624,10 @@ def domain_cka(features: Mapping[str, Any], class_idx: Any, domain_idx: Any, dom
             else:
                 rows_a, rows_b, row_class = pair_rows(class_idx, domain_idx, a, b, shared)
             n = len(row_class)
-            min_n = 4 if estimator == "unbiased" else 2
-            if n < min_n or len(shared) < 2:
+            if n < min_rows or len(shared) < 2:
                 out["skipped"].append({"subset": subset, "pair": key, "reason":
-                                       f"only {n} rows from {len(shared)} shared classes (need >= {min_n})"})
+                                       f"only {n} rows from {len(shared)} shared classes (need >= {min_rows} rows "
+                                       "and 2 classes); a CKA on fewer rows is noise"})
                 continue
             # bootstrap over classes: each draw re-collects the rows of the drawn classes, kept as
             # row counts (B, n) that every point and kernel below reuses
@@ -642,7 +654,25 @@ def domain_cka(features: Mapping[str, Any], class_idx: Any, domain_idx: Any, dom
                 X, Y = F[p][torch.from_numpy(rows_a)], F[p][torch.from_numpy(rows_b)]
             for kernel in kernels:
                 _append_point(res[kernel], X, Y, kernel, estimator, counts, perms, ci)
+    for *_, res in plans:
+        for r in res.values():
+            r["unreliable"] = [_range_flag(v, lo, hi, estimator) for v, lo, hi in zip(r["cka"], r["ci_low"], r["ci_high"])]
     return out
+
+
+def _range_flag(value: float | None, low: float | None, high: float | None, estimator: str) -> str | None:
+    """Why a CKA point cannot be trusted (its CI or value leaves CKA's range), else None. Unbiased
+    CKA lies in [-1, 1] (it can be negative), biased CKA in [0, 1]; a normal bootstrap interval that
+    leaves it means the resamples vary wildly: too few rows or classes for an interval."""
+    lo_bound = -1.0 if estimator == "unbiased" else 0.0
+    if value is None:
+        return None
+    outside = [f"{x:.2f}" for x in (value, low, high) if x is not None and not lo_bound - 1e-9 <= x <= 1 + 1e-9]
+    if not outside:
+        return None
+    return (f"CI [{low:.2f}, {high:.2f}] leaves CKA's range [{lo_bound:g}, 1] ({', '.join(outside)}): the bootstrap "
+            "varies too much for an interval; use more classes or rows" if low is not None and high is not None
+            else f"value {value:.2f} leaves CKA's range [{lo_bound:g}, 1]")
 
 
 def _append_point(res: dict, X: torch.Tensor, Y: torch.Tensor, kernel: str, estimator: str,

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from clipmech.analysis import cli_causal
-from clipmech.analysis.source import add_source_arguments, source_flags
+from clipmech.analysis.source import RESULTS, add_source_arguments, source_flags
 
 EMBED_POINT = "hook_image_embed_normalized"
 SPLITS = ("test", "train", "all")
@@ -55,6 +55,8 @@ def register(subparsers) -> None:
             p.add_argument("--paper-compat", action="store_true",
                            help="the paper code's 'all'/'C1' class list from painting for every pair "
                                 "(also [analysis] paper_compat in the run config)")
+            p.add_argument("--min-rows", type=int, default=None,
+                           help="skip domain pairs with fewer rows (default: clipmech.analysis.cka.MIN_ROWS = 8)")
         if name == "embeddings":
             p.add_argument("--exclude", metavar="DOMAIN", help="domain left out of the second UMAP (default: test domain)")
             p.add_argument("--per-domain", type=int, default=2000, help="UMAP points per domain (seeded sample)")
@@ -76,6 +78,27 @@ def register(subparsers) -> None:
                            "run's text tower (paper: CLIP-Dissect 20k words; default: dataset class and domain words)")
         p.set_defaults(func=func)
     cli_causal.register(sub)
+    for name, p in {id(p): (n, p) for n, p in sub.choices.items()}.values():
+        p.add_argument("--verify", choices=("none", "header", "decode"),
+                       help="check DomainNet image files when loading (default: the run's [data] verify, else none)")
+        p.set_defaults(func=_one_writer(name, p.get_default("func")))
+
+
+def _one_writer(name: str, func):
+    """`func` holding the lock of this analysis in its output folder (RUN/analysis or --out:
+    .clipmech-analyze-NAME.lock), so two processes never write one analysis's files at once;
+    different analyses run in parallel."""
+    def run(args: argparse.Namespace) -> int:
+        from clipmech.locks import unit_lock
+        if args.run_dir and not (Path(args.run_dir) / "config.toml").is_file():
+            raise FileNotFoundError(f"{Path(args.run_dir) / 'config.toml'} not found; "
+                                    f"is {args.run_dir} a clipmech run directory?")
+        out = Path(args.out) if args.out else Path(args.run_dir) / RESULTS if args.run_dir else None
+        if out is None:  # load_source names what is missing
+            return func(args)
+        with unit_lock(out, f"analyze-{name}", recursive=True):
+            return func(args)
+    return run
 
 
 class _Context:
@@ -145,7 +168,8 @@ def run_cka(args: argparse.Namespace) -> int:
     res = domain_cka(feats, ds.class_idx[rows], ds.domain_idx[rows], ds.domains, subsets, mode=args.mode,
                      kernels=args.kernels, estimator=args.estimator, n_boot=args.n_boot, n_perm=args.n_perm,
                      seed=args.seed, pooling=ctx.pooling, progress=True,
-                     class_list_domain=cka_class_list_domain(ds.domains, paper_compat))
+                     class_list_domain=cka_class_list_domain(ds.domains, paper_compat),
+                     **({"min_rows": args.min_rows} if args.min_rows is not None else {}))
     res["meta"] = {**ctx.meta(), "paper_compat": paper_compat}
     path = atomic_write_json(res, ctx.out / f"cka_{args.mode}.json")
     figs = _plot_cka(res, ctx.out / f"cka_{args.mode}", args.kernels[0])
@@ -154,8 +178,10 @@ def run_cka(args: argparse.Namespace) -> int:
     for subset, by_kernel in res["results"].items():
         for pair, r in by_kernel[args.kernels[0]].items():
             vals = [v for v in r["cka"] if v is not None]
+            flags = [u for u in r["unreliable"] if u]
             if vals:
-                print(f"  {subset:>3} {args.kernels[0]} {pair:<22} min {min(vals):.3f}  last {vals[-1]:.3f}")
+                print(f"  {subset:>3} {args.kernels[0]} {pair:<22} min {min(vals):.3f}  last {vals[-1]:.3f}"
+                      + (f"  UNRELIABLE at {len(flags)} points: {flags[0]}" if flags else ""))
     for s in res["skipped"]:
         print(f"  skipped {s['subset']} {s['pair']}: {s['reason']}")
     return 0
@@ -252,6 +278,8 @@ def run_sae(args: argparse.Namespace) -> int:
     path = atomic_write_json(info, ctx.out / f"sae_{_slug(args.point)}.json")
     print(f"clipmech analyze sae: {args.point} ({shards.dim}-d, {len(shards)} vectors) -> {n_latents} latents; "
           f"FVU {metrics['fvu']:.3f}, L0 {metrics['l0']:.1f}, dead {metrics['dead_latents']} -> {path}")
+    for flag in metrics["flags"]:
+        print(f"  warning: {flag} (flagged in {path})")
     if args.k is None and metrics["l0"] >= shards.dim:
         # The paper's L1 of 1e-4 is weak for unit-norm embeddings: 64-d tiny-rn embeddings gave L0 122
         # at 1e-4 and 22 at 0.1 (FVU 0.003 -> 0.026).

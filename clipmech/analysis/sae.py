@@ -15,6 +15,7 @@ epoch, seeded).
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -214,5 +215,31 @@ def evaluate_sae(sae: SparseAutoencoder, data: ActivationShards | torch.Tensor, 
     if not total_var > 0:
         raise ValueError("SAE evaluation data has zero variance (constant activations); FVU is undefined")
     dead = int((~fired).sum())
-    return {"n": n, "fvu": sres / total_var, "mse": sres / n, "l0": l0 / n, "dead_latents": dead,
-            "dead_fraction": dead / sae.cfg.n_latents}
+    metrics = {"n": n, "fvu": sres / total_var, "mse": sres / n, "l0": l0 / n, "dead_latents": dead,
+               "dead_fraction": dead / sae.cfg.n_latents}
+    metrics["flags"] = sae_health(metrics)
+    for flag in metrics["flags"]:
+        warnings.warn(flag, SAEQualityWarning, stacklevel=2)
+    return metrics
+
+
+# An SAE with more dead latents than this share (never active on the evaluation data) wastes most of
+# its dictionary; its features are flagged rather than trusted.
+MAX_DEAD_FRACTION = 0.5
+
+
+class SAEQualityWarning(UserWarning):
+    """An SAE reconstructs worse than the mean (FVU > 1) or has too many dead latents."""
+
+
+def sae_health(metrics: dict, max_dead: float = MAX_DEAD_FRACTION) -> list[str]:
+    """Reasons not to trust an SAE, from `evaluate_sae` metrics: FVU > 1 (worse than predicting the
+    mean) or a dead fraction above `max_dead`. Empty when healthy."""
+    flags = []
+    if metrics["fvu"] > 1:
+        flags.append(f"SAE FVU {metrics['fvu']:.3f} > 1: it reconstructs worse than the data mean; train longer, "
+                     "lower the L1 coefficient or check the activations")
+    if metrics["dead_fraction"] > max_dead:
+        flags.append(f"SAE has {metrics['dead_fraction']:.0%} dead latents (> {max_dead:.0%}): most features never "
+                     "fire; train longer, lower the L1 coefficient or use fewer latents")
+    return flags

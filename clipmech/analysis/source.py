@@ -91,7 +91,8 @@ def _from_run(args: argparse.Namespace) -> Source:
     epoch = max(found) if args.checkpoint is None else args.checkpoint
     if epoch not in found:
         raise FileNotFoundError(f"{run_dir}/epoch_{epoch}.pt not found; available epochs: {sorted(found)}")
-    ds = load_dataset(args.dataset or str(cfg["data"]["dataset"]))
+    ds = load_dataset(args.dataset or str(cfg["data"]["dataset"]),
+                      verify=getattr(args, "verify", None) or cfg["data"]["verify"])
     return Source(model=HookedCLIP.from_checkpoint(found[epoch]).eval(), model_key=f"file:{file_hash(found[epoch])}",
                   dataset=ds, c2=list(cfg["mixture"]["test_classes"] or ds.default_test_classes or []),
                   test_domain=cfg["mixture"]["test_domain"] or ds.default_test_domain,
@@ -123,7 +124,7 @@ def _from_model(args: argparse.Namespace) -> Source:
         warnings.warn(f"{meta} was trained with mean {model.preprocess_cfg['mean']} / std "
                       f"{model.preprocess_cfg['std']}, but the analyses normalise images with OpenAI's; "
                       "activations are shifted accordingly", RuntimeWarning, stacklevel=2)
-    ds = load_dataset(args.dataset)
+    ds = load_dataset(args.dataset, verify=getattr(args, "verify", None) or "none")
     return Source(model=model.eval(), model_key=f"model:{hash_obj(key)}", dataset=ds,
                   c2=list(ds.default_test_classes or []), test_domain=ds.default_test_domain, templates="auto",
                   out=Path(args.out), epoch=None, meta=meta)

@@ -17,9 +17,10 @@ from clipmech.data.mixtures import SETUPS, Mixture, build_mixture
 EMBEDDED = ("emoji",)
 
 
-def load_dataset(name_or_root: str | Path, **kwargs) -> DomainDataset:
-    """'emoji' -> the embedded dataset (offline); otherwise a DomainNet root folder (kwargs go to
-    DomainNet, e.g. verify='open')."""
+def load_dataset(name_or_root: str | Path, verify: str = "none", **kwargs) -> DomainDataset:
+    """'emoji' -> the embedded dataset (offline; in memory, so `verify` has nothing to check);
+    otherwise a DomainNet root folder whose files are checked as `verify` says (none | header |
+    decode, see DomainNet); kwargs go to the loader."""
     if str(name_or_root) == "emoji":
         from clipmech.data.emoji import load_emoji
         return load_emoji(**kwargs)
@@ -27,7 +28,7 @@ def load_dataset(name_or_root: str | Path, **kwargs) -> DomainDataset:
     if not root.is_dir():
         raise FileNotFoundError(f"{name_or_root!r} is neither an embedded dataset {EMBEDDED} nor a folder; "
                                 "pass 'emoji' or a DomainNet root (ROOT/{domain}/{class}/..., ROOT/{domain}_train.txt)")
-    return DomainNet(root, **kwargs)
+    return DomainNet(root, verify=verify, **kwargs)
 
 
 __all__ = ["DomainDataset", "DomainNet", "Mixture", "SETUPS", "SkippedSamplesWarning", "build_mixture", "load_dataset",

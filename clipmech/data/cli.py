@@ -36,8 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mix.add_argument("--paper-compat", action="store_true",
                      help="reproduce the paper code's allow-p float ceil (experiments/README.md, parity table)")
     mix.add_argument("--no-subsample", action="store_true", help="keep the whole pool (id suffix -nosub)")
-    mix.add_argument("--verify", choices=["exists", "open"], default="open",
-                     help="DomainNet file check: 'open' also skips files PIL cannot identify (default)")
+    mix.add_argument("--verify", choices=["none", "header", "decode"], default="header",
+                     help="DomainNet file check: 'header' skips files PIL cannot identify (default), 'decode' "
+                          "also truncated files (decodes every image), 'none' only missing files")
     mix.add_argument("--out", required=True, metavar="FILE.tsv",
                      help="output TSV (a folder: use the paper's file name inside it)")
     mix.set_defaults(func=_mixture)
@@ -53,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     summ = sub.add_parser("summary", help="print a domain x split count table")
     summ.add_argument("dataset", metavar="NAME_OR_ROOT", help="'emoji' or a DomainNet root folder")
-    summ.add_argument("--verify", choices=["exists", "open"], default="exists")
+    summ.add_argument("--verify", choices=["none", "header", "decode"], default="none")
     summ.set_defaults(func=_summary)
 
     build = sub.add_parser("build-emoji", help="rebuild the embedded emoji dataset from npm / Debian / PyPI")
@@ -66,11 +67,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _load(name: str, verify: str):
     from clipmech.data import load_dataset
-    return load_dataset(name) if name == "emoji" else load_dataset(name, verify=verify)
+    return load_dataset(name, verify=verify)
 
 
 def _mixture(args: argparse.Namespace) -> int:
     from clipmech.data.mixtures import build_mixture
+    from clipmech.locks import ensure_folder
+    folder = Path(args.out) if args.out.endswith(("/", "\\")) or Path(args.out).is_dir() else Path(args.out).parent
+    ensure_folder(folder)  # a file in the way fails now, not after the mixture is built
     ds = _load(args.domainnet, args.verify)
     m = build_mixture(ds, args.setup, test_domain=args.test_domain, test_classes=args.test_classes,
                       allow_p=args.allow_p, domains=args.domains, aligned=args.aligned, split=args.split,

@@ -17,14 +17,23 @@ def register(subparsers) -> None:
     p.add_argument("--imagenet", metavar="ROOT", help="also ImageNet-1k zero-shot top-1 of every checkpoint "
                    "(ImageNet val folder, ROOT/<wnid>/*.JPEG) -> RUN_DIR/eval/imagenet.json")
     p.add_argument("--fp16", action="store_true", help="ImageNet evaluation with the fp16 model (the paper's)")
+    p.add_argument("--verify", choices=("none", "header", "decode"),
+                   help="check image files when loading a DomainNet folder (default: the run's [data] verify)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from clipmech.eval.zeroshot import evaluate_run
-    path = evaluate_run(args.run_dir, dataset=args.dataset, templates=args.templates, batch_size=args.batch_size,
-                        device=args.device)
+    from clipmech.locks import unit_lock
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise FileNotFoundError(f"{run_dir / 'config.toml'} not found; is {run_dir} a clipmech run directory?")
+    with unit_lock(run_dir / "eval", "eval", recursive=True):
+        path = evaluate_run(run_dir, dataset=args.dataset, templates=args.templates, batch_size=args.batch_size,
+                            device=args.device, verify=args.verify)
     results = json.loads(path.read_text())
     last = max(results, key=int)
     print(f"clipmech eval: {len(results)} checkpoints -> {path}")

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from clipmech.data.dataset import UnreadableImageError, report_unreadable
 from clipmech.eval.templates import get_templates
 from clipmech.train.data import image_tensor, normalize
 from clipmech.utils import TensorCache, atomic_write_json, file_hash, hash_obj
@@ -28,13 +29,22 @@ def eval_transform_description(image_size: int) -> str:
     return f"resize{image_size}-bicubic-centercrop{image_size}-openai-mean-std"
 
 
-def eval_images(dataset, indices: Sequence[int], image_size: int) -> torch.Tensor:
-    """float32 [len(indices), 3, S, S]: resize (short side) + centre crop + OpenAI normalisation."""
+def eval_images(dataset, indices: Sequence[int], image_size: int, skip_unreadable: bool = False) -> torch.Tensor:
+    """float32 [len(indices), 3, S, S]: resize (short side) + centre crop + OpenAI normalisation.
+
+    An unreadable image raises UnreadableImageError, or with `skip_unreadable` becomes an all-NaN
+    image that `encode_dataset` turns into an all-NaN feature row (counted by `group_metrics`)."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
     out = []
     for i in indices:
-        img = TF.resize(image_tensor(dataset, int(i)), image_size, InterpolationMode.BICUBIC, antialias=True)
+        try:
+            img = TF.resize(image_tensor(dataset, int(i)), image_size, InterpolationMode.BICUBIC, antialias=True)
+        except UnreadableImageError:
+            if not skip_unreadable:
+                raise
+            out.append(torch.full((3, image_size, image_size), float("nan")))
+            continue
         out.append(normalize(TF.center_crop(img, [image_size, image_size])))
     return torch.stack(out)
 
@@ -42,11 +52,19 @@ def eval_images(dataset, indices: Sequence[int], image_size: int) -> torch.Tenso
 @torch.no_grad()
 def encode_dataset(encode: Callable[[torch.Tensor], torch.Tensor], dataset, indices: np.ndarray, image_size: int,
                    batch_size: int = 256, device: str | torch.device = "cpu") -> torch.Tensor:
-    """encode(images) for the dataset images at `indices`, batched; returns float32 [N, D] on CPU."""
+    """encode(images) for the dataset images at `indices`, batched; returns float32 [N, D] on CPU.
+    Rows of unreadable images are NaN (the model never sees them)."""
     feats = []
     for lo in range(0, len(indices), batch_size):
-        batch = eval_images(dataset, indices[lo:lo + batch_size], image_size).to(device)
-        feats.append(encode(batch).float().cpu())
+        batch = eval_images(dataset, indices[lo:lo + batch_size], image_size, skip_unreadable=True)
+        ok = ~torch.isnan(batch).flatten(1).any(1)
+        good = encode(batch[ok].to(device)).float().cpu() if ok.any() else None
+        if good is None:
+            raise UnreadableImageError(dataset.sources[int(indices[lo])] if dataset.sources else "?",
+                                       f"none of {len(batch)} images in a row can be read")
+        rows = torch.full((len(batch), good.shape[1]), float("nan"))
+        rows[ok] = good
+        feats.append(rows)
     return torch.cat(feats) if feats else torch.empty(0, 0)
 
 
@@ -80,14 +98,21 @@ def group_metrics(scores: torch.Tensor, dataset, indices: np.ndarray, c2_classes
                   ) -> tuple[dict[str, float], dict[str, Any]]:
     """(flat metrics {"{domain}/{C1|C2}/{top1|top1_balanced|top5}": float}, details per group).
 
-    Groups without samples are listed in details["skipped"] rather than reported as 0 or NaN.
+    Groups without samples are listed in details["skipped"] rather than reported as 0 or NaN. Rows
+    whose scores are not finite (unreadable images, see `encode_dataset`) are left out and their
+    samples listed in details["unreadable"] (present only when there are any).
     """
+    readable = torch.isfinite(scores).all(1).numpy()
+    unreadable = np.asarray(indices)[~readable]
+    scores, indices = scores[torch.from_numpy(readable)], np.asarray(indices)[readable]
     c2_idx = {dataset.class_index(c) for c in c2_classes}
     labels = torch.as_tensor(dataset.class_idx[indices])
     domains = dataset.domain_idx[indices]
     is_c2 = np.isin(dataset.class_idx[indices], list(c2_idx))
     flat: dict[str, float] = {}
     details: dict[str, Any] = {"skipped": []}
+    if len(unreadable):
+        details["unreadable"] = [dataset.source_key(int(i)) for i in unreadable]
     for d, dom in enumerate(dataset.domains):
         for group, mask in (("C1", ~is_c2), ("C2", is_c2)):
             rows = np.flatnonzero((domains == d) & mask)
@@ -164,14 +189,16 @@ def checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 def evaluate_run(run_dir: str | Path, dataset=None, templates: str | list[str] | None = None,
                  cache_dir: str | Path | None = None, batch_size: int | None = None,
-                 device: str | None = None) -> Path:
+                 device: str | None = None, verify: str | None = None) -> Path:
     """Evaluate every epoch_N.pt of a run; writes RUN_DIR/eval/results.json and eval/details.json.
 
     dataset: a DomainDataset or name/root (default: the run config's). templates: a spec for
     clipmech.eval.templates.get_templates (default: the run config's [eval] templates). The test split
     is evaluated; C2 = the run's [mixture] test_classes or the dataset's default. Cost per checkpoint:
     one image pass over the test split + the text head; both cached under RUN_DIR/eval/cache.
-    Returns the path of results.json.
+    verify: file check when loading a DomainNet folder (default: the run's [data] verify). Unreadable
+    images are skipped and listed in RUN_DIR/eval/unreadable.txt; more than [data] max_unreadable of
+    them raise UnreadableImagesError. Returns the path of results.json.
     """
     from clipmech.models.configs import model_config
     from clipmech.train.config import load_config
@@ -185,7 +212,7 @@ def evaluate_run(run_dir: str | Path, dataset=None, templates: str | list[str] |
         raise FileNotFoundError(f"no epoch_N.pt checkpoints in {run_dir}")
     if dataset is None or isinstance(dataset, (str, Path)):
         from clipmech.data import load_dataset
-        dataset = load_dataset(str(dataset or cfg["data"]["dataset"]))
+        dataset = load_dataset(str(dataset or cfg["data"]["dataset"]), verify=verify or cfg["data"]["verify"])
     c2 = cfg["mixture"]["test_classes"] or dataset.default_test_classes or []
     batch_size = batch_size or cfg["eval"]["batch_size"]
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -199,6 +226,7 @@ def evaluate_run(run_dir: str | Path, dataset=None, templates: str | list[str] |
 
     results: dict[str, dict[str, float]] = {}
     details: dict[str, Any] = {}
+    unreadable: set[str] = set()
     for epoch, path in found:
         key = file_hash(path)
         if supervised:
@@ -216,5 +244,10 @@ def evaluate_run(run_dir: str | Path, dataset=None, templates: str | list[str] |
             scores = clip_scores(load, dataset, indices, classnames, templates, image_size, cache, key, batch_size,
                                  ds_hash)
         results[str(epoch)], details[str(epoch)] = group_metrics(scores, dataset, indices, c2)
+        unreadable.update(details[str(epoch)].get("unreadable", []))
+    summary = report_unreadable(unreadable, len(indices), run_dir / "eval" / "unreadable.txt",
+                                cfg["data"]["max_unreadable"], "test images")
+    if summary:
+        print(f"clipmech eval: {summary}")
     atomic_write_json(details, run_dir / "eval" / "details.json", indent=None)
     return atomic_write_json(results, run_dir / "eval" / "results.json")

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import functools
 import os
-import pickle
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Sequence
@@ -49,7 +48,7 @@ from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from clipmech.models.configs import create_open_clip, resolve_config
-from clipmech.utils import unknown_name_error
+from clipmech.utils import CheckpointError, read_checkpoint, unknown_name_error
 
 NamesFilter = None | str | Sequence[str] | Callable[[str], bool]
 
@@ -329,22 +328,10 @@ class HookedCLIP(HookedRootModule):
         overrides a stored one. Files are unpickled with weights_only=True unless `trusted`
         (needed for files holding other Python objects, e.g. numpy RNG state in a trainer's
         latest.pt). Loads on CPU, eval mode."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=not trusted)
-        except pickle.UnpicklingError as err:
-            if "Weights only load failed" not in str(err):
-                raise ValueError(f"cannot read checkpoint {path}: {str(err).splitlines()[0][:200]}") from err
-            raise ValueError(f"{path} holds Python objects besides tensors (optimizer / RNG state?); load an "
-                             "epoch_N.pt file instead, or pass trusted=True if you trust its source") from err
-        except Exception as err:  # truncated file, not a torch file
-            raise ValueError(f"cannot read checkpoint {path}: not a complete PyTorch checkpoint "
-                             f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
+        obj = read_checkpoint(path, trusted=trusted)
         state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
         if not isinstance(state, dict) or not state or not all(isinstance(t, Tensor) for t in state.values()):
-            raise ValueError(f"{path} is not a model checkpoint: expected a state dict or a dict with a "
+            raise CheckpointError(f"{path} is not a model checkpoint: expected a state dict or a dict with a "
                              "'state_dict' entry of tensors")
         if all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
             state = {k[len("module."):]: t for k, t in state.items()}
@@ -621,7 +608,7 @@ def _load_strict(model: nn.Module, state: dict[str, Tensor], what: str) -> None:
         def fmt(label: str, items: list[str]) -> str:
             more = f" ... (+{len(items) - 10} more)" if len(items) > 10 else ""
             return f"\n  {label} ({len(items)}): " + ", ".join(items[:10]) + more if items else ""
-        raise ValueError(f"checkpoint {what} does not match the architecture (another model?):"
+        raise CheckpointError(f"checkpoint {what} does not match the architecture (another model?):"
                          + fmt("missing keys", missing) + fmt("unexpected keys", unexpected)
                          + fmt("shape mismatches", shapes))
     model.load_state_dict(state)

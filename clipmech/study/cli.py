@@ -97,7 +97,10 @@ def _quickstart(args: argparse.Namespace) -> int:
     for name in ("model", *_TUNABLE):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
-    results = run_quickstart(replace(opts, **changes))
+    from clipmech.locks import unit_lock
+    opts = replace(opts, **changes).validate()
+    with unit_lock(opts.out, "quickstart", recursive=True):
+        results = run_quickstart(opts)
     c2 = {}
     for m in results["models"]:
         c2.setdefault(m["setup"], []).append(m["c2_test_acc"])

@@ -133,10 +133,14 @@ def train_and_evaluate(cmd: list[str], run_dir: str, evaluate: bool) -> dict[str
     """A training unit: run the torchrun command, then (if asked) the zero-shot evaluation of every
     checkpoint, so a cluster job leaves a run ready for analysis."""
     from clipmech.launch.torchrun import run_command
-    run_command(cmd)
-    if evaluate:
-        from clipmech.eval.zeroshot import evaluate_run
-        evaluate_run(run_dir)
+    from clipmech.locks import unit_lock
+    # One writer per run: a second process (another launcher, a resubmitted job) is refused with the
+    # holder named instead of training into the same folder.
+    with unit_lock(run_dir, "experiment"):
+        run_command(cmd)
+        if evaluate:
+            from clipmech.eval.zeroshot import evaluate_run
+            evaluate_run(run_dir)
     return {"run_dir": run_dir, "command": cmd}
 
 

@@ -96,11 +96,33 @@ class QuickstartOptions:
     cka_boot: int = 50
     progress: bool = True
 
+    def validate(self) -> "QuickstartOptions":
+        """Check every option's type and range (ConfigError naming the option); returns self."""
+        from clipmech.data.mixtures import SETUPS
+        from clipmech.train.config import ConfigError, check_typed
+        for name, (kind, rule) in _OPTION_TYPES.items():
+            check_typed(f"quickstart option {name}", getattr(self, name), kind, rule)
+        domains = None if self.test_domains is None else list(self.test_domains)
+        check_typed("quickstart option test_domains", domains, "list[str]?")
+        if not self.setups or any(s not in SETUPS for s in self.setups):
+            raise ConfigError(f"quickstart option setups = {self.setups!r}; choose from {', '.join(SETUPS)}")
+        return self
+
     def analysis_key(self) -> dict[str, Any]:
         """The options analyses depend on (training options enter through the checkpoint hash)."""
         return {"circuit_steps": self.circuit_steps, "circuit_classes": self.circuit_classes,
                 "sae_expansion": self.sae_expansion, "sae_epochs": self.sae_epochs, "cka_boot": self.cka_boot,
                 "n_templates": self.n_templates, "version": STAGE_VERSION}
+
+
+# Types and ranges of the scalar options (clipmech.train.config.SCHEMA notation).
+_OPTION_TYPES = {"out": ("str", None), "dataset": ("str", None), "views": ("int", ">=1"), "seeds": ("int", ">=1"),
+                 "model": ("str", None), "image_size": ("int", ">=1"), "epochs": ("int", ">=1"),
+                 "batch_size": ("int", ">=1"), "lr": ("float", ">0"), "curve_points": ("int", ">=1"),
+                 "n_templates": ("int", ">=1"), "max_classes": ("int?", ">=1"), "circuit_steps": ("int", ">=1"),
+                 "circuit_classes": ("int", ">=1"), "sae_expansion": ("int", ">=1"), "sae_epochs": ("int", ">=1"),
+                 "cka_boot": ("int", ">=0"), "n_c2": ("int", ">=1"), "c2_both_splits": ("bool", None),
+                 "progress": ("bool", None)}
 
 
 
@@ -559,6 +581,7 @@ def run_quickstart(opts: QuickstartOptions) -> dict[str, Any]:
     Returns the results dict. Raises RuntimeError naming the stage whose library piece is missing.
     """
     t0, c0 = time.perf_counter(), time.process_time()
+    opts.validate()
     study = Study(opts, registry=Registry(Path(opts.out) / "registry"))
     study.dataset, study.test_domains, study.c2 = resolve_dataset(opts)
     specs = model_specs(opts, study.test_domains)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
 
@@ -16,6 +17,7 @@ OVERRIDES = {
     "lr": ("optim", "lr"),
     "seed": ("train", "seed"),
     "out": ("train", "out"),
+    "verify": ("data", "verify"),
 }
 
 
@@ -33,6 +35,9 @@ def register(subparsers) -> None:
     p.add_argument("--lr", type=float, metavar="LR")
     p.add_argument("--seed", type=int, metavar="N")
     p.add_argument("--out", metavar="RUN_DIR", help="run directory")
+    p.add_argument("--verify", choices=("none", "header", "decode"), help="check DomainNet image files when "
+                   "loading: header (PIL identifies them) or decode (every pixel; catches truncated files); "
+                   "default: [data] verify or none. Unreadable files met later are skipped and counted")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR from its latest.pt "
                    "(uses RUN_DIR/config.toml when --config is not given)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -51,19 +56,31 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from clipmech.eval.zeroshot import evaluate_run
-    from clipmech.train.config import load_config
+    from clipmech.locks import unit_lock
+    from clipmech.train.config import RESUMABLE_CHANGES, ConfigError, config_difference, load_config
     from clipmech.train.trainer import train
 
     config = args.config
+    saved = Path(args.out) / "config.toml" if args.out is not None else None
     if config is None and args.resume:
         if args.out is None:
             raise ValueError("--resume needs --out RUN_DIR (or a --config naming it)")
-        saved = Path(args.out) / "config.toml"
         config = saved if saved.is_file() else None
-    run_dir = train(config, overrides=overrides_from_args(args), resume=args.resume)
-    print(f"clipmech train: finished; run directory {run_dir}")
-    # Under torchrun every process gets here; one evaluates.
-    if load_config(run_dir / "config.toml")["eval"]["after_train"] and int(os.environ.get("RANK", "0")) == 0:
-        path = evaluate_run(run_dir)
-        print(f"clipmech train: zero-shot evaluation of every checkpoint -> {path}")
+    cfg = load_config(config, overrides_from_args(args))  # checked before anything is written
+    if cfg["train"]["out"] is None:
+        raise ValueError("no run directory: set [train] out in the config or pass --out RUN_DIR")
+    saved = Path(cfg["train"]["out"]) / "config.toml"
+    if args.resume and saved.is_file():
+        changed = config_difference(load_config(saved), cfg, RESUMABLE_CHANGES)
+        if changed:
+            raise ConfigError(f"cannot resume {saved.parent} with another configuration ({'; '.join(changed)}); "
+                              "resume without --config to use the run's own, or choose another --out")
+    lock = unit_lock(cfg["train"]["out"], "train") if int(os.environ.get("RANK", "0")) == 0 else None
+    with lock or contextlib.nullcontext():
+        run_dir = train(cfg, resume=args.resume)
+        print(f"clipmech train: finished; run directory {run_dir}")
+        # Under torchrun every process gets here; one evaluates, still holding the run's lock.
+        if cfg["eval"]["after_train"] and lock is not None:
+            path = evaluate_run(run_dir)
+            print(f"clipmech train: zero-shot evaluation of every checkpoint -> {path}")
     return 0

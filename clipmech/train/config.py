@@ -8,6 +8,7 @@ and git hash.
 from __future__ import annotations
 
 import copy
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "dataset": "emoji",         # registered dataset name or a DomainNet root folder
         "workers": 0,               # DataLoader workers (use >0 for image files on disk)
         "base": None,               # base image-text TSV (filepath<TAB>title, e.g. ImageNet-Captions)
+        "verify": "none",           # image files checked when loading: none | header | decode (full decode)
+        "max_unreadable": 0.01,     # share of unreadable images met in training / evaluation that fails the run
     },
     "mixture": {
         "setup": "cg_high",
@@ -86,20 +89,121 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 
-_CHOICES = {
-    ("schedule", "kind"): ("cosine", "const", "step"),
-    ("optim", "name"): ("adamw", "sgd"),
-    ("train", "objective"): ("clip", "supervised"),
-    ("train", "precision"): ("auto", "fp32", "amp_bf16", "amp_fp16"),
-    ("train", "device"): ("auto", "cpu", "cuda"),
-    ("mixture", "in_sketch_filter"): ("mapping", "dn_substring", "dn_words"),
-    ("analysis", "paper_compat"): (False, True),
+class ConfigError(ValueError):
+    """A config value of the wrong type or outside its range; the message names [section] key."""
+
+
+# Typed schema: (section, key) -> (type, rule). Types: "bool", "int", "float" (ints accepted), "str",
+# "list[str]", "list[int]"; a trailing "?" allows None (unset). Rules: ">0", ">=0", ">=1", "0..1",
+# "0..1)" (upper bound excluded) or a tuple of choices. Keys missing here are checked against the
+# type of their default, so a key added to DEFAULTS is never left unchecked.
+SCHEMA: dict[tuple[str, str], tuple[str, Any]] = {
+    ("model", "name"): ("str", None),
+    ("model", "image_size"): ("int?", ">=1"),
+    ("model", "grad_checkpointing"): ("bool", None),
+    ("data", "dataset"): ("str", None),
+    ("data", "workers"): ("int", ">=0"),
+    ("data", "base"): ("str?", None),
+    ("data", "verify"): ("str", ("none", "header", "decode")),
+    ("data", "max_unreadable"): ("float", "0..1"),
+    ("mixture", "setup"): ("str", None),
+    ("mixture", "test_domain"): ("str?", None),
+    ("mixture", "test_classes"): ("list[str]?", None),
+    ("mixture", "allow_p"): ("float?", "0..1"),
+    ("mixture", "domains"): ("str?", None),
+    ("mixture", "aligned"): ("bool", None),
+    ("mixture", "seed"): ("int", ">=0"),
+    ("mixture", "in_sketch"): ("str?", None),
+    ("mixture", "in_sketch_keep"): ("str?", None),
+    ("mixture", "in_sketch_filter"): ("str", ("mapping", "dn_substring", "dn_words")),
+    ("optim", "name"): ("str", ("adamw", "sgd")),
+    ("optim", "lr"): ("float", ">0"),
+    ("optim", "weight_decay"): ("float", ">=0"),
+    ("optim", "beta1"): ("float", "0..1)"),
+    ("optim", "beta2"): ("float", "0..1)"),
+    ("optim", "eps"): ("float", ">0"),
+    ("optim", "momentum"): ("float", "0..1)"),
+    ("schedule", "kind"): ("str", ("cosine", "const", "step")),
+    ("schedule", "warmup"): ("int", ">=0"),
+    ("schedule", "milestones"): ("list[int]", None),
+    ("schedule", "gamma"): ("float", ">0"),
+    ("train", "objective"): ("str", ("clip", "supervised")),
+    ("train", "epochs"): ("int", ">=1"),
+    ("train", "batch_size"): ("int", ">=1"),
+    ("train", "accum_freq"): ("int", ">=1"),
+    ("train", "seed"): ("int", ">=0"),
+    ("train", "precision"): ("str", ("auto", "fp32", "amp_bf16", "amp_fp16")),
+    ("train", "device"): ("str", ("auto", "cpu", "cuda")),
+    ("train", "out"): ("str?", None),
+    ("train", "save_every"): ("int", ">=1"),
+    ("train", "save_epochs"): ("list[int]?", None),
+    ("train", "tensorboard"): ("bool", None),
+    ("train", "progress"): ("bool", None),
+    ("eval", "templates"): ("str", None),
+    ("eval", "batch_size"): ("int", ">=1"),
+    ("eval", "after_train"): ("bool", None),
+    ("analysis", "paper_compat"): ("bool", None),
 }
+
+_EXAMPLES = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "a quoted string",
+             "list[str]": 'a list of strings, e.g. ["banana", "axe"]', "list[int]": "a list of whole numbers, e.g. [1, 2]"}
+_RULES = {">0": (lambda v: v > 0, "> 0"), ">=0": (lambda v: v >= 0, ">= 0"), ">=1": (lambda v: v >= 1, ">= 1"),
+          "0..1": (lambda v: 0 <= v <= 1, "in [0, 1]"), "0..1)": (lambda v: 0 <= v < 1, "in [0, 1)")}
+
+
+def _has_type(value: Any, kind: str) -> bool:
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind.startswith("list["):
+        return isinstance(value, list) and all(_has_type(v, kind[5:-1]) for v in value)
+    raise AssertionError(kind)
+
+
+def _inferred(default: Any) -> tuple[str, Any]:
+    """The schema entry of a key that has none: the type of its default (unchecked when None)."""
+    for kind in ("bool", "int", "float", "str"):
+        if _has_type(default, kind):
+            return kind, None
+    return "any", None
+
+
+def check_value(section: str, key: str, value: Any) -> None:
+    """Raise ConfigError unless `value` has the schema type and range of [section] key."""
+    kind, rule = SCHEMA.get((section, key)) or _inferred(DEFAULTS[section][key])
+    check_typed(f"[{section}] {key}", value, kind, rule)
+
+
+def check_typed(name: str, value: Any, kind: str, rule: Any = None) -> None:
+    """Raise ConfigError "NAME = value ..." unless `value` has type `kind` and obeys `rule` (SCHEMA's
+    notation); shared by the run config and other typed options (e.g. the quickstart's)."""
+    optional = kind.endswith("?")
+    kind = kind.rstrip("?")
+    if kind == "any" or (optional and value is None):
+        return
+    where = f"{name} = {value!r}"
+    if not _has_type(value, kind):
+        unset = " (or leave it out)" if optional else ""
+        got = type(value).__name__
+        raise ConfigError(f"{where} is {'an' if got[0] in 'aeiou' else 'a'} {got}; it must be {_EXAMPLES[kind]}{unset}")
+    if kind == "float" and not math.isfinite(value):
+        raise ConfigError(f"{where} is not a finite number")
+    if isinstance(rule, tuple) and value not in rule:
+        raise ConfigError(f"{where}; choose one of {', '.join(rule)}")
+    if isinstance(rule, str):
+        ok, text = _RULES[rule]
+        if not ok(value):
+            raise ConfigError(f"{where} is out of range; it must be {text}")
 
 
 def _unknown_key(kind: str, key: str, valid: list[str]) -> ValueError:
     near = ", ".join(repr(v) for v in closest_names(key, valid))
-    return ValueError(f"unknown config {kind} {key!r}; closest valid: {near} (all valid: {', '.join(valid)})")
+    return ConfigError(f"unknown config {kind} {key!r}; closest valid: {near} (all valid: {', '.join(valid)})")
 
 
 def merge(base: dict, update: dict) -> dict:
@@ -109,7 +213,7 @@ def merge(base: dict, update: dict) -> dict:
         if section not in out:
             raise _unknown_key("section", section, list(out))
         if not isinstance(values, dict):
-            raise ValueError(f"config section [{section}] must be a table, got {type(values).__name__}")
+            raise ConfigError(f"config section [{section}] must be a table, got {type(values).__name__}")
         for key, value in values.items():
             if key not in out[section]:
                 raise _unknown_key(f"key in [{section}]", key, list(out[section]))
@@ -118,20 +222,17 @@ def merge(base: dict, update: dict) -> dict:
 
 
 def validate(cfg: dict) -> dict:
-    """Check value types/ranges that would otherwise fail late; returns `cfg`."""
+    """Check every value's type and range (SCHEMA) and the cross-key rules; returns `cfg`.
+
+    Raises ConfigError naming the key, the value and what it must be. Cost: microseconds.
+    """
+    for section, values in cfg.items():
+        for key, value in values.items():
+            check_value(section, key, value)
     t = cfg["train"]
-    for key in ("epochs", "batch_size", "accum_freq", "save_every"):
-        if not isinstance(t[key], int) or t[key] < (0 if key == "epochs" else 1):
-            raise ValueError(f"[train] {key} must be a positive integer, got {t[key]!r}")
     keep = t["save_epochs"]
-    if keep is not None and not (isinstance(keep, list) and all(isinstance(e, int) and 0 <= e <= t["epochs"]
-                                                                 for e in keep)):
-        raise ValueError(f"[train] save_epochs must be a list of epochs in 0..{t['epochs']}, got {keep!r}")
-    if not (isinstance(cfg["optim"]["lr"], (int, float)) and cfg["optim"]["lr"] > 0):
-        raise ValueError(f"[optim] lr must be > 0, got {cfg['optim']['lr']!r}")
-    for (section, key), choices in _CHOICES.items():
-        if cfg[section][key] not in choices:
-            raise ValueError(f"[{section}] {key} = {cfg[section][key]!r}; choose one of {', '.join(choices)}")
+    if keep is not None and not all(0 <= e <= t["epochs"] for e in keep):
+        raise ConfigError(f"[train] save_epochs must be a list of epochs in 0..{t['epochs']}, got {keep!r}")
     return cfg
 
 
@@ -143,13 +244,34 @@ def load_config(source: dict | str | Path | None = None, overrides: dict | None 
             path = Path(source)
             if not path.is_file():
                 raise FileNotFoundError(f"config file {path} does not exist")
-            with open(path, "rb") as fh:
-                source = tomllib.load(fh)
+            try:
+                with open(path, "rb") as fh:
+                    source = tomllib.load(fh)
+            except tomllib.TOMLDecodeError as err:
+                raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
             source.pop("meta", None)  # provenance written by save_config, not a setting
         cfg = merge(cfg, source)
     if overrides:
         cfg = merge(cfg, overrides)
     return validate(cfg)
+
+
+# Keys a resumed run may change: they do not alter what the finished run computes (longer training,
+# saving, display, hardware; batch-size changes are announced by the trainer).
+RESUMABLE_CHANGES = {("train", k) for k in ("epochs", "save_every", "save_epochs", "tensorboard", "progress",
+                                            "device", "precision", "batch_size", "accum_freq", "out")} | \
+    {("data", k) for k in ("workers", "verify", "max_unreadable")} | {("eval", k) for k in DEFAULTS["eval"]}
+
+
+def config_difference(old: dict, new: dict, ignore: set[tuple[str, str]] = frozenset()) -> list[str]:
+    """'[section] key old -> new' for every key whose value differs (sections/keys of `new`)."""
+    out = []
+    for section, values in new.items():
+        for key, value in values.items():
+            before = old.get(section, {}).get(key)
+            if (section, key) not in ignore and before != value:
+                out.append(f"[{section}] {key} {before!r} -> {value!r}")
+    return out
 
 
 def git_hash() -> str | None:

@@ -18,6 +18,8 @@ from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from clipmech.data.dataset import UnreadableImageError
+
 OPENAI_MEAN = open_clip.OPENAI_DATASET_MEAN
 OPENAI_STD = open_clip.OPENAI_DATASET_STD
 CROP_SCALE = (0.9, 1.0)  # paper.md §6
@@ -69,7 +71,7 @@ class MixtureView(Dataset):
     Positions 0..len(base_lines)+len(extra_lines)-1 are the base TSV and extra pairs (image files),
     then the dataset samples,
     the order of the mixture's TSV. Yields (image float32 [3, S, S] normalised, tokens int64
-    [context_length], position).
+    [context_length], position, path of an unreadable image that was skipped or "").
     """
 
     def __init__(self, mixture, image_size: int, context_length: int, augment: bool = True):
@@ -91,15 +93,31 @@ class MixtureView(Dataset):
     def __len__(self) -> int:
         return len(self.base) + len(self.indices)
 
-    def __getitem__(self, key: tuple[int, int]):
-        pos, seed = key
+    def _load(self, pos: int) -> tuple[torch.Tensor, str]:
+        """(uint8 image, caption) of `pos`; UnreadableImageError when its file does not decode."""
         if pos < len(self.base):
             path, caption = self.base[pos]
-            with Image.open(path) as im:
-                img = TF.pil_to_tensor(im.convert("RGB"))
+            try:
+                with Image.open(path) as im:
+                    return TF.pil_to_tensor(im.convert("RGB")), caption
+            except (OSError, SyntaxError, ValueError) as err:
+                raise UnreadableImageError(path, err) from err
+        return image_tensor(self.dataset, int(self.indices[pos - len(self.base)])), self.captions[pos - len(self.base)]
+
+    def __getitem__(self, key: tuple[int, int]):
+        """(image, tokens, position, unreadable path or ""). An unreadable image is skipped: the
+        next readable position stands in (same batch size on every rank, same on resume) and its
+        path is returned so the trainer can count it."""
+        pos, seed = key
+        bad = ""
+        for probe in range(len(self)):
+            try:
+                img, caption = self._load((pos + probe) % len(self))
+                break
+            except UnreadableImageError as err:
+                bad = bad or err.path
         else:
-            img = image_tensor(self.dataset, int(self.indices[pos - len(self.base)]))
-            caption = self.captions[pos - len(self.base)]
+            raise UnreadableImageError(bad, "no image of the mixture can be read")
         size = [self.image_size, self.image_size]
         if self.augment and seed >= 0:
             top, left, h, w = crop_params(img.shape[-2], img.shape[-1], torch.Generator().manual_seed(seed))
@@ -109,7 +127,7 @@ class MixtureView(Dataset):
         tokens = self._tokens.get(pos)
         if tokens is None:
             tokens = self._tokens[pos] = open_clip.tokenize([caption], context_length=self.context_length)[0]
-        return normalize(img), tokens.clone(), pos
+        return normalize(img), tokens.clone(), pos, bad
 
 
 class ResumableBatchSampler(Sampler):

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from open_clip.model import _build_vision_tower
 from torch import nn
 
+from clipmech.utils import read_checkpoint
+
 # SGD Nesterov 0.9, lr 0.01, wd 1e-4 (none on norms/biases), x0.1 at epochs 30/50/70, 90 epochs, batch 256.
 PAPER_RECIPE = {
     "train": {"objective": "supervised", "epochs": 90, "batch_size": 256},
@@ -64,7 +66,7 @@ class SupervisedClassifier(nn.Module):
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> "SupervisedClassifier":
         """Load an epoch_N.pt written by a supervised run (CPU, eval mode)."""
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(path)
         if ckpt.get("objective") != "supervised":
             raise ValueError(f"{path} is not a supervised-baseline checkpoint (objective "
                              f"{ckpt.get('objective')!r}); load CLIP checkpoints with HookedCLIP.from_checkpoint")

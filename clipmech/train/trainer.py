@@ -30,11 +30,12 @@ from open_clip.loss import ClipLoss
 from open_clip_train.scheduler import assign_learning_rate, const_lr, cosine_lr
 from torch.utils.data import DataLoader
 
+from clipmech.data.dataset import report_unreadable
 from clipmech.models.configs import create_open_clip, model_config
-from clipmech.train.config import load_config, save_config
+from clipmech.train.config import config_difference, load_config, save_config
 from clipmech.train.data import MixtureView, ResumableBatchSampler
 from clipmech.train.supervised import SupervisedClassifier, supervised_labels, supervised_step
-from clipmech.utils import atomic_torch_save, atomic_write_text
+from clipmech.utils import atomic_torch_save, atomic_write_text, read_checkpoint
 
 LOG_FIELDS = ["epoch", "step", "loss", "lr", "logit_scale", "images_per_s"]
 
@@ -108,7 +109,7 @@ def build_mixture_from_config(cfg: dict):
         raise FileNotFoundError(f"dataset root {source} does not exist; pass --dataset emoji or a DomainNet folder")
     from clipmech.data import load_dataset
     from clipmech.data.mixtures import build_mixture
-    dataset = load_dataset(source)
+    dataset = load_dataset(source, verify=cfg["data"]["verify"])
     m = cfg["mixture"]
     base = cfg["data"]["base"]
     if base is not None and not Path(base).is_file():
@@ -216,7 +217,7 @@ def _check_finite(loss: torch.Tensor) -> None:
         raise NonFiniteLossError(f"loss is {loss.item()}")
 
 
-def _prepare_run_dir(out: Path, resume: bool) -> None:
+def _prepare_run_dir(out: Path, resume: bool, cfg: dict) -> None:
     """Create `out` (or check it) and prove it is writable; refuse to overwrite a finished/started run."""
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -227,7 +228,12 @@ def _prepare_run_dir(out: Path, resume: bool) -> None:
         raise ValueError(f"run directory {out} is not writable ({err.strerror}); choose another --out") from err
     started = any(out.glob("epoch_*.pt")) or (out / "latest.pt").exists()
     if started and not resume:
-        raise ValueError(f"run directory {out} already holds a run; pass --resume to continue it "
+        try:
+            changed = config_difference(load_config(out / "config.toml"), cfg, {("train", "out")})
+        except (ValueError, OSError):  # no readable config.toml: nothing to compare
+            changed = []
+        what = f" of another configuration ({'; '.join(changed)})" if changed else ""
+        raise ValueError(f"run directory {out} already holds a run{what}; pass --resume to continue it "
                          "or choose another --out")
 
 
@@ -235,7 +241,7 @@ def _load_resume(out: Path, name: str | None, mcfg: dict, objective: str) -> dic
     path = out / "latest.pt"
     if not path.exists():
         return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(path, trusted=True)  # our own file: it holds optimizer and RNG state
     if ckpt.get("objective", "clip") != objective:
         raise ValueError(f"cannot resume: {path} is a {ckpt.get('objective')!r} run but the config asks for "
                          f"objective {objective!r}")
@@ -345,7 +351,7 @@ def _build_run(cfg: dict, resume: bool, mixture) -> _Run:
     sampler = ResumableBatchSampler(len(view), t["batch_size"], t["seed"], env.world_size, env.rank,
                                     t["accum_freq"])
     if env.is_main:
-        _prepare_run_dir(out, resume)
+        _prepare_run_dir(out, resume, cfg)
     _barrier(env)
     ckpt = _load_resume(out, name, mcfg, t["objective"]) if resume else None
     if resume and ckpt is None and env.is_main:
@@ -422,6 +428,8 @@ def _train_epochs(run: _Run) -> None:
     if run.cfg["data"]["workers"] > 0:
         loader_kwargs.update(persistent_workers=False, pin_memory=run.env.device.type == "cuda")
     loader = DataLoader(run.view, **loader_kwargs)
+    unreadable: set[str] = set()  # files skipped since this process started (counted per resume)
+    limit = run.cfg["data"]["max_unreadable"]
     for epoch in range(run.step // sampler.steps_per_epoch, t["epochs"]):
         sampler.set_epoch(epoch, run.step - epoch * sampler.steps_per_epoch)
         run.run_model.train()
@@ -429,7 +437,10 @@ def _train_epochs(run: _Run) -> None:
                    disable=not (t["progress"] and run.env.is_main), dynamic_ncols=True)
         micro: list = []
         tick = time.perf_counter()
-        for images, texts, pos in loader:
+        for images, texts, pos, bad in loader:
+            unreadable.update(b for b in bad if b)
+            if len(unreadable) > limit * len(run.view) and run.env.is_main:
+                report_unreadable(unreadable, len(run.view), run.out / "unreadable.txt", limit, "training images")
             target = torch.as_tensor(run.labels[pos]) if run.supervised else texts
             micro.append((images.to(run.env.device, non_blocking=True),
                           target.to(run.env.device, non_blocking=True)))
@@ -450,7 +461,11 @@ def _train_epochs(run: _Run) -> None:
         bar.close()
     _barrier(run.env)
     if run.env.is_main:
-        atomic_write_text(json.dumps({"epochs": t["epochs"], "steps": run.step}) + "\n", run.out / "done")
+        summary = report_unreadable(unreadable, len(run.view), run.out / "unreadable.txt", limit, "training images")
+        if summary:
+            print(f"clipmech train: {summary}")
+        atomic_write_text(json.dumps({"epochs": t["epochs"], "steps": run.step, "unreadable": len(unreadable)}) + "\n",
+                          run.out / "done")
 
 
 def _optimizer_step(run: _Run, micro: list, epoch: int) -> tuple[float, float]:
