@@ -67,7 +67,7 @@ def test_train_command_evaluates_after_training_when_asked(tmp_path, monkeypatch
     from clipmech.eval import zeroshot
     from clipmech.train import trainer
 
-    def fake_train(config, overrides, resume):
+    def fake_train(config, overrides=None, resume=False):
         cfg = load_config(config, overrides)
         save_config(cfg, tmp_path / "config.toml")
         return tmp_path
