@@ -9,7 +9,10 @@ trained model. CPU seconds (all threads of this process) change little when othe
 the machine; wall seconds do, so report both. With --second-run it runs again in the same folder and
 prints how many stages were reused (all of them, when nothing changed). With --data it instead
 times the training input pipeline side by side in one process: CPU seconds of a first pass over a
-quickstart mixture (captions tokenized) against a second pass (tokens cached), per item.
+quickstart mixture (captions tokenized) against a second pass (tokens cached), per item. With
+--workers it trains the same few models (--epochs, default 4) twice into fresh folders, side by side
+in one run: one process with all threads, then `train_workers` = 2 processes of one thread each, and
+prints both wall times and the ratio.
 """
 from __future__ import annotations
 
@@ -70,6 +73,28 @@ def data_pipeline(opts: QuickstartOptions) -> str:
             f"later passes {1e3 * min(times[1:]):.3f} ms/item (cached tokens): {times[0] / min(times[1:]):.2f}x")
 
 
+def train_workers(opts: QuickstartOptions, epochs: int, n_models: int = 4) -> str:
+    """Wall seconds to train `n_models` quickstart models with 1 worker vs 2 workers (fresh folders)."""
+    import tempfile
+    from pathlib import Path
+
+    from clipmech.study.quickstart import Study, model_specs, resolve_dataset, train_models
+    from clipmech.study.registry import Registry
+
+    lines, walls = [], {}
+    for workers in (1, 2):
+        o = replace(opts, out=tempfile.mkdtemp(prefix=f"qs-workers{workers}-"), epochs=epochs, train_workers=workers)
+        study = Study(o, registry=Registry(Path(o.out) / "registry"))
+        study.dataset, domains, study.c2 = resolve_dataset(o)
+        specs = model_specs(o, domains)[:n_models]
+        t0 = time.perf_counter()
+        train_models(study, specs)
+        walls[workers] = time.perf_counter() - t0
+        lines.append(f"train_workers={workers}: {n_models} models x {epochs} epochs in {walls[workers]:.1f} s")
+    lines.append(f"2 one-thread workers vs 1 process: {walls[1] / walls[2]:.2f}x")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -77,11 +102,16 @@ def main() -> None:
     ap.add_argument("--second-run", action="store_true", help="run again in the same folder (reuse check)")
     ap.add_argument("--stages", action="store_true", help="also print every stage")
     ap.add_argument("--data", action="store_true", help="only time the training input pipeline")
+    ap.add_argument("--workers", action="store_true", help="only compare 1 vs 2 training workers")
+    ap.add_argument("--epochs", type=int, default=4, help="epochs per model for --workers")
     args = ap.parse_args()
     opts = replace(QuickstartOptions(out=args.out, progress=False),
                    **({"seeds": args.seeds} if args.seeds else {}))
     if args.data:
         print(data_pipeline(opts))
+        return
+    if args.workers:
+        print(train_workers(opts, args.epochs))
         return
     for attempt in range(2 if args.second_run else 1):
         t0, c0 = time.perf_counter(), time.process_time()

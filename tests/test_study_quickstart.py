@@ -106,7 +106,7 @@ def test_second_run_reuses_everything(quickstart, capsys):
     assert main(["quickstart", "--out", str(out), *REDUCED[:-1]]) == 0
     second = time.perf_counter() - t0
     err = capsys.readouterr().err
-    assert "done (reused)" in err and "train natural_only-s0: done (reused)" in err
+    assert "done (reused)" in err and "] train: done (reused)" in err
     assert second < max(0.5 * first, 20)
     after = json.loads((out / "results.json").read_text())
     assert [m["c2_test_acc"] for m in after["models"]] == [m["c2_test_acc"] for m in json.loads(before)["models"]]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -94,6 +95,7 @@ class QuickstartOptions:
     sae_expansion: int = 4  # latents = expansion x embedding width (paper: 4)
     sae_epochs: int = 30
     cka_boot: int = 50
+    train_workers: int = 2  # models trained at once, each in its own process (see train_models)
     progress: bool = True
 
     def validate(self) -> "QuickstartOptions":
@@ -122,7 +124,7 @@ _OPTION_TYPES = {"out": ("str", None), "dataset": ("str", None), "views": ("int"
                  "n_templates": ("int", ">=1"), "max_classes": ("int?", ">=1"), "circuit_steps": ("int", ">=1"),
                  "circuit_classes": ("int", ">=1"), "sae_expansion": ("int", ">=1"), "sae_epochs": ("int", ">=1"),
                  "cka_boot": ("int", ">=0"), "n_c2": ("int", ">=1"), "c2_both_splits": ("bool", None),
-                 "progress": ("bool", None)}
+                 "train_workers": ("int", ">=1"), "progress": ("bool", None)}
 
 
 
@@ -232,8 +234,11 @@ def plan_budgets(opts: QuickstartOptions, specs: Sequence[ModelSpec], dataset) -
     n_classes = int((counts.sum(0) > 0).sum())
     images = len(dataset) * 3e-3  # eval preprocessing, ~3 ms per image
     budgets: dict[str, float] = {"load data": 1.0 + images}
-    for r in dict.fromkeys(s.run_id for s in specs):
-        budgets[f"train {r}"] = 0.12 * steps * opts.batch_size / 64
+    run_ids = list(dict.fromkeys(s.run_id for s in specs))
+    # two one-thread workers train about 1.4x faster than one two-thread process (measured on tiny-rn)
+    speedup = 1.4 if opts.train_workers > 1 and len(run_ids) > 1 else 1.0
+    budgets["train"] = 0.12 * steps * opts.batch_size / 64 * len(run_ids) / speedup
+    for r in run_ids:
         budgets[f"evaluate {r}"] = len(curve_epochs(opts.epochs, opts.curve_points)) * (1.0 + n_classes * opts.n_templates * 5e-4)
     for s in specs:
         tag = f"{s.run_id} on {s.test_domain}"
@@ -267,30 +272,76 @@ def _train_config(opts: QuickstartOptions, spec: ModelSpec, c2: Sequence[str], r
     }
 
 
-def train_model(study: Study, spec: ModelSpec) -> dict[str, Any]:
-    """Train one model (or reuse it); returns {"run_dir", "checkpoint", "checkpoint_hash", ...}."""
-    opts = study.opts
-    cfg = _train_config(opts, spec, study.c2, Path("."))
+def _train_plan(study: Study, spec: ModelSpec) -> tuple[dict[str, Any], dict[str, Any], Path]:
+    """(registry key, training config, run folder) of one model."""
+    cfg = _train_config(study.opts, spec, study.c2, Path("."))
     key = {"stage": "train", "version": STAGE_VERSION, "dataset": study.dataset.content_hash(),
            "config": cfg | {"train": {**cfg["train"], "out": None}}}
     # The key's hash in the folder name: changed options train into a new folder, never over an old run.
     run_dir = study.out / "runs" / f"{spec.run_id}-{study.registry.path('train', key).stem[:8]}"
     cfg["train"]["out"] = str(run_dir)
+    return key, cfg, run_dir
 
-    def run() -> dict[str, Any]:
-        mixture = build_mixture(study.dataset, spec.setup, test_domain=_mixture_test_domain(spec), test_classes=study.c2,
-                                split="train", seed=42)
-        # An interrupted run continues from its latest.pt.
-        train(cfg, mixture=mixture, resume=(run_dir / "latest.pt").is_file())
-        ckpt = run_dir / f"epoch_{opts.epochs}.pt"
-        return {"run_dir": str(run_dir), "checkpoint": str(ckpt), "checkpoint_hash": file_hash(ckpt),
-                "n_train": int(len(mixture.indices)), "mixture_id": mixture.id,
-                "mixture_hash": hash_obj(sorted(mixture.indices.tolist()))}
 
-    found = study.registry.get("train", key)
-    if found is not None and Path(found["checkpoint"]).is_file() and file_hash(found["checkpoint"]) == found["checkpoint_hash"]:
-        return found | {"reused": True}
-    return study.registry.put("train", key, run()) | {"reused": False}
+def _train_run(dataset, c2: Sequence[str], spec: ModelSpec, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Train one model from its config (resuming an interrupted run); the registry record."""
+    run_dir = Path(cfg["train"]["out"])
+    mixture = build_mixture(dataset, spec.setup, test_domain=_mixture_test_domain(spec), test_classes=list(c2),
+                            split="train", seed=42)
+    t0, c0 = time.perf_counter(), time.process_time()
+    train(cfg, mixture=mixture, resume=(run_dir / "latest.pt").is_file())
+    ckpt = run_dir / f"epoch_{cfg['train']['epochs']}.pt"
+    return {"run_dir": str(run_dir), "checkpoint": str(ckpt), "checkpoint_hash": file_hash(ckpt),
+            "n_train": int(len(mixture.indices)), "mixture_id": mixture.id,
+            "mixture_hash": hash_obj(sorted(mixture.indices.tolist())),
+            "train_wall_s": round(time.perf_counter() - t0, 2), "train_cpu_s": round(time.process_time() - c0, 2)}
+
+
+# A training worker process keeps its dataset between the models it trains.
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(opts: QuickstartOptions, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER["dataset"] = resolve_dataset(opts)[0]
+
+
+def _worker_train(c2: list[str], spec: ModelSpec, cfg: dict[str, Any]) -> dict[str, Any]:
+    return _train_run(_WORKER["dataset"], c2, spec, cfg)
+
+
+def train_models(study: Study, specs: Sequence[ModelSpec]) -> dict[str, dict[str, Any]]:
+    """Train (or reuse) every distinct model of `specs`; {run_id: registry record + "reused"}.
+
+    With `train_workers` > 1 the models to train run in that many spawned processes, each on
+    cpu_count // train_workers threads: the tiny models do not keep two cores busy in one process
+    (small convolutions, a single-threaded data pipeline), two one-thread processes do. Each process
+    loads the dataset once (a few seconds). Results do not depend on the worker count beyond
+    floating-point summation order.
+    """
+    runs: dict[str, dict[str, Any]] = {}
+    todo: list[tuple[ModelSpec, dict, dict]] = []
+    for spec in dict((s.run_id, s) for s in specs).values():
+        key, cfg, _ = _train_plan(study, spec)
+        found = study.registry.get("train", key)
+        if found is not None and Path(found["checkpoint"]).is_file() and file_hash(found["checkpoint"]) == found["checkpoint_hash"]:
+            runs[spec.run_id] = found | {"reused": True}
+        else:
+            todo.append((spec, key, cfg))
+    workers = min(study.opts.train_workers, len(todo))
+    if workers <= 1:
+        records = [_train_run(study.dataset, study.c2, spec, cfg) for spec, _, cfg in todo]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                                 initargs=(study.opts, threads)) as pool:
+            futures = [pool.submit(_worker_train, list(study.c2), spec, cfg) for spec, _, cfg in todo]
+            records = [f.result() for f in futures]
+    for (spec, key, _), record in zip(todo, records):
+        runs[spec.run_id] = study.registry.put("train", key, record) | {"reused": False}
+    return runs
 
 
 def curve_epochs(epochs: int, points: int) -> list[int]:
@@ -592,12 +643,10 @@ def run_quickstart(opts: QuickstartOptions) -> dict[str, Any]:
 
     runs: dict[str, dict[str, Any]] = {}
     metrics: dict[str, dict] = {}
-    for spec in specs:
-        if spec.run_id in runs:
-            continue
-        with progress.stage(f"train {spec.run_id}") as h:
-            runs[spec.run_id] = train_model(study, spec)
-            h.reused = runs[spec.run_id]["reused"]
+    with progress.stage("train") as h:
+        runs.update(train_models(study, specs))
+        h.reused = all(r["reused"] for r in runs.values())
+    for spec in dict((s.run_id, s) for s in specs).values():
         with progress.stage(f"evaluate {spec.run_id}") as h:
             metrics[spec.run_id], h.reused = evaluate_model(study, runs[spec.run_id], spec)
 
