@@ -332,7 +332,8 @@ def test_unreadable_images_in_training_and_evaluation_are_skipped_counted_and_li
     assert (tmp_path / "strict" / "unreadable.txt").is_file()
     # with --verify decode the file is left out when the dataset loads: nothing to skip later
     with pytest.warns(UserWarning, match="skipped 2 listed samples"):
-        assert main(["train", "--config", str(strict), "--out", str(tmp_path / "decoded"), "--verify", "decode"]) == 0
+        assert main(["train", "--config", str(strict), "--out", str(tmp_path / "decoded"), "--verify", "decode",
+                     "--batch-size", "100"]) == 0  # one step: the flag's wiring is what is tested
 
 
 def test_full_disk_is_named_with_free_space_and_loses_nothing(world, tmp_path, capsys, monkeypatch):
