@@ -146,17 +146,16 @@ def ig_node_scores(model, images: Tensor, labels: Tensor, head: Tensor, point: s
 # J_s the segment's Jacobian at path point s, r_s = dm/dy (2 (y - clean) / (B·positions)) and v_i = -a_u
 # on upstream node i. Backward mode takes one vector-Jacobian product per downstream node j, forward mode
 # one Jacobian-vector product per upstream node i; both are exact, and which is cheaper depends on the node
-# counts and on kernel sizes, hence a cost model (`plan_edges`) and an opt-in calibration.
+# counts, hence a cost model (`plan_edges`) and an opt-in calibration.
 EDGE_STRATEGIES = ("backward", "forward")
-# Cost model, in units of one backward of the segment per node over all path points. Per node, a JVP
-# (vmapped over upstream nodes) cost 1.3-2.3x a VJP on tiny ResNets at RN50 depth (benchmarks/circuit_edges.py,
-# 2-core CPU, 2026-11-29): forward-mode batch norm / ReLU / vmap layout copies are dearer than their
-# backward. Calls on fewer than _MIN_KERNEL elements cost as if they had that many (per-call overhead):
-# on 2x2 layer4 maps (1.5e5 elements) two segment copies per VJP halved the time per node.
-_FORWARD_PER_NODE = 1.7
-_FORWARD_PASS = 0.5  # one plain forward of the segment batch
-_MIN_KERNEL = 3e5
-_MAX_COPIES = 8
+# Cost model in units of one per-node VJP of the segment over all path points; a plain forward of the
+# segment costs about as much. Measured in CPU seconds, one thread, 2026-11-29 (benchmarks/circuit_edges.py):
+# a vmapped JVP costs 1.5-2.4x a VJP per node (forward-mode batch norm / ReLU and vmap's layout copies) plus a
+# fixed functorch overhead; several segment copies per VJP (EdgePlan chunk > 1) gained nothing (0.75-1.08x)
+# on one thread, so the model never picks them.
+_FORWARD_PASS = 1.0
+_FORWARD_PER_NODE = 1.8
+_FORWARD_FIXED = 2.0
 # Retained autograd graph per element of (upstream + downstream activation), in activations; a bottleneck
 # segment keeps about six maps of that size (convs, norms, ReLU masks).
 _GRAPH_FACTOR = 6
@@ -177,32 +176,21 @@ class EdgePlan:
 
 
 def plan_edges(up_numel: int, down_numel: int, n_down: int, n_up: int, n_points: int, strategy: str | None = None,
-               itemsize: int = 4, memory: int = EDGE_MEMORY, max_chunk: int = _MAX_COPIES) -> EdgePlan:
+               itemsize: int = 4, memory: int = EDGE_MEMORY) -> EdgePlan:
     """Deterministic choice of edge strategy for a segment whose upstream / downstream activations
     hold `up_numel` / `down_numel` elements per IG path point (batch included), `n_down` downstream
-    and `n_up` upstream nodes, `n_points` path points. `strategy` forces 'backward' or 'forward'
-    (chunks still sized by the model, at most `max_chunk` segment copies; 1 = the plain loop). Cost = sum over calls of max(call elements, _MIN_KERNEL) per
-    node, in units of one per-node VJP over all points."""
+    and `n_up` upstream nodes, `n_points` path points. `strategy` forces 'backward' or 'forward'.
+    Cost: backward 1 + n_down, forward 2 + 1.8 n_up (units of one per-node VJP); chunks and path
+    points per run are the largest that keep a run within `memory` bytes."""
     if strategy is not None and strategy not in EDGE_STRATEGIES:
         raise ValueError(f"strategy must be one of {EDGE_STRATEGIES} or None (cost model), got {strategy!r}")
     per_point = (up_numel + down_numel) * itemsize
-    work = down_numel * n_points
-
-    def cost(copies: int, calls: int, per_node: float, points: int) -> float:
-        groups = [points] * (n_points // points) + ([n_points % points] if n_points % points else [])
-        return per_node * calls * sum(max(copies * down_numel * g, _MIN_KERNEL) for g in groups) / work
-
-    options = {}
-    for copies in range(1, min(max_chunk, max(n_down, 1)) + 1):
-        points = max(1, min(n_points, memory // (_GRAPH_FACTOR * copies * per_point)))
-        options[("backward", copies)] = (cost(copies, math.ceil(n_down / copies), 1.0, points) + _FORWARD_PASS * copies, points)
     tangents = max(1, min(n_up, memory // (3 * per_point * n_points)))
-    points = max(1, min(n_points, memory // (3 * tangents * per_point)))
-    options[("forward", tangents)] = (cost(tangents, math.ceil(n_up / tangents), _FORWARD_PER_NODE, points) + _FORWARD_PASS, points)
-    best = {s: min((v[0], k[1]) for k, v in options.items() if k[0] == s) for s in EDGE_STRATEGIES}
-    chosen = strategy or min(EDGE_STRATEGIES, key=lambda s: (best[s][0], s))
-    chunk = best[chosen][1]
-    return EdgePlan(chosen, chunk, options[(chosen, chunk)][1], {s: round(best[s][0], 3) for s in EDGE_STRATEGIES})
+    plans = {"backward": (1, max(1, min(n_points, memory // (_GRAPH_FACTOR * per_point)))),
+             "forward": (tangents, max(1, min(n_points, memory // (3 * tangents * per_point))))}
+    cost = {"backward": _FORWARD_PASS + n_down, "forward": _FORWARD_FIXED + _FORWARD_PER_NODE * n_up}
+    chosen = strategy or min(EDGE_STRATEGIES, key=lambda s: (cost[s], s))
+    return EdgePlan(chosen, *plans[chosen], cost={s: round(v, 3) for s, v in cost.items()})
 
 
 def _check_node_indices(nodes: Tensor, space: NodeSpace, what: str) -> None:
@@ -260,16 +248,18 @@ class _EdgeProblem:
         """[J, I] summed over `alphas`: JVPs along v_i = -a_u on upstream node i, `tangents` at a time
         (vmapped over one primal)."""
         x = self.path(alphas)
-        resid = self.residual(self.f(x).detach())[..., self.down_nodes]
-        jvp = torch.func.vmap(lambda t: torch.func.jvp(self.f, (x,), (t,))[1])
-        cols = []
+        # The primal output does not depend on the tangent, so vmap returns it once (out_dims None).
+        jvp = torch.func.vmap(lambda t: torch.func.jvp(self.f, (x,), (t,)), out_dims=(None, 0))
+        cols, resid = [], None
         for start in range(0, len(self.up_nodes), tangents):
             sel = self.up_nodes[start:start + tangents]
             t = x.new_zeros(len(sel), *x.shape)
             for c, i in enumerate(sel.tolist()):
                 t[c, ..., i] = (0 - self.up.clean[..., i]).repeat(len(alphas), *([1] * (x.ndim - 2)))
-            out = jvp(t)[..., self.down_nodes]  # [k, S·B, ..., J]
-            cols.append((out * resid[None]).flatten(1, -2).sum(1).T)
+            y, out = jvp(t)
+            if resid is None:
+                resid = self.residual(y.detach())[..., self.down_nodes]
+            cols.append((out[..., self.down_nodes] * resid[None]).flatten(1, -2).sum(1).T)  # [J, k]
         return torch.cat(cols, 1)
 
     @property
