@@ -16,6 +16,10 @@ model's 2,070 circuits (6 domains x 345 classes) at the paper's 50 images: edge 
 50 / images (segment cost is linear in the batch once kernels are large; an underestimate for tiny
 batches).
 
+Measured 2026-11-29 (CPU seconds, one thread, machine shared; README has the table): plain/clipmech
+1.07x tiny-rn, 1.04x at RN50 depth (forward mode wins only at stage transitions, 1.2-1.35x; equal
+widths keep the plain loop), 1.62x tiny-vit components; paper/clipmech 13.5x, 25.8x, 12.7x.
+
     python benchmarks/circuit_edges.py [--model tiny-rn] [--layers 3,4,6,3] [--images 16] [--steps 10]
         [--points analysis|components] [--pairs all|representative] [--paper-nodes K] [--repeats 3]
 """

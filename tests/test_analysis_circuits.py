@@ -72,10 +72,11 @@ def test_edge_plan_cost_model():
     assert C.plan_edges(*args) == C.plan_edges(*args)
     assert C.plan_edges(8 * 65 * 128, 8 * 65 * 256, 300, 1, 9).strategy == "forward"  # ViT heads -> neurons
     assert C.plan_edges(8 * 65 * 256, 8 * 65 * 2 * 32, 1, 26, 9).strategy == "backward"  # neurons -> heads
-    # Boundary: backward costs 1 + J, forward 2 + 1.8 I; at a tie backward wins.
-    assert C.plan_edges(8, 8, 10, 5, 9).strategy == "backward"  # 11 vs 11: tie
-    assert C.plan_edges(8, 8, 11, 5, 9).strategy == "forward"  # 12 vs 11
-    assert C.plan_edges(8, 8, 17, 9, 9).strategy == "backward"  # 18 vs 18.2: equal widths stay backward
+    # Boundary: backward costs 1 + J, forward 4.5 + 1.8 I.
+    assert C.plan_edges(8, 8, 12, 5, 9).strategy == "backward"  # 13 vs 13.5
+    assert C.plan_edges(8, 8, 13, 5, 9).strategy == "forward"  # 14 vs 13.5
+    assert C.plan_edges(8, 8, 52, 26, 9).strategy == "forward"  # RN50 stage transitions: 53 vs 51.3
+    assert C.plan_edges(8, 8, 9, 9, 9).strategy == "backward"  # equal widths stay backward
     # Memory bound: the IG path points are looped once the graph of all of them exceeds the budget.
     big = C.plan_edges(50 * 256 * 56 * 56, 50 * 256 * 56 * 56, 26, 26, 9, strategy="backward")
     assert big.chunk == 1 and big.step_chunk == 2  # 4 GiB / (6 x 321 MB per path point)

@@ -151,11 +151,13 @@ EDGE_STRATEGIES = ("backward", "forward")
 # Cost model in units of one per-node VJP of the segment over all path points; a plain forward of the
 # segment costs about as much. Measured in CPU seconds, one thread, 2026-11-29 (benchmarks/circuit_edges.py):
 # a vmapped JVP costs 1.5-2.4x a VJP per node (forward-mode batch norm / ReLU and vmap's layout copies) plus a
-# fixed functorch overhead; several segment copies per VJP (EdgePlan chunk > 1) gained nothing (0.75-1.08x)
-# on one thread, so the model never picks them.
+# fixed overhead that is large where the upstream point is narrow and spatially big (RN50 input -> act1 with
+# one upstream node: 4x slower than 4 VJPs); the constants separate every measured pair where the two differ
+# by more than 10%. Several segment copies per VJP (EdgePlan chunk > 1) gained nothing (0.75-1.08x) on one
+# thread, so the model never picks them.
 _FORWARD_PASS = 1.0
 _FORWARD_PER_NODE = 1.8
-_FORWARD_FIXED = 2.0
+_FORWARD_FIXED = 4.5
 # Retained autograd graph per element of (upstream + downstream activation), in activations; a bottleneck
 # segment keeps about six maps of that size (convs, norms, ReLU masks).
 _GRAPH_FACTOR = 6
@@ -180,7 +182,7 @@ def plan_edges(up_numel: int, down_numel: int, n_down: int, n_up: int, n_points:
     """Deterministic choice of edge strategy for a segment whose upstream / downstream activations
     hold `up_numel` / `down_numel` elements per IG path point (batch included), `n_down` downstream
     and `n_up` upstream nodes, `n_points` path points. `strategy` forces 'backward' or 'forward'.
-    Cost: backward 1 + n_down, forward 2 + 1.8 n_up (units of one per-node VJP); chunks and path
+    Cost: backward 1 + n_down, forward 4.5 + 1.8 n_up (units of one per-node VJP); chunks and path
     points per run are the largest that keep a run within `memory` bytes."""
     if strategy is not None and strategy not in EDGE_STRATEGIES:
         raise ValueError(f"strategy must be one of {EDGE_STRATEGIES} or None (cost model), got {strategy!r}")
