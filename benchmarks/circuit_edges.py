@@ -96,8 +96,9 @@ def main() -> None:
         down = list(range(math.ceil(0.1 * width[d])))
         up = list(range(math.ceil(0.1 * width[u])))
         numel = (acts[u].numel(), acts[d].numel())
-        auto = plan_edges(*numel, len(down), len(up), n_points)
-        plain_plan = plan_edges(*numel, len(down), len(up), n_points, strategy="backward")
+        positions = acts[u][0].numel() // width[u]
+        auto = plan_edges(*numel, len(down), len(up), n_points, up_positions=positions)
+        plain_plan = plan_edges(*numel, len(down), len(up), n_points, strategy="backward", up_positions=positions)
         paper_nodes = down[:args.paper_nodes] if args.paper_nodes else down
         out: dict[str, torch.Tensor] = {}
         best = dict.fromkeys(totals, math.inf)

@@ -72,10 +72,13 @@ def test_edge_plan_cost_model():
     assert C.plan_edges(*args) == C.plan_edges(*args)
     assert C.plan_edges(8 * 65 * 128, 8 * 65 * 256, 300, 1, 9).strategy == "forward"  # ViT heads -> neurons
     assert C.plan_edges(8 * 65 * 256, 8 * 65 * 2 * 32, 1, 26, 9).strategy == "backward"  # neurons -> heads
-    # Boundary: backward costs 1 + J, forward 4.5 + 1.8 I.
-    assert C.plan_edges(8, 8, 12, 5, 9).strategy == "backward"  # 13 vs 13.5
-    assert C.plan_edges(8, 8, 13, 5, 9).strategy == "forward"  # 14 vs 13.5
-    assert C.plan_edges(8, 8, 52, 26, 9).strategy == "forward"  # RN50 stage transitions: 53 vs 51.3
+    # Boundary: backward costs 1 + J, forward 4.5 + f I, f = 1.8 up to 16 upstream positions, 5 from 256.
+    assert C.plan_edges(8, 8, 12, 5, 9, up_positions=16).strategy == "backward"  # 13 vs 13.5
+    assert C.plan_edges(8, 8, 13, 5, 9, up_positions=16).strategy == "forward"  # 14 vs 13.5
+    assert C.plan_edges(8, 8, 52, 26, 9, up_positions=16).strategy == "forward"  # small-map transition: 53 vs 51.3
+    assert C.plan_edges(8, 8, 52, 26, 9, up_positions=256).strategy == "backward"  # large maps: 53 vs 134.5
+    assert C.plan_edges(8, 8, 25, 4, 9, up_positions=4096).strategy == "forward"  # f capped at 5: 26 vs 24.5
+    assert C.plan_edges(8, 8, 23, 4, 9, up_positions=4096).strategy == "backward"  # 24 vs 24.5
     assert C.plan_edges(8, 8, 9, 9, 9).strategy == "backward"  # equal widths stay backward
     # Memory bound: the IG path points are looped once the graph of all of them exceeds the budget.
     big = C.plan_edges(50 * 256 * 56 * 56, 50 * 256 * 56 * 56, 26, 26, 9, strategy="backward")

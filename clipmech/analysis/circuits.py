@@ -151,12 +151,12 @@ EDGE_STRATEGIES = ("backward", "forward")
 # Cost model in units of one per-node VJP of the segment over all path points; a plain forward of the
 # segment costs about as much. Measured in CPU seconds, one thread, 2026-11-29 (benchmarks/circuit_edges.py):
 # a vmapped JVP costs 1.5-2.4x a VJP per node (forward-mode batch norm / ReLU and vmap's layout copies) plus a
-# fixed overhead that is large where the upstream point is narrow and spatially big (RN50 input -> act1 with
-# one upstream node: 4x slower than 4 VJPs); the constants separate every measured pair where the two differ
-# by more than 10%. Several segment copies per VJP (EdgePlan chunk > 1) gained nothing (0.75-1.08x) on one
-# thread, so the model never picks them.
+# fixed overhead; per node it is 1.2-1.8x a VJP on maps of <= 16 positions (tiny-rn layer3 -> layer4 won
+# 1.2-1.35x) but ~5x on 256-3136 positions (tiny-rn and RN50 avgpool -> layer1: 0.6-0.75x), so the per-node
+# factor rises log-linearly from 1.8 at 16 upstream positions to 5 at 256. Several segment copies per VJP
+# (EdgePlan chunk > 1) gained nothing (0.75-1.08x) on one thread, so the model never picks them.
 _FORWARD_PASS = 1.0
-_FORWARD_PER_NODE = 1.8
+_FORWARD_PER_NODE = (1.8, 5.0)  # at <= 16 and >= 256 upstream positions per example
 _FORWARD_FIXED = 4.5
 # Retained autograd graph per element of (upstream + downstream activation), in activations; a bottleneck
 # segment keeps about six maps of that size (convs, norms, ReLU masks).
@@ -178,19 +178,22 @@ class EdgePlan:
 
 
 def plan_edges(up_numel: int, down_numel: int, n_down: int, n_up: int, n_points: int, strategy: str | None = None,
-               itemsize: int = 4, memory: int = EDGE_MEMORY) -> EdgePlan:
+               itemsize: int = 4, memory: int = EDGE_MEMORY, up_positions: int = 1) -> EdgePlan:
     """Deterministic choice of edge strategy for a segment whose upstream / downstream activations
     hold `up_numel` / `down_numel` elements per IG path point (batch included), `n_down` downstream
-    and `n_up` upstream nodes, `n_points` path points. `strategy` forces 'backward' or 'forward'.
-    Cost: backward 1 + n_down, forward 4.5 + 1.8 n_up (units of one per-node VJP); chunks and path
-    points per run are the largest that keep a run within `memory` bytes."""
+    and `n_up` upstream nodes, `n_points` path points, `up_positions` values per upstream node and
+    example. `strategy` forces 'backward' or 'forward'. Cost: backward 1 + n_down, forward 4.5 +
+    f n_up with f from 1.8 (<= 16 positions) to 5 (>= 256), in units of one per-node VJP; chunks and
+    path points per run are the largest that keep a run within `memory` bytes."""
     if strategy is not None and strategy not in EDGE_STRATEGIES:
         raise ValueError(f"strategy must be one of {EDGE_STRATEGIES} or None (cost model), got {strategy!r}")
+    low, high = _FORWARD_PER_NODE
+    per_node = low + (high - low) * min(max(math.log2(max(up_positions, 1) / 16) / 4, 0.0), 1.0)
     per_point = (up_numel + down_numel) * itemsize
     tangents = max(1, min(n_up, memory // (3 * per_point * n_points)))
     plans = {"backward": (1, max(1, min(n_points, memory // (_GRAPH_FACTOR * per_point)))),
              "forward": (tangents, max(1, min(n_points, memory // (3 * tangents * per_point))))}
-    cost = {"backward": _FORWARD_PASS + n_down, "forward": _FORWARD_FIXED + _FORWARD_PER_NODE * n_up}
+    cost = {"backward": _FORWARD_PASS + n_down, "forward": _FORWARD_FIXED + per_node * n_up}
     chosen = strategy or min(EDGE_STRATEGIES, key=lambda s: (cost[s], s))
     return EdgePlan(chosen, *plans[chosen], cost={s: round(v, 3) for s, v in cost.items()})
 
@@ -290,7 +293,7 @@ def _edge_plan(problem: _EdgeProblem, strategy: str | EdgePlan | None, calibrate
         return strategy
     up, down = problem.up.clean, problem.down.clean
     plan = plan_edges(up.numel(), down.numel(), len(problem.down_nodes), len(problem.up_nodes), len(problem.alphas),
-                      strategy, up.element_size())
+                      strategy, up.element_size(), up_positions=up[0, ..., 0].numel())
     if not calibrate or strategy is not None:
         return plan
     key = (problem.up.point, problem.down.point, tuple(up.shape), tuple(down.shape), len(problem.down_nodes),
@@ -303,29 +306,38 @@ def _edge_plan(problem: _EdgeProblem, strategy: str | EdgePlan | None, calibrate
 _CALIBRATED: dict[tuple, EdgePlan] = {}
 
 
+def _trial_seconds(problem: _EdgeProblem, plan: EdgePlan, n_nodes: int) -> float:
+    """Seconds `plan` takes on the first `n_nodes` nodes it loops over and its first group of path points."""
+    trial = copy.copy(problem)
+    trial.alphas = problem.alphas[:plan.step_chunk]
+    if plan.strategy == "backward":
+        trial.down_nodes = problem.down_nodes[:n_nodes]
+    else:
+        trial.up_nodes = problem.up_nodes[:n_nodes]
+    start = time.perf_counter()
+    trial.run(plan)
+    return time.perf_counter() - start
+
+
 def _calibrate(problem: _EdgeProblem) -> EdgePlan:
-    """Time each strategy (cost-model chunks) on one chunk of nodes and the first path points, and
-    keep the fastest per node; the measurement itself is discarded."""
+    """Time both strategies on a few nodes and the first group of path points, extrapolate to all
+    nodes and groups, keep the faster. Backward: 1 and up to 3 nodes (fixed forward + per-node VJP);
+    forward: one chunk of tangents, times the number of chunks."""
     up, down = problem.up.clean, problem.down.clean
-    seconds = {}
+    seconds, plans = {}, {}
     for s in EDGE_STRATEGIES:
-        plan = plan_edges(up.numel(), down.numel(), len(problem.down_nodes), len(problem.up_nodes),
-                          len(problem.alphas), s, up.element_size())
-        nodes = problem.down_nodes if s == "backward" else problem.up_nodes
-        total = len(nodes)
-        trial = copy.copy(problem)
-        trial.alphas = problem.alphas[:plan.step_chunk]
+        plan = plans[s] = plan_edges(up.numel(), down.numel(), len(problem.down_nodes), len(problem.up_nodes),
+                                     len(problem.alphas), s, up.element_size(), up_positions=up[0, ..., 0].numel())
+        groups = math.ceil(len(problem.alphas) / plan.step_chunk)
         if s == "backward":
-            trial.down_nodes = nodes[:plan.chunk]
+            n = min(len(problem.down_nodes), 3)
+            one, more = _trial_seconds(problem, plan, 1), _trial_seconds(problem, plan, n)
+            per_node = (more - one) / (n - 1) if n > 1 else one
+            seconds[s] = groups * (one - per_node + per_node * len(problem.down_nodes))
         else:
-            trial.up_nodes = nodes[:plan.chunk]
-        start = time.perf_counter()
-        trial.run(plan)
-        seconds[s] = (time.perf_counter() - start) * math.ceil(total / plan.chunk)
+            seconds[s] = groups * math.ceil(len(problem.up_nodes) / plan.chunk) * _trial_seconds(problem, plan, plan.chunk)
     best = min(EDGE_STRATEGIES, key=lambda s: (seconds[s], s))
-    plan = plan_edges(up.numel(), down.numel(), len(problem.down_nodes), len(problem.up_nodes), len(problem.alphas),
-                      best, up.element_size())
-    return dataclasses.replace(plan, cost={f"{s}_s": round(v, 4) for s, v in seconds.items()})
+    return dataclasses.replace(plans[best], cost={f"{s}_s": round(v, 4) for s, v in seconds.items()})
 
 
 def _edge_scores(model, images: Tensor, up: NodeSpace, down: NodeSpace, downstream_nodes: Sequence[int],
