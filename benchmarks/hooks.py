@@ -5,7 +5,8 @@ interleaved round by round so machine load affects all variants alike:
   (a) HookedCLIP forward, no hooks               target <= 1.05
   (b) run_with_cache of all analysis points      target <= 1.3
   (c) run_with_cache of every hook point        target <= 1.3 (points without other hooks are cached
-      by a storing identity forward, not a TransformerLens hook; tiny-vit 1.56 -> 1.10 on a shared CPU)
+      by a storing identity forward, not a TransformerLens hook; on a shared CPU, 1 thread, 2026-11-29:
+      tiny-vit 1.56 -> 1.10, ViT-B-32 1.15 -> 1.00)
 Printed ratios are medians over rounds of (variant time / open_clip time in the same round).
 
     python benchmarks/hooks.py [--models tiny-rn tiny-vit RN50 ViT-B-32] [--batch 8] [--rounds N]
