@@ -4,7 +4,9 @@ For each model, one open_clip CLIP and a HookedCLIP sharing its weights run the 
 interleaved round by round so machine load affects all variants alike:
   (a) HookedCLIP forward, no hooks               target <= 1.05
   (b) run_with_cache of all analysis points      target <= 1.3
-  (c) run_with_cache of every hook point
+  (c) run_with_cache of every hook point        target <= 1.3 (points without other hooks are cached
+      by a storing identity forward, not a TransformerLens hook; on a shared CPU, 1 thread, 2026-11-29:
+      tiny-vit 1.56 -> 1.10, ViT-B-32 1.15 -> 1.00)
 Printed ratios are medians over rounds of (variant time / open_clip time in the same round).
 
     python benchmarks/hooks.py [--models tiny-rn tiny-vit RN50 ViT-B-32] [--batch 8] [--rounds N]
@@ -70,7 +72,7 @@ def main() -> None:
         rounds = args.rounds or (30 if name.startswith("tiny") else 7)
         r = bench(name, args.batch, rounds)
         print(f"{name:<10} {r['open_clip_s']:>11.4f} {r['a']:>13.3f} {r['b']:>17.3f} {r['c']:>14.3f}", flush=True)
-    print("targets: (a) <= 1.05, (b) <= 1.3")
+    print("targets: (a) <= 1.05, (b) <= 1.3, (c) <= 1.3")
 
 
 if __name__ == "__main__":

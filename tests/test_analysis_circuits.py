@@ -19,6 +19,12 @@ def rn():
 
 
 @pytest.fixture(scope="module")
+def vit():
+    torch.manual_seed(0)
+    return HookedCLIP.from_config("tiny-vit").double()
+
+
+@pytest.fixture(scope="module")
 def batch():
     gen = torch.Generator().manual_seed(3)
     images = torch.randn(3, 3, 64, 64, generator=gen, dtype=torch.double)
@@ -32,17 +38,69 @@ def circuit(rn, batch):
     return C.discover_circuit(rn, images, labels, head, steps=2, meta={"domain": "a", "class": "x"})
 
 
-@pytest.mark.parametrize("pair,nodes", [((0, 1), [0, 2, 5]), ((5, 6), [0, 2, 5]), ((8, 9), [0, 2, 5]),
-                                        ((7, 8), list(range(C.EDGE_CHUNK + 3)))])  # last: two VJP batches
-def test_vectorized_edges_match_naive_loop(rn, batch, pair, nodes):
+# Plans: the cost model's, each strategy forced, and chunks that split the nodes (3 nodes in chunks of 2)
+# and the IG path points (2 path points in groups of 1).
+_PLANS = [None, "backward", "forward", C.EdgePlan("backward", 2, 1), C.EdgePlan("forward", 2, 1)]
+
+
+def _assert_plans_match_naive(model, images, u, d, nodes, up_nodes):
+    naive = C.reference_ig_edge_scores(model, images, u, d, nodes, steps=3)
+    naive = naive if up_nodes is None else naive[:, up_nodes]
+    assert naive.abs().max() > 0
+    for plan in _PLANS:
+        ours = C.ig_edge_scores(model, images, u, d, nodes, steps=3, upstream_nodes=up_nodes, strategy=plan)
+        assert ours.shape == naive.shape
+        torch.testing.assert_close(ours, naive, rtol=0, atol=1e-6 * float(naive.abs().max()), msg=str(plan))
+
+
+@pytest.mark.parametrize("pair,nodes,up_nodes", [((0, 1), [0, 2, 5], None), ((5, 6), [0, 2, 5], [1, 3, 4]),
+                                                 ((8, 9), [0, 2, 5], [7, 1])])
+def test_edge_strategies_match_naive_loop(rn, batch, pair, nodes, up_nodes):
+    pts = rn.analysis_points()
+    _assert_plans_match_naive(rn, batch[0], pts[pair[0]], pts[pair[1]], nodes, up_nodes)
+
+
+def test_vit_component_edges_match_naive_loop(vit, batch):
+    points = C.component_points(vit)
+    _assert_plans_match_naive(vit, batch[0], points[0], points[1], [0, 5, 9], [1])  # heads -> neurons
+    _assert_plans_match_naive(vit, batch[0], points[1], points[2], [0, 1], [3, 7, 100])  # neurons -> heads
+
+
+def test_edge_plan_cost_model():
+    # Deterministic for a shape; forward mode when upstream nodes are few, backward when downstream are.
+    args = (8 * 64 * 16 * 16, 8 * 128 * 8 * 8, 13, 7, 9)
+    assert C.plan_edges(*args) == C.plan_edges(*args)
+    assert C.plan_edges(8 * 65 * 128, 8 * 65 * 256, 300, 1, 9).strategy == "forward"  # ViT heads -> neurons
+    assert C.plan_edges(8 * 65 * 256, 8 * 65 * 2 * 32, 1, 26, 9).strategy == "backward"  # neurons -> heads
+    # Boundary: backward costs 1 + J, forward 4.5 + f I, f = 1.8 up to 16 upstream positions, 5 from 256.
+    assert C.plan_edges(8, 8, 12, 5, 9, up_positions=16).strategy == "backward"  # 13 vs 13.5
+    assert C.plan_edges(8, 8, 13, 5, 9, up_positions=16).strategy == "forward"  # 14 vs 13.5
+    assert C.plan_edges(8, 8, 52, 26, 9, up_positions=16).strategy == "forward"  # small-map transition: 53 vs 51.3
+    assert C.plan_edges(8, 8, 52, 26, 9, up_positions=256).strategy == "backward"  # large maps: 53 vs 134.5
+    assert C.plan_edges(8, 8, 25, 4, 9, up_positions=4096).strategy == "forward"  # f capped at 5: 26 vs 24.5
+    assert C.plan_edges(8, 8, 23, 4, 9, up_positions=4096).strategy == "backward"  # 24 vs 24.5
+    assert C.plan_edges(8, 8, 9, 9, 9).strategy == "backward"  # equal widths stay backward
+    # Memory bound: the IG path points are looped once the graph of all of them exceeds the budget.
+    big = C.plan_edges(50 * 256 * 56 * 56, 50 * 256 * 56 * 56, 26, 26, 9, strategy="backward")
+    assert big.chunk == 1 and big.step_chunk == 2  # 4 GiB / (6 x 321 MB per path point)
+    assert C.plan_edges(8, 8, 2, 2, 9, strategy="backward").step_chunk == 9
+    assert C.plan_edges(8, 8, 2, 2, 9, strategy="forward").chunk == 2  # all tangents in one vmap
+    with pytest.raises(ValueError, match="strategy"):
+        C.plan_edges(8, 8, 2, 2, 9, strategy="vmap")
+
+
+def test_calibrated_plan_is_cached_and_exact(rn, batch):
     images, _, _ = batch
     pts = rn.analysis_points()
-    u, d = pts[pair[0]], pts[pair[1]]
-    ours = C.ig_edge_scores(rn, images, u, d, nodes, steps=3)
-    naive = C.reference_ig_edge_scores(rn, images, u, d, nodes, steps=3)
-    assert ours.shape == (len(nodes), P.cache_points(rn, images[:1], [u])[u].shape[1])
-    assert naive.abs().max() > 0
-    torch.testing.assert_close(ours, naive, rtol=1e-5, atol=1e-5 * float(naive.abs().max()))
+    u, d = pts[5], pts[6]
+    C._CALIBRATED.clear()
+    ours = C.ig_edge_scores(rn, images, u, d, [0, 2], steps=3, upstream_nodes=[1, 3], calibrate=True)
+    (plan,) = C._CALIBRATED.values()
+    assert plan.strategy in C.EDGE_STRATEGIES and set(plan.cost) == {"backward_s", "forward_s"}
+    C.ig_edge_scores(rn, images, u, d, [0, 2], steps=3, upstream_nodes=[1, 3], calibrate=True)
+    assert list(C._CALIBRATED.values()) == [plan]  # measured once per shape
+    naive = C.reference_ig_edge_scores(rn, images, u, d, [0, 2], steps=3)[:, [1, 3]]
+    torch.testing.assert_close(ours, naive, rtol=0, atol=1e-6 * float(naive.abs().max()))
 
 
 def test_node_scores_match_hand_loop(rn, batch):
@@ -83,7 +141,7 @@ def test_circuit_invariants(rn, circuit):
 def test_edges_are_top_k_by_signed_score(rn, batch, circuit):
     images, _, _ = batch
     u, d = "visual.layer2.0.hook_out", "visual.layer3.0.hook_out"
-    mat = C.ig_edge_scores(rn, images, u, d, circuit.nodes[d], steps=2)[:, circuit.nodes[u]]
+    mat = C.ig_edge_scores(rn, images, u, d, circuit.nodes[d], steps=2, upstream_nodes=circuit.nodes[u])
     for row, j in zip(mat, circuit.nodes[d]):
         kept = sorted(w for uu, _, dd, jj, w in circuit.edges if (uu, dd, jj) == (u, d, j))
         assert kept == pytest.approx(sorted(row.sort(descending=True).values[:3].tolist()))
@@ -232,9 +290,7 @@ def test_sae_nodes(rn, batch):
     assert len(circuit.node_scores[point]) == 40 and len(circuit.nodes[point]) == 4
 
 
-def test_vit_head_and_neuron_circuit(batch):
-    torch.manual_seed(0)
-    vit = HookedCLIP.from_config("tiny-vit").double()
+def test_vit_head_and_neuron_circuit(vit, batch):
     images, head, labels = batch
     points = C.component_points(vit)
     assert points[0] == "visual.blocks.0.attn.hook_z" and len(points) == 4
@@ -258,6 +314,8 @@ def test_bad_inputs(rn, batch):
         C.ig_node_scores(rn, images, labels, head, "visual.hook_actt1")
     with pytest.raises(ValueError, match="downstream_nodes"):
         C.ig_edge_scores(rn, images, pts[5], pts[6], [10_000])
+    with pytest.raises(ValueError, match=r"upstream_nodes must lie in \[0, 64\)"):
+        C.ig_edge_scores(rn, images, pts[5], pts[6], [0], upstream_nodes=[64])
     with pytest.raises(ValueError, match="forward order"):
         C.discover_circuit(rn, images, labels, head, points=[pts[3], pts[1]])
     with pytest.raises(ValueError, match="labels shape"):

@@ -5,8 +5,8 @@ The paper ports sparse feature circuits (Marks et al.) to CNN channels with an i
 node scores are zero-baseline IG of the summed true-class cosine logit at one point; an edge
 u/i -> d/j is the IG, over point u, of the squared deviation of downstream node j from its clean
 value. Its code reruns the full model once per downstream node. Here the segment u -> d runs once
-(`HookedCLIP.forward_from`) and all downstream nodes share one batched vector-Jacobian product
-(`torch.autograd.grad(..., is_grads_batched=True)`, i.e. vmap over one-hot cotangents). No existing
+(`HookedCLIP.forward_from`) and the edges come from one VJP per downstream node over that graph or
+one JVP per upstream node, whichever a cost model (`plan_edges`) finds cheaper. No existing
 circuit library handles CNNs or CLIP, hence our own code; graph similarity is in
 `clipmech.analysis.circuit_similarity`.
 
@@ -16,9 +16,12 @@ activation is rebuilt as decode(z) + error, the error held at its clean value (M
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import io
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -81,18 +84,29 @@ def _spaces(model, images: Tensor, points: Sequence[str], saes: Mapping[str, Any
     return {p: NodeSpace(p, acts[p], saes.get(p)) for p in points}
 
 
+def _edge_point_orders(model) -> list[list[str]]:
+    """The point sequences whose consecutive pairs have edges: analysis points, and for a ViT its
+    head / MLP-neuron component points."""
+    names = list(model.hook_names())
+    if any(n.endswith("attn.hook_z") and n.startswith("visual.blocks.") for n in names):
+        return [list(model.analysis_points()), component_points(model)]
+    return [list(model.analysis_points())]
+
+
 def _check_consecutive(model, upstream: str, downstream: str) -> None:
-    points = list(model.analysis_points())
     check_points(model, [upstream, downstream])
+    orders = _edge_point_orders(model)
     for p in (upstream, downstream):
-        if p not in points:
+        if not any(p in points for points in orders):
             raise ValueError(f"{p!r} is not an analysis point; ig_edge_scores needs consecutive points of "
-                             f"model.analysis_points(): {points}")
+                             f"model.analysis_points(): {orders[0]}" + (" or of component_points(model)" if len(orders) > 1 else ""))
+    for points in orders:
+        if upstream in points and downstream in points and points.index(downstream) == points.index(upstream) + 1:
+            return
+    points = next(points for points in orders if upstream in points)
     i = points.index(upstream)
-    if i + 1 >= len(points) or points[i + 1] != downstream:
-        after = points[i + 1] if i + 1 < len(points) else "nothing (it is the last point)"
-        raise ValueError(f"ig_edge_scores needs consecutive analysis points; after {upstream!r} comes {after}, "
-                         f"not {downstream!r}")
+    after = points[i + 1] if i + 1 < len(points) else "nothing (it is the last point)"
+    raise ValueError(f"ig_edge_scores needs consecutive points; after {upstream!r} comes {after}, not {downstream!r}")
 
 
 # ------------------------------------------------------------------------------------ node scores
@@ -128,59 +142,237 @@ def ig_node_scores(model, images: Tensor, labels: Tensor, head: Tensor, point: s
 
 
 # ------------------------------------------------------------------------------------ edge scores
-# Downstream nodes per batched VJP. On CPU, vmap runs convolution backward slice by slice and then
-# concatenates; batches of 8 were 1.2-1.4x faster than one batch of all nodes on tiny ResNets
-# (benchmarks/circuit_edges.py) and bound memory.
-EDGE_CHUNK = 8
+# An edge score is a bilinear form: edge[j, i] = sum_s <r_s[..., j], (J_s v_i)[..., j]> / (B·steps), with
+# J_s the segment's Jacobian at path point s, r_s = dm/dy (2 (y - clean) / (B·positions)) and v_i = -a_u
+# on upstream node i. Backward mode takes one vector-Jacobian product per downstream node j, forward mode
+# one Jacobian-vector product per upstream node i; both are exact, and which is cheaper depends on the node
+# counts, hence a cost model (`plan_edges`) and an opt-in calibration.
+EDGE_STRATEGIES = ("backward", "forward")
+# Cost model in units of one per-node VJP of the segment over all path points; a plain forward of the
+# segment costs about as much. Measured in CPU seconds, one thread, 2026-11-29 (benchmarks/circuit_edges.py):
+# a vmapped JVP costs 1.5-2.4x a VJP per node (forward-mode batch norm / ReLU and vmap's layout copies) plus a
+# fixed overhead; per node it is 1.2-1.8x a VJP on maps of <= 16 positions (tiny-rn layer3 -> layer4 won
+# 1.2-1.35x) but ~5x on 256-3136 positions (tiny-rn and RN50 avgpool -> layer1: 0.6-0.75x), so the per-node
+# factor rises log-linearly from 1.8 at 16 upstream positions to 5 at 256. Several segment copies per VJP
+# (EdgePlan chunk > 1) gained nothing (0.75-1.08x) on one thread, so the model never picks them.
+_FORWARD_PASS = 1.0
+_FORWARD_PER_NODE = (1.8, 5.0)  # at <= 16 and >= 256 upstream positions per example
+_FORWARD_FIXED = 4.5
+# Retained autograd graph per element of (upstream + downstream activation), in activations; a bottleneck
+# segment keeps about six maps of that size (convs, norms, ReLU masks).
+_GRAPH_FACTOR = 6
+EDGE_MEMORY = 4 * 2 ** 30  # bytes one segment run may hold; more IG path points are looped, not batched
+
+
+@dataclass(frozen=True)
+class EdgePlan:
+    """How one segment's edges are computed: `strategy` 'backward' (one VJP per downstream node over
+    one retained graph; `chunk` copies of the segment batch serve `chunk` nodes per VJP, 1 = plain
+    loop) or 'forward' (one JVP per upstream node, `chunk` tangents per vmapped JVP); `step_chunk` IG
+    path points per segment run (the rest looped); `cost` the cost model's estimate per strategy."""
+
+    strategy: str
+    chunk: int
+    step_chunk: int
+    cost: dict[str, float] = field(default_factory=dict, compare=False)
+
+
+def plan_edges(up_numel: int, down_numel: int, n_down: int, n_up: int, n_points: int, strategy: str | None = None,
+               itemsize: int = 4, memory: int = EDGE_MEMORY, up_positions: int = 1) -> EdgePlan:
+    """Deterministic choice of edge strategy for a segment whose upstream / downstream activations
+    hold `up_numel` / `down_numel` elements per IG path point (batch included), `n_down` downstream
+    and `n_up` upstream nodes, `n_points` path points, `up_positions` values per upstream node and
+    example. `strategy` forces 'backward' or 'forward'. Cost: backward 1 + n_down, forward 4.5 +
+    f n_up with f from 1.8 (<= 16 positions) to 5 (>= 256), in units of one per-node VJP; chunks and
+    path points per run are the largest that keep a run within `memory` bytes."""
+    if strategy is not None and strategy not in EDGE_STRATEGIES:
+        raise ValueError(f"strategy must be one of {EDGE_STRATEGIES} or None (cost model), got {strategy!r}")
+    low, high = _FORWARD_PER_NODE
+    per_node = low + (high - low) * min(max(math.log2(max(up_positions, 1) / 16) / 4, 0.0), 1.0)
+    per_point = (up_numel + down_numel) * itemsize
+    tangents = max(1, min(n_up, memory // (3 * per_point * n_points)))
+    plans = {"backward": (1, max(1, min(n_points, memory // (_GRAPH_FACTOR * per_point)))),
+             "forward": (tangents, max(1, min(n_points, memory // (3 * tangents * per_point))))}
+    cost = {"backward": _FORWARD_PASS + n_down, "forward": _FORWARD_FIXED + per_node * n_up}
+    chosen = strategy or min(EDGE_STRATEGIES, key=lambda s: (cost[s], s))
+    return EdgePlan(chosen, *plans[chosen], cost={s: round(v, 3) for s, v in cost.items()})
+
+
+def _check_node_indices(nodes: Tensor, space: NodeSpace, what: str) -> None:
+    if len(nodes) and not (0 <= int(nodes.min()) and int(nodes.max()) < space.n_nodes):
+        raise ValueError(f"{what} must lie in [0, {space.n_nodes}) for {space.point!r}")
+
+
+class _EdgeProblem:
+    """One segment's edge IG: the path points (alpha·a_u in node space), the segment function in
+    node space and the metric residual scale; `backward` / `forward` accumulate edge[J, I]."""
+
+    def __init__(self, model, images: Tensor, up: NodeSpace, down: NodeSpace, down_nodes: Tensor,
+                 up_nodes: Tensor, steps: int):
+        self.model, self.up, self.down, self.steps = model, up, down, steps
+        self.down_nodes, self.up_nodes = down_nodes.to(up.clean.device), up_nodes.to(up.clean.device)
+        z = up.clean
+        self.n = len(z)
+        # At alpha = 1 the segment reproduces the clean downstream value, so m_j and its gradient are 0:
+        # that path point is skipped (it still counts in the 1/steps average).
+        self.alphas = torch.tensor(riemann_alphas(steps, _PAPER_RULE)[:-1], dtype=z.dtype, device=z.device)
+        self.scale = 2.0 / (self.n * down.clean[0, ..., 0].numel())  # dm_j/dy = scale·(y - clean)
+        segment = segment_fn(model, up.point, images, stop_at=down.point)
+        self.f = lambda x: down.nodes(segment(up.activation(x)))
+
+    def path(self, alphas: Tensor, copies: int = 1) -> Tensor:
+        z = self.up.clean
+        p = (alphas.view(-1, *([1] * z.ndim)) * z[None]).flatten(0, 1)
+        return p.repeat(copies, *([1] * (p.ndim - 1)))
+
+    def residual(self, y: Tensor) -> Tensor:
+        clean = self.down.clean
+        return self.scale * (y - clean.repeat(len(y) // len(clean), *([1] * (y.ndim - 1))))
+
+    def backward(self, alphas: Tensor, copies: int) -> Tensor:
+        """[J, I] summed over `alphas`: one graph over `copies` copies of the path batch, one VJP per
+        `copies` downstream nodes (copy c carries node c's cotangent)."""
+        x = self.path(alphas, copies).detach().requires_grad_(True)
+        with torch.enable_grad():
+            y = self.f(x)
+        resid = self.residual(y.detach()).unflatten(0, (copies, -1))
+        cot = torch.zeros_like(resid)
+        v = (0 - self.up.clean[..., self.up_nodes])[None]
+        rows = []
+        for start in range(0, len(self.down_nodes), copies):
+            sel = self.down_nodes[start:start + copies]
+            cot.zero_()
+            for c, j in enumerate(sel.tolist()):
+                cot[c, ..., j] = resid[c, ..., j]
+            (g,) = torch.autograd.grad(y, x, cot.flatten(0, 1), retain_graph=True)
+            g = g[..., self.up_nodes].unflatten(0, (copies, len(alphas), self.n)).sum(1)[:len(sel)]
+            rows.append(_position_sum((g * v).flatten(0, 1)).unflatten(0, (len(sel), self.n)).sum(1))
+        return torch.cat(rows)
+
+    def forward(self, alphas: Tensor, tangents: int) -> Tensor:
+        """[J, I] summed over `alphas`: JVPs along v_i = -a_u on upstream node i, `tangents` at a time
+        (vmapped over one primal)."""
+        x = self.path(alphas)
+        # The primal output does not depend on the tangent, so vmap returns it once (out_dims None).
+        jvp = torch.func.vmap(lambda t: torch.func.jvp(self.f, (x,), (t,)), out_dims=(None, 0))
+        cols, resid = [], None
+        for start in range(0, len(self.up_nodes), tangents):
+            sel = self.up_nodes[start:start + tangents]
+            t = x.new_zeros(len(sel), *x.shape)
+            for c, i in enumerate(sel.tolist()):
+                t[c, ..., i] = (0 - self.up.clean[..., i]).repeat(len(alphas), *([1] * (x.ndim - 2)))
+            y, out = jvp(t)
+            if resid is None:
+                resid = self.residual(y.detach())[..., self.down_nodes]
+            cols.append((out[..., self.down_nodes] * resid[None]).flatten(1, -2).sum(1).T)  # [J, k]
+        return torch.cat(cols, 1)
+
+    @property
+    def empty(self) -> bool:
+        return len(self.down_nodes) == 0 or len(self.up_nodes) == 0 or len(self.alphas) == 0
+
+    def run(self, plan: EdgePlan) -> Tensor:
+        total = self.up.clean.new_zeros(len(self.down_nodes), len(self.up_nodes))
+        for start in range(0, len(self.alphas), plan.step_chunk):
+            alphas = self.alphas[start:start + plan.step_chunk]
+            if plan.strategy == "backward":
+                total = total + self.backward(alphas, plan.chunk)
+            else:
+                # SDPA has no forward-mode derivative: a (no-op) pattern hook selects explicit softmax attention.
+                with self.model.hooks(fwd_hooks=[(lambda name: name.endswith("hook_pattern"), _no_op)]):
+                    total = total + self.forward(alphas, plan.chunk)
+        return (total / (self.n * self.steps)).detach()
+
+
+def _no_op(tensor: Tensor, hook) -> None:
+    return None
+
+
+def _edge_plan(problem: _EdgeProblem, strategy: str | EdgePlan | None, calibrate: bool) -> EdgePlan:
+    if isinstance(strategy, EdgePlan):
+        return strategy
+    up, down = problem.up.clean, problem.down.clean
+    plan = plan_edges(up.numel(), down.numel(), len(problem.down_nodes), len(problem.up_nodes), len(problem.alphas),
+                      strategy, up.element_size(), up_positions=up[0, ..., 0].numel())
+    if not calibrate or strategy is not None:
+        return plan
+    key = (problem.up.point, problem.down.point, tuple(up.shape), tuple(down.shape), len(problem.down_nodes),
+           len(problem.up_nodes), len(problem.alphas), up.dtype, str(up.device))
+    if key not in _CALIBRATED:
+        _CALIBRATED[key] = _calibrate(problem)
+    return _CALIBRATED[key]
+
+
+_CALIBRATED: dict[tuple, EdgePlan] = {}
+
+
+def _trial_seconds(problem: _EdgeProblem, plan: EdgePlan, n_nodes: int) -> float:
+    """Seconds `plan` takes on the first `n_nodes` nodes it loops over and its first group of path points."""
+    trial = copy.copy(problem)
+    trial.alphas = problem.alphas[:plan.step_chunk]
+    if plan.strategy == "backward":
+        trial.down_nodes = problem.down_nodes[:n_nodes]
+    else:
+        trial.up_nodes = problem.up_nodes[:n_nodes]
+    start = time.perf_counter()
+    trial.run(plan)
+    return time.perf_counter() - start
+
+
+def _calibrate(problem: _EdgeProblem) -> EdgePlan:
+    """Time both strategies on a few nodes and the first group of path points, extrapolate to all
+    nodes and groups, keep the faster. Backward: 1 and up to 3 nodes (fixed forward + per-node VJP);
+    forward: one chunk of tangents, times the number of chunks."""
+    up, down = problem.up.clean, problem.down.clean
+    seconds, plans = {}, {}
+    for s in EDGE_STRATEGIES:
+        plan = plans[s] = plan_edges(up.numel(), down.numel(), len(problem.down_nodes), len(problem.up_nodes),
+                                     len(problem.alphas), s, up.element_size(), up_positions=up[0, ..., 0].numel())
+        groups = math.ceil(len(problem.alphas) / plan.step_chunk)
+        if s == "backward":
+            n = min(len(problem.down_nodes), 3)
+            one, more = _trial_seconds(problem, plan, 1), _trial_seconds(problem, plan, n)
+            per_node = (more - one) / (n - 1) if n > 1 else one
+            seconds[s] = groups * (one - per_node + per_node * len(problem.down_nodes))
+        else:
+            seconds[s] = groups * math.ceil(len(problem.up_nodes) / plan.chunk) * _trial_seconds(problem, plan, plan.chunk)
+    best = min(EDGE_STRATEGIES, key=lambda s: (seconds[s], s))
+    return dataclasses.replace(plans[best], cost={f"{s}_s": round(v, 4) for s, v in seconds.items()})
 
 
 def _edge_scores(model, images: Tensor, up: NodeSpace, down: NodeSpace, downstream_nodes: Sequence[int],
-                 steps: int, chunk_size: int | None = EDGE_CHUNK) -> Tensor:
-    """[J, C_up] edge IG for downstream nodes `downstream_nodes`; all J nodes share one forward of
-    the segment and batched VJPs of `chunk_size` nodes each (None: all J in one batch)."""
-    nodes = torch.as_tensor(list(downstream_nodes), dtype=torch.long)
-    if len(nodes) and not (0 <= int(nodes.min()) and int(nodes.max()) < down.n_nodes):
-        raise ValueError(f"downstream_nodes must lie in [0, {down.n_nodes}) for {down.point!r}")
-    if len(nodes) == 0:
-        return up.clean.new_zeros(0, up.n_nodes)
-    z_u, target = up.clean, down.clean
-    n, n_pos = len(z_u), target[0, ..., 0].numel()
-    # At alpha = 1 the segment reproduces the clean downstream value, so m_j and its gradient are 0:
-    # that path point is skipped (it still counts in the 1/steps average).
-    alphas = torch.tensor(riemann_alphas(steps, _PAPER_RULE)[:-1], dtype=z_u.dtype, device=z_u.device)
-    if len(alphas) == 0:
-        return z_u.new_zeros(len(nodes), up.n_nodes)
-    path = (alphas.view(-1, *([1] * z_u.ndim)) * z_u[None]).flatten(0, 1).detach().requires_grad_(True)
-    segment = segment_fn(model, up.point, images, stop_at=down.point)
-    with torch.enable_grad():
-        y = down.nodes(segment(up.activation(path)))  # [S*B, ..., C_d]
-        # d m_j / d y for m_j = sum over path points of mean_{b,p} (y[..., j] - clean[..., j])^2.
-        resid = (2.0 / (n * n_pos)) * (y - target.repeat(len(alphas), *([1] * (y.ndim - 1)))).detach()
-        rows = []
-        chunk = chunk_size or len(nodes)
-        for start in range(0, len(nodes), chunk):
-            sel = nodes[start:start + chunk].to(y.device)
-            onehot = torch.nn.functional.one_hot(sel, y.shape[-1]).to(y.dtype)  # [J, C_d]
-            cot = resid[None] * onehot.view(len(sel), *([1] * (y.ndim - 1)), -1)
-            (g,) = torch.autograd.grad(y, path, grad_outputs=cot, is_grads_batched=True, retain_graph=True)
-            g = g.unflatten(1, (len(alphas), n)).sum(1) / steps  # [J, B, ..., C_u]: path average
-            rows.append(_position_sum((g * (0 - z_u[None])).flatten(0, 1)).unflatten(0, (len(sel), n)).mean(1))
-    return torch.cat(rows).detach()
+                 steps: int, upstream_nodes: Sequence[int] | None = None, strategy: str | EdgePlan | None = None,
+                 calibrate: bool = False) -> Tensor:
+    """[J, I] edge IG for downstream nodes `downstream_nodes` and upstream nodes `upstream_nodes`
+    (None: all), by the plan the cost model (or calibration, or `strategy`) picks."""
+    down_nodes = torch.as_tensor(list(downstream_nodes), dtype=torch.long)
+    up_nodes = torch.arange(up.n_nodes) if upstream_nodes is None else torch.as_tensor(list(upstream_nodes), dtype=torch.long)
+    _check_node_indices(down_nodes, down, "downstream_nodes")
+    _check_node_indices(up_nodes, up, "upstream_nodes")
+    problem = _EdgeProblem(model, images, up, down, down_nodes, up_nodes, steps)
+    if problem.empty:  # no nodes, or steps == 1 (the only path point, alpha = 1, contributes 0)
+        return up.clean.new_zeros(len(down_nodes), len(up_nodes))
+    return problem.run(_edge_plan(problem, strategy, calibrate))
 
 
 def ig_edge_scores(model, images: Tensor, upstream: str, downstream: str, downstream_nodes: Sequence[int],
-                   steps: int = 10) -> Tensor:
-    """The paper's edge scores between consecutive analysis points, Tensor[len(downstream_nodes),
-    C_upstream]: m_j = mean over batch and positions of (f(ã)[:, j] - a_d[:, j])^2 with f the
-    segment upstream -> downstream; g_j = mean of dm_j/dã at ã = (1 - s/steps)·a_u, s < steps;
-    edge[j, i] = mean_b sum_positions (g_j ⊙ (0 - a_u))[:, i].
+                   steps: int = 10, upstream_nodes: Sequence[int] | None = None, *,
+                   strategy: str | EdgePlan | None = None, calibrate: bool = False) -> Tensor:
+    """The paper's edge scores between consecutive points (of `model.analysis_points()`, or of
+    `component_points(model)` for ViT heads and MLP neurons), Tensor[len(downstream_nodes),
+    len(upstream_nodes)] (all upstream nodes when None): m_j = mean over batch and positions of
+    (f(ã)[:, j] - a_d[:, j])^2 with f the segment upstream -> downstream; g_j = mean of dm_j/dã at
+    ã = (1 - s/steps)·a_u, s < steps; edge[j, i] = mean_b sum_positions (g_j ⊙ (0 - a_u))[:, i].
 
-    Cost: one forward of the segment over steps*B examples plus len(downstream_nodes) VJPs batched
-    through vmap (no per-node loop, no full-model reruns).
+    Cost: one forward of the segment over (steps-1)*B examples, then either one VJP per downstream
+    node ('backward') or one JVP per upstream node ('forward'). `plan_edges` picks the strategy
+    from the node counts and activation sizes (deterministic); `calibrate=True` instead times both
+    once per shape and keeps the faster; `strategy` ('backward', 'forward' or an `EdgePlan`) forces.
     """
     _check_consecutive(model, upstream, downstream)
     spaces = _spaces(model, images, [upstream, downstream], None)
-    return _edge_scores(model, images, spaces[upstream], spaces[downstream], downstream_nodes, steps)
+    return _edge_scores(model, images, spaces[upstream], spaces[downstream], downstream_nodes, steps, upstream_nodes,
+                        strategy, calibrate)
 
 
 def reference_ig_edge_scores(model, images: Tensor, upstream: str, downstream: str,
@@ -323,7 +515,7 @@ def component_points(model) -> list[str]:
 
 def discover_circuit(model, images: Tensor, labels: Tensor, head: Tensor, *, points: Sequence[str] | None = None,
                      node_fraction: float = 0.1, top_k: int = 3, steps: int = 10,
-                     saes: Mapping[str, Any] | None = None, chunk_size: int | None = EDGE_CHUNK,
+                     saes: Mapping[str, Any] | None = None, strategy: str | None = None, calibrate: bool = False,
                      meta: dict[str, Any] | None = None) -> Circuit:
     """The paper's circuit for one (domain, class) batch: per point the top ceil(node_fraction·C)
     nodes by `ig_node_scores`; for each consecutive pair (u, d) and each selected downstream node,
@@ -331,8 +523,10 @@ def discover_circuit(model, images: Tensor, labels: Tensor, head: Tensor, *, poi
     points[i+1]); no wrap-around from the last point to the first (paper §12).
 
     `points` default to model.analysis_points(); `component_points(model)` gives ViT heads and MLP
-    neurons; `saes` {point: sae} makes that point's nodes SAE latents. Cost: len(points) node IGs
-    plus one batched edge IG per pair (steps*B examples each through one segment).
+    neurons; `saes` {point: sae} makes that point's nodes SAE latents; `strategy` / `calibrate` as in
+    `ig_edge_scores`. Cost: len(points) node IGs plus one edge IG per pair over the selected nodes
+    only (one segment forward, then a VJP per selected downstream node or a JVP per selected
+    upstream node, whichever the cost model finds cheaper).
     """
     points = list(model.analysis_points() if points is None else points)
     check_points(model, points)
@@ -349,7 +543,7 @@ def discover_circuit(model, images: Tensor, labels: Tensor, head: Tensor, *, poi
         nodes[p] = [int(i) for i in torch.argsort(scores[p], descending=True, stable=True)[:k]]
     edges = []
     for u, d in zip(points[:-1], points[1:]):
-        mat = _edge_scores(model, images, spaces[u], spaces[d], nodes[d], steps, chunk_size)[:, nodes[u]]
+        mat = _edge_scores(model, images, spaces[u], spaces[d], nodes[d], steps, nodes[u], strategy, calibrate)
         for row, j in zip(mat, nodes[d]):
             for col in torch.argsort(row, descending=True, stable=True)[:top_k]:
                 edges.append((u, nodes[u][int(col)], d, j, float(row[col])))
