@@ -462,6 +462,68 @@ def cross_domain_faithfulness(model, circuits: Mapping[str, Circuit], images: Ma
     return domains, mat
 
 
+# ------------------------------------------------------------------- faithfulness over circuit sizes
+FAITHFULNESS_SIZES = (1, 2, 5, 10, 20, 50, 100)  # % of nodes kept per point (MIB-style sweep)
+FAITHFULNESS_EPS = 1e-3  # |m(N) - m(empty)| below this: f undefined, the cell is skipped and counted
+
+
+@torch.no_grad()
+def resample_values(model, donors: Tensor, points: Sequence[str]) -> dict[str, Tensor]:
+    """{point: node values [B, ..., C]}: resample ablation, image b's ablated nodes take donor b's
+    values (e.g. a same-domain drawing of another class). Cost: one forward over `donors`."""
+    return {p: s.clean for p, s in _spaces(model, donors, list(points), None).items()}
+
+
+def top_fraction_masks(circuit: Circuit, percent: float, points: Sequence[str]) -> dict[str, Tensor]:
+    """{point: bool [C]} keeping the top ceil(percent/100 * C) nodes of each point by the circuit's node
+    scores (ties by lower index); percent = 100 keeps every node."""
+    if not 0 < percent <= 100:
+        raise ValueError(f"percent must be in (0, 100], got {percent}")
+    out = {}
+    for p in points:
+        s = circuit.node_scores[p]
+        keep = torch.zeros(len(s), dtype=torch.bool)
+        keep[torch.argsort(s, descending=True, stable=True)[:math.ceil(percent / 100 * len(s) - 1e-9)]] = True
+        out[p] = keep
+    return out
+
+
+def curve_areas(percents: Sequence[float], f: Sequence[float]) -> dict[str, float]:
+    """Areas under a faithfulness curve on a linear x axis in [0, 1] (x = percent / 100), trapezoid
+    rule, starting at (0, 0): "auc" = area under f (circuit performance ratio, 1 for a perfect
+    circuit at every size) and "distance" = area under |1 - f| (circuit-model distance)."""
+    x = np.concatenate([[0.0], np.asarray(percents, dtype=float) / 100])
+    y = np.concatenate([[0.0], np.asarray(f, dtype=float)])
+    if np.any(np.diff(x) <= 0) or x[-1] > 1:
+        raise ValueError(f"percents must increase within (0, 100]; got {list(percents)}")
+    return {"auc": float(np.trapezoid(y, x)), "distance": float(np.trapezoid(np.abs(1 - y), x))}
+
+
+def faithfulness_curve(model, circuit: Circuit, images: Tensor, labels: Tensor, head: Tensor, *,
+                       fill: Mapping[str, Tensor], points: Sequence[str] | None = None,
+                       sizes: Sequence[float] = FAITHFULNESS_SIZES, eps: float = FAITHFULNESS_EPS) -> dict[str, Any]:
+    """f(x) = (m(C_x) - m(empty)) / (m(N) - m(empty)) for the circuit's top x % nodes per point (x in
+    `sizes`), everything else at every point replaced by `fill` (from `ablation_values`, or
+    `resample_values` for resample ablation); m = mean true-class cosine logit of `images` (held out
+    from discovery). `points` default to the circuit's points except the pixel input. Returns
+    {"sizes", "f", "auc", "distance", "m_full", "m_empty"}, with f and the areas None and a "skipped"
+    reason when |m(N) - m(empty)| < eps. Cost: len(sizes) + 1 forwards."""
+    points = [p for p in circuit.points if not p.endswith("hook_input")] if points is None else list(points)
+    metric = true_class_logit(head, labels)
+    full = {p: torch.ones(len(circuit.node_scores[p]), dtype=torch.bool) for p in points}
+    m = lambda keep: float(evaluate_metric(metric, ablated_embedding(model, images, keep, fill=fill)))  # noqa: E731
+    m_empty = m({p: ~k for p, k in full.items()})
+    values = {x: m(top_fraction_masks(circuit, x, points)) for x in sizes}
+    m_full = values[100] if 100 in values else m(full)
+    out: dict[str, Any] = {"sizes": list(sizes), "m_full": m_full, "m_empty": m_empty, "f": None, "auc": None,
+                           "distance": None}
+    if abs(m_full - m_empty) < eps:
+        out["skipped"] = f"|m(N) - m(empty)| = {abs(m_full - m_empty):.2g} < eps = {eps:g}"
+        return out
+    out["f"] = [(values[x] - m_empty) / (m_full - m_empty) for x in sizes]
+    return out | curve_areas(sizes, out["f"])
+
+
 # ----------------------------------------------------------------------------- shared-node test
 def shared_nodes(circuits: Mapping[str, Mapping[str, Circuit]], test_domain: str, classes: Sequence[str],
                  points: Sequence[str]) -> tuple[dict[str, set[int]], dict[str, set[int]]]:
