@@ -44,7 +44,7 @@ from clipmech.utils import file_hash
 
 CONTROL_SCORES = ("node_jaccard", "edge_jaccard", "wl", "feature_sharing", "cka_mid")
 WL_H = 1
-CONTROLS_VERSION = 1
+CONTROLS_VERSION = 2  # 2: standardised SAE inputs
 N_PERM = 20  # CKA row permutations per domain pair
 
 
@@ -162,7 +162,9 @@ def faithfulness_controls(study, model, discovery, seed: int = 0) -> dict[str, A
             rows = in_domain[ds.class_idx[idx][in_domain] == k]
             others = in_domain[ds.class_idx[idx][in_domain] != k]
             labels = torch.full((len(rows),), k, dtype=torch.long)
-            fills = {"mean": mean_fill, "resample": resample_values(model, images[rng.choice(others, len(rows))], points)}
+            fills = {"mean": mean_fill}
+            if len(others):  # resample donors: same-domain test drawings of other classes
+                fills["resample"] = resample_values(model, images[rng.choice(others, len(rows))], points)
             for how, fill in fills.items():
                 r = faithfulness_curve(model, circuit, images[rows], labels, head, fill=fill, points=points)
                 out["skipped"] += r["f"] is None
@@ -267,7 +269,7 @@ def controls_model(study, run: Mapping[str, Any], model, test_domain: str) -> tu
         raise FileNotFoundError(f"{epoch0} missing: the untrained floor needs the epoch-0 checkpoint")
     key = {"stage": "controls", "checkpoint": run["checkpoint_hash"], "untrained": file_hash(epoch0),
            "dataset": study.dataset.content_hash(), "c2": study.c2, "test_domain": test_domain,
-           "version": CONTROLS_VERSION, **study.opts.analysis_key()}
+           **study.opts.analysis_key(), "controls_version": CONTROLS_VERSION}
 
     def compute() -> dict:
         untrained = HookedCLIP.from_checkpoint(epoch0).eval()

@@ -33,7 +33,7 @@ from clipmech.study.report import MAIN_SETUPS, build_results, cka_mid, setup_sum
 from clipmech.utils import file_hash, hash_obj
 
 # Bump when a stage's computation changes so stored results are not reused across versions.
-STAGE_VERSION = 2
+STAGE_VERSION = 3  # 3: sparse, standardised SAEs (issue 13)
 
 # The quickstart's default test domains. Not the emoji dataset's default (quickdraw, the domain with
 # the largest DG gap): on quickdraw a 10-minute tiny CLIP gets 0-1 of the 15 held-out-class images
