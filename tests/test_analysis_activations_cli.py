@@ -63,7 +63,10 @@ def test_embeddings_sae_sharing(run_dir, capsys):
     assert 0 <= sae["metrics"]["fvu"] and sae["n_latents"] == 2 * dim
     # a dense "SAE" is flagged, a sparse one is not
     assert ("the SAE is not sparse" in capsys.readouterr().out) == (sae["metrics"]["l0"] >= dim)
-    assert main(["analyze", "sharing", str(run), "--split", "all"]) == 0
+    # a dense SAE is refused unless --allow-dense (the rule's boundary is pinned in test_analysis_controls)
+    rc = main(["analyze", "sharing", str(run), "--split", "all"])
+    assert rc == 0 or (rc == 1 and "--allow-dense" in capsys.readouterr().err)
+    assert main(["analyze", "sharing", str(run), "--split", "all", "--allow-dense"]) == 0
     sh = json.loads((run / "analysis" / "sharing_hook_image_embed_normalized.json").read_text())
     assert len(sh["matrix"]) == 6 and sh["class_subset"] == "C2" and len(sh["classes"]) == 4
     assert sh["concepts"] and {"latent", "word", "cosine", "count"} <= set(sh["concepts"][0])

@@ -31,11 +31,11 @@ def test_shards_roundtrip_stream_and_train(tmp_path):
     with pytest.raises(FileExistsError):
         ShardWriter(tmp_path / "acts")
 
-    sae, hist = train_sae(shards, n_latents=32, l1_coef=0.3, lr=3e-3, epochs=15, batch_size=100, seed=0)
+    sae, hist = train_sae(shards, n_latents=32, lr=1e-2, epochs=40, batch_size=100, seed=0)  # paper_l1(12)
     assert hist[-1]["recon"] < 0.5 * hist[0]["recon"]
     m = evaluate_sae(sae, shards)
     assert m["n"] == 1000 and m["fvu"] < 0.15
-    weak, _ = train_sae(shards, n_latents=32, l1_coef=0.003, lr=3e-3, epochs=15, batch_size=100, seed=0)
+    weak, _ = train_sae(shards, n_latents=32, l1_coef=1e-5, lr=1e-2, epochs=40, batch_size=100, seed=0)
     assert 0 < m["l0"] < evaluate_sae(weak, shards)["l0"] - 3  # a stronger L1 penalty gives sparser codes
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(32), atol=1e-5)
     # metrics computed directly agree with the streamed ones
@@ -51,7 +51,7 @@ def test_shards_roundtrip_stream_and_train(tmp_path):
 
 def test_topk_variant_has_exact_sparsity():
     X = _sparse_data(n=1000, d=12, n_true=16)
-    sae, _ = train_sae(X, n_latents=32, k=4, lr=3e-3, epochs=10, batch_size=100, seed=0)
+    sae, _ = train_sae(X, n_latents=32, k=4, lr=1e-2, epochs=20, batch_size=100, seed=0)
     z = sae.encode(X)
     assert int((z > 0).sum(1).max()) <= 4
     assert evaluate_sae(sae, X)["fvu"] < 0.2

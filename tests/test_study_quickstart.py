@@ -141,3 +141,22 @@ def test_identical_mixtures_are_refused():
         check_distinct_mixtures(specs, runs)
     runs[specs[1].run_id]["mixture_hash"] = "other"
     check_distinct_mixtures(specs, runs)
+
+
+def test_rows_carry_the_controls(quickstart):
+    """Issue 13: floors, ceilings and normalised scores (or the reason they are undefined), faithfulness
+    area, SAE metrics and the causal test in every model row, and the controls figures."""
+    from clipmech.study.controls import CONTROL_SCORES
+    out, _ = quickstart
+    results = json.loads((out / "results.json").read_text())
+    for m in results["models"]:
+        reasons = m["controls"]["norm_reasons"]
+        for s in CONTROL_SCORES:
+            assert {f"{s}_floor", f"{s}_ceiling", f"{s}_norm"} <= set(m)
+            assert (m[f"{s}_norm"] is None) == (reasons[s] is not None)
+        assert {"wl", "faithfulness_auc", "sae_l0", "sae_fvu", "sae_dead", "causal_effect_logit",
+                "causal_verdict", "causal_trimmed_fraction"} <= set(m)
+        assert 0 <= m["sae_dead"] <= 1 and m["sae_fvu"] >= 0
+        assert set(m["controls"]["cpu_s"]) == {"circuits", "sae", "cka", "causal", "faithfulness"}
+    assert (out / "figures" / "sharedness_controls.png").stat().st_size > 5000
+    assert any(p.name.startswith("faithfulness_") for p in (out / "figures").iterdir())

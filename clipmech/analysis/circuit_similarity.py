@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from clipmech.analysis.bootstrap import bootstrap_ci, percentile_ci
 from clipmech.analysis.circuits import Circuit, discover_circuit
 
 
@@ -103,14 +104,6 @@ def circuit_similarities(a: Circuit, b: Circuit, wl_h: Sequence[int] = (1, 2, 3)
     return out
 
 
-def percentile_ci(samples: Sequence[float], alpha: float = 0.05) -> tuple[float, float]:
-    """Two-sided (1 - alpha) percentile interval of bootstrap samples."""
-    s = np.asarray(samples, dtype=float)
-    if len(s) == 0 or not np.all(np.isfinite(s)):
-        raise ValueError("bootstrap samples must be a non-empty list of finite numbers")
-    return float(np.quantile(s, alpha / 2)), float(np.quantile(s, 1 - alpha / 2))
-
-
 def bootstrap_circuit_similarity(model, images_a: Tensor, labels_a: Tensor, images_b: Tensor, labels_b: Tensor,
                                  head: Tensor, similarity: Callable[[Circuit, Circuit], float] = edge_jaccard, *,
                                  n_boot: int = 20, seed: int = 0, alpha: float = 0.05,
@@ -127,14 +120,14 @@ def bootstrap_circuit_similarity(model, images_a: Tensor, labels_a: Tensor, imag
         ib = torch.randint(len(images_b), (len(images_b),), generator=gen)
         samples.append(similarity(discover_circuit(model, images_a[ia], labels_a[ia], head, **discover_kwargs),
                                   discover_circuit(model, images_b[ib], labels_b[ib], head, **discover_kwargs)))
-    return {"estimate": float(est), "ci": list(percentile_ci(samples, alpha)), "samples": samples}
+    return {"estimate": float(est), "ci": list(percentile_ci(samples, 1 - alpha)), "samples": samples}
 
 
 def mean_with_ci(values: Sequence[float], n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict[str, Any]:
-    """Mean of per-class values with a bootstrap CI over classes."""
+    """Mean of per-class values with a percentile bootstrap CI over classes (`bootstrap_ci`; None
+    with fewer than two values)."""
     v = np.asarray(values, dtype=float)
     if len(v) == 0:
         raise ValueError("no values to average")
-    rng = np.random.default_rng(seed)
-    boots = v[rng.integers(0, len(v), (n_boot, len(v)))].mean(1)
-    return {"mean": float(v.mean()), "ci": list(percentile_ci(boots, alpha)), "n": int(len(v))}
+    ci = bootstrap_ci(v, n_boot=n_boot, level=1 - alpha, seed=seed)
+    return {"mean": float(v.mean()), "ci": None if ci is None else list(ci), "n": int(len(v))}

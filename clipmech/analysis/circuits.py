@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from clipmech.analysis.bootstrap import bootstrap_ci
 from clipmech.analysis.patching import (Metric, cache_points, check_points, cosine_logits, evaluate_metric,
                                         mean_gradient_along_path, node_dim, riemann_alphas, segment_fn,
                                         true_class_logit)
@@ -656,6 +657,68 @@ def cross_domain_faithfulness(model, circuits: Mapping[str, Circuit], images: Ma
     return domains, mat
 
 
+# ------------------------------------------------------------------- faithfulness over circuit sizes
+FAITHFULNESS_SIZES = (1, 2, 5, 10, 20, 50, 100)  # % of nodes kept per point (MIB-style sweep)
+FAITHFULNESS_EPS = 1e-3  # |m(N) - m(empty)| below this: f undefined, the cell is skipped and counted
+
+
+@torch.no_grad()
+def resample_values(model, donors: Tensor, points: Sequence[str]) -> dict[str, Tensor]:
+    """{point: node values [B, ..., C]}: resample ablation, image b's ablated nodes take donor b's
+    values (e.g. a same-domain drawing of another class). Cost: one forward over `donors`."""
+    return {p: s.clean for p, s in _spaces(model, donors, list(points), None).items()}
+
+
+def top_fraction_masks(circuit: Circuit, percent: float, points: Sequence[str]) -> dict[str, Tensor]:
+    """{point: bool [C]} keeping the top ceil(percent/100 * C) nodes of each point by the circuit's node
+    scores (ties by lower index); percent = 100 keeps every node."""
+    if not 0 < percent <= 100:
+        raise ValueError(f"percent must be in (0, 100], got {percent}")
+    out = {}
+    for p in points:
+        s = circuit.node_scores[p]
+        keep = torch.zeros(len(s), dtype=torch.bool)
+        keep[torch.argsort(s, descending=True, stable=True)[:math.ceil(percent / 100 * len(s) - 1e-9)]] = True
+        out[p] = keep
+    return out
+
+
+def curve_areas(percents: Sequence[float], f: Sequence[float]) -> dict[str, float]:
+    """Areas under a faithfulness curve on a linear x axis in [0, 1] (x = percent / 100), trapezoid
+    rule, starting at (0, 0): "auc" = area under f (circuit performance ratio, 1 for a perfect
+    circuit at every size) and "distance" = area under |1 - f| (circuit-model distance)."""
+    x = np.concatenate([[0.0], np.asarray(percents, dtype=float) / 100])
+    y = np.concatenate([[0.0], np.asarray(f, dtype=float)])
+    if np.any(np.diff(x) <= 0) or x[-1] > 1:
+        raise ValueError(f"percents must increase within (0, 100]; got {list(percents)}")
+    return {"auc": float(np.trapezoid(y, x)), "distance": float(np.trapezoid(np.abs(1 - y), x))}
+
+
+def faithfulness_curve(model, circuit: Circuit, images: Tensor, labels: Tensor, head: Tensor, *,
+                       fill: Mapping[str, Tensor], points: Sequence[str] | None = None,
+                       sizes: Sequence[float] = FAITHFULNESS_SIZES, eps: float = FAITHFULNESS_EPS) -> dict[str, Any]:
+    """f(x) = (m(C_x) - m(empty)) / (m(N) - m(empty)) for the circuit's top x % nodes per point (x in
+    `sizes`), everything else at every point replaced by `fill` (from `ablation_values`, or
+    `resample_values` for resample ablation); m = mean true-class cosine logit of `images` (held out
+    from discovery). `points` default to the circuit's points except the pixel input. Returns
+    {"sizes", "f", "auc", "distance", "m_full", "m_empty"}, with f and the areas None and a "skipped"
+    reason when |m(N) - m(empty)| < eps. Cost: len(sizes) + 1 forwards."""
+    points = [p for p in circuit.points if not p.endswith("hook_input")] if points is None else list(points)
+    metric = true_class_logit(head, labels)
+    full = {p: torch.ones(len(circuit.node_scores[p]), dtype=torch.bool) for p in points}
+    m = lambda keep: float(evaluate_metric(metric, ablated_embedding(model, images, keep, fill=fill)))  # noqa: E731
+    m_empty = m({p: ~k for p, k in full.items()})
+    values = {x: m(top_fraction_masks(circuit, x, points)) for x in sizes}
+    m_full = values[100] if 100 in values else m(full)
+    out: dict[str, Any] = {"sizes": list(sizes), "m_full": m_full, "m_empty": m_empty, "f": None, "auc": None,
+                           "distance": None}
+    if abs(m_full - m_empty) < eps:
+        out["skipped"] = f"|m(N) - m(empty)| = {abs(m_full - m_empty):.2g} < eps = {eps:g}"
+        return out
+    out["f"] = [(values[x] - m_empty) / (m_full - m_empty) for x in sizes]
+    return out | curve_areas(sizes, out["f"])
+
+
 # ----------------------------------------------------------------------------- shared-node test
 def shared_nodes(circuits: Mapping[str, Mapping[str, Circuit]], test_domain: str, classes: Sequence[str],
                  points: Sequence[str]) -> tuple[dict[str, set[int]], dict[str, set[int]]]:
@@ -689,10 +752,9 @@ def _accuracy_per_image(model, images: Tensor, labels: Tensor, head: Tensor, kee
     return torch.stack([correct, logits.gather(1, labels[:, None])[:, 0].double()]).numpy()
 
 
-def _bootstrap_mean(values: np.ndarray, n_boot: int, rng: np.random.Generator, alpha: float = 0.05) -> tuple[float, float, float]:
-    idx = rng.integers(0, len(values), (n_boot, len(values)))
-    boots = values[idx].mean(1)
-    return float(values.mean()), float(np.quantile(boots, alpha / 2)), float(np.quantile(boots, 1 - alpha / 2))
+def _mean_ci(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float | None, float | None]:
+    ci = bootstrap_ci(values, n_boot=n_boot, seed=seed)
+    return (float(values.mean()), *(ci or (None, None)))
 
 
 # condition -> (node pool, how many per point): the size-matched comparison draws min(|shared|, |unshared|)
@@ -773,8 +835,8 @@ def shared_node_ablation(model, circuits: Mapping[str, Mapping[str, Circuit]], t
         "conditions": {}, "contrasts": {}}
 
     def summary(values: np.ndarray) -> dict[str, Any]:
-        drop, lo, hi = _bootstrap_mean(values[0], n_boot, rng)
-        ldrop, llo, lhi = _bootstrap_mean(values[1], n_boot, rng)
+        drop, lo, hi = _mean_ci(values[0], n_boot, seed)
+        ldrop, llo, lhi = _mean_ci(values[1], n_boot, seed)
         return {"drop": drop, "drop_ci95": [lo, hi], "logit_drop": ldrop, "logit_drop_ci95": [llo, lhi]}
 
     for c, d in drops.items():

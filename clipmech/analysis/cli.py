@@ -66,7 +66,8 @@ def register(subparsers) -> None:
         if name == "sae":
             p.add_argument("--expansion", type=int, default=4, help="latents = expansion x width (paper: 4)")
             p.add_argument("--k", type=int, help="top-k SAE with this k (default: ReLU + L1)")
-            p.add_argument("--l1", type=float, default=1e-4, help="L1 coefficient (paper: 1e-4)")
+            p.add_argument("--l1", type=float, default=None,
+                           help="L1 coefficient (default 1e-4 * 1024 / width: the paper's 1e-4 at 1024-d)")
             p.add_argument("--lr", type=float, default=1e-3)
             p.add_argument("--epochs", type=int, default=50)
             p.add_argument("--sae-batch-size", type=int, default=2048)
@@ -76,6 +77,8 @@ def register(subparsers) -> None:
             p.add_argument("--top", type=int, default=20, help="latents per image (paper: 20)")
             p.add_argument("--vocab", metavar="FILE", help="concept vocabulary, one word per line, embedded by the "
                            "run's text tower (paper: CLIP-Dissect 20k words; default: dataset class and domain words)")
+            p.add_argument("--allow-dense", action="store_true",
+                           help="compute sharing even when the SAE's L0 >= its input width (refused by default)")
         p.set_defaults(func=func)
     cli_causal.register(sub)
     for name, p in {id(p): (n, p) for n, p in sub.choices.items()}.values():
@@ -271,7 +274,7 @@ def run_sae(args: argparse.Namespace) -> int:
     sae, history = train_sae(shards, n_latents, k=args.k, l1_coef=args.l1, lr=args.lr, epochs=args.epochs,
                              batch_size=args.sae_batch_size, seed=args.seed, device=ctx.device)
     metrics = evaluate_sae(sae, shards)
-    info = {"meta": ctx.meta(), "point": args.point, "n_latents": n_latents, "k": args.k, "l1": args.l1,
+    info = {"meta": ctx.meta(), "point": args.point, "n_latents": n_latents, "k": args.k, "l1": sae.cfg.l1_coef,
             "lr": args.lr, "epochs": args.epochs, "metrics": metrics, "history": history,
             "shards": str(shard_dir)}
     sae.save(ctx.out / f"sae_{_slug(args.point)}.pt", extra=info)
@@ -281,10 +284,8 @@ def run_sae(args: argparse.Namespace) -> int:
     for flag in metrics["flags"]:
         print(f"  warning: {flag} (flagged in {path})")
     if args.k is None and metrics["l0"] >= shards.dim:
-        # The paper's L1 of 1e-4 is weak for unit-norm embeddings: 64-d tiny-rn embeddings gave L0 122
-        # at 1e-4 and 22 at 0.1 (FVU 0.003 -> 0.026).
         print(f"  warning: the SAE is not sparse (L0 {metrics['l0']:.0f} >= {shards.dim} input dimensions); "
-              f"raise --l1 (now {args.l1:g}) or use a top-k SAE (--k)")
+              f"raise --l1 (now {sae.cfg.l1_coef:g}) or use a top-k SAE (--k); `analyze sharing` will refuse it")
     return 0
 
 
@@ -296,7 +297,8 @@ def run_sharing(args: argparse.Namespace) -> int:
 
     from clipmech.analysis.sae import SparseAutoencoder
     from clipmech.analysis.sharing import (dataset_vocabulary, embed_words, feature_sharing, name_latents,
-                                           name_latents_by_data, read_vocabulary, top_latent_histograms)
+                                           name_latents_by_data, read_vocabulary, require_sparse,
+                                           top_latent_histograms)
     from clipmech.utils import atomic_write_json
 
     ctx = _Context(args)
@@ -317,6 +319,7 @@ def run_sharing(args: argparse.Namespace) -> int:
                          "retrain the SAE for this point and pooling")
     with torch.no_grad():
         codes = sae.encode(acts)
+    require_sparse(float((codes > 0).sum(1).double().mean()), sae.cfg.d_in, args.allow_dense)
     H = top_latent_histograms(codes, ds.class_idx[rows][keep], ds.domain_idx[rows][keep], classes, len(ds.domains),
                               top=args.top)
     res = feature_sharing(H, ds.domains, class_names=[ds.classes[k] for k in classes])

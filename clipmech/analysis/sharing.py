@@ -9,6 +9,13 @@ Deliberate choices where the paper leaves ties "arbitrary": histogram top-K brea
 latent index (deterministic), and latents with a zero count are never part of a top-K, so two domains
 cannot "share" a latent that fired for neither. A class missing in a domain is left out of that
 domain pair's mean (counted in the output). Works on codes of any SAE, so on intermediate layers too.
+
+Controls (issue 13): `require_sparse` refuses a dense SAE (L0 >= input width; with a dense code the
+top-20 latents of an image are not its features). `match_latents` pairs the latents of two SAEs
+(different seeds, same activations) one-to-one by decoder cosine (Hungarian algorithm,
+scipy.optimize.linear_sum_assignment); `seed_ceiling` is the sharing of one (class, domain) cell with
+itself across the two seeds on matched latents, `class_permuted_floor` the sharing of different
+classes in the same domain pairs.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 
 DEFAULT_KS = (5, 10, 15, 20)
 
@@ -80,6 +88,68 @@ def feature_sharing(H: torch.Tensor, domains: Sequence[str], ks: Sequence[int] =
     return {"domains": list(domains), "ks": list(ks), "classes": list(class_names) if class_names else list(range(C)),
             "matrix": as_list(M), "n_classes": counts.tolist(), "per_class": [as_list(P) for P in per_class],
             "score": score}
+
+
+def require_sparse(l0: float, d_in: int, allow_dense: bool = False) -> None:
+    """Raise unless the SAE is sparse: mean L0 (active latents per input) < d_in, its input width.
+    `allow_dense` lets a dense SAE through (its sharing then measures something else)."""
+    if l0 >= d_in and not allow_dense:
+        raise ValueError(f"the SAE is dense: mean L0 {l0:.1f} >= its input width {d_in}, so an image's top "
+                         "latents are not sparse features. Retrain it with the default (paper) L1 or a top-k SAE, "
+                         "or pass allow_dense=True (CLI: --allow-dense) to compute sharing anyway")
+
+
+def match_latents(dec_a: torch.Tensor, dec_b: torch.Tensor, threshold: float = 0.7) -> dict:
+    """One-to-one matching of the latents of SAE a to those of SAE b maximising the summed decoder
+    cosine (Hungarian algorithm). dec_a [La, d], dec_b [Lb, d] decoder rows. Returns {"a", "b"
+    (matched index arrays, len min(La, Lb)), "cosine" per pair, "matched" (cosine >= threshold),
+    "fraction_matched" (pairs over threshold / La), "threshold"}. Cost O(max(La, Lb)^3)."""
+    if dec_a.shape[1] != dec_b.shape[1]:
+        raise ValueError(f"decoder widths differ ({dec_a.shape[1]} vs {dec_b.shape[1]}); SAEs of different "
+                         "activations cannot be matched")
+    cos = (torch.nn.functional.normalize(dec_a.double(), dim=1) @ torch.nn.functional.normalize(dec_b.double(), dim=1).T)
+    ia, ib = linear_sum_assignment(cos.numpy(), maximize=True)
+    c = cos.numpy()[ia, ib]
+    ok = c >= threshold
+    return {"a": ia, "b": ib, "cosine": c, "matched": ok, "fraction_matched": float(ok.sum() / len(dec_a)),
+            "threshold": threshold}
+
+
+def _share(ha: torch.Tensor, hb: torch.Tensor, ks: Sequence[int]) -> float:
+    return float(np.mean([overlap_at_k(ha, hb, K) for K in ks]))
+
+
+def seed_ceiling(Ha: torch.Tensor, Hb: torch.Tensor, matching: dict, ks: Sequence[int] = DEFAULT_KS) -> np.ndarray:
+    """Sharing of each (class, domain) cell with itself across two SAE seeds: histograms Ha (C, D, La)
+    and Hb (C, D, Lb) restricted to latents matched above threshold, b's re-indexed as a's.
+    Returns (C, D) shares, NaN where a cell has no image."""
+    ia, ib = matching["a"][matching["matched"]], matching["b"][matching["matched"]]
+    A = torch.zeros_like(Ha)
+    B = torch.zeros_like(Ha)
+    A[..., ia] = Ha[..., ia]
+    B[..., ia] = Hb[..., ib]
+    present = (Ha.sum(-1) > 0) & (Hb.sum(-1) > 0)
+    out = np.full(present.shape, np.nan)
+    for c, d in zip(*np.nonzero(present.numpy())):
+        out[c, d] = _share(A[c, d], B[c, d], ks)
+    return out
+
+
+def pair_shares(H: torch.Tensor, d: int, ks: Sequence[int] = DEFAULT_KS, permuted: bool = False) -> np.ndarray:
+    """Per class k, the mean over other domains b of share(H[k, d], H[k', b]) with k' = k (the score)
+    or, `permuted`, over every k' != k (the class-permuted floor). Returns (C,), NaN where a class
+    has no pair with images in both cells."""
+    C, D, _ = H.shape
+    present = (H.sum(-1) > 0).numpy()
+    out = np.full(C, np.nan)
+    for k in range(C):
+        if not present[k, d]:
+            continue
+        others = [k2 for k2 in range(C) if k2 != k] if permuted else [k]
+        vals = [_share(H[k, d], H[k2, b], ks) for k2 in others for b in range(D) if b != d and present[k2, b]]
+        if vals:
+            out[k] = float(np.mean(vals))
+    return out
 
 
 @torch.no_grad()

@@ -40,6 +40,8 @@ from clipmech.eval.templates import get_templates
 from clipmech.eval.zeroshot import class_prompts_names, eval_images, eval_transform_description, group_metrics
 from clipmech.models.hooked_clip import HookedCLIP
 from clipmech.study import figures as F
+from clipmech.study.controls import FIGURE_NOTES as CONTROLS_FIGURES
+from clipmech.study.controls import controls_budget, controls_model, draw_controls_figures
 from clipmech.study.progress import Progress
 from clipmech.study.registry import Registry
 from clipmech.study.report import MAIN_SETUPS, SHAREDNESS_MEASURES, build_results, cka_mid, setup_summary, write_outputs
@@ -47,7 +49,7 @@ from clipmech.train.trainer import train
 from clipmech.utils import TensorCache, file_hash, hash_obj, unknown_name_error
 
 # Bump when a stage's computation changes so stored results are not reused across versions.
-STAGE_VERSION = 2
+STAGE_VERSION = 3  # 3: sparse, standardised SAEs (issue 13)
 
 # The quickstart's default test domains. Not the emoji dataset's default (quickdraw, the domain with
 # the largest DG gap): on quickdraw a 10-minute tiny CLIP gets 0-1 of the 15 held-out-class images
@@ -246,6 +248,7 @@ def plan_budgets(opts: QuickstartOptions, specs: Sequence[ModelSpec], dataset) -
         budgets[f"circuits {tag}"] = 6 * opts.circuit_classes * 0.02 * opts.circuit_steps
         budgets[f"SAE {tag}"] = 2.0 + 0.1 * opts.sae_epochs
         budgets[f"embeddings {tag}"] = 5.0
+        budgets[f"controls {tag}"] = controls_budget(opts)  # issue 13
     budgets["figures and report"] = 15.0  # includes UMAP of the figure model
     return budgets
 
@@ -665,6 +668,8 @@ def run_quickstart(opts: QuickstartOptions) -> dict[str, Any]:
             share, h.reused = sae_sharing_model(study, run, model)
         with progress.stage(f"embeddings {tag}") as h:
             emb, h.reused = embeddings_model(study, run, model, with_umap=spec == figure_spec)
+        with progress.stage(f"controls {tag}") as h:  # issue 13: floors, ceilings, causal test, faithfulness
+            ctrl, h.reused = controls_model(study, run, model, spec.test_domain)
         accuracy, curve = _final_metrics(metrics[spec.run_id], spec.test_domain)
         domains = study.dataset.domains
         rows.append({"setup": spec.setup, "seed": spec.seed, "test_domain": spec.test_domain, **accuracy,
@@ -673,7 +678,7 @@ def run_quickstart(opts: QuickstartOptions) -> dict[str, Any]:
                      "edge_jaccard": _mean_vs_others(circ["edge"], domains, spec.test_domain),
                      "feature_sharing": share["score"][spec.test_domain],
                      "embedding_separation": emb["separation"], "run_id": spec.run_id, "model_id": spec.run_id,
-                     "mixture_id": run["mixture_id"], "n_train": run["n_train"]})
+                     "mixture_id": run["mixture_id"], "n_train": run["n_train"], **ctrl})
         curves.setdefault(spec.test_domain, {}).setdefault(spec.setup, []).append(curve)
         per_model[(spec.run_id, spec.test_domain)] = {"cka": cka_res, "circuits": circ, "sharing": share, "emb": emb}
 
@@ -685,10 +690,12 @@ def run_quickstart(opts: QuickstartOptions) -> dict[str, Any]:
         fig_dir = study.out / "figures"
         draw_figures(results, curves, per_model[(figure_spec.run_id, figure_spec.test_domain)], figure_spec,
                      study.dataset.domains, fig_dir)
+        draw_controls_figures(results["models"], fig_dir)  # issue 13
         results["extra"]["wall_time_s"] = round(time.perf_counter() - t0, 1)
     results["extra"]["stages"] = progress.timings()
     results["extra"]["cpu_time_s"] = round(time.process_time() - c0, 1)
-    write_outputs(results, study.out, {f"figures/{k}": v for k, v in FIGURE_NOTES.items()})
+    results["extra"]["controls_s"] = {k: round(v, 1) for k, v in progress.done.items() if k.startswith("controls ")}
+    write_outputs(results, study.out, {f"figures/{k}": v for k, v in (FIGURE_NOTES | CONTROLS_FIGURES).items()})
     return results
 
 

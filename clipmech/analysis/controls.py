@@ -1,0 +1,224 @@
+"""Controls for the sharedness analyses (issue 13): floors and ceilings for every sharedness score, their
+normalisation, and a de-confounded causal test of the "shared circuitry" claim.
+
+A sharedness score means something only beside what it is by chance (floor) and at most (ceiling):
+- circuit scores (node / edge Jaccard, WL): score = same class, test domain vs each other domain;
+  floor = different classes in the same domain pairs (class-permuted); ceiling = same (domain, class)
+  cell, circuits of two disjoint sets of drawings of the same size as the score's (`circuit_nulls`);
+- `estimate` gives each a mean with a bootstrap CI over classes; `normalize` gives
+  (score - floor) / (ceiling - floor) only where the ceiling's CI lies above the floor's, else None
+  and the reason.
+
+Causal test (`matched_causal_test`): circuits are discovered on one set of drawings and ablated on a
+disjoint, held-out set (the caller guarantees disjointness; the study checks drawing ids). "Shared"
+nodes (in the test domain's class-k circuit and the class-k circuit of another domain) are ablated
+against controls drawn without replacement from unshared nodes of the same circuit and circuit nodes
+of other classes at the same point, matched on size and IG score: per point, strata are quantiles of
+the class-k node scores of shared + pool nodes; within a stratum as many controls are drawn as
+shared nodes, and where the pool is short the stratum's excess shared nodes are trimmed (randomly),
+the trimmed fraction reported (`matched_controls`). Effects are per class (paired: drop after
+ablating shared nodes minus drop after ablating the matched controls), with a bootstrap CI over
+classes. A class without a shared node, without held-out drawings, or whose shared nodes are all
+trimmed is skipped and counted.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from clipmech.analysis.circuit_similarity import mean_with_ci
+from clipmech.analysis.circuits import Circuit, ablated_embedding, ablation_values, shared_nodes
+from clipmech.analysis.patching import cosine_logits
+
+Circuits = Mapping[str, Mapping[Any, Circuit]]  # circuits[domain][class]
+
+
+# ------------------------------------------------------------------------------------ estimates
+def estimate(values: Sequence[float], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """{"mean", "ci" (95 % bootstrap over the values, None when n < 2), "n"} of the finite values;
+    mean None when there are none."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
+    if len(v) == 0:
+        return {"mean": None, "ci": None, "n": 0}
+    if len(v) < 2:
+        return {"mean": float(v[0]), "ci": None, "n": 1}
+    return mean_with_ci(v, n_boot=n_boot, seed=seed)
+
+
+def normalize(score: float | None, floor: Mapping[str, Any] | None, ceiling: Mapping[str, Any] | None
+              ) -> tuple[float | None, str | None]:
+    """(score - floor) / (ceiling - floor) and None, or None and the reason it is undefined: a
+    missing score, floor or ceiling, a floor or ceiling without CI, or a ceiling whose CI does not lie
+    entirely above the floor's."""
+    if score is None:
+        return None, "no score"
+    for name, e in (("floor", floor), ("ceiling", ceiling)):
+        if e is None or e.get("mean") is None:
+            return None, f"no {name}" + (f": {e['reason']}" if e and e.get("reason") else "")
+        if e.get("ci") is None:
+            return None, f"the {name} has no CI (n = {e.get('n')})"
+    if not ceiling["ci"][0] > floor["ci"][1]:
+        return None, (f"ceiling {ceiling['mean']:.3f} (CI {ceiling['ci'][0]:.3f}-{ceiling['ci'][1]:.3f}) does not "
+                      f"exceed floor {floor['mean']:.3f} (CI {floor['ci'][0]:.3f}-{floor['ci'][1]:.3f}) beyond their CIs")
+    return float((score - floor["mean"]) / (ceiling["mean"] - floor["mean"])), None
+
+
+# ------------------------------------------------------------------------------ circuit nulls
+def circuit_nulls(circuits: Circuits, repeats: Circuits, test_domain: str,
+                  similarity: Callable[[Circuit, Circuit], float]) -> dict[str, Any]:
+    """Score, class-permuted floor and disjoint-drawings ceiling of one circuit similarity.
+
+    `circuits[d][k]`: the score's circuits; `repeats[d][k]`: circuits of the same cells from other,
+    disjoint drawings (same count). Per class k: score = mean over other domains b of
+    similarity(C[d*][k], C[b][k]); floor = mean over b and classes k' != k of similarity(C[d*][k],
+    C[b][k']); ceiling = mean over domains d having a repeat of similarity(C[d][k], R[d][k]).
+    Cells without a repeat are skipped and counted. Each is an `estimate` over classes."""
+    if test_domain not in circuits:
+        raise KeyError(f"no circuits for test domain {test_domain!r}; have {sorted(circuits)}")
+    others = [d for d in circuits if d != test_domain]
+    per_class: dict[str, list[float]] = {"score": [], "floor": [], "ceiling": []}
+    skipped = 0
+    classes = list(circuits[test_domain])
+    for k in classes:
+        a = circuits[test_domain][k]
+        per_class["score"].append(_mean([similarity(a, circuits[b][k]) for b in others if k in circuits[b]]))
+        per_class["floor"].append(_mean([similarity(a, circuits[b][k2]) for b in others for k2 in circuits[b]
+                                         if k2 != k]))
+    for k in dict.fromkeys(k for d in circuits for k in circuits[d]):
+        vals = []
+        for d in circuits:
+            if k not in circuits[d]:
+                continue
+            if k in repeats.get(d, {}):
+                vals.append(similarity(circuits[d][k], repeats[d][k]))
+            else:
+                skipped += 1
+        per_class["ceiling"].append(_mean(vals))
+    out = {name: estimate(v) for name, v in per_class.items()}
+    out["ceiling"]["cells_skipped"] = skipped
+    if out["ceiling"]["mean"] is None:
+        out["ceiling"]["reason"] = f"no (domain, class) cell has a second, disjoint drawing set ({skipped} skipped)"
+    return out
+
+
+def _mean(vals: Sequence[float]) -> float:
+    return float(np.mean(vals)) if len(vals) else float("nan")
+
+
+# ------------------------------------------------------------------------------ matched controls
+def score_strata(values: np.ndarray, n_strata: int) -> tuple[np.ndarray, np.ndarray]:
+    """(stratum per value, edges): quantile strata of `values` (n_strata bins, equal counts up to ties)."""
+    if n_strata < 1:
+        raise ValueError(f"n_strata must be >= 1, got {n_strata}")
+    edges = np.quantile(values, np.linspace(0, 1, n_strata + 1))
+    return np.searchsorted(edges[1:-1], values, side="right"), edges
+
+
+def matched_controls(shared: Sequence[int], pool: Sequence[int], scores: Tensor | np.ndarray, n_strata: int,
+                     rng: np.random.Generator) -> dict[str, Any]:
+    """Controls for the `shared` nodes of one point, drawn without replacement from `pool` (disjoint
+    from shared) so that every score stratum holds as many controls as shared nodes. Strata are
+    `score_strata` of the `scores` [C] of shared + pool nodes; in a stratum with fewer pool than shared
+    nodes, randomly chosen shared nodes are trimmed. Returns {"shared" (kept), "control", "trimmed"
+    (number of shared nodes dropped), "edges"}."""
+    shared, pool = np.asarray(sorted(shared), dtype=int), np.asarray(sorted(pool), dtype=int)
+    if np.intersect1d(shared, pool).size:
+        raise ValueError("the control pool must be disjoint from the shared nodes")
+    if len(shared) == 0:
+        return {"shared": [], "control": [], "trimmed": 0, "edges": []}
+    s = np.asarray(scores, dtype=float)
+    both = np.concatenate([shared, pool])
+    strata, edges = score_strata(s[both], n_strata)
+    s_str, p_str = strata[:len(shared)], strata[len(shared):]
+    kept, control = [], []
+    for z in np.unique(s_str):
+        mine, theirs = shared[s_str == z], pool[p_str == z]
+        m = min(len(mine), len(theirs))
+        kept.extend(rng.choice(mine, m, replace=False).tolist())
+        control.extend(rng.choice(theirs, m, replace=False).tolist())
+    return {"shared": sorted(kept), "control": sorted(control), "trimmed": len(shared) - len(kept),
+            "edges": edges.tolist()}
+
+
+def _drop_masks(sizes: Mapping[str, int], drop: Mapping[str, Sequence[int]]) -> dict[str, Tensor]:
+    out = {}
+    for p, n in sizes.items():
+        m = torch.ones(n, dtype=torch.bool)
+        m[[int(i) for i in drop.get(p, [])]] = False
+        out[p] = m
+    return out
+
+
+def _outcomes(model, images: Tensor, labels: Tensor, head: Tensor, keep: Mapping[str, Tensor],
+              fill: Mapping[str, Tensor]) -> np.ndarray:
+    """[2]: mean top-1 correctness and mean true-class cosine logit of the images under `keep`."""
+    logits = cosine_logits(ablated_embedding(model, images, keep, fill=fill), head).cpu()
+    labels = torch.as_tensor(labels).cpu()
+    return np.array([float((logits.argmax(-1) == labels).double().mean()),
+                     float(logits.gather(1, labels[:, None]).double().mean())])
+
+
+def matched_causal_test(model, discovery: Circuits, test_domain: str, held_out: Mapping[Any, tuple[Tensor, Tensor]],
+                        head: Tensor, *, reference: Tensor, points: Sequence[str] | None = None,
+                        ablation: str = "mean", n_strata: int = 4, n_draws: int = 10, seed: int = 0,
+                        n_boot: int = 1000) -> dict[str, Any]:
+    """De-confounded shared-node ablation (see module doc). `discovery[d][k]`: circuits found on
+    discovery drawings; `held_out[k]` = (images, labels) of the test domain's class k, disjoint from
+    the discovery drawings; `reference`: images whose mean the ablated nodes take. Per class, each of
+    `n_draws` draws trims and matches anew; drops are averaged over draws. Returns per-class effects
+    (accuracy and true-class logit: drop(shared) - drop(control)), their means with bootstrap CIs over
+    classes, the trimmed fraction, and skipped classes with reasons.
+    Cost: (1 + 2 n_draws) forwards of each class's held-out images."""
+    mine = discovery.get(test_domain) or {}
+    if not mine:
+        raise KeyError(f"no discovery circuits for test domain {test_domain!r}; have {sorted(discovery)}")
+    first = next(iter(mine.values()))
+    points = [p for p in first.points if not p.endswith("hook_input")] if points is None else list(points)
+    sizes = {p: len(first.node_scores[p]) for p in points}
+    fill = ablation_values(model, reference, points, ablation)
+    rng = np.random.default_rng(seed)
+    per_class: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    n_shared = n_trimmed = 0
+    for k, (images, labels) in held_out.items():
+        if k not in mine:
+            skipped[str(k)] = "no discovery circuit in the test domain"
+            continue
+        if len(images) == 0:
+            skipped[str(k)] = "no held-out drawing"
+            continue
+        shared, unshared = shared_nodes(discovery, test_domain, [k], points)
+        if not any(shared.values()):
+            skipped[str(k)] = "no node shared with another domain"
+            continue
+        pool = {p: (unshared[p] | {i for k2, c in mine.items() if k2 != k for i in c.nodes[p]}) - shared[p]
+                for p in points}
+        base = _outcomes(model, images, labels, head, _drop_masks(sizes, {}), fill)
+        drops, trimmed = [], []
+        for _ in range(n_draws):
+            match = {p: matched_controls(shared[p], pool[p], mine[k].node_scores[p], n_strata, rng) for p in points}
+            trimmed.append(sum(m["trimmed"] for m in match.values()))
+            if not any(m["shared"] for m in match.values()):
+                continue
+            d_sh = base - _outcomes(model, images, labels, head, _drop_masks(sizes, {p: m["shared"] for p, m in match.items()}), fill)
+            d_ct = base - _outcomes(model, images, labels, head, _drop_masks(sizes, {p: m["control"] for p, m in match.items()}), fill)
+            drops.append(np.stack([d_sh, d_ct]))
+        total = sum(len(v) for v in shared.values())
+        n_shared += total * n_draws
+        n_trimmed += sum(trimmed)
+        if not drops:
+            skipped[str(k)] = "every stratum of its shared nodes lacked controls (all trimmed)"
+            continue
+        d = np.mean(drops, 0)  # [2 (shared, control), 2 (accuracy, logit)]
+        per_class[str(k)] = {"n_images": len(images), "n_shared": total, "trimmed_fraction": float(np.mean(trimmed)) / total,
+                             "drop_shared": d[0].tolist(), "drop_control": d[1].tolist(),
+                             "effect_accuracy": float(d[0, 0] - d[1, 0]), "effect_logit": float(d[0, 1] - d[1, 1])}
+    out: dict[str, Any] = {"classes": list(per_class), "skipped": skipped, "per_class": per_class,
+                           "n_strata": n_strata, "n_draws": n_draws, "ablation": ablation,
+                           "trimmed_fraction": n_trimmed / n_shared if n_shared else None}
+    for key in ("effect_accuracy", "effect_logit"):
+        out[key] = estimate([c[key] for c in per_class.values()], n_boot=n_boot, seed=seed)
+    return out

@@ -1,0 +1,397 @@
+"""The quickstart's sharedness controls (issue 13), per model: floors, ceilings and normalised values of
+every sharedness score, faithfulness over circuit sizes, sparse-SAE metrics and the de-confounded
+causal test. Composes clipmech.analysis.controls / .circuits / .sharing / .sae / .cka.
+
+The unit is a distinct drawing (emoji: training views of one drawing never count twice; only view 0
+is used). Drawing sets per (domain, class) cell: the score's circuits use the cell's test drawings
+(as the quickstart's circuit stage); the "repeat" circuits use as many of its distinct training
+drawings. A cell with fewer training drawings than test drawings has no repeat (skipped, counted).
+
+- node / edge Jaccard, WL (h = 1, `WL_H`): `analysis.controls.circuit_nulls` on those circuits;
+  a second floor from the untrained (epoch-0) checkpoint's score.
+- feature sharing: two SAEs (seeds 0 and 1) on the training-split embeddings; ceiling = each cell
+  with itself across seeds on Hungarian-matched latents (cosine >= 0.7); floor = class-permuted.
+- CKA (linear, unbiased, class centroids, middle third of the points): floor = row-permutation
+  baseline and the untrained model; ceiling = test-drawing vs training-drawing centroids of one domain.
+- causal test: circuits discovered on the training drawings, ablated on the held-out test drawings.
+- faithfulness: the training-drawing circuits evaluated on the test drawings, mean and resample
+  ablation.
+Normalisation uses the class-permuted (CKA: permutation) floor; the untrained floor is reported beside it.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from clipmech.analysis.activations import pool
+from clipmech.analysis.bootstrap import adaptive_bootstrap, decide, tail_probability
+from clipmech.analysis.cka import cka
+from clipmech.analysis.circuit_similarity import edge_jaccard, node_jaccard, wl_kernel
+from clipmech.analysis.circuits import (FAITHFULNESS_SIZES, Circuit, ablation_values, discover_circuit, faithfulness_curve,
+                                        resample_values)
+from clipmech.analysis.controls import circuit_nulls, estimate, matched_causal_test, normalize
+from clipmech.analysis.patching import cache_points
+from clipmech.analysis.sae import evaluate_sae, train_sae
+from clipmech.analysis.sharing import (match_latents, pair_shares, require_sparse, seed_ceiling,
+                                       top_latent_histograms)
+from clipmech.eval.zeroshot import class_prompts_names
+from clipmech.models.hooked_clip import HookedCLIP
+from clipmech.study.report import middle_third
+from clipmech.utils import file_hash
+
+CONTROL_SCORES = ("node_jaccard", "edge_jaccard", "wl", "feature_sharing", "cka_mid")
+WL_H = 1
+CONTROLS_VERSION = 2  # 2: standardised SAE inputs
+N_PERM = 20  # CKA row permutations per domain pair
+
+
+def _points(model) -> list[str]:
+    return [p for p in model.analysis_points() if p != "visual.hook_input"]
+
+
+def _distinct(study, split: str) -> np.ndarray:
+    """Bool per row of study.images(split): a distinct drawing (emoji: view 0)."""
+    idx = study.dataset.indices(split=split)
+    views = getattr(study.dataset, "view_idx", None)
+    return np.ones(len(idx), bool) if views is None else views[idx] == 0
+
+
+def _cells(study) -> dict[str, dict[int, tuple[np.ndarray, np.ndarray]]]:
+    """{domain: {class: (test rows, training rows)}} into study.images(split) for the circuit classes;
+    training rows = the first distinct training drawings, as many as test rows (empty if too few)."""
+    ds = study.dataset
+    split_rows = {}
+    for split in ("test", "train"):
+        idx = ds.indices(split=split)
+        split_rows[split] = (ds.domain_idx[idx], ds.class_idx[idx], _distinct(study, split))
+    classes = [ds.classes.index(c) for c in study.c2][: study.opts.circuit_classes]
+    out: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+    for di, d in enumerate(ds.domains):
+        out[d] = {}
+        for k in classes:
+            rows = {s: np.flatnonzero((dom == di) & (cls == k) & dist) for s, (dom, cls, dist) in split_rows.items()}
+            if len(rows["test"]):
+                train = rows["train"][: len(rows["test"])]
+                out[d][k] = (rows["test"], train if len(train) == len(rows["test"]) else train[:0])
+    return out
+
+
+def _circuits(study, model, head, cells, split: str) -> dict[str, dict[int, Circuit]]:
+    images = study.images(split)
+    out: dict[str, dict[int, Circuit]] = {}
+    for d, per in cells.items():
+        out[d] = {}
+        for k, (test_rows, train_rows) in per.items():
+            rows = test_rows if split == "test" else train_rows
+            if len(rows):
+                out[d][k] = discover_circuit(model, images[rows], torch.full((len(rows),), k, dtype=torch.long), head,
+                                             steps=study.opts.circuit_steps, meta={"split": split, "rows": rows.tolist()})
+    return out
+
+
+SIMILARITIES: dict[str, Callable[[Circuit, Circuit], float]] = {
+    "node_jaccard": lambda a, b: float(np.mean(list(node_jaccard(a, b, [p for p in a.points
+                                                                        if p != "visual.hook_input"]).values()))),
+    "edge_jaccard": edge_jaccard,
+    "wl": lambda a, b: wl_kernel(a, b, h=WL_H),
+}
+
+
+def _head(study, model) -> torch.Tensor:
+    with torch.no_grad():
+        return model.zero_shot_head(class_prompts_names(study.dataset), study.templates())
+
+
+def _embed(model, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model.encode_image(images[i:i + batch_size], normalize=True)
+                          for i in range(0, len(images), batch_size)])
+
+
+# ------------------------------------------------------------------------------------ parts
+def circuit_controls(study, model, untrained, test_domain: str) -> tuple[dict, dict]:
+    """(nulls per circuit score incl. the untrained floor, the training-drawing circuits)."""
+    cells = _cells(study)
+    head = _head(study, model)
+    score_c, repeat_c = _circuits(study, model, head, cells, "test"), _circuits(study, model, head, cells, "train")
+    untrained_c = _circuits(study, untrained, _head(study, untrained), cells, "test")
+    out = {}
+    for name, sim in SIMILARITIES.items():
+        res = circuit_nulls(score_c, repeat_c, test_domain, sim)
+        res["floor_untrained"] = circuit_nulls(untrained_c, {}, test_domain, sim)["score"]
+        out[name] = res
+    return out, repeat_c
+
+
+def causal_controls(study, model, discovery, test_domain: str) -> dict[str, Any]:
+    """De-confounded causal test on the test domain (discovery: training drawings; ablation: test drawings)."""
+    ds, images = study.dataset, study.images("test")
+    idx = ds.indices(split="test")
+    di = ds.domains.index(test_domain)
+    held = {}
+    for k, c in discovery.get(test_domain, {}).items():
+        rows = np.flatnonzero((ds.domain_idx[idx] == di) & (ds.class_idx[idx] == k))
+        held[k] = (images[rows], torch.full((len(rows),), k, dtype=torch.long))
+        train_ids = set(ds.indices(split="train")[c.meta["rows"]].tolist())
+        if train_ids & set(idx[rows].tolist()):
+            raise RuntimeError(f"causal test: class {ds.classes[k]!r} has a held-out drawing among its discovery drawings")
+    reference = images[np.flatnonzero(ds.domain_idx[idx] == di)]
+    res = matched_causal_test(model, discovery, test_domain, held, _head(study, model), reference=reference)
+    res["per_class"] = {ds.classes[int(k)]: v for k, v in res["per_class"].items()}
+    return res
+
+
+def faithfulness_controls(study, model, discovery, seed: int = 0) -> dict[str, Any]:
+    """Faithfulness curves of the training-drawing circuits on the test drawings, per domain (mean
+    over classes, bootstrap CI), mean and resample ablation."""
+    ds, images = study.dataset, study.images("test")
+    idx = ds.indices(split="test")
+    head = _head(study, model)
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {"skipped": 0, "domains": {}, "sizes": list(FAITHFULNESS_SIZES)}
+    for d, per in discovery.items():
+        di = ds.domains.index(d)
+        in_domain = np.flatnonzero(ds.domain_idx[idx] == di)
+        points = [p for p in next(iter(per.values())).points if not p.endswith("hook_input")] if per else []
+        mean_fill = ablation_values(model, images[in_domain], points, "mean") if per else None
+        curves: dict[str, list] = {"mean": [], "resample": []}
+        for k, circuit in per.items():
+            rows = in_domain[ds.class_idx[idx][in_domain] == k]
+            others = in_domain[ds.class_idx[idx][in_domain] != k]
+            labels = torch.full((len(rows),), k, dtype=torch.long)
+            fills = {"mean": mean_fill}
+            if len(others):  # resample donors: same-domain test drawings of other classes
+                fills["resample"] = resample_values(model, images[rng.choice(others, len(rows))], points)
+            for how, fill in fills.items():
+                r = faithfulness_curve(model, circuit, images[rows], labels, head, fill=fill, points=points)
+                out["skipped"] += r["f"] is None
+                curves[how].append(r)
+        out["domains"][d] = {how: {"auc": estimate([r["auc"] for r in rs if r["f"] is not None]),
+                                   "distance": estimate([r["distance"] for r in rs if r["f"] is not None]),
+                                   "f_mean": (np.mean([r["f"] for r in rs if r["f"] is not None], 0).tolist()
+                                              if any(r["f"] is not None for r in rs) else None)}
+                             for how, rs in curves.items()}
+    return out
+
+
+def sae_controls(study, model, test_domain: str) -> dict[str, Any]:
+    """Two SAE seeds on the training-split embeddings (held-out images only encoded): metrics, the
+    seed matching, and feature sharing's score, class-permuted floor and seed ceiling."""
+    ds, opts = study.dataset, study.opts
+    train_x = _embed(model, study.images("train"))
+    saes = [train_sae(train_x, n_latents=opts.sae_expansion * train_x.shape[1], epochs=opts.sae_epochs,
+                      batch_size=256, seed=s)[0] for s in (0, 1)]
+    idx = ds.indices(split="test")
+    c2 = [ds.classes.index(c) for c in study.c2]
+    rows = np.flatnonzero(np.isin(ds.class_idx[idx], c2))
+    test_x = _embed(model, study.images("test")[rows])
+    out: dict[str, Any] = {"l1_coef": saes[0].cfg.l1_coef, "train": evaluate_sae(saes[0], train_x),
+                           "held_out": evaluate_sae(saes[0], test_x), "n_train": len(train_x)}
+    try:
+        require_sparse(out["train"]["l0"], train_x.shape[1])
+    except ValueError as err:
+        return out | {"reason": str(err)}
+    match = match_latents(saes[0].W_dec.detach(), saes[1].W_dec.detach())
+    with torch.no_grad():
+        H = [top_latent_histograms(s.encode(test_x), ds.class_idx[idx][rows], ds.domain_idx[idx][rows], c2,
+                                   len(ds.domains)) for s in saes]
+    d = ds.domains.index(test_domain)
+    ceiling = np.nanmean(seed_ceiling(H[0], H[1], match), 1)
+    return out | {"fraction_matched": match["fraction_matched"], "match_threshold": match["threshold"],
+                  "score": estimate(pair_shares(H[0], d)), "floor": estimate(pair_shares(H[0], d, permuted=True)),
+                  "ceiling": estimate(ceiling)}
+
+
+def _centroids(model, images: torch.Tensor, dom: np.ndarray, cls: np.ndarray, classes: Sequence[int],
+               n_domains: int) -> dict[str, np.ndarray]:
+    """{point: [D, K, C]} class centroids of mean-pooled activations (NaN where a cell is empty)."""
+    acts = {p: pool(a, "mean").double().numpy() for p, a in cache_points(model, images, _points(model)).items()}
+    out = {}
+    for p, a in acts.items():
+        c = np.full((n_domains, len(classes), a.shape[1]), np.nan)
+        for d in range(n_domains):
+            for i, k in enumerate(classes):
+                sel = (dom == d) & (cls == k)
+                if sel.any():
+                    c[d, i] = a[sel].mean(0)
+        out[p] = c
+    return out
+
+
+def _mid_cka(X: Mapping[str, np.ndarray], Y: Mapping[str, np.ndarray]) -> float:
+    """Linear unbiased CKA of two centroid tables per point, mean over the middle third of points;
+    classes missing on either side are dropped."""
+    pts = list(X)[middle_third(len(X))]
+    vals = []
+    for p in pts:
+        ok = ~np.isnan(X[p]).any(1) & ~np.isnan(Y[p]).any(1)
+        vals.append(cka(X[p][ok], Y[p][ok]))
+    return float(np.mean(vals))
+
+
+def cka_controls(study, model, untrained, test_domain: str, seed: int = 0) -> dict[str, Any]:
+    """cka_mid score (per other domain), permutation and untrained floors, and the disjoint-drawings
+    ceiling (test vs training-drawing centroids of each domain)."""
+    ds = study.dataset
+    c2 = [ds.classes.index(c) for c in study.c2]
+    D, t = len(ds.domains), ds.domains.index(test_domain)
+    tables = {}
+    for name, m, split in (("test", model, "test"), ("train", model, "train"), ("untrained", untrained, "test")):
+        idx = ds.indices(split=split)
+        rows = np.flatnonzero(np.isin(ds.class_idx[idx], c2) & _distinct(study, split))
+        # the ceiling's training centroids use one drawing per cell, as the test split holds
+        _, first = np.unique(np.stack([ds.domain_idx[idx][rows], ds.class_idx[idx][rows]]), axis=1, return_index=True)
+        rows = rows[np.sort(first)] if split == "train" else rows
+        tables[name] = _centroids(m, study.images(split)[rows], ds.domain_idx[idx][rows], ds.class_idx[idx][rows], c2, D)
+    at = lambda table, d: {p: v[d] for p, v in table.items()}  # noqa: E731
+    rng = np.random.default_rng(seed)
+    others = [b for b in range(D) if b != t]
+    score = [_mid_cka(at(tables["test"], t), at(tables["test"], b)) for b in others]
+    perm = [np.mean([_mid_cka(at(tables["test"], t), {p: v[b][pi] for p, v in tables["test"].items()})
+                     for pi in (rng.permutation(len(c2)) for _ in range(N_PERM))]) for b in others]
+    ceiling = [_mid_cka(at(tables["test"], d), at(tables["train"], d)) for d in range(D)]
+    untrained_score = [_mid_cka(at(tables["untrained"], t), at(tables["untrained"], b)) for b in others]
+    return {"score": estimate(score), "floor": estimate(perm), "ceiling": estimate(ceiling),
+            "floor_untrained": estimate(untrained_score), "n_perm": N_PERM}
+
+
+# ------------------------------------------------------------------------------------ composition
+def controls_model(study, run: Mapping[str, Any], model, test_domain: str) -> tuple[dict[str, Any], bool]:
+    """All controls of one model on `test_domain`, cached in the study registry. Returns (model-row
+    fields, reused): `<score>_floor/_ceiling/_norm` for CONTROL_SCORES, `wl`, `faithfulness_auc`,
+    `sae_l0/_fvu/_dead`, `causal_*`, and `controls` (details: CIs, reasons, untrained floors,
+    curves, CPU seconds per part)."""
+    epoch0 = Path(run["run_dir"]) / "epoch_0.pt"
+    if not epoch0.is_file():
+        raise FileNotFoundError(f"{epoch0} missing: the untrained floor needs the epoch-0 checkpoint")
+    key = {"stage": "controls", "checkpoint": run["checkpoint_hash"], "untrained": file_hash(epoch0),
+           "dataset": study.dataset.content_hash(), "c2": study.c2, "test_domain": test_domain,
+           **study.opts.analysis_key(), "controls_version": CONTROLS_VERSION}
+
+    def compute() -> dict:
+        untrained = HookedCLIP.from_checkpoint(epoch0).eval()
+        cpu: dict[str, float] = {}
+
+        def timed(name: str, fn: Callable[[], Any]) -> Any:
+            t = time.process_time()
+            value = fn()
+            cpu[name] = round(time.process_time() - t, 2)
+            return value
+
+        nulls, discovery = timed("circuits", lambda: circuit_controls(study, model, untrained, test_domain))
+        nulls["feature_sharing"] = timed("sae", lambda: sae_controls(study, model, test_domain))
+        nulls["cka_mid"] = timed("cka", lambda: cka_controls(study, model, untrained, test_domain))
+        causal = timed("causal", lambda: causal_controls(study, model, discovery, test_domain))
+        faith = timed("faithfulness", lambda: faithfulness_controls(study, model, discovery))
+        return {"nulls": nulls, "causal": causal, "faithfulness": faith, "cpu_s": cpu}
+
+    details, reused = study.registry.run("controls", key, compute)
+    return row_fields(details, test_domain), reused
+
+
+def row_fields(details: Mapping[str, Any], test_domain: str) -> dict[str, Any]:
+    """Flat model-row fields from `controls_model`'s details (see there)."""
+    row: dict[str, Any] = {}
+    reasons = {}
+    for name in CONTROL_SCORES:
+        n = details["nulls"][name]
+        score = (n.get("score") or {}).get("mean")
+        row[f"{name}_floor"] = (n.get("floor") or {}).get("mean")
+        row[f"{name}_ceiling"] = (n.get("ceiling") or {}).get("mean")
+        row[f"{name}_norm"], reasons[name] = normalize(score, n.get("floor"), n.get("ceiling"))
+        if n.get("reason"):
+            reasons[name] = n["reason"]
+    row["wl"] = details["nulls"]["wl"]["score"]["mean"]
+    sae = details["nulls"]["feature_sharing"]
+    row |= {"sae_l0": sae["train"]["l0"], "sae_fvu": sae["train"]["fvu"], "sae_dead": sae["train"]["dead_fraction"]}
+    faith = details["faithfulness"]["domains"].get(test_domain, {})
+    row["faithfulness_auc"] = faith.get("mean", {}).get("auc", {}).get("mean")
+    causal = details["causal"]
+    for what in ("logit", "accuracy"):
+        e = causal[f"effect_{what}"]
+        row[f"causal_effect_{what}"] = e["mean"]
+        row[f"causal_effect_{what}_ci"] = e["ci"]
+    row["causal_verdict"] = causal_verdict([c["effect_logit"] for c in causal["per_class"].values()])
+    row["causal_trimmed_fraction"] = causal["trimmed_fraction"]
+    row["controls"] = dict(details) | {"norm_reasons": reasons}
+    return row
+
+
+def causal_verdict(effects: Sequence[float], n_boot: int = 2000, seed: int = 0) -> str:
+    """The study's rule (`clipmech.analysis.bootstrap.decide`: bootstrap tail probability with its
+    Monte-Carlo SE, adaptive resampling) on one model's per-class causal effects (shared minus
+    matched-control drop of the true-class logit; positive = shared nodes matter more). The
+    resamples are over classes only; "not measured" without a class, "no CI (one class)" with one."""
+    v = np.asarray([e for e in effects if e is not None and np.isfinite(e)], dtype=float)
+    if v.size == 0:
+        return "not measured"
+    if v.size < 2:
+        return "no CI (one class)"
+    boots = adaptive_bootstrap(lambda rng, b: v[rng.integers(0, v.size, (b, v.size))].mean(1), n_boot, seed=seed)
+    return decide(*tail_probability(boots))
+
+
+# ------------------------------------------------------------------------------------ budget, figures
+FIGURE_NOTES = {
+    "sharedness_controls.png": "Each sharedness score of every model (o) with its floor (v, class-permuted; CKA: "
+                               "row-permuted), ceiling (^, disjoint drawings; feature sharing: second SAE seed) "
+                               "and the untrained model's score (x); the band spans floor to ceiling.",
+    "faithfulness_*.png": "Per model: faithfulness f(x) of the training-drawing circuits on held-out drawings when "
+                          "only the top x of nodes per point is kept, per domain (solid: mean, dashed: resample "
+                          "ablation).",
+}
+def controls_budget(opts) -> float:
+    """Planned seconds of one model's controls on an idle 2-core CPU (drives the progress estimate):
+    3 circuits per cell (test, training drawing, untrained) at ~0.03 s per IG step, two SAEs, the rest."""
+    cells = 6 * opts.circuit_classes
+    return 3 * cells * 0.03 * opts.circuit_steps + 2 * (0.5 + 0.05 * opts.sae_epochs) + 5.0
+
+
+def draw_controls_figures(models: Sequence[Mapping[str, Any]], fig_dir: Path) -> list[Path]:
+    """`sharedness_controls.png` (each score per model with its floor-ceiling band) and, per model,
+    `faithfulness_<run_id>_<test_domain>.png` (mean f(x) per domain, mean and resample ablation)."""
+    from matplotlib.figure import Figure
+
+    from clipmech.study.figures import OKABE_ITO, _save
+    paths = []
+    fig = Figure(figsize=(3.2 * len(CONTROL_SCORES), 3.4))
+    labels = [f"{m['setup']}\n{m['test_domain']} s{m['seed']}" for m in models]
+    for ax, name in zip(fig.subplots(1, len(CONTROL_SCORES)), CONTROL_SCORES):
+        for i, m in enumerate(models):
+            n = m["controls"]["nulls"][name]
+            lo, hi = (n.get("floor") or {}).get("mean"), (n.get("ceiling") or {}).get("mean")
+            if lo is not None and hi is not None:
+                ax.fill_between([i - 0.3, i + 0.3], [lo, lo], [hi, hi], color=OKABE_ITO[1], alpha=0.3, lw=0)
+            for v, style in ((lo, "v"), (hi, "^"), ((n.get("floor_untrained") or {}).get("mean"), "x")):
+                if v is not None:
+                    ax.plot(i, v, style, color="0.4", ms=5)
+            score = (n.get("score") or {}).get("mean")
+            if score is not None:
+                ax.plot(i, score, "o", color=OKABE_ITO[4], ms=6)
+        ax.set_xticks(range(len(models)), labels, fontsize=5, rotation=90)
+        ax.set_title(name, fontsize=9)
+    fig.axes[0].set_ylabel("score (o); floor v, ceiling ^, untrained x")
+    fig.tight_layout()
+    paths.append(_save(fig, fig_dir / "sharedness_controls.png"))
+    for m in models:
+        fig = Figure(figsize=(5, 3.4))
+        ax = fig.subplots()
+        for j, (d, per) in enumerate(m["controls"]["faithfulness"]["domains"].items()):
+            for how, style in (("mean", "-"), ("resample", "--")):
+                f = per[how]["f_mean"]
+                if f is not None:
+                    x = [0.0] + [s / 100 for s in m["controls"]["faithfulness"]["sizes"]]
+                    ax.plot(x, [0.0] + f, style, color=OKABE_ITO[j % len(OKABE_ITO)], lw=2 if d == m["test_domain"] else 1,
+                            label=f"{d} ({how})" if how == "mean" or d == m["test_domain"] else None)
+        ax.axhline(1, color="0.5", lw=0.5)
+        ax.set_xlabel("fraction of nodes kept per point")
+        ax.set_ylabel("faithfulness f(x)")
+        ax.set_title(f"{m['run_id']} on {m['test_domain']}: solid mean, dashed resample ablation", fontsize=8)
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        paths.append(_save(fig, fig_dir / f"faithfulness_{m['run_id']}_{m['test_domain']}.png"))
+    return paths

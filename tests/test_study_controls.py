@@ -1,0 +1,31 @@
+"""The quickstart's controls composition: SAEs see only training-split images."""
+import numpy as np
+import torch
+
+from clipmech.study import controls as SC
+
+
+def test_sae_trains_on_training_images_only(tmp_path, monkeypatch):
+    from clipmech.models import HookedCLIP
+    from clipmech.models.configs import resolve_config
+    from clipmech.study.quickstart import QuickstartOptions, Study, resolve_dataset
+    from clipmech.study.registry import Registry
+
+    opts = QuickstartOptions(out=str(tmp_path), views=1, max_classes=19, sae_epochs=1, progress=False)
+    study = Study(opts, registry=Registry(tmp_path / "registry"))
+    study.dataset, study.test_domains, study.c2 = resolve_dataset(opts)
+    torch.manual_seed(0)
+    _, cfg = resolve_config("tiny-rn")
+    model = HookedCLIP.from_config(dict(cfg, vision_cfg=dict(cfg["vision_cfg"], image_size=32)))
+    seen = []
+    real_train = SC.train_sae
+    monkeypatch.setattr(SC, "train_sae", lambda data, **kw: seen.append(data.clone()) or real_train(data, **kw))
+    res = SC.sae_controls(study, model, study.test_domains[0])
+    assert len(seen) == 2 and all(torch.equal(x, seen[0]) for x in seen)
+    assert len(seen[0]) == len(study.dataset.indices(split="train")) == res["n_train"]
+    test_emb = SC._embed(model, study.images("test"))
+    # no held-out embedding is among the training rows
+    d = torch.cdist(test_emb.double(), seen[0].double())
+    assert float(d.min()) > 1e-6
+    assert res["held_out"]["n"] == int(np.isin(study.dataset.class_idx[study.dataset.indices(split="test")],
+                                               [study.dataset.classes.index(c) for c in study.c2]).sum())
