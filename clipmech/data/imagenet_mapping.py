@@ -77,3 +77,18 @@ def imagenet_class_of_path(path: str | Path) -> int:
     if path.parent.name not in index:
         raise ValueError(f"{path}: folder {path.parent.name!r} is not an ImageNet WordNet id (n01440764 ...)")
     return index[path.parent.name]
+
+
+def wnid_folders(root: str | Path, subfolder: str, what: str) -> tuple[Path, list[Path]]:
+    """(folder, its 1000 WordNet-id class folders sorted = ImageNet class order) of an ImageFolder
+    copy of ImageNet (val) or ImageNet-Sketch; `subfolder` is used when ROOT holds it. Raises
+    FileNotFoundError / ValueError naming `what` and the folder when the layout is wrong."""
+    root = Path(root)
+    base = root / subfolder if (root / subfolder).is_dir() else root
+    if not base.is_dir():
+        raise FileNotFoundError(f"{what} folder {root} does not exist (expected ROOT/<wnid>/<image files>)")
+    folders = sorted(p for p in base.iterdir() if p.is_dir() and re.fullmatch(r"n\d{8}", p.name))
+    if len(folders) != N_IMAGENET:
+        raise ValueError(f"{base} has {len(folders)} WordNet-id class folders (n01440764 ...), expected the 1000 "
+                         f"of {what}; class labels follow their sorted order, so all must be present")
+    return base, folders

@@ -31,7 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
-from clipmech.data.imagenet_mapping import imagenet_classnames, in_sketch_templates, shared_imagenet_classes
+from clipmech.data.imagenet_mapping import imagenet_classnames, in_sketch_templates, shared_imagenet_classes, wnid_folders
 from clipmech.data.mixtures import Mixture, content_entries
 
 # mix-variant suffix -> fraction of C1 classes whose test-domain images are kept (None: one class)
@@ -42,15 +42,7 @@ _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 def class_folders(root: str | Path) -> list[Path]:
     """The 1000 WordNet-id folders of an ImageNet-Sketch copy, sorted (= ImageNet class order)."""
-    root = Path(root)
-    base = root / "sketch" if (root / "sketch").is_dir() else root
-    if not base.is_dir():
-        raise FileNotFoundError(f"ImageNet-Sketch root {root} does not exist")
-    folders = sorted(p for p in base.iterdir() if p.is_dir() and re.fullmatch(r"n\d{8}", p.name))
-    if len(folders) != 1000:
-        raise ValueError(f"{base} has {len(folders)} WordNet-id class folders (n01440764 ...), expected the 1000 "
-                         "of ImageNet-Sketch; class names are assigned by their sorted order, so all must be present")
-    return folders
+    return wnid_folders(root, "sketch", "ImageNet-Sketch")[1]
 
 
 def in_sketch_caption(rng: random.Random, templates: Sequence[str], classname: str) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from clipmech.data.dataset import DomainDataset
+from clipmech.data.imagenet_mapping import wnid_folders
 from clipmech.eval.templates import OPENAI_TEMPLATES
 from clipmech.eval.zeroshot import checkpoints, encode_dataset
 from clipmech.utils import TensorCache, atomic_write_json, file_hash, hash_obj
@@ -30,14 +30,7 @@ def imagenet_val(root: str | Path) -> DomainDataset:
     """The ImageNet val folder as a one-domain DomainDataset ("imagenet", split "test"); classes are
     the 1000 WordNet ids in sorted order (the OpenAI names are not unique: two 'missile', two
     'sunglasses'). Raises FileNotFoundError / ValueError naming the folder when the layout is wrong."""
-    root = Path(root)
-    base = root / "val" if (root / "val").is_dir() else root
-    if not base.is_dir():
-        raise FileNotFoundError(f"ImageNet val folder {root} does not exist (expected ROOT/<wnid>/<image>.JPEG)")
-    folders = sorted(p for p in base.iterdir() if p.is_dir() and re.fullmatch(r"n\d{8}", p.name))
-    if len(folders) != 1000:
-        raise ValueError(f"{base} has {len(folders)} WordNet-id class folders (n01440764 ...), expected 1000; "
-                         "labels follow their sorted order, so all must be present (torchvision ImageFolder layout)")
+    base, folders = wnid_folders(root, "val", "ImageNet val")
     sources, labels = [], []
     for k, folder in enumerate(folders):
         files = sorted(str(p.resolve()) for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
