@@ -79,7 +79,7 @@ def _cka_inputs():
 
 def test_cka_painting_class_list_changes_only_pairs_without_painting():
     feats, cls, dom, domains, subsets = _cka_inputs()
-    kw = dict(kernels=["linear"], n_boot=20, n_perm=10, seed=3)
+    kw = dict(kernels=["linear"], n_boot=20, n_perm=10, seed=3, min_rows=4)  # a small fixture
     ours = domain_cka(feats, cls, dom, domains, subsets, **kw)
     paper = domain_cka(feats, cls, dom, domains, subsets, class_list_domain=cka_class_list_domain(domains, True), **kw)
     assert cka_class_list_domain(domains, False) is None and cka_class_list_domain(["a", "b"], True) is None

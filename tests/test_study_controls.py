@@ -11,7 +11,7 @@ def test_sae_trains_on_training_images_only(tmp_path, monkeypatch):
     from clipmech.study.quickstart import QuickstartOptions, Study, resolve_dataset
     from clipmech.study.registry import Registry
 
-    opts = QuickstartOptions(out=str(tmp_path), views=1, max_classes=19, sae_epochs=1, progress=False)
+    opts = QuickstartOptions(out=str(tmp_path), views=1, max_classes=19, n_c2=15, sae_epochs=1, progress=False)
     study = Study(opts, registry=Registry(tmp_path / "registry"))
     study.dataset, study.test_domains, study.c2 = resolve_dataset(opts)
     torch.manual_seed(0)

@@ -50,6 +50,7 @@ circuit_steps = 2
 circuit_classes = 1
 sae_epochs = 2
 cka_boot = 10
+cka_min_rows = 4
 embedding_images = 20
 device = "cpu"
 """

@@ -30,6 +30,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from clipmech.analysis.cka import MIN_ROWS
 from clipmech.launch import LaunchOptions, Unit, run_units
 from clipmech.utils import file_hash, hash_obj
 
@@ -52,6 +53,7 @@ class AnalysisOptions:
     sae_epochs: int = 30
     sae_batch_size: int = 1024
     cka_boot: int = 200
+    cka_min_rows: int = MIN_ROWS  # domain pairs with fewer C2 centroid rows are skipped
     n_templates: int | None = None  # first templates of the run's set for the circuit head; None: all
     embedding_images: int = 2000  # test embeddings per domain for separation and UMAP (paper: 2000)
     batch_size: int = 128
@@ -206,7 +208,7 @@ def unit_cka(run_dir: str, opts: AnalysisOptions, shard_root: str) -> dict[str, 
     means, cells = cell_means(ctx.shards("test", shard_root), points, ds.class_idx, ds.domain_idx,
                               len(ds.domains), len(ds.classes))
     return domain_cka(means, cells[:, 1], cells[:, 0], ds.domains, {"C2": ctx.c2_idx}, mode="centroid",
-                      kernels=("linear",), n_boot=opts.cka_boot, n_perm=0)
+                      kernels=("linear",), n_boot=opts.cka_boot, n_perm=0, min_rows=opts.cka_min_rows)
 
 
 def unit_sae(run_dir: str, opts: AnalysisOptions, shard_root: str) -> dict[str, Any]:
