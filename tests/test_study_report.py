@@ -127,6 +127,14 @@ def test_setup_summary_and_power_report():
     assert pw["met"] == all(h <= 0.15 for h in pw["half_width"].values())
 
 
+def test_scale_caveat_follows_the_dataset():
+    rows = _per_class_models({"natural_only": 0.1, "lod": 0.4, "cg_low": 0.15, "cg_high": 0.45})
+    emoji = R.render_report(R.build_results(rows, config={"dataset": "emoji"}))
+    domainnet = R.render_report(R.build_results(rows, config={"experiment": "main"}))
+    assert "Tiny models on the embedded emoji domains" in emoji
+    assert "emoji" not in domainnet and "only where model, data, training budget and seeds match" in domainnet
+
+
 def test_validate_results_names_the_problem(tmp_path):
     res = R.build_results(_models({"lod": [0.3, 0.2], "cg_low": [0.1, 0.15]}))
     R.write_outputs(res, tmp_path)

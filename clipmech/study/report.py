@@ -355,10 +355,12 @@ def render_report(results: Mapping[str, Any], figures: Mapping[str, str] | None 
     if figures:
         lines += ["", "## Figures", ""]
         lines += [f"- `{name}`: {desc}" for name, desc in figures.items()]
-    lines += ["", "## Caveats", "",
-              "- Tiny models on the embedded emoji domains: the numbers test whether the paper's "
-              "*qualitative* findings appear at toy scale; they are not comparable to the paper's "
-              "DomainNet accuracies.",
+    scale = ("- Tiny models on the embedded emoji domains: the numbers test whether the paper's "
+             "*qualitative* findings appear at toy scale; they are not comparable to the paper's "
+             "DomainNet accuracies." if cfg.get("dataset") == "emoji" else
+             "- The numbers are comparable to the paper's only where model, data, training budget and "
+             "seeds match its runs (see the configuration above and each run's config.toml).")
+    lines += ["", "## Caveats", "", scale,
               "- Correlations are correlational, not causal; the setup-centred ρ shows whether the link "
               "holds beyond the differences between setups.", ""]
     return "\n".join(lines)
