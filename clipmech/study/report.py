@@ -1,10 +1,11 @@
 """The study's results file and its written report.
 
-`results.json` (schema version 1) holds one row per trained model with its DG/CG accuracies and
-sharedness measures, plus, per sharedness measure, the Spearman correlation with C2 accuracy across
-models and a bootstrap confidence interval. `report.md` says which of the paper's three findings the
-numbers reproduce. Verdicts follow fixed rules (sign of an effect and whether its CI excludes 0),
-written down in `_verdict`, so the report cannot be tuned to agree with the paper.
+`results.json` (schema version SCHEMA_VERSION) holds one row per trained model and test domain with
+its DG/CG accuracies and sharedness measures, plus, per sharedness measure, the within-domain
+Spearman correlation with C2 accuracy (`clipmech.study.stats`). `report.md` says which of the paper's
+three findings the numbers reproduce. Verdicts follow a rule fixed in advance (the bootstrap tail
+probability p* and its Monte-Carlo error, `clipmech.analysis.bootstrap.decide`, with Holm where a
+claim has several tests), so the report cannot be tuned to agree with the paper.
 """
 from __future__ import annotations
 
