@@ -17,7 +17,7 @@ import socket
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -130,6 +130,17 @@ def file_hash(path: PathLike, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
+    return h.hexdigest()[:16]
+
+
+def state_dict_hash(state_dict: Mapping[str, Any]) -> str:
+    """sha256 (hex, 16 chars) of a state dict's names, dtypes, shapes and values: equal weights give
+    equal hashes whatever file they came from (torch.save's bytes also depend on the file name)."""
+    h = hashlib.sha256()
+    for name, value in sorted(state_dict.items()):
+        t = value.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
 
 

@@ -2,7 +2,9 @@
 import numpy as np
 import torch
 
+from clipmech.eval.zeroshot import embed_images
 from clipmech.study import controls as SC
+from clipmech.study import saes
 
 
 def test_sae_trains_on_training_images_only(tmp_path, monkeypatch):
@@ -18,12 +20,12 @@ def test_sae_trains_on_training_images_only(tmp_path, monkeypatch):
     _, cfg = resolve_config("tiny-rn")
     model = HookedCLIP.from_config(dict(cfg, vision_cfg=dict(cfg["vision_cfg"], image_size=32)))
     seen = []
-    real_train = SC.train_sae
-    monkeypatch.setattr(SC, "train_sae", lambda data, **kw: seen.append(data.clone()) or real_train(data, **kw))
-    res = SC.sae_controls(study, model, study.test_domains[0])
+    real_train = saes.train_sae
+    monkeypatch.setattr(saes, "train_sae", lambda data, **kw: seen.append(data.clone()) or real_train(data, **kw))
+    res = SC.sae_controls(study, model, "weights-0", study.test_domains[0])
     assert len(seen) == 2 and all(torch.equal(x, seen[0]) for x in seen)
     assert len(seen[0]) == len(study.dataset.indices(split="train")) == res["n_train"]
-    test_emb = SC._embed(model, study.images("test"))
+    test_emb = embed_images(model, study.images("test"))
     # no held-out embedding is among the training rows
     d = torch.cdist(test_emb.double(), seen[0].double())
     assert float(d.min()) > 1e-6

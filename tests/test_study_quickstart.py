@@ -4,6 +4,7 @@ import json
 import time
 
 import pytest
+import torch
 
 from clipmech.cli import main
 from clipmech.study.report import MODEL_FIELDS, SHAREDNESS_MEASURES, validate_results
@@ -160,3 +161,22 @@ def test_rows_carry_the_controls(quickstart):
         assert set(m["controls"]["cpu_s"]) == {"circuits", "sae", "cka", "causal", "faithfulness"}
     assert (out / "figures" / "sharedness_controls.png").stat().st_size > 5000
     assert any(p.name.startswith("faithfulness_") for p in (out / "figures").iterdir())
+
+
+def test_circuits_and_saes_are_computed_once_per_weights(quickstart):
+    """One seed, four setups on one test domain: each trained model has one test-drawing and one
+    training-drawing circuit set and two SAEs (seeds 0, 1); the four untrained checkpoints hold the
+    same weights (one seed) and share one circuit set. The controls' score circuits are the circuit
+    stage's own, and the SAE stage's SAE is the controls' seed 0."""
+    from clipmech.utils import state_dict_hash
+    out, _ = quickstart
+    results = json.loads((out / "results.json").read_text())
+    models = {m["run_id"] for m in results["models"]}
+    assert len(models) == 4
+    untrained = {state_dict_hash(torch.load(p, weights_only=False)["state_dict"]) for p in out.glob("runs/*/epoch_0.pt")}
+    assert len(untrained) == 1
+    sets = [json.loads(p.read_text())["key"] for p in (out / "registry" / "circuit_set").glob("*.json")]
+    assert sorted(k["split"] for k in sets).count("train") == len(models)
+    assert len(sets) == 2 * len(models) + len(untrained)
+    assert len(list((out / "registry" / "sae_model").glob("*.json"))) == 2 * len(models)
+    assert len(list((out / "registry" / "sae_files").glob("*.pt"))) == 2 * len(models)

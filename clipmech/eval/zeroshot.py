@@ -68,6 +68,13 @@ def encode_dataset(encode: Callable[[torch.Tensor], torch.Tensor], dataset, indi
     return torch.cat(feats) if feats else torch.empty(0, 0)
 
 
+@torch.no_grad()
+def embed_images(model, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """L2-normalised image embeddings [N, D] of preprocessed `images` [N, 3, S, S], batched, no grad."""
+    return torch.cat([model.encode_image(images[i:i + batch_size], normalize=True)
+                      for i in range(0, len(images), batch_size)])
+
+
 def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], k: int = 5
                            ) -> dict[str, Any]:
     """Top-1 (sample-weighted and class-balanced), top-k, per-class accuracy, sparse confusion.

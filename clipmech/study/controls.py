@@ -3,9 +3,11 @@ every sharedness score, faithfulness over circuit sizes, sparse-SAE metrics and 
 causal test. Composes clipmech.analysis.controls / .circuits / .sharing / .sae / .cka.
 
 The unit is a distinct drawing (emoji: training views of one drawing never count twice; only view 0
-is used). Drawing sets per (domain, class) cell: the score's circuits use the cell's test drawings
-(as the quickstart's circuit stage); the "repeat" circuits use as many of its distinct training
-drawings. A cell with fewer training drawings than test drawings has no repeat (skipped, counted).
+is used). Drawing sets per (domain, class) cell (`clipmech.study.circuit_sets.circuit_cells`): the
+score's circuits are the circuit stage's own (the cell's test drawings); the "repeat" circuits use
+as many of its distinct training drawings. A cell with fewer training drawings than test drawings
+has no repeat (skipped, counted). Circuit sets are stored once per weights, so a model shared by two
+rows and the untrained checkpoint (identical across the setups of one seed) are analysed once.
 
 - node / edge Jaccard, WL (h = 1, `WL_H`): `analysis.controls.circuit_nulls` on those circuits;
   a second floor from the untrained (epoch-0) checkpoint's score.
@@ -31,66 +33,28 @@ from clipmech.analysis.activations import pool
 from clipmech.analysis.bootstrap import adaptive_bootstrap, decide, tail_probability
 from clipmech.analysis.cka import cka
 from clipmech.analysis.circuit_similarity import edge_jaccard, node_jaccard, wl_kernel
-from clipmech.analysis.circuits import (FAITHFULNESS_SIZES, Circuit, ablation_values, discover_circuit, faithfulness_curve,
+from clipmech.analysis.circuits import (FAITHFULNESS_SIZES, Circuit, ablation_values, faithfulness_curve,
                                         resample_values)
 from clipmech.analysis.controls import circuit_nulls, estimate, matched_causal_test, normalize
 from clipmech.analysis.patching import cache_points
-from clipmech.analysis.sae import evaluate_sae, train_sae
+from clipmech.analysis.sae import evaluate_sae
 from clipmech.analysis.sharing import (match_latents, pair_shares, require_sparse, seed_ceiling,
                                        top_latent_histograms)
-from clipmech.eval.zeroshot import class_prompts_names
+from clipmech.eval.zeroshot import class_prompts_names, embed_images
 from clipmech.models.hooked_clip import HookedCLIP
+from clipmech.study.circuit_sets import cell_circuits, circuit_cells, distinct_rows
 from clipmech.study.report import middle_third
-from clipmech.utils import file_hash
+from clipmech.study.saes import study_sae
+from clipmech.utils import file_hash, state_dict_hash
 
 CONTROL_SCORES = ("node_jaccard", "edge_jaccard", "wl", "feature_sharing", "cka_mid")
 WL_H = 1
-CONTROLS_VERSION = 2  # 2: standardised SAE inputs
+CONTROLS_VERSION = 3  # 2: standardised SAE inputs; 3: circuit sets and SAEs shared with their stages
 N_PERM = 20  # CKA row permutations per domain pair
 
 
 def _points(model) -> list[str]:
     return [p for p in model.analysis_points() if p != "visual.hook_input"]
-
-
-def _distinct(study, split: str) -> np.ndarray:
-    """Bool per row of study.images(split): a distinct drawing (emoji: view 0)."""
-    idx = study.dataset.indices(split=split)
-    views = getattr(study.dataset, "view_idx", None)
-    return np.ones(len(idx), bool) if views is None else views[idx] == 0
-
-
-def _cells(study) -> dict[str, dict[int, tuple[np.ndarray, np.ndarray]]]:
-    """{domain: {class: (test rows, training rows)}} into study.images(split) for the circuit classes;
-    training rows = the first distinct training drawings, as many as test rows (empty if too few)."""
-    ds = study.dataset
-    split_rows = {}
-    for split in ("test", "train"):
-        idx = ds.indices(split=split)
-        split_rows[split] = (ds.domain_idx[idx], ds.class_idx[idx], _distinct(study, split))
-    classes = [ds.classes.index(c) for c in study.c2][: study.opts.circuit_classes]
-    out: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
-    for di, d in enumerate(ds.domains):
-        out[d] = {}
-        for k in classes:
-            rows = {s: np.flatnonzero((dom == di) & (cls == k) & dist) for s, (dom, cls, dist) in split_rows.items()}
-            if len(rows["test"]):
-                train = rows["train"][: len(rows["test"])]
-                out[d][k] = (rows["test"], train if len(train) == len(rows["test"]) else train[:0])
-    return out
-
-
-def _circuits(study, model, head, cells, split: str) -> dict[str, dict[int, Circuit]]:
-    images = study.images(split)
-    out: dict[str, dict[int, Circuit]] = {}
-    for d, per in cells.items():
-        out[d] = {}
-        for k, (test_rows, train_rows) in per.items():
-            rows = test_rows if split == "test" else train_rows
-            if len(rows):
-                out[d][k] = discover_circuit(model, images[rows], torch.full((len(rows),), k, dtype=torch.long), head,
-                                             steps=study.opts.circuit_steps, meta={"split": split, "rows": rows.tolist()})
-    return out
 
 
 SIMILARITIES: dict[str, Callable[[Circuit, Circuit], float]] = {
@@ -106,19 +70,15 @@ def _head(study, model) -> torch.Tensor:
         return model.zero_shot_head(class_prompts_names(study.dataset), study.templates())
 
 
-def _embed(model, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model.encode_image(images[i:i + batch_size], normalize=True)
-                          for i in range(0, len(images), batch_size)])
-
-
 # ------------------------------------------------------------------------------------ parts
-def circuit_controls(study, model, untrained, test_domain: str) -> tuple[dict, dict]:
-    """(nulls per circuit score incl. the untrained floor, the training-drawing circuits)."""
-    cells = _cells(study)
-    head = _head(study, model)
-    score_c, repeat_c = _circuits(study, model, head, cells, "test"), _circuits(study, model, head, cells, "train")
-    untrained_c = _circuits(study, untrained, _head(study, untrained), cells, "test")
+def circuit_controls(study, model, keys: Mapping[str, str], untrained, test_domain: str) -> tuple[dict, dict]:
+    """(nulls per circuit score incl. the untrained floor, the training-drawing circuits). `keys`:
+    {"model", "untrained"} weight hashes identifying the circuit sets (`circuit_sets.cell_circuits`;
+    the score's set is the circuit stage's own)."""
+    test_cells, repeat_cells = circuit_cells(study)
+    score_c = cell_circuits(study, model, keys["model"], test_cells, "test")[0]
+    repeat_c = cell_circuits(study, model, keys["model"], repeat_cells, "train")[0]
+    untrained_c = cell_circuits(study, untrained, keys["untrained"], test_cells, "test")[0]
     out = {}
     for name, sim in SIMILARITIES.items():
         res = circuit_nulls(score_c, repeat_c, test_domain, sim)
@@ -178,17 +138,17 @@ def faithfulness_controls(study, model, discovery, seed: int = 0) -> dict[str, A
     return out
 
 
-def sae_controls(study, model, test_domain: str) -> dict[str, Any]:
-    """Two SAE seeds on the training-split embeddings (held-out images only encoded): metrics, the
-    seed matching, and feature sharing's score, class-permuted floor and seed ceiling."""
-    ds, opts = study.dataset, study.opts
-    train_x = _embed(model, study.images("train"))
-    saes = [train_sae(train_x, n_latents=opts.sae_expansion * train_x.shape[1], epochs=opts.sae_epochs,
-                      batch_size=256, seed=s)[0] for s in (0, 1)]
+def sae_controls(study, model, model_key: str, test_domain: str) -> dict[str, Any]:
+    """Two SAE seeds on the training-split embeddings (held-out images only encoded; seed 0 is the SAE
+    stage's own, `clipmech.study.saes.study_sae`): metrics, the seed matching, and feature sharing's
+    score, class-permuted floor and seed ceiling."""
+    ds = study.dataset
+    train_x = embed_images(model, study.images("train"))
+    saes = [study_sae(study, model_key, train_x, seed=s)[0] for s in (0, 1)]
     idx = ds.indices(split="test")
     c2 = [ds.classes.index(c) for c in study.c2]
     rows = np.flatnonzero(np.isin(ds.class_idx[idx], c2))
-    test_x = _embed(model, study.images("test")[rows])
+    test_x = embed_images(model, study.images("test")[rows])
     out: dict[str, Any] = {"l1_coef": saes[0].cfg.l1_coef, "train": evaluate_sae(saes[0], train_x),
                            "held_out": evaluate_sae(saes[0], test_x), "n_train": len(train_x)}
     try:
@@ -242,7 +202,7 @@ def cka_controls(study, model, untrained, test_domain: str, seed: int = 0) -> di
     tables = {}
     for name, m, split in (("test", model, "test"), ("train", model, "train"), ("untrained", untrained, "test")):
         idx = ds.indices(split=split)
-        rows = np.flatnonzero(np.isin(ds.class_idx[idx], c2) & _distinct(study, split))
+        rows = np.flatnonzero(np.isin(ds.class_idx[idx], c2) & distinct_rows(study.dataset, split))
         # the ceiling's training centroids use one drawing per cell, as the test split holds
         _, first = np.unique(np.stack([ds.domain_idx[idx][rows], ds.class_idx[idx][rows]]), axis=1, return_index=True)
         rows = rows[np.sort(first)] if split == "train" else rows
@@ -282,11 +242,15 @@ def controls_model(study, run: Mapping[str, Any], model, test_domain: str) -> tu
             cpu[name] = round(time.process_time() - t, 2)
             return value
 
-        nulls, discovery = timed("circuits", lambda: circuit_controls(study, model, untrained, test_domain))
-        nulls["feature_sharing"] = timed("sae", lambda: sae_controls(study, model, test_domain))
+        keys = {"model": run["checkpoint_hash"], "untrained": state_dict_hash(untrained.state_dict())}
+        nulls, discovery = timed("circuits", lambda: circuit_controls(study, model, keys, untrained, test_domain))
+        nulls["feature_sharing"] = timed("sae", lambda: sae_controls(study, model, keys["model"], test_domain))
         nulls["cka_mid"] = timed("cka", lambda: cka_controls(study, model, untrained, test_domain))
         causal = timed("causal", lambda: causal_controls(study, model, discovery, test_domain))
-        faith = timed("faithfulness", lambda: faithfulness_controls(study, model, discovery))
+        # faithfulness covers every domain, so a model shared by two rows (natural-only) computes it once
+        faith = timed("faithfulness", lambda: study.registry.run(
+            "faithfulness", {k: v for k, v in key.items() if k not in ("stage", "test_domain")} | {"stage": "faithfulness"},
+            lambda: faithfulness_controls(study, model, discovery))[0])
         return {"nulls": nulls, "causal": causal, "faithfulness": faith, "cpu_s": cpu}
 
     details, reused = study.registry.run("controls", key, compute)
@@ -346,9 +310,10 @@ FIGURE_NOTES = {
 }
 def controls_budget(opts) -> float:
     """Planned seconds of one model's controls on an idle 2-core CPU (drives the progress estimate):
-    3 circuits per cell (test, training drawing, untrained) at ~0.03 s per IG step, two SAEs, the rest."""
+    the training-drawing circuits (the test-drawing ones are the circuit stage's, the untrained ones
+    shared by a seed's setups) at ~0.03 s per IG step and cell, the second SAE seed, the rest."""
     cells = 6 * opts.circuit_classes
-    return 3 * cells * 0.03 * opts.circuit_steps + 2 * (0.5 + 0.05 * opts.sae_epochs) + 5.0
+    return 1.3 * cells * 0.03 * opts.circuit_steps + 0.02 * opts.sae_epochs + 5.0
 
 
 def draw_controls_figures(models: Sequence[Mapping[str, Any]], fig_dir: Path) -> list[Path]:

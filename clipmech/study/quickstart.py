@@ -27,23 +27,24 @@ import torch
 
 from clipmech.analysis.activations import pool
 from clipmech.analysis.circuit_similarity import edge_jaccard, node_jaccard
-from clipmech.analysis.circuits import discover_circuit
 from clipmech.analysis.cka import domain_cka
 from clipmech.analysis.embeddings import separation_scores, umap_2d
 from clipmech.analysis.patching import cache_points
-from clipmech.analysis.sae import evaluate_sae, train_sae
+from clipmech.analysis.sae import evaluate_sae
 from clipmech.analysis.sharing import feature_sharing, top_latent_histograms
 from clipmech.data import load_dataset
-from clipmech.data.samples import cell_samples
 from clipmech.data.mixtures import build_mixture
 from clipmech.eval.templates import get_templates
-from clipmech.eval.zeroshot import class_prompts_names, eval_images, eval_transform_description, group_metrics
+from clipmech.eval.zeroshot import (class_prompts_names, embed_images, eval_images, eval_transform_description,
+                                    group_metrics)
 from clipmech.models.hooked_clip import HookedCLIP
 from clipmech.study import figures as F
+from clipmech.study.circuit_sets import cell_circuits, circuit_cells
 from clipmech.study.controls import FIGURE_NOTES as CONTROLS_FIGURES
 from clipmech.study.controls import controls_budget, controls_model, draw_controls_figures
 from clipmech.study.progress import Progress
 from clipmech.study.registry import Registry
+from clipmech.study.saes import study_sae
 from clipmech.study.report import MAIN_SETUPS, SHAREDNESS_MEASURES, build_results, cka_mid, setup_summary, write_outputs
 from clipmech.train.trainer import train
 from clipmech.utils import TensorCache, file_hash, hash_obj, unknown_name_error
@@ -95,7 +96,7 @@ class QuickstartOptions:
     circuit_steps: int = 10  # IG Riemann steps for circuits (paper: 10)
     circuit_classes: int = 5  # C2 classes with a circuit per domain (paper: all 15)
     sae_expansion: int = 4  # latents = expansion x embedding width (paper: 4)
-    sae_epochs: int = 30
+    sae_epochs: int = 100  # at batch 256, lr 3e-3 (clipmech.study.saes: what converges in the budget)
     cka_boot: int = 50
     train_workers: int = 2  # models trained at once, each in its own process (see train_models)
     progress: bool = True
@@ -246,7 +247,7 @@ def plan_budgets(opts: QuickstartOptions, specs: Sequence[ModelSpec], dataset) -
         tag = f"{s.run_id} on {s.test_domain}"
         budgets[f"CKA {tag}"] = 4.0
         budgets[f"circuits {tag}"] = 6 * opts.circuit_classes * 0.02 * opts.circuit_steps
-        budgets[f"SAE {tag}"] = 2.0 + 0.1 * opts.sae_epochs
+        budgets[f"SAE {tag}"] = 2.0 + 0.02 * opts.sae_epochs
         budgets[f"embeddings {tag}"] = 5.0
         budgets[f"controls {tag}"] = controls_budget(opts)  # issue 13
     budgets["figures and report"] = 15.0  # includes UMAP of the figure model
@@ -353,12 +354,6 @@ def curve_epochs(epochs: int, points: int) -> list[int]:
 
 
 @torch.no_grad()
-def encode(model, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """L2-normalised image embeddings [N, D] of preprocessed `images`, batched."""
-    return torch.cat([model.encode_image(images[i:i + batch_size], normalize=True)
-                      for i in range(0, len(images), batch_size)])
-
-
 def evaluate_model(study: Study, run: dict[str, Any], spec: ModelSpec) -> tuple[dict[str, dict[str, float]], bool]:
     """Zero-shot metrics of the curve checkpoints of a run: {epoch: {"{domain}/{C1|C2}/top1_balanced": ...}}.
 
@@ -382,13 +377,13 @@ def evaluate_model(study: Study, run: dict[str, Any], spec: ModelSpec) -> tuple[
             model = HookedCLIP.from_checkpoint(path).eval()
             with torch.no_grad():
                 head = model.zero_shot_head(class_prompts_names(ds), study.templates())
-                scores = encode(model, study.images("test")) @ head.T
+                scores = embed_images(model, study.images("test")) @ head.T
             flat, details = group_metrics(scores, ds, idx, study.c2)
             # Per-class accuracies give the report's class-level bootstrap CIs.
             out[str(e)] = flat | {"per_class": {k: v["per_class"] for k, v in details.items() if k != "skipped"}}
             if extra.size:
                 with torch.no_grad():
-                    extra_scores = encode(model, study.images("train")[extra]) @ head.T
+                    extra_scores = embed_images(model, study.images("train")[extra]) @ head.T
                 tr = ds.indices(split="train")[extra]
                 both, both_details = group_metrics(torch.cat([scores, extra_scores]), ds, np.concatenate([idx, tr]),
                                                    study.c2)
@@ -492,42 +487,25 @@ def cka_pairs(cka_result: dict[str, Any], subset: str = "C2") -> dict[tuple[str,
 
 
 def circuits_model(study: Study, run: dict[str, Any], model) -> tuple[dict[str, Any], bool]:
-    """Per-(domain, class) circuits on up to 50 test images per cell (`cell_samples`) for the first
-    `circuit_classes` C2 classes;
-    node Jaccard (mean over points except the input, paper §8.5) and edge Jaccard (§8.6) between
-    domains, averaged over classes. Returns {"domains", "classes", "node": [D, D], "edge": [D, D]}."""
-    key = {"stage": "circuits", "sampling": "cell_samples(50, seed 42)", "checkpoint": run["checkpoint_hash"],
-           "dataset": study.dataset.content_hash(),
-           "c2": study.c2, **study.opts.analysis_key()}
-
-    def compute() -> dict:
-        ds = study.dataset
-        with torch.no_grad():
-            head = model.zero_shot_head(class_prompts_names(ds), study.templates())
-        test = ds.indices(split="test")
-        classes = _c2_idx(study)[: study.opts.circuit_classes]
-        cells = cell_samples(ds, n=50, split="test", seed=42)  # paper.md §8.4: one seeded shuffle, 50 per cell
-        circuits: dict[str, dict[int, Any]] = {d: {} for d in ds.domains}
-        for d in ds.domains:
-            for k in classes:
-                rows = np.searchsorted(test, cells.get((d, ds.classes[k]), np.zeros(0, np.int64)))
-                if len(rows):
-                    circuits[d][k] = discover_circuit(model, study.images("test")[rows],
-                                                      torch.full((len(rows),), k, dtype=torch.long), head,
-                                                      steps=study.opts.circuit_steps)
-        points = _points(model)
-        D = len(ds.domains)
-        node, edge = [[None] * D for _ in range(D)], [[None] * D for _ in range(D)]
-        for a, da in enumerate(ds.domains):
-            for b, db in enumerate(ds.domains):
-                shared = [k for k in circuits[da] if k in circuits[db]]
-                if shared:
-                    node[a][b] = float(np.mean([np.mean(list(node_jaccard(circuits[da][k], circuits[db][k],
-                                                                          points).values())) for k in shared]))
-                    edge[a][b] = float(np.mean([edge_jaccard(circuits[da][k], circuits[db][k]) for k in shared]))
-        return {"domains": ds.domains, "classes": [ds.classes[k] for k in classes], "node": node, "edge": edge}
-
-    return study.registry.run("circuits", key, compute)
+    """Per-(domain, class) circuits on up to 50 test images per cell (`circuit_sets.circuit_cells`)
+    for the first `circuit_classes` C2 classes (stored once, reused by the controls); node Jaccard
+    (mean over points except the input, paper §8.5) and edge Jaccard (§8.6) between domains,
+    averaged over classes. Returns {"domains", "classes", "node": [D, D], "edge": [D, D]}."""
+    ds = study.dataset
+    test_cells, _ = circuit_cells(study)
+    circuits, reused = cell_circuits(study, model, run["checkpoint_hash"], test_cells, "test")
+    points = _points(model)
+    D = len(ds.domains)
+    node, edge = [[None] * D for _ in range(D)], [[None] * D for _ in range(D)]
+    for a, da in enumerate(ds.domains):
+        for b, db in enumerate(ds.domains):
+            shared = [k for k in circuits[da] if k in circuits[db]]
+            if shared:
+                node[a][b] = float(np.mean([np.mean(list(node_jaccard(circuits[da][k], circuits[db][k],
+                                                                      points).values())) for k in shared]))
+                edge[a][b] = float(np.mean([edge_jaccard(circuits[da][k], circuits[db][k]) for k in shared]))
+    classes = _c2_idx(study)[: study.opts.circuit_classes]
+    return {"domains": ds.domains, "classes": [ds.classes[k] for k in classes], "node": node, "edge": edge}, reused
 
 
 def _mean_vs_others(matrix: Sequence[Sequence[float | None]], domains: Sequence[str], d: str) -> float:
@@ -548,18 +526,17 @@ def sae_sharing_model(study: Study, run: dict[str, Any], model) -> tuple[dict[st
 
     def compute() -> dict:
         ds = study.dataset
-        train_x = encode(model, study.images("train"))
-        sae, history = train_sae(train_x, n_latents=study.opts.sae_expansion * train_x.shape[1],
-                                 epochs=study.opts.sae_epochs, batch_size=256, seed=0)
+        train_x = embed_images(model, study.images("train"))
+        sae, info, _ = study_sae(study, run["checkpoint_hash"], train_x, seed=0)
         test = ds.indices(split="test")
         rows = np.flatnonzero(np.isin(ds.class_idx[test], _c2_idx(study)))
         with torch.no_grad():
-            codes = sae.encode(encode(model, study.images("test")[rows]))
+            codes = sae.encode(embed_images(model, study.images("test")[rows]))
         H = top_latent_histograms(codes, ds.class_idx[test][rows], ds.domain_idx[test][rows], _c2_idx(study),
                                   len(ds.domains))
         out = feature_sharing(H, ds.domains, class_names=study.c2)
         out.pop("per_class")
-        return out | {"sae": evaluate_sae(sae, train_x), "sae_last_epoch": history[-1]}
+        return out | {"sae": evaluate_sae(sae, train_x), "sae_last_epoch": info["last_epoch"]}
 
     return study.registry.run("sae", key, compute)
 
@@ -572,7 +549,7 @@ def embeddings_model(study: Study, run: dict[str, Any], model, with_umap: bool) 
 
     def compute() -> dict:
         _, _, dom = _test_split(study)
-        emb = encode(model, study.images("test")).numpy()
+        emb = embed_images(model, study.images("test")).numpy()
         out = {"separation": separation_scores(emb, dom, study.dataset.domains)["overall"]}
         if with_umap:
             out["umap"] = np.asarray(umap_2d(emb)).tolist()

@@ -1,0 +1,98 @@
+"""Per-(domain, class) circuits of one model on one drawing selection, computed once per study.
+
+The circuit stage's score, the controls' ceilings (a second, disjoint drawing set), the untrained
+floor, the causal test and the faithfulness curves all need circuits of the same cells; a circuit
+set is therefore identified by (model, split, rows per cell, analysis options) and stored once:
+the registry keeps the index (JSON), the circuits themselves (they carry node-score tensors) are
+`Circuit.save` files in `<registry>/circuit_files/<key hash>/`. A model shared by several study rows
+(natural-only on two test domains; untrained checkpoints, identical across setups of one seed) is
+analysed once.
+
+Drawing selection (`circuit_cells`): the test drawings of a cell are the paper's sample (up to 50
+per (domain, class) from one permutation seeded 42, `clipmech.data.samples.cell_samples`); the
+"repeat" drawings are as many distinct training drawings of the same cell (emoji: view 0 only, so
+augmented views never count twice). A cell with fewer distinct training drawings than test ones
+has no repeat set (empty rows: skipped, and counted by the controls).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from clipmech.analysis.circuits import Circuit, discover_circuit
+from clipmech.data.samples import cell_samples
+from clipmech.eval.zeroshot import class_prompts_names
+from clipmech.utils import hash_obj
+
+Cells = Mapping[str, Mapping[int, np.ndarray]]  # {domain: {class index: rows into study.images(split)}}
+
+
+def distinct_rows(dataset, split: str) -> np.ndarray:
+    """Bool per row of `dataset.indices(split=split)`: a distinct drawing (emoji: view 0; else all)."""
+    idx = dataset.indices(split=split)
+    views = getattr(dataset, "view_idx", None)
+    return np.ones(len(idx), bool) if views is None else views[idx] == 0
+
+
+def circuit_cells(study) -> tuple[dict[str, dict[int, np.ndarray]], dict[str, dict[int, np.ndarray]]]:
+    """(test cells, repeat cells) for the study's circuit classes (the first `circuit_classes` C2
+    classes): test rows into study.images("test") from `cell_samples(n=50, seed 42)`, repeat rows
+    into study.images("train"): the first distinct training drawings of the cell, as many as test
+    rows, or none when the cell has fewer."""
+    ds = study.dataset
+    test, train = ds.indices(split="test"), ds.indices(split="train")
+    distinct = distinct_rows(ds, "train")
+    samples = cell_samples(ds, n=50, split="test", seed=42)  # paper.md §8.4: one seeded shuffle, 50 per cell
+    classes = [ds.classes.index(c) for c in study.c2][: study.opts.circuit_classes]
+    test_cells: dict[str, dict[int, np.ndarray]] = {d: {} for d in ds.domains}
+    repeat_cells: dict[str, dict[int, np.ndarray]] = {d: {} for d in ds.domains}
+    for di, d in enumerate(ds.domains):
+        for k in classes:
+            rows = np.searchsorted(test, samples.get((d, ds.classes[k]), np.zeros(0, np.int64)))
+            if not len(rows):
+                continue
+            test_cells[d][k] = rows
+            own = np.flatnonzero((ds.domain_idx[train] == di) & (ds.class_idx[train] == k) & distinct)[: len(rows)]
+            repeat_cells[d][k] = own if len(own) == len(rows) else own[:0]
+    return test_cells, repeat_cells
+
+
+def cell_circuits(study, model, model_key: str, cells: Cells, split: str) -> tuple[dict[str, dict[int, Circuit]], bool]:
+    """({domain: {class: Circuit}}, reused): every domain of `cells`, a circuit for each cell with
+    rows; meta {"split", "rows"}.
+
+    `model_key` identifies the weights (a checkpoint hash). Cost on a miss: one `discover_circuit`
+    per cell (len(points) node IGs and one edge IG per consecutive pair, `study.opts.circuit_steps`
+    steps); on a hit: loading the circuit files.
+    """
+    key = {"stage": "circuit_set", "model": model_key, "dataset": study.dataset.content_hash(), "split": split,
+           "rows": {d: {str(k): np.asarray(r).tolist() for k, r in per.items() if len(r)} for d, per in cells.items()},
+           **study.opts.analysis_key()}
+    folder = study.registry.root / "circuit_files" / hash_obj(key)
+
+    def compute() -> dict[str, dict[str, str]]:
+        images = study.images(split)
+        with torch.no_grad():
+            head = model.zero_shot_head(class_prompts_names(study.dataset), study.templates())
+        index: dict[str, dict[str, str]] = {}
+        for di, (d, per) in enumerate(cells.items()):
+            for k, rows in per.items():
+                if len(rows):
+                    c = discover_circuit(model, images[rows], torch.full((len(rows),), k, dtype=torch.long), head,
+                                         steps=study.opts.circuit_steps,
+                                         meta={"split": split, "rows": np.asarray(rows).tolist()})
+                    index.setdefault(d, {})[str(k)] = c.save(folder / f"{di}_{k}").name
+        return index
+
+    index, reused = study.registry.run("circuit_set", key, compute)
+    try:
+        return _load(folder, index, cells), reused
+    except FileNotFoundError:  # the registry entry outlived its circuit files: recompute them
+        index = study.registry.put("circuit_set", key, compute())
+        return _load(folder, index, cells), False
+
+
+def _load(folder, index: Mapping[str, Mapping[str, str]], domains) -> dict[str, dict[int, Circuit]]:
+    return {d: {int(k): Circuit.load(folder / name) for k, name in index.get(d, {}).items()} for d in domains}
