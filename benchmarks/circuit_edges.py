@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from clipmech.analysis.circuits import (component_points, ig_edge_scores, plan_edges,
+from clipmech.analysis.circuits import (component_points, ig_edge_plan, ig_edge_scores, plan_edges,
                                         reference_ig_edge_scores)
 from clipmech.analysis.patching import cache_points, node_dim
 from clipmech.models import HookedCLIP
@@ -97,7 +97,7 @@ def main() -> None:
         up = list(range(math.ceil(0.1 * width[u])))
         numel = (acts[u].numel(), acts[d].numel())
         positions = acts[u][0].numel() // width[u]
-        auto = plan_edges(*numel, len(down), len(up), n_points, up_positions=positions)
+        auto = ig_edge_plan(model, images, u, d, down, args.steps, up)
         plain_plan = plan_edges(*numel, len(down), len(up), n_points, strategy="backward", up_positions=positions)
         paper_nodes = down[:args.paper_nodes] if args.paper_nodes else down
         out: dict[str, torch.Tensor] = {}

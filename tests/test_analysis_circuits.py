@@ -156,12 +156,16 @@ def test_edge_plan_cost_model():
     assert C.plan_edges(8, 8, 2, 2, 9, strategy="forward").chunk == 2  # all tangents in one vmap
     with pytest.raises(ValueError, match="strategy"):
         C.plan_edges(8, 8, 2, 2, 9, strategy="vmap")
-    # Split (bottleneck segments): 1 + 0.4 min(I, J); it beats both wherever it applies.
+    # Split (bottleneck segments): 1 + 0.2 (I + J), so it beats backward whenever I < 4 J, and forward
+    # unless upstream nodes are very few.
     split = C.plan_edges(8, 8, 52, 26, 9, up_positions=16, split_numel=8)
-    assert split.strategy == "split" and split.cost["split"] == pytest.approx(1 + 0.4 * 26)
+    assert split.strategy == "split" and split.cost["split"] == pytest.approx(1 + 0.2 * 78)
     assert split.chunk == 16 and split.step_chunk == 9  # at most 16 conv inputs per batch
     assert C.plan_edges(8, 8, 9, 9, 9, split_numel=8).strategy == "split"
-    assert C.plan_edges(8, 8, 0, 9, 9, split_numel=8).strategy == "backward"  # no nodes: a tie, 1 vs 1
+    assert C.plan_edges(8, 8, 25, 1, 9, up_positions=16, split_numel=8).strategy == "split"  # 6.2 vs forward 6.3
+    assert C.plan_edges(8, 8, 26, 1, 9, up_positions=16, split_numel=8).strategy == "forward"  # 6.4 vs 6.3
+    assert C.plan_edges(8, 8, 2, 8, 9, up_positions=4096, split_numel=8).strategy == "backward"  # 3 vs 3: a tie
+    assert C.plan_edges(8, 8, 2, 7, 9, up_positions=4096, split_numel=8).strategy == "split"  # 3 vs 2.8
     assert C.plan_edges(8, 8, 3, 2, 9, strategy="split", split_numel=8).chunk == 2
     # RN50 layer1 at 224 px, 50 images: (26 + 2 x 16 + 4) x 40 MB + 2 x 321 MB = 3.13 GB per path point.
     rn50 = C.plan_edges(50 * 256 * 56 * 56, 50 * 256 * 56 * 56, 26, 26, 9, split_numel=50 * 64 * 56 * 56)

@@ -166,10 +166,11 @@ EDGE_STRATEGIES = ("backward", "forward", "split")
 _FORWARD_PASS = 1.0
 _FORWARD_PER_NODE = (1.8, 5.0)  # at <= 16 and >= 256 upstream positions per example
 _FORWARD_FIXED = 4.5
-# Split: one block forward plus one conv2 per node of the smaller side. Its batched conv2 took 0.24-0.35 of a
-# per-node VJP at equal widths and ~0.5 at stage transitions (where the VJP unit is the downsample-free
-# 1x1 convs' ... ) on the tiny-rn widths at RN50 depth (1 thread, 8 images, 9 path points): 0.4 per node.
-_SPLIT_PER_NODE = 0.4
+# Split: one block forward, conv2 over the smaller side's nodes, one-channel products and a contraction over
+# the larger side's. Fitted on the tiny-rn widths at RN50 depth (1 thread, 8 images, 9 path points): beyond
+# the forward it took 0.28-0.42 VJPs per node at equal widths (0.2 per node of either side) and 0.55-0.66 per
+# smaller-side node at stage transitions, where |N_d| = 2 |N_u| (0.2 x 3 = 0.6).
+_SPLIT_PER_NODE = 0.2
 _SPLIT_CHUNK = 16  # conv2 inputs per batched convolution: larger batches ran no faster (8-64 within noise)
 # Retained autograd graph per element of (upstream + downstream activation), in activations; a bottleneck
 # segment keeps about six maps of that size (convs, norms, ReLU masks).
@@ -200,8 +201,8 @@ def plan_edges(up_numel: int, down_numel: int, n_down: int, n_up: int, n_points:
     example; `split_numel` the elements of its 3x3 conv's activation per path point when the segment
     is one splittable ResNet bottleneck (None: it is not). `strategy` forces one. Cost, in units of
     one per-node VJP: backward 1 + n_down, forward 4.5 + f n_up with f from 1.8 (<= 16 positions) to
-    5 (>= 256), split 1 + 0.4 min(n_up, n_down); chunks and path points per run are the largest that
-    keep a run within `memory` bytes."""
+    5 (>= 256), split 1 + 0.2 (n_up + n_down); chunks and path points per run are the largest that
+    keep a run within `memory` bytes (split: at most 16 conv inputs per batch)."""
     if strategy is not None and strategy not in EDGE_STRATEGIES:
         raise ValueError(f"strategy must be one of {EDGE_STRATEGIES} or None (cost model), got {strategy!r}")
     if strategy == "split" and split_numel is None:
@@ -218,7 +219,7 @@ def plan_edges(up_numel: int, down_numel: int, n_down: int, n_up: int, n_points:
         chunk = max(1, min(_SPLIT_CHUNK, n_up, n_down))
         split_point = (max(n_up, n_down) + 2 * chunk + 4) * split_numel * itemsize + 2 * per_point
         plans["split"] = (chunk, max(1, min(n_points, memory // split_point)))
-        cost["split"] = _FORWARD_PASS + _SPLIT_PER_NODE * min(n_up, n_down)
+        cost["split"] = _FORWARD_PASS + _SPLIT_PER_NODE * (n_up + n_down)
     chosen = strategy or min(cost, key=lambda s: (cost[s], s))
     return EdgePlan(chosen, *plans[chosen], cost={s: round(v, 3) for s, v in cost.items()})
 
@@ -413,14 +414,19 @@ def _edge_scores(model, images: Tensor, up: NodeSpace, down: NodeSpace, downstre
                  calibrate: bool = False) -> Tensor:
     """[J, I] edge IG for downstream nodes `downstream_nodes` and upstream nodes `upstream_nodes`
     (None: all), by the plan the cost model (or calibration, or `strategy`) picks."""
+    problem = _edge_problem(model, images, up, down, downstream_nodes, steps, upstream_nodes)
+    if problem.empty:  # no nodes, or steps == 1 (the only path point, alpha = 1, contributes 0)
+        return up.clean.new_zeros(len(problem.down_nodes), len(problem.up_nodes))
+    return problem.run(_edge_plan(problem, strategy, calibrate))
+
+
+def _edge_problem(model, images: Tensor, up: NodeSpace, down: NodeSpace, downstream_nodes: Sequence[int],
+                  steps: int, upstream_nodes: Sequence[int] | None) -> _EdgeProblem:
     down_nodes = torch.as_tensor(list(downstream_nodes), dtype=torch.long)
     up_nodes = torch.arange(up.n_nodes) if upstream_nodes is None else torch.as_tensor(list(upstream_nodes), dtype=torch.long)
     _check_node_indices(down_nodes, down, "downstream_nodes")
     _check_node_indices(up_nodes, up, "upstream_nodes")
-    problem = _EdgeProblem(model, images, up, down, down_nodes, up_nodes, steps)
-    if problem.empty:  # no nodes, or steps == 1 (the only path point, alpha = 1, contributes 0)
-        return up.clean.new_zeros(len(down_nodes), len(up_nodes))
-    return problem.run(_edge_plan(problem, strategy, calibrate))
+    return _EdgeProblem(model, images, up, down, down_nodes, up_nodes, steps)
 
 
 def ig_edge_scores(model, images: Tensor, upstream: str, downstream: str, downstream_nodes: Sequence[int],
@@ -443,6 +449,16 @@ def ig_edge_scores(model, images: Tensor, upstream: str, downstream: str, downst
     spaces = _spaces(model, images, [upstream, downstream], None)
     return _edge_scores(model, images, spaces[upstream], spaces[downstream], downstream_nodes, steps, upstream_nodes,
                         strategy, calibrate)
+
+
+def ig_edge_plan(model, images: Tensor, upstream: str, downstream: str, downstream_nodes: Sequence[int],
+                 steps: int = 10, upstream_nodes: Sequence[int] | None = None) -> EdgePlan:
+    """The plan the cost model picks for `ig_edge_scores` with these arguments (its `cost` field the
+    estimate per applicable strategy). Cost: one forward of the model up to `downstream`."""
+    _check_consecutive(model, upstream, downstream)
+    spaces = _spaces(model, images, [upstream, downstream], None)
+    problem = _edge_problem(model, images, spaces[upstream], spaces[downstream], downstream_nodes, steps, upstream_nodes)
+    return _problem_plan(problem, None)
 
 
 def reference_ig_edge_scores(model, images: Tensor, upstream: str, downstream: str,
