@@ -125,6 +125,9 @@ def test_split_only_where_the_segment_is_a_plain_bottleneck(rn_deep, batch):
         backward = C.ig_edge_scores(rn_deep, images, u, d, [0, 2], steps=3, upstream_nodes=[2, 5], strategy="backward")
     torch.testing.assert_close(hooked, backward)
     assert not torch.allclose(hooked, clean)
+    with rn_deep.hooks(bwd_hooks=[("visual.layer2.1.hook_act1", lambda grad, hook: None)]):
+        with pytest.raises(ValueError, match="hooks are attached inside visual.layer2.1"):
+            C.ig_edge_scores(rn_deep, images, u, d, [0], steps=2, strategy="split")
     block = rn_deep.visual.layer2[1]
     assert unsplittable_reason(block) is None
     block.train()

@@ -34,8 +34,9 @@ def unsplittable_reason(block: nn.Module) -> str | None:
         norms.append(block.downsample[2])
     if any(n.training or n.running_var is None for n in norms):
         return "its batch norms are in training mode or keep no running statistics (call model.eval())"
-    if any(c.groups != 1 or c.stride != (1, 1) or c.padding_mode != "zeros" for c in convs):
-        return "a convolution is grouped, strided or not zero-padded"
+    if any(c.groups != 1 or c.stride != (1, 1) or c.padding_mode != "zeros" or isinstance(c.padding, str)
+           for c in convs):
+        return "a convolution is grouped, strided, not zero-padded or padded by name"
     if any(c.kernel_size != (1, 1) for c in convs[:1] + convs[2:]):
         return "conv1, conv3 or the downsample convolution is not 1x1"
     if not all(type(a) is nn.ReLU for a in (block.act1, block.act2, block.act3)):

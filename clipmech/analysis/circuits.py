@@ -238,7 +238,9 @@ def _segment_block(model, up: NodeSpace, down: NodeSpace) -> tuple[Any, str | No
         return None, f"{up.point!r} -> {down.point!r} is not one ResNet bottleneck"
     if up.sae is not None or down.sae is not None:
         return None, "its nodes are SAE latents"
-    if any(model.hook_dict[n]._forward_hooks for n in model.hook_names() if n.startswith(block_name + ".")):
+    hook_points = [model.hook_dict[n] for n in model.hook_names() if n.startswith(block_name + ".")]
+    if any(hp._forward_hooks or hp._forward_pre_hooks or hp._backward_hooks or hp._backward_pre_hooks
+           for hp in hook_points):
         return None, f"hooks are attached inside {block_name}"
     block = model.get_submodule(block_name)
     reason = unsplittable_reason(block)
@@ -610,9 +612,10 @@ def discover_circuit(model, images: Tensor, labels: Tensor, head: Tensor, *, poi
 
     `points` default to model.analysis_points(); `component_points(model)` gives ViT heads and MLP
     neurons; `saes` {point: sae} makes that point's nodes SAE latents; `strategy` / `calibrate` as in
-    `ig_edge_scores`. Cost: len(points) node IGs plus one edge IG per pair over the selected nodes
-    only (one segment forward, then a VJP per selected downstream node or a JVP per selected
-    upstream node, whichever the cost model finds cheaper).
+    `ig_edge_scores` (a forced 'split' needs every pair to be one ResNet bottleneck; the cost model
+    picks it wherever it applies). Cost: len(points) node IGs plus one edge IG per pair over the
+    selected nodes only (one segment forward, then a VJP per selected downstream node, a JVP per
+    selected upstream node or the bottleneck split, whichever the cost model finds cheapest).
     """
     points = list(model.analysis_points() if points is None else points)
     check_points(model, points)
