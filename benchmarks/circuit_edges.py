@@ -1,7 +1,8 @@
 """Edge-IG wall time, side by side on the same inputs: the paper's loop (full-model rerun per
 downstream node), the plain loop over the segment (one forward of u -> d, one
 `autograd.grad(retain_graph=True)` per downstream node: the fair baseline) and clipmech's
-`ig_edge_scores` (the plan `plan_edges` picks: that same loop, or vmapped JVPs over the upstream nodes). Nodes as in a circuit: the top 10% of
+`ig_edge_scores` (the plan `plan_edges` picks: that same loop, vmapped JVPs over the upstream nodes, or
+for ResNet bottleneck segments the Jacobian split at the 3x3 conv). Nodes as in a circuit: the top 10% of
 each point (the first ceil(C/10) channels here; which ones does not change the cost).
 
 Per pair it prints CPU seconds of this process per column (`--threads 1` by default, so they are
@@ -16,9 +17,9 @@ model's 2,070 circuits (6 domains x 345 classes) at the paper's 50 images: edge 
 50 / images (segment cost is linear in the batch once kernels are large; an underestimate for tiny
 batches).
 
-Measured 2026-11-29 (CPU seconds, one thread, machine shared; README has the table): plain/clipmech
-1.07x tiny-rn, 1.04x at RN50 depth (forward mode wins only at stage transitions, 1.2-1.35x; equal
-widths keep the plain loop), 1.62x tiny-vit components; paper/clipmech 13.5x, 25.8x, 12.7x.
+Measured 2026-11-29 (CPU seconds, one thread, 8 images, machine shared; README has the table):
+plain/clipmech 2.28x tiny-rn, 2.46x at RN50 depth (split: 2.1-3.5x per bottleneck pair; the stem and
+attention-pool pairs keep the plain loop), 1.51x tiny-vit components; paper/clipmech 27.4x, 62.2x, 13.0x.
 
     python benchmarks/circuit_edges.py [--model tiny-rn] [--layers 3,4,6,3] [--images 16] [--steps 10]
         [--points analysis|components] [--pairs all|representative] [--paper-nodes K] [--repeats 3]
@@ -31,7 +32,7 @@ import time
 
 import torch
 
-from clipmech.analysis.circuits import (component_points, ig_edge_scores, plan_edges,
+from clipmech.analysis.circuits import (component_points, ig_edge_plan, ig_edge_scores, plan_edges,
                                         reference_ig_edge_scores)
 from clipmech.analysis.patching import cache_points, node_dim
 from clipmech.models import HookedCLIP
@@ -97,7 +98,7 @@ def main() -> None:
         up = list(range(math.ceil(0.1 * width[u])))
         numel = (acts[u].numel(), acts[d].numel())
         positions = acts[u][0].numel() // width[u]
-        auto = plan_edges(*numel, len(down), len(up), n_points, up_positions=positions)
+        auto = ig_edge_plan(model, images, u, d, down, args.steps, up)
         plain_plan = plan_edges(*numel, len(down), len(up), n_points, strategy="backward", up_positions=positions)
         paper_nodes = down[:args.paper_nodes] if args.paper_nodes else down
         out: dict[str, torch.Tensor] = {}

@@ -7,9 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from clipmech.analysis import circuit_similarity as S
+from clipmech.analysis.bottleneck_edges import unsplittable_reason
 from clipmech.analysis import circuits as C
 from clipmech.analysis import patching as P
 from clipmech.models import HookedCLIP
+from clipmech.models.configs import resolve_config
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +68,76 @@ def test_vit_component_edges_match_naive_loop(vit, batch):
     _assert_plans_match_naive(vit, batch[0], points[1], points[2], [0, 1], [3, 7, 100])  # neurons -> heads
 
 
+@pytest.fixture(scope="module")
+def rn_deep():
+    """tiny-rn with a second layer2 block (an identity skip) and random eval batch-norm statistics and
+    affines: open_clip zero-initialises bn3.weight, which would hide the residual branch's edges."""
+    torch.manual_seed(1)
+    cfg = resolve_config("tiny-rn")[1]
+    cfg["vision_cfg"]["layers"] = [1, 2, 1, 1]
+    model = HookedCLIP.from_config(cfg)
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.3, 0.3)
+    return model.eval().double()
+
+
+# Split plans: the cost model's and forced, with 3 nodes on the smaller side in convs of 2 and the 2 path
+# points in groups of 1 (a chunk boundary on both).
+_SPLIT_PLANS = [None, "split", C.EdgePlan("split", 2, 1)]
+
+
+@pytest.mark.parametrize("pair,nodes,up_nodes", [
+    ((4, 5), [0, 4, 7, 9], [1, 3, 6]),  # avgpool -> layer1.0: 1x1 downsample, no stride; conv over upstream
+    ((5, 6), [0, 2, 9], [1, 3, 4, 60, 7]),  # layer1.0 -> layer2.0: strided pools; conv over downstream
+    ((6, 7), [1, 2, 3, 6], [2, 3, 6, 17]),  # layer2.0 -> layer2.1: identity skip, shared node ids
+    ((6, 7), [2], None),  # all 128 upstream nodes
+])
+def test_split_edges_match_naive_loop(rn_deep, batch, pair, nodes, up_nodes):
+    pts = rn_deep.analysis_points()
+    u, d = pts[pair[0]], pts[pair[1]]
+    naive = C.reference_ig_edge_scores(rn_deep, batch[0], u, d, nodes, steps=3)
+    naive = naive if up_nodes is None else naive[:, up_nodes]
+    assert naive.abs().amax(1).min() > 0  # no dead downstream node
+    backward = C.ig_edge_scores(rn_deep, batch[0], u, d, nodes, steps=3, upstream_nodes=up_nodes, strategy="backward")
+    for plan in _SPLIT_PLANS:
+        ours = C.ig_edge_scores(rn_deep, batch[0], u, d, nodes, steps=3, upstream_nodes=up_nodes, strategy=plan)
+        torch.testing.assert_close(ours, naive, rtol=0, atol=1e-6 * float(naive.abs().max()), msg=str(plan))
+        torch.testing.assert_close(ours, backward, rtol=0, atol=1e-9 * float(naive.abs().max()), msg=str(plan))
+
+
+def test_split_only_where_the_segment_is_a_plain_bottleneck(rn_deep, batch):
+    images = batch[0]
+    pts = rn_deep.analysis_points()
+    with pytest.raises(ValueError, match="not one ResNet bottleneck; use 'backward' or 'forward'"):
+        C.ig_edge_scores(rn_deep, images, pts[3], pts[4], [0], strategy="split")  # act3 -> avgpool
+    with pytest.raises(ValueError, match="not one ResNet bottleneck"):
+        C.ig_edge_scores(rn_deep, images, pts[-2], pts[-1], [0], strategy="split")  # layer4.0 -> attnpool
+    u, d = pts[6], pts[7]
+    clean = C.ig_edge_scores(rn_deep, images, u, d, [0, 2], steps=3, upstream_nodes=[2, 5])
+    # A hook inside the block changes the segment: the cost model falls back to autograd, which runs it.
+    with rn_deep.hooks(fwd_hooks=[("visual.layer2.1.hook_act2", lambda t, hook: 0.5 * t)]):
+        with pytest.raises(ValueError, match="hooks are attached inside visual.layer2.1"):
+            C.ig_edge_scores(rn_deep, images, u, d, [0, 2], steps=3, upstream_nodes=[2, 5], strategy="split")
+        hooked = C.ig_edge_scores(rn_deep, images, u, d, [0, 2], steps=3, upstream_nodes=[2, 5])
+        backward = C.ig_edge_scores(rn_deep, images, u, d, [0, 2], steps=3, upstream_nodes=[2, 5], strategy="backward")
+    torch.testing.assert_close(hooked, backward)
+    assert not torch.allclose(hooked, clean)
+    with rn_deep.hooks(bwd_hooks=[("visual.layer2.1.hook_act1", lambda grad, hook: None)]):
+        with pytest.raises(ValueError, match="hooks are attached inside visual.layer2.1"):
+            C.ig_edge_scores(rn_deep, images, u, d, [0], steps=2, strategy="split")
+    block = rn_deep.visual.layer2[1]
+    assert unsplittable_reason(block) is None
+    block.train()
+    try:
+        assert "training mode" in unsplittable_reason(block)
+    finally:
+        block.eval()
+    assert "not an open_clip Bottleneck" in unsplittable_reason(rn_deep.visual.attnpool)
+
+
 def test_edge_plan_cost_model():
     # Deterministic for a shape; forward mode when upstream nodes are few, backward when downstream are.
     args = (8 * 64 * 16 * 16, 8 * 128 * 8 * 8, 13, 7, 9)
@@ -87,6 +159,22 @@ def test_edge_plan_cost_model():
     assert C.plan_edges(8, 8, 2, 2, 9, strategy="forward").chunk == 2  # all tangents in one vmap
     with pytest.raises(ValueError, match="strategy"):
         C.plan_edges(8, 8, 2, 2, 9, strategy="vmap")
+    # Split (bottleneck segments): 1 + 0.2 (I + J), so it beats backward whenever I < 4 J, and forward
+    # unless upstream nodes are very few.
+    split = C.plan_edges(8, 8, 52, 26, 9, up_positions=16, split_numel=8)
+    assert split.strategy == "split" and split.cost["split"] == pytest.approx(1 + 0.2 * 78)
+    assert split.chunk == 16 and split.step_chunk == 9  # at most 16 conv inputs per batch
+    assert C.plan_edges(8, 8, 9, 9, 9, split_numel=8).strategy == "split"
+    assert C.plan_edges(8, 8, 25, 1, 9, up_positions=16, split_numel=8).strategy == "split"  # 6.2 vs forward 6.3
+    assert C.plan_edges(8, 8, 26, 1, 9, up_positions=16, split_numel=8).strategy == "forward"  # 6.4 vs 6.3
+    assert C.plan_edges(8, 8, 2, 8, 9, up_positions=4096, split_numel=8).strategy == "backward"  # 3 vs 3: a tie
+    assert C.plan_edges(8, 8, 2, 7, 9, up_positions=4096, split_numel=8).strategy == "split"  # 3 vs 2.8
+    assert C.plan_edges(8, 8, 3, 2, 9, strategy="split", split_numel=8).chunk == 2
+    # RN50 layer1 at 224 px, 50 images: (26 + 2 x 16 + 4) x 40 MB + 2 x 321 MB = 3.13 GB per path point.
+    rn50 = C.plan_edges(50 * 256 * 56 * 56, 50 * 256 * 56 * 56, 26, 26, 9, split_numel=50 * 64 * 56 * 56)
+    assert rn50.strategy == "split" and rn50.chunk == 16 and rn50.step_chunk == 1
+    with pytest.raises(ValueError, match="one ResNet bottleneck"):
+        C.plan_edges(8, 8, 2, 2, 9, strategy="split")
 
 
 def test_calibrated_plan_is_cached_and_exact(rn, batch):
@@ -96,7 +184,7 @@ def test_calibrated_plan_is_cached_and_exact(rn, batch):
     C._CALIBRATED.clear()
     ours = C.ig_edge_scores(rn, images, u, d, [0, 2], steps=3, upstream_nodes=[1, 3], calibrate=True)
     (plan,) = C._CALIBRATED.values()
-    assert plan.strategy in C.EDGE_STRATEGIES and set(plan.cost) == {"backward_s", "forward_s"}
+    assert plan.strategy in C.EDGE_STRATEGIES and set(plan.cost) == {"backward_s", "forward_s", "split_s"}
     C.ig_edge_scores(rn, images, u, d, [0, 2], steps=3, upstream_nodes=[1, 3], calibrate=True)
     assert list(C._CALIBRATED.values()) == [plan]  # measured once per shape
     naive = C.reference_ig_edge_scores(rn, images, u, d, [0, 2], steps=3)[:, [1, 3]]

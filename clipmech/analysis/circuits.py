@@ -5,8 +5,10 @@ The paper ports sparse feature circuits (Marks et al.) to CNN channels with an i
 node scores are zero-baseline IG of the summed true-class cosine logit at one point; an edge
 u/i -> d/j is the IG, over point u, of the squared deviation of downstream node j from its clean
 value. Its code reruns the full model once per downstream node. Here the segment u -> d runs once
-(`HookedCLIP.forward_from`) and the edges come from one VJP per downstream node over that graph or
-one JVP per upstream node, whichever a cost model (`plan_edges`) finds cheaper. No existing
+(`HookedCLIP.forward_from`) and the edges come from one VJP per downstream node over that graph,
+one JVP per upstream node or, when the segment is one ResNet bottleneck, its Jacobian split at the
+3x3 convolution (`clipmech.analysis.bottleneck_edges`), whichever a cost model (`plan_edges`) finds
+cheaper. No existing
 circuit library handles CNNs or CLIP, hence our own code; graph similarity is in
 `clipmech.analysis.circuit_similarity`.
 
@@ -21,6 +23,7 @@ import dataclasses
 import io
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +34,7 @@ import torch
 from torch import Tensor
 
 from clipmech.analysis.bootstrap import bootstrap_ci
+from clipmech.analysis.bottleneck_edges import bottleneck_edges, unsplittable_reason
 from clipmech.analysis.patching import (Metric, cache_points, check_points, cosine_logits, evaluate_metric,
                                         mean_gradient_along_path, node_dim, riemann_alphas, segment_fn,
                                         true_class_logit)
@@ -146,9 +150,12 @@ def ig_node_scores(model, images: Tensor, labels: Tensor, head: Tensor, point: s
 # An edge score is a bilinear form: edge[j, i] = sum_s <r_s[..., j], (J_s v_i)[..., j]> / (B·steps), with
 # J_s the segment's Jacobian at path point s, r_s = dm/dy (2 (y - clean) / (B·positions)) and v_i = -a_u
 # on upstream node i. Backward mode takes one vector-Jacobian product per downstream node j, forward mode
-# one Jacobian-vector product per upstream node i; both are exact, and which is cheaper depends on the node
-# counts, hence a cost model (`plan_edges`) and an opt-in calibration.
-EDGE_STRATEGIES = ("backward", "forward")
+# one Jacobian-vector product per upstream node i; 'split' (ResNet bottleneck segments only) carries r_j
+# and v_i to the 3x3 convolution at one channel's cost each and runs that convolution over
+# min(|N_u|, |N_d|) of them in one batch (`clipmech.analysis.bottleneck_edges`). All are exact; which is
+# cheapest depends on the node counts and the segment, hence a cost model (`plan_edges`) and an opt-in
+# calibration.
+EDGE_STRATEGIES = ("backward", "forward", "split")
 # Cost model in units of one per-node VJP of the segment over all path points; a plain forward of the
 # segment costs about as much. Measured in CPU seconds, one thread, 2026-11-29 (benchmarks/circuit_edges.py):
 # a vmapped JVP costs 1.5-2.4x a VJP per node (forward-mode batch norm / ReLU and vmap's layout copies) plus a
@@ -159,6 +166,12 @@ EDGE_STRATEGIES = ("backward", "forward")
 _FORWARD_PASS = 1.0
 _FORWARD_PER_NODE = (1.8, 5.0)  # at <= 16 and >= 256 upstream positions per example
 _FORWARD_FIXED = 4.5
+# Split: one block forward, conv2 over the smaller side's nodes, one-channel products and a contraction over
+# the larger side's. Fitted on the tiny-rn widths at RN50 depth (1 thread, 8 images, 9 path points): beyond
+# the forward it took 0.28-0.42 VJPs per node at equal widths (0.2 per node of either side) and 0.55-0.66 per
+# smaller-side node at stage transitions, where |N_d| = 2 |N_u| (0.2 x 3 = 0.6).
+_SPLIT_PER_NODE = 0.2
+_SPLIT_CHUNK = 16  # conv2 inputs per batched convolution: larger batches ran no faster (8-64 within noise)
 # Retained autograd graph per element of (upstream + downstream activation), in activations; a bottleneck
 # segment keeps about six maps of that size (convs, norms, ReLU masks).
 _GRAPH_FACTOR = 6
@@ -169,7 +182,8 @@ EDGE_MEMORY = 4 * 2 ** 30  # bytes one segment run may hold; more IG path points
 class EdgePlan:
     """How one segment's edges are computed: `strategy` 'backward' (one VJP per downstream node over
     one retained graph; `chunk` copies of the segment batch serve `chunk` nodes per VJP, 1 = plain
-    loop) or 'forward' (one JVP per upstream node, `chunk` tangents per vmapped JVP); `step_chunk` IG
+    loop), 'forward' (one JVP per upstream node, `chunk` tangents per vmapped JVP) or 'split'
+    (bottleneck Jacobian split at its 3x3 conv, `chunk` nodes per batched conv); `step_chunk` IG
     path points per segment run (the rest looped); `cost` the cost model's estimate per strategy."""
 
     strategy: str
@@ -179,15 +193,20 @@ class EdgePlan:
 
 
 def plan_edges(up_numel: int, down_numel: int, n_down: int, n_up: int, n_points: int, strategy: str | None = None,
-               itemsize: int = 4, memory: int = EDGE_MEMORY, up_positions: int = 1) -> EdgePlan:
+               itemsize: int = 4, memory: int = EDGE_MEMORY, up_positions: int = 1,
+               split_numel: int | None = None) -> EdgePlan:
     """Deterministic choice of edge strategy for a segment whose upstream / downstream activations
     hold `up_numel` / `down_numel` elements per IG path point (batch included), `n_down` downstream
     and `n_up` upstream nodes, `n_points` path points, `up_positions` values per upstream node and
-    example. `strategy` forces 'backward' or 'forward'. Cost: backward 1 + n_down, forward 4.5 +
-    f n_up with f from 1.8 (<= 16 positions) to 5 (>= 256), in units of one per-node VJP; chunks and
-    path points per run are the largest that keep a run within `memory` bytes."""
+    example; `split_numel` the elements of its 3x3 conv's activation per path point when the segment
+    is one splittable ResNet bottleneck (None: it is not). `strategy` forces one. Cost, in units of
+    one per-node VJP: backward 1 + n_down, forward 4.5 + f n_up with f from 1.8 (<= 16 positions) to
+    5 (>= 256), split 1 + 0.2 (n_up + n_down); chunks and path points per run are the largest that
+    keep a run within `memory` bytes (split: at most 16 conv inputs per batch)."""
     if strategy is not None and strategy not in EDGE_STRATEGIES:
         raise ValueError(f"strategy must be one of {EDGE_STRATEGIES} or None (cost model), got {strategy!r}")
+    if strategy == "split" and split_numel is None:
+        raise ValueError("strategy 'split' needs a segment that is one ResNet bottleneck (split_numel)")
     low, high = _FORWARD_PER_NODE
     per_node = low + (high - low) * min(max(math.log2(max(up_positions, 1) / 16) / 4, 0.0), 1.0)
     per_point = (up_numel + down_numel) * itemsize
@@ -195,7 +214,13 @@ def plan_edges(up_numel: int, down_numel: int, n_down: int, n_up: int, n_points:
     plans = {"backward": (1, max(1, min(n_points, memory // (_GRAPH_FACTOR * per_point)))),
              "forward": (tangents, max(1, min(n_points, memory // (3 * tangents * per_point))))}
     cost = {"backward": _FORWARD_PASS + n_down, "forward": _FORWARD_FIXED + per_node * n_up}
-    chosen = strategy or min(EDGE_STRATEGIES, key=lambda s: (cost[s], s))
+    if split_numel is not None:
+        # One run holds the larger side's vectors, two chunks of the smaller side's, and the block's maps.
+        chunk = max(1, min(_SPLIT_CHUNK, n_up, n_down))
+        split_point = (max(n_up, n_down) + 2 * chunk + 4) * split_numel * itemsize + 2 * per_point
+        plans["split"] = (chunk, max(1, min(n_points, memory // split_point)))
+        cost["split"] = _FORWARD_PASS + _SPLIT_PER_NODE * (n_up + n_down)
+    chosen = strategy or min(cost, key=lambda s: (cost[s], s))
     return EdgePlan(chosen, *plans[chosen], cost={s: round(v, 3) for s, v in cost.items()})
 
 
@@ -204,9 +229,28 @@ def _check_node_indices(nodes: Tensor, space: NodeSpace, what: str) -> None:
         raise ValueError(f"{what} must lie in [0, {space.n_nodes}) for {space.point!r}")
 
 
+def _segment_block(model, up: NodeSpace, down: NodeSpace) -> tuple[Any, str | None]:
+    """(the open_clip Bottleneck that is the whole segment up -> down, None) or (None, why not)."""
+    points = list(model.analysis_points())
+    block_name = down.point.removesuffix(".hook_out")
+    if not (re.fullmatch(r"visual\.layer\d+\.\d+", block_name) and up.point in points
+            and points.index(up.point) + 1 == points.index(down.point)):
+        return None, f"{up.point!r} -> {down.point!r} is not one ResNet bottleneck"
+    if up.sae is not None or down.sae is not None:
+        return None, "its nodes are SAE latents"
+    hook_points = [model.hook_dict[n] for n in model.hook_names() if n.startswith(block_name + ".")]
+    if any(hp._forward_hooks or hp._forward_pre_hooks or hp._backward_hooks or hp._backward_pre_hooks
+           for hp in hook_points):
+        return None, f"hooks are attached inside {block_name}"
+    block = model.get_submodule(block_name)
+    reason = unsplittable_reason(block)
+    return (None, reason) if reason else (block, None)
+
+
 class _EdgeProblem:
     """One segment's edge IG: the path points (alpha·a_u in node space), the segment function in
-    node space and the metric residual scale; `backward` / `forward` accumulate edge[J, I]."""
+    node space, the metric residual scale and, for a bottleneck segment, its block;
+    `backward` / `forward` / `split` accumulate edge[J, I]."""
 
     def __init__(self, model, images: Tensor, up: NodeSpace, down: NodeSpace, down_nodes: Tensor,
                  up_nodes: Tensor, steps: int):
@@ -220,6 +264,7 @@ class _EdgeProblem:
         self.scale = 2.0 / (self.n * down.clean[0, ..., 0].numel())  # dm_j/dy = scale·(y - clean)
         segment = segment_fn(model, up.point, images, stop_at=down.point)
         self.f = lambda x: down.nodes(segment(up.activation(x)))
+        self.block, self.unsplittable = _segment_block(model, up, down)
 
     def path(self, alphas: Tensor, copies: int = 1) -> Tensor:
         z = self.up.clean
@@ -268,6 +313,19 @@ class _EdgeProblem:
             cols.append((out[..., self.down_nodes] * resid[None]).flatten(1, -2).sum(1).T)  # [J, k]
         return torch.cat(cols, 1)
 
+    def split(self, alphas: Tensor, chunk: int) -> Tensor:
+        """[J, I] summed over `alphas` through the bottleneck's Jacobian split at its 3x3 conv."""
+        return bottleneck_edges(self.block, self.up.clean.movedim(-1, 1), self.down.clean.movedim(-1, 1), alphas,
+                                self.down_nodes, self.up_nodes, self.scale, chunk)
+
+    @property
+    def split_numel(self) -> int | None:
+        """Elements of the bottleneck's 3x3-conv activation per path point, or None (not a bottleneck)."""
+        if self.block is None:
+            return None
+        conv2, (height, width) = self.block.conv2, self.up.clean.shape[1:3]
+        return self.n * conv2.out_channels * height * width
+
     @property
     def empty(self) -> bool:
         return len(self.down_nodes) == 0 or len(self.up_nodes) == 0 or len(self.alphas) == 0
@@ -278,6 +336,8 @@ class _EdgeProblem:
             alphas = self.alphas[start:start + plan.step_chunk]
             if plan.strategy == "backward":
                 total = total + self.backward(alphas, plan.chunk)
+            elif plan.strategy == "split":
+                total = total + self.split(alphas, plan.chunk)
             else:
                 # SDPA has no forward-mode derivative: a (no-op) pattern hook selects explicit softmax attention.
                 with self.model.hooks(fwd_hooks=[(lambda name: name.endswith("hook_pattern"), _no_op)]):
@@ -289,16 +349,25 @@ def _no_op(tensor: Tensor, hook) -> None:
     return None
 
 
+def _problem_plan(problem: _EdgeProblem, strategy: str | None) -> EdgePlan:
+    up, down = problem.up.clean, problem.down.clean
+    return plan_edges(up.numel(), down.numel(), len(problem.down_nodes), len(problem.up_nodes), len(problem.alphas),
+                      strategy, up.element_size(), up_positions=up[0, ..., 0].numel(), split_numel=problem.split_numel)
+
+
 def _edge_plan(problem: _EdgeProblem, strategy: str | EdgePlan | None, calibrate: bool) -> EdgePlan:
+    name = strategy.strategy if isinstance(strategy, EdgePlan) else strategy
+    if name == "split" and problem.block is None:
+        raise ValueError(f"strategy 'split' needs a segment that is one eval-mode open_clip Bottleneck without "
+                         f"hooks or SAEs; here {problem.unsplittable}; use 'backward' or 'forward'")
     if isinstance(strategy, EdgePlan):
         return strategy
-    up, down = problem.up.clean, problem.down.clean
-    plan = plan_edges(up.numel(), down.numel(), len(problem.down_nodes), len(problem.up_nodes), len(problem.alphas),
-                      strategy, up.element_size(), up_positions=up[0, ..., 0].numel())
+    plan = _problem_plan(problem, strategy)
     if not calibrate or strategy is not None:
         return plan
+    up, down = problem.up.clean, problem.down.clean
     key = (problem.up.point, problem.down.point, tuple(up.shape), tuple(down.shape), len(problem.down_nodes),
-           len(problem.up_nodes), len(problem.alphas), up.dtype, str(up.device))
+           len(problem.up_nodes), len(problem.alphas), up.dtype, str(up.device), problem.block is None)
     if key not in _CALIBRATED:
         _CALIBRATED[key] = _calibrate(problem)
     return _CALIBRATED[key]
@@ -308,12 +377,13 @@ _CALIBRATED: dict[tuple, EdgePlan] = {}
 
 
 def _trial_seconds(problem: _EdgeProblem, plan: EdgePlan, n_nodes: int) -> float:
-    """Seconds `plan` takes on the first `n_nodes` nodes it loops over and its first group of path points."""
+    """Seconds `plan` takes on the first `n_nodes` nodes it loops over (split: all nodes) and its first
+    group of path points."""
     trial = copy.copy(problem)
     trial.alphas = problem.alphas[:plan.step_chunk]
     if plan.strategy == "backward":
         trial.down_nodes = problem.down_nodes[:n_nodes]
-    else:
+    elif plan.strategy == "forward":
         trial.up_nodes = problem.up_nodes[:n_nodes]
     start = time.perf_counter()
     trial.run(plan)
@@ -321,23 +391,23 @@ def _trial_seconds(problem: _EdgeProblem, plan: EdgePlan, n_nodes: int) -> float
 
 
 def _calibrate(problem: _EdgeProblem) -> EdgePlan:
-    """Time both strategies on a few nodes and the first group of path points, extrapolate to all
-    nodes and groups, keep the faster. Backward: 1 and up to 3 nodes (fixed forward + per-node VJP);
-    forward: one chunk of tangents, times the number of chunks."""
-    up, down = problem.up.clean, problem.down.clean
+    """Time each applicable strategy on a few nodes and the first group of path points, extrapolate to
+    all nodes and groups, keep the fastest. Backward: 1 and up to 3 nodes (fixed forward + per-node
+    VJP); forward: one chunk of tangents, times the number of chunks; split: all nodes."""
     seconds, plans = {}, {}
-    for s in EDGE_STRATEGIES:
-        plan = plans[s] = plan_edges(up.numel(), down.numel(), len(problem.down_nodes), len(problem.up_nodes),
-                                     len(problem.alphas), s, up.element_size(), up_positions=up[0, ..., 0].numel())
+    for s in EDGE_STRATEGIES if problem.block is not None else ("backward", "forward"):
+        plan = plans[s] = _problem_plan(problem, s)
         groups = math.ceil(len(problem.alphas) / plan.step_chunk)
-        if s == "backward":
+        if s == "split":
+            seconds[s] = groups * _trial_seconds(problem, plan, 0)
+        elif s == "backward":
             n = min(len(problem.down_nodes), 3)
             one, more = _trial_seconds(problem, plan, 1), _trial_seconds(problem, plan, n)
             per_node = (more - one) / (n - 1) if n > 1 else one
             seconds[s] = groups * (one - per_node + per_node * len(problem.down_nodes))
         else:
             seconds[s] = groups * math.ceil(len(problem.up_nodes) / plan.chunk) * _trial_seconds(problem, plan, plan.chunk)
-    best = min(EDGE_STRATEGIES, key=lambda s: (seconds[s], s))
+    best = min(seconds, key=lambda s: (seconds[s], s))
     return dataclasses.replace(plans[best], cost={f"{s}_s": round(v, 4) for s, v in seconds.items()})
 
 
@@ -346,14 +416,19 @@ def _edge_scores(model, images: Tensor, up: NodeSpace, down: NodeSpace, downstre
                  calibrate: bool = False) -> Tensor:
     """[J, I] edge IG for downstream nodes `downstream_nodes` and upstream nodes `upstream_nodes`
     (None: all), by the plan the cost model (or calibration, or `strategy`) picks."""
+    problem = _edge_problem(model, images, up, down, downstream_nodes, steps, upstream_nodes)
+    if problem.empty:  # no nodes, or steps == 1 (the only path point, alpha = 1, contributes 0)
+        return up.clean.new_zeros(len(problem.down_nodes), len(problem.up_nodes))
+    return problem.run(_edge_plan(problem, strategy, calibrate))
+
+
+def _edge_problem(model, images: Tensor, up: NodeSpace, down: NodeSpace, downstream_nodes: Sequence[int],
+                  steps: int, upstream_nodes: Sequence[int] | None) -> _EdgeProblem:
     down_nodes = torch.as_tensor(list(downstream_nodes), dtype=torch.long)
     up_nodes = torch.arange(up.n_nodes) if upstream_nodes is None else torch.as_tensor(list(upstream_nodes), dtype=torch.long)
     _check_node_indices(down_nodes, down, "downstream_nodes")
     _check_node_indices(up_nodes, up, "upstream_nodes")
-    problem = _EdgeProblem(model, images, up, down, down_nodes, up_nodes, steps)
-    if problem.empty:  # no nodes, or steps == 1 (the only path point, alpha = 1, contributes 0)
-        return up.clean.new_zeros(len(down_nodes), len(up_nodes))
-    return problem.run(_edge_plan(problem, strategy, calibrate))
+    return _EdgeProblem(model, images, up, down, down_nodes, up_nodes, steps)
 
 
 def ig_edge_scores(model, images: Tensor, upstream: str, downstream: str, downstream_nodes: Sequence[int],
@@ -366,14 +441,26 @@ def ig_edge_scores(model, images: Tensor, upstream: str, downstream: str, downst
     ã = (1 - s/steps)·a_u, s < steps; edge[j, i] = mean_b sum_positions (g_j ⊙ (0 - a_u))[:, i].
 
     Cost: one forward of the segment over (steps-1)*B examples, then either one VJP per downstream
-    node ('backward') or one JVP per upstream node ('forward'). `plan_edges` picks the strategy
-    from the node counts and activation sizes (deterministic); `calibrate=True` instead times both
-    once per shape and keeps the faster; `strategy` ('backward', 'forward' or an `EdgePlan`) forces.
+    node ('backward'), one JVP per upstream node ('forward') or, for a ResNet bottleneck segment,
+    its 3x3 conv over min(upstream, downstream) nodes in one batch ('split'). `plan_edges` picks the
+    strategy from the node counts and activation sizes (deterministic); `calibrate=True` instead
+    times each once per shape and keeps the fastest; `strategy` ('backward', 'forward', 'split' or
+    an `EdgePlan`) forces.
     """
     _check_consecutive(model, upstream, downstream)
     spaces = _spaces(model, images, [upstream, downstream], None)
     return _edge_scores(model, images, spaces[upstream], spaces[downstream], downstream_nodes, steps, upstream_nodes,
                         strategy, calibrate)
+
+
+def ig_edge_plan(model, images: Tensor, upstream: str, downstream: str, downstream_nodes: Sequence[int],
+                 steps: int = 10, upstream_nodes: Sequence[int] | None = None) -> EdgePlan:
+    """The plan the cost model picks for `ig_edge_scores` with these arguments (its `cost` field the
+    estimate per applicable strategy). Cost: one forward of the model up to `downstream`."""
+    _check_consecutive(model, upstream, downstream)
+    spaces = _spaces(model, images, [upstream, downstream], None)
+    problem = _edge_problem(model, images, spaces[upstream], spaces[downstream], downstream_nodes, steps, upstream_nodes)
+    return _problem_plan(problem, None)
 
 
 def reference_ig_edge_scores(model, images: Tensor, upstream: str, downstream: str,
@@ -525,9 +612,10 @@ def discover_circuit(model, images: Tensor, labels: Tensor, head: Tensor, *, poi
 
     `points` default to model.analysis_points(); `component_points(model)` gives ViT heads and MLP
     neurons; `saes` {point: sae} makes that point's nodes SAE latents; `strategy` / `calibrate` as in
-    `ig_edge_scores`. Cost: len(points) node IGs plus one edge IG per pair over the selected nodes
-    only (one segment forward, then a VJP per selected downstream node or a JVP per selected
-    upstream node, whichever the cost model finds cheaper).
+    `ig_edge_scores` (a forced 'split' needs every pair to be one ResNet bottleneck; the cost model
+    picks it wherever it applies). Cost: len(points) node IGs plus one edge IG per pair over the
+    selected nodes only (one segment forward, then a VJP per selected downstream node, a JVP per
+    selected upstream node or the bottleneck split, whichever the cost model finds cheapest).
     """
     points = list(model.analysis_points() if points is None else points)
     check_points(model, points)
