@@ -145,6 +145,12 @@ def test_edges_are_top_k_by_signed_score(rn, batch, circuit):
     for row, j in zip(mat, circuit.nodes[d]):
         kept = sorted(w for uu, _, dd, jj, w in circuit.edges if (uu, dd, jj) == (u, d, j))
         assert kept == pytest.approx(sorted(row.sort(descending=True).values[:3].tolist()))
+    # top_k = 0: the same nodes and scores, no edge IG; a negative top_k is an error
+    pts = [p for p in circuit.points if "layer" in p][-2:]
+    nodes_only = C.discover_circuit(rn, images, batch[2], batch[1], points=pts, steps=2, top_k=0)
+    assert nodes_only.edges == [] and all(nodes_only.nodes[p] == circuit.nodes[p] for p in pts)
+    with pytest.raises(ValueError, match="top_k must be >= 0"):
+        C.discover_circuit(rn, images, batch[2], batch[1], points=pts, top_k=-1)
 
 
 def test_save_load_and_draw(tmp_path, circuit):

@@ -194,7 +194,7 @@ def run_circuits(args: argparse.Namespace) -> int:
     skipped = []
     for d, k in tqdm(run.pairs(), desc="circuits (domain, class)", unit="circuit"):
         c = _cached_circuit(run, args, out / "circuits" / d / f"{k.replace('/', '_')}.json",
-                            settings | {"domain": d, "class": k}, lambda d=d, k=k: run.sample(d, k))
+                            settings | {"domain": d, "class": k}, lambda d=d, k=k: run.sample(d, k), args.top_k)
         if c is None:
             skipped.append(f"{d}/{k}")
         else:
@@ -270,9 +270,10 @@ def run_circuits(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cached_circuit(run: "_Run", args: argparse.Namespace, path: Path, settings: dict, load):
+def _cached_circuit(run: "_Run", args: argparse.Namespace, path: Path, settings: dict, load, top_k: int):
     """The circuit saved at `path` when its meta matches `settings`, else one discovered on `load()`
-    ((images, labels), or None when the cell has no images: returns None) and saved there."""
+    ((images, labels), or None when the cell has no images: returns None) with `top_k` edges per node
+    (0: nodes only) and saved there."""
     from clipmech.analysis.circuits import Circuit, discover_circuit
     from clipmech.analysis.paper_compat import wraparound_edges
 
@@ -284,9 +285,9 @@ def _cached_circuit(run: "_Run", args: argparse.Namespace, path: Path, settings:
     if sample is None:
         return None
     c = discover_circuit(run.model, *sample, run.head, steps=args.steps, node_fraction=args.node_fraction,
-                         top_k=args.top_k, meta={**settings, "images_used": len(sample[0])})
-    if run.paper_compat:
-        c = wraparound_edges(c, args.top_k)
+                         top_k=top_k, meta={**settings, "images_used": len(sample[0])})
+    if run.paper_compat and top_k:
+        c = wraparound_edges(c, top_k)
     c.save(path)
     return c
 
@@ -343,6 +344,8 @@ def _causal_test(run: "_Run", args: argparse.Namespace, out: Path, settings: dic
     from clipmech.analysis.controls import matched_causal_test
     from clipmech.utils import atomic_write_json
 
+    for name in ("causal_ablation.json", "causal_ablation.png"):  # never leave a previous run's result beside
+        (out / name).unlink(missing_ok=True)
     td, c2 = run.test_domain, [k for k in run.classes if k in run.c2]
     if td not in run.domains or len(run.domains) < 2 or not c2:
         print(f"clipmech analyze circuits: causal test skipped (needs test domain {td!r}, another domain and C2 classes)")
@@ -352,9 +355,10 @@ def _causal_test(run: "_Run", args: argparse.Namespace, out: Path, settings: dic
     cells, skipped = causal_cells(run.dataset, run.domains, c2, mode, run.n_images, run.seed)
     circuits: dict[str, dict] = {}
     for (d, k), (disc, _) in tqdm(cells.items(), desc="causal-test circuits (discovery drawings)", unit="circuit"):
-        meta = settings | {"domain": d, "class": k, "split": mode, "sampling": found, "rows": disc.tolist()}
+        # nodes only: the test ablates nodes, so no edge IG is spent on these circuits
+        meta = settings | {"domain": d, "class": k, "split": mode, "sampling": found, "rows": disc.tolist(), "top_k": 0}
         path = out / "causal_circuits" / d / f"{k.replace('/', '_')}.json"
-        circuits.setdefault(d, {})[k] = _cached_circuit(run, args, path, meta, lambda disc=disc: run.images(disc))
+        circuits.setdefault(d, {})[k] = _cached_circuit(run, args, path, meta, lambda disc=disc: run.images(disc), 0)
     held = {k: cells[td, k][1] for k in c2 if (td, k) in cells and len(cells[td, k][1])}
     if skipped:
         print(f"clipmech analyze circuits: causal test skipped {len(skipped)} (domain, class) cells without "
