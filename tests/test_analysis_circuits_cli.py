@@ -41,6 +41,9 @@ def test_missing_epoch_and_run_dir_errors(run_dir, tmp_path):
     args = _parser().parse_args(["analyze", "circuits", str(run_dir), "--checkpoint", "7"])
     with pytest.raises(FileNotFoundError, match=r"available epochs: \[0\]"):
         args.func(args)
+    args = _parser().parse_args(["analyze", "circuits", str(run_dir), "--n-draws", "0"])
+    with pytest.raises(ValueError, match="--n-draws must be >= 1, got 0"):
+        args.func(args)
     args = _parser().parse_args(["analyze", "patching", str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="config.toml"):
         args.func(args)

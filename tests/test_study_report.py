@@ -168,7 +168,8 @@ def test_causal_finding_verdicts_zero_boundary_and_old_rows():
     verdicts = set()
     for seed in range(3):
         f = R.assess_causal(rows, seed=seed)
-        verdicts.add((f["verdict"], f["accuracy"]["verdict"], tuple(e["logit"]["verdict"] for e in f["per_setup"].values())))
+        per_setup = tuple(e["logit"]["verdict"] for e in f["per_setup"].values())
+        verdicts.add((f["verdict"], f["accuracy"]["verdict"], per_setup))
     assert len(verdicts) == 1 and verdicts.pop()[0] == B.REPRODUCED
     f = R.assess_causal(rows)
     ev = f["evidence"][0]

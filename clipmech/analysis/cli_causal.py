@@ -184,6 +184,9 @@ def run_circuits(args: argparse.Namespace) -> int:
     from clipmech.analysis.circuits import Circuit, ablation_values, cross_domain_faithfulness
     from clipmech.utils import atomic_write_json
 
+    for flag, value in (("--n-draws", args.n_draws), ("--n-strata", args.n_strata)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     run = _Run(args)
     out = run.out / f"circuits_{run.label}"
     paper_compat = run.paper_compat
@@ -348,7 +351,8 @@ def _causal_test(run: "_Run", args: argparse.Namespace, out: Path, settings: dic
         (out / name).unlink(missing_ok=True)
     td, c2 = run.test_domain, [k for k in run.classes if k in run.c2]
     if td not in run.domains or len(run.domains) < 2 or not c2:
-        print(f"clipmech analyze circuits: causal test skipped (needs test domain {td!r}, another domain and C2 classes)")
+        print(f"clipmech analyze circuits: causal test skipped (needs test domain {td!r}, another domain and "
+              "C2 classes)")
         return
     mode = discovery_mode(run.dataset, args.discovery)
     found, ablated = DISCOVERY[mode]

@@ -10,8 +10,8 @@ A sharedness score means something only beside what it is by chance (floor) and 
   and the reason.
 
 Causal test (`matched_causal_test`): circuits are discovered on one set of drawings and ablated on a
-disjoint, held-out set (the caller guarantees disjointness: the study and `clipmech analyze circuits` record the rows used). "Shared"
-nodes (in the test domain's class-k circuit and the class-k circuit of another domain) are ablated
+disjoint, held-out set (the caller guarantees disjointness: the study and `clipmech analyze circuits`
+record the rows used). "Shared" nodes (in the test domain's class-k circuit and the class-k circuit of another domain) are ablated
 against controls drawn without replacement from unshared nodes of the same circuit and circuit nodes
 of other classes at the same point, matched on size and IG score: per point, strata are quantiles of
 the class-k node scores of shared + pool nodes; within a stratum as many controls are drawn as

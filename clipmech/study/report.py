@@ -4,9 +4,10 @@
 its DG/CG accuracies and sharedness measures, plus, per sharedness measure, the within-domain
 Spearman correlation with C2 accuracy (`clipmech.study.stats`). `report.md` says which of the paper's
 three findings the numbers reproduce, and whether ablating shared circuit nodes costs more than
-ablating matched controls (the causal finding, from the rows' `controls.causal`). Verdicts follow a rule fixed in advance (the bootstrap tail
-probability p* and its Monte-Carlo error, `clipmech.analysis.bootstrap.decide`, with Holm where a
-claim has several tests), so the report cannot be tuned to agree with the paper.
+ablating matched controls (the causal finding, from the rows' `controls.causal`). Verdicts follow
+a rule fixed in advance (the bootstrap tail probability p* and its Monte-Carlo error,
+`clipmech.analysis.bootstrap.decide`, with Holm where a claim has several tests), so the report
+cannot be tuned to agree with the paper.
 """
 from __future__ import annotations
 
@@ -195,7 +196,8 @@ def assess_causal(models: Sequence[Mapping[str, Any]], n_boot: int = S.DEFAULT_B
 
     pooled = effects(models)
     setups = list(dict.fromkeys(m["setup"] for m in models))
-    per_setup = {s: effects([m for m in models if m["setup"] == s]) for s in setups} if pooled["logit"]["n_rows"] else {}
+    per_setup = ({s: effects([m for m in models if m["setup"] == s]) for s in setups}
+                 if pooled["logit"]["n_rows"] else {})
     trimmed = [m["controls"]["causal"]["trimmed_fraction"] for m in models
                if _is_number(((m.get("controls") or {}).get("causal") or {}).get("trimmed_fraction"))]
     return {"finding": CAUSAL_FINDING, "mode": "all", "rule": RULES["single"], "evidence": [pooled["logit"]],
@@ -411,8 +413,9 @@ def _evidence_line(e: Mapping[str, Any], label: str = "") -> str:
     if "what" in e:
         if e.get("estimate") is None:
             return f"- {label}{e['what']} effect: not measured ({e['reason']}): **{e['verdict']}**"
-        return (f"- {label}{e['what']} effect (shared − matched-control drop) = {_effect(e)}, {_p(e)}, {e['n_models']} models ({e['n_rows']} rows), {e['n_classes']} C2 "
-                f"classes, {e['n_domains']} test domain(s): **{e['verdict']}**")
+        return (f"- {label}{e['what']} effect (shared − matched-control drop) = {_effect(e)}, {_p(e)}, "
+                f"{e['n_models']} models ({e['n_rows']} rows), {e['n_classes']} C2 classes, {e['n_domains']} test "
+                f"domain(s): **{e['verdict']}**")
     if "measure" in e:
         rho = "n/a" if e.get("rho") is None else f"{e['rho']:.2f}"
         why = f" ({e['reason']})" if e.get("reason") else ""
@@ -472,7 +475,8 @@ def ci_coverage(finding: Mapping[str, Any], config: Mapping[str, Any]) -> str:
     drawings = config.get("c2_drawings_per_cell")
     per = f", {drawings} distinct drawing(s) per class and test domain" if drawings else ""
     if "what" in e:
-        return (f"covers {' and '.join(e['resampled'])}, drawn independently ({e['n_models']} trained models as "
+        how = ", drawn independently" if len(e["resampled"]) == 2 else ""
+        return (f"covers {' and '.join(e['resampled'])}{how} ({e['n_models']} trained models as "
                 f"clusters: a model scored on two test domains is drawn once; {e['n_classes']} C2 classes, one "
                 f"class draw for every model). Not covered: {fixed}; within a model, the choice of discovery "
                 f"and held-out drawings and of the matched controls (averaged over draws); other datasets, model "
