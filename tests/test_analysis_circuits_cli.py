@@ -2,6 +2,8 @@
 on a trained tiny model outside the test suite; see the issue report)."""
 import argparse
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -39,14 +41,18 @@ def test_missing_epoch_and_run_dir_errors(run_dir, tmp_path):
     args = _parser().parse_args(["analyze", "circuits", str(run_dir), "--checkpoint", "7"])
     with pytest.raises(FileNotFoundError, match=r"available epochs: \[0\]"):
         args.func(args)
+    args = _parser().parse_args(["analyze", "circuits", str(run_dir), "--n-draws", "0"])
+    with pytest.raises(ValueError, match="--n-draws must be >= 1, got 0"):
+        args.func(args)
     args = _parser().parse_args(["analyze", "patching", str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="config.toml"):
         args.func(args)
 
 
-def test_circuits_end_to_end_on_two_domains_and_two_classes(run_dir):
+def test_circuits_end_to_end_on_two_domains_and_two_classes(run_dir, capsys):
     """The whole `analyze circuits` path on a random tiny model: circuits, similarity, faithfulness,
-    the causal test's JSON, figures (the numbers of a trained model are in the issue report)."""
+    the causal test's JSON (emoji: discovery on training drawings, ablation on test drawings),
+    printed line and figures (the numbers of a trained model are in the issue report)."""
     import json
 
     from clipmech.data import load_dataset
@@ -54,7 +60,7 @@ def test_circuits_end_to_end_on_two_domains_and_two_classes(run_dir):
     classes = list(ds.default_test_classes[:2])
     args = _parser().parse_args(["analyze", "circuits", str(run_dir), "--domains", ds.default_test_domain, "flat",
                                  "--classes", *classes, "--n-images", "2", "--steps", "2", "--split", "all",
-                                 "--n-random", "2"])
+                                 "--n-draws", "2"])
     assert args.func(args) == 0
     out = run_dir / "analysis" / "circuits_epoch0"
     for name in ("circuit.png", "node_jaccard.png", "edge_jaccard.png", "wl_h2.png", "causal_ablation.png",
@@ -71,9 +77,36 @@ def test_circuits_end_to_end_on_two_domains_and_two_classes(run_dir):
     assert not any(p.endswith("hook_input") for p in faith["points"])
     causal = json.loads((out / "causal_ablation.json").read_text())
     assert causal["test_domain"] == ds.default_test_domain and causal["other_domains"] == ["flat"]
-    for head in ("all_classes", "c2_classes_only"):
-        res = causal[head]
-        assert res["n_images"] == sum(pc["n_images"] for pc in res["per_class"].values())
-        assert set(res["conditions"]) == {"shared", "unshared", "random", "shared_all", "random_all"}
-        for v in res["conditions"].values():
-            assert v["drop_ci95"][0] <= v["drop"] <= v["drop_ci95"][1]
+    assert causal["discovery"] == "train" and causal["n_draws"] == 2 and 0 <= causal["trimmed_fraction"] <= 1
+    for k, rows in causal["rows"].items():  # discovery: distinct training drawings; ablation: test drawings
+        assert set(ds.split[rows["discovery"]]) == {"train"} and set(ds.view_idx[rows["discovery"]]) == {0}
+        assert set(ds.split[rows["held_out"]]) == {"test"} and not set(rows["discovery"]) & set(rows["held_out"])
+    assert len(causal["classes"]) + len(causal["skipped"]) == len(causal["rows"])
+    for c in causal["per_class"].values():
+        assert c["effect_logit"] == pytest.approx(c["drop_shared"][1] - c["drop_control"][1])
+    assert causal["verdict"]["verdict"] in ("reproduced", "contradicted", "inconclusive", "inconclusive (borderline)",
+                                            "no CI (one class)", "not measured")
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("causal test on"))
+    assert "discovered on distinct training-split drawings, ablated on the test-split drawings" in line
+    assert "of shared nodes trimmed" in line and f"verdict: {causal['verdict']['verdict']}" in line
+
+
+def test_causal_cells_split_is_disjoint_seeded_per_cell_and_skips_small_cells():
+    from clipmech.data.dataset import DomainDataset
+    # cell (a, x): 5 test images, (a, y): 1, (b, x): 4 test + 2 train
+    dom = [0] * 5 + [0] + [1] * 6
+    cls = [0] * 5 + [1] + [0] * 6
+    split = ["test"] * 6 + ["test"] * 4 + ["train"] * 2
+    ds = DomainDataset("toy", ["a", "b"], ["x", "y"], dom, cls, split, images=np.zeros((12, 4, 4, 3), np.uint8),
+                       natural_domain="a")
+    assert cli_causal.discovery_mode(ds, "auto") == "split" and cli_causal.discovery_mode(ds, "train") == "train"
+    cells, skipped = cli_causal.causal_cells(ds, ["a", "b"], ["x", "y"], "split", n_max=50, seed=3)
+    assert skipped == ["a/y", "b/y"] and set(cells) == {("a", "x"), ("b", "x")}
+    (disc, held), (disc_b, held_b) = cells["a", "x"], cells["b", "x"]
+    assert (len(disc), len(held), len(disc_b), len(held_b)) == (3, 2, 2, 2)  # ceil / floor halves
+    assert sorted(np.concatenate([disc, held])) == [0, 1, 2, 3, 4] and set(ds.split[disc_b]) == {"test"}
+    alone, _ = cli_causal.causal_cells(ds, ["a"], ["x"], "split", n_max=50, seed=3)
+    assert all((alone["a", "x"][i] == cells["a", "x"][i]).all() for i in range(2))  # independent of other cells
+    assert len(cli_causal.causal_cells(ds, ["a"], ["x"], "split", n_max=1, seed=3)[0]["a", "x"][0]) == 1
+    train, skipped = cli_causal.causal_cells(ds, ["a", "b"], ["x"], "train", n_max=50, seed=3)
+    assert skipped == ["a/x"] and set(ds.split[train["b", "x"][0]]) == {"train"}

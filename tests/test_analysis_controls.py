@@ -210,3 +210,14 @@ def test_matched_causal_test_runs_and_counts(tiny):
         assert c["effect_logit"] == pytest.approx(c["drop_shared"][1] - c["drop_control"][1])
         assert 0 <= c["trimmed_fraction"] <= 1
     assert res["effect_logit"]["n"] == len(res["classes"])
+    assert res["verdict"] == K.causal_verdict([c["effect_logit"] for c in res["per_class"].values()])
+
+
+def test_causal_verdict_rule_and_its_boundaries():
+    assert K.causal_verdict([0.1, 0.2, 0.05])["verdict"] == "reproduced"  # every resample mean > 0: p* = 0
+    assert K.causal_verdict([-0.1, -0.2, -0.05])["verdict"] == "contradicted"
+    zero = K.causal_verdict([0.0, 0.0, 0.0])  # exactly 0: p* = 1/2 (mid-p), not a positive verdict
+    assert (zero["verdict"], zero["p_star"]) == ("inconclusive", 0.5)
+    assert K.causal_verdict([0.3])["verdict"] == "no CI (one class)" and K.causal_verdict([])["verdict"] == "not measured"
+    mixed = [0.3, -0.1, 0.2, 0.05, -0.02]
+    assert len({K.causal_verdict(mixed, seed=s)["verdict"] for s in range(3)}) == 1

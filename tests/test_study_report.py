@@ -55,14 +55,14 @@ def test_verdicts_are_the_same_for_five_bootstrap_seeds():
         res = R.build_results(rows, boot_seed=seed)
         verdicts.add(tuple((f["verdict"], tuple(e["verdict"] for e in f["evidence"])) for f in res["findings"]))
     assert len(verdicts) == 1
-    f1, f2, f3 = verdicts.pop()
-    assert f1[0] == f2[0] == f3[0] == "reproduced"
+    f1, f2, f3, causal = verdicts.pop()
+    assert causal[0] == "not measured" and f1[0] == f2[0] == f3[0] == "reproduced"
     assert f2[1][1] == "inconclusive"  # LOD - CG-high: no difference in the data
 
 
 def test_holm_is_applied_per_claim_and_reported_raw_and_adjusted():
     res = R.build_results(_per_class_models({"natural_only": 0.1, "lod": 0.4, "cg_low": 0.15, "cg_high": 0.45}))
-    f1, f2, f3 = res["findings"]
+    f1, f2, f3, _ = res["findings"]
     for e in f1["evidence"]:  # each must hold: no correction
         assert e["p_adjusted"] == e["p_star"] and e["rule"] == R.RULES["all"]
     p = [e["p_star"] for e in f2["evidence"]]
@@ -149,3 +149,40 @@ def test_validate_results_names_the_problem(tmp_path):
     with pytest.raises(ValueError, match="missing top-level key 'correlations'"):
         R.validate_results({"schema_version": 2, "models": []})
     assert "What the CIs cover" in md and "## Power" in md
+
+
+def _causal_rows(mean: float, sd: float, seed: int = 0):
+    """Natural-only (one model on two test domains) and LOD rows, 3 seeds, with per-class causal
+    effects N(mean, sd) on the logit and the sign of it on accuracy; no controls when sd is None."""
+    rng = np.random.default_rng(seed)
+    rows = _per_class_models({"natural_only": 0.1, "lod": 0.4}, n_cls=6)
+    for r in rows:
+        eff = {k: mean + (sd * rng.normal() if sd else 0.0) for k in r["c2_test_acc_per_class"]}
+        r["controls"] = {"causal": {"trimmed_fraction": 0.5, "per_class": {
+            k: {"effect_logit": v, "effect_accuracy": float(np.sign(v))} for k, v in eff.items()}}}
+    return rows
+
+
+def test_causal_finding_verdicts_zero_boundary_and_old_rows():
+    rows = _causal_rows(0.05, 0.1)
+    verdicts = set()
+    for seed in range(3):
+        f = R.assess_causal(rows, seed=seed)
+        per_setup = tuple(e["logit"]["verdict"] for e in f["per_setup"].values())
+        verdicts.add((f["verdict"], f["accuracy"]["verdict"], per_setup))
+    assert len(verdicts) == 1 and verdicts.pop()[0] == B.REPRODUCED
+    f = R.assess_causal(rows)
+    ev = f["evidence"][0]
+    assert ev["n_models"] == 9 and ev["n_rows"] == 12  # natural-only: one model per seed on two domains
+    assert f["per_setup"]["natural_only"]["logit"]["n_models"] == 3 and f["trimmed_fraction"]["mean"] == 0.5
+    assert (R.assess_causal(_causal_rows(-0.05, 0.1))["verdict"]) == B.CONTRADICTED
+    zero = R.assess_causal(_causal_rows(0.0, None))  # every effect exactly 0: p* = 1/2, not a positive verdict
+    assert zero["evidence"][0]["estimate"] == 0 and zero["evidence"][0]["p_star"] == 0.5
+    assert zero["verdict"] == B.INCONCLUSIVE
+    old = R.build_results(_per_class_models({"natural_only": 0.1, "lod": 0.4, "cg_low": 0.15, "cg_high": 0.45}))
+    causal = old["findings"][-1]
+    assert causal["finding"] == R.CAUSAL_FINDING and causal["verdict"] == "not measured"
+    assert "not measured" in R.render_report(old).split(R.CAUSAL_FINDING)[1]
+    text = R.render_report(R.build_results(rows))
+    assert "logit effect (shared − matched-control drop) = +0.0" in text and "| natural_only | 3 |" in text
+    assert "9 trained models as clusters" in text

@@ -153,3 +153,43 @@ def test_correlation_skips_undefined_domains_with_a_reason():
     c = S.correlation(rows, "cka_mid", n_boot=100, max_boot=100)
     assert c["rho"] is None and "constant" in c["skipped_domains"]["x"] and "need at least 3" in c["skipped_domains"]["y"]
     assert c["reason"]
+
+
+def _causal_row(setup, seed, domain, effects, model_id=None):
+    """A row with per-class causal effects {class: (logit effect, accuracy effect)}."""
+    per_class = {k: {"effect_logit": lg, "effect_accuracy": acc} for k, (lg, acc) in effects.items()}
+    row = {"setup": setup, "seed": seed, "test_domain": domain, "controls": {"causal": {"per_class": per_class}}}
+    return row | ({"model_id": model_id} if model_id else {})
+
+
+def test_causal_effects_known_answer_and_rows_without_effects():
+    rows = [_causal_row("lod", s, "x", {"a": (0.1 * (s + 1), 0.0), "b": (0.2, 1.0)}) for s in range(3)]
+    rows += [_causal_row("lod", s, "y", {"a": (0.5, 0.5)}) for s in range(3)]
+    rows += [{"setup": "lod", "seed": 9, "test_domain": "x"},  # schema-1 row: no controls
+             _causal_row("lod", 8, "x", {})]  # every class skipped
+    e = S.causal_effects(rows, "logit", n_boot=500, max_boot=500)
+    # mean over domains of the mean over models and classes: x (0.1+0.2+0.3+3*0.2)/6 = 0.2, y 0.5
+    assert e["estimate"] == pytest.approx(0.35) and e["n_dropped"] == 2 and e["n_rows"] == 6
+    assert e["n_models"] == 6 and e["n_classes"] == 2 and e["n_domains"] == 2
+    assert e["resampled"] == ["models", "classes"] and e["p_star"] == 0.0 and 0 < e["ci_low"] < e["ci_high"]
+    acc = S.causal_effects(rows, "accuracy", n_boot=500, max_boot=500)
+    assert acc["estimate"] == pytest.approx((0.5 + 0.5) / 2)
+    none = S.causal_effects(rows[-2:], "logit")
+    assert none["estimate"] is None and none["p_star"] is None and "per-class causal effects" in none["reason"]
+    with pytest.raises(ValueError, match="two rows of model 'lod-x-s0' on test domain 'x'"):
+        S.causal_effects(rows[:1] * 2, "logit")
+    with pytest.raises(ValueError, match="'logit' or 'accuracy'"):
+        S.causal_effects(rows, "drop")
+
+
+def test_causal_effects_resample_a_model_on_two_domains_as_one_cluster():
+    rng = np.random.default_rng(3)
+    one = [_causal_row("natural_only", i, "x", {k: (rng.normal(0.05, 0.1), 0.0) for k in "abc"}, model_id=f"m{i}")
+           for i in range(8)]
+    two = one + [dict(r, test_domain="y") for r in one]  # the same models on a second domain
+    e1, e2 = (S.causal_effects(r, n_boot=1000, max_boot=1000, seed=4) for r in (one, two))
+    assert e2["n_models"] == 8 and e2["n_rows"] == 16
+    assert (e2["estimate"], e2["ci_low"], e2["ci_high"]) == pytest.approx((e1["estimate"], e1["ci_low"], e1["ci_high"]))
+    distinct = S.causal_effects(one + [dict(r, model_id=r["model_id"] + "-y") for r in two[8:]], n_boot=1000,
+                                max_boot=1000, seed=4)
+    assert distinct["n_models"] == 16 and distinct["ci_high"] - distinct["ci_low"] < e2["ci_high"] - e2["ci_low"]

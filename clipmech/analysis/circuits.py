@@ -1,5 +1,5 @@
 """Channel-, head-, neuron- and SAE-latent-level circuits of CLIP's image tower (paper §8.4), their
-faithfulness, and a causal test of the paper's "shared circuitry" claim.
+faithfulness, and the shared / unshared node sets of the causal test (`clipmech.analysis.controls`).
 
 The paper ports sparse feature circuits (Marks et al.) to CNN channels with an identity dictionary:
 node scores are zero-baseline IG of the summed true-class cosine logit at one point; an edge
@@ -33,9 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from clipmech.analysis.bootstrap import bootstrap_ci
 from clipmech.analysis.bottleneck_edges import bottleneck_edges, unsplittable_reason
-from clipmech.analysis.patching import (Metric, cache_points, check_points, cosine_logits, evaluate_metric,
+from clipmech.analysis.patching import (Metric, cache_points, check_points, evaluate_metric,
                                         mean_gradient_along_path, node_dim, riemann_alphas, segment_fn,
                                         true_class_logit)
 from clipmech.utils import atomic_torch_save, atomic_write_bytes, atomic_write_json
@@ -616,6 +615,7 @@ def discover_circuit(model, images: Tensor, labels: Tensor, head: Tensor, *, poi
     picks it wherever it applies). Cost: len(points) node IGs plus one edge IG per pair over the
     selected nodes only (one segment forward, then a VJP per selected downstream node, a JVP per
     selected upstream node or the bottleneck split, whichever the cost model finds cheapest).
+    `top_k=0`: nodes only, no edge IG (about half the cost on tiny-rn; what node ablations need).
     """
     points = list(model.analysis_points() if points is None else points)
     check_points(model, points)
@@ -624,6 +624,8 @@ def discover_circuit(model, images: Tensor, labels: Tensor, head: Tensor, *, poi
         raise ValueError(f"circuit points must be distinct and in forward order; got {points}")
     if not 0 < node_fraction <= 1:
         raise ValueError(f"node_fraction must be in (0, 1], got {node_fraction}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 edges per node (0: nodes only), got {top_k}")
     spaces = _spaces(model, images, points, saes)
     scores, nodes = {}, {}
     for p in points:
@@ -631,7 +633,7 @@ def discover_circuit(model, images: Tensor, labels: Tensor, head: Tensor, *, poi
         k = math.ceil(node_fraction * len(scores[p]))
         nodes[p] = [int(i) for i in torch.argsort(scores[p], descending=True, stable=True)[:k]]
     edges = []
-    for u, d in zip(points[:-1], points[1:]):
+    for u, d in zip(points[:-1], points[1:]) if top_k else ():
         mat = _edge_scores(model, images, spaces[u], spaces[d], nodes[d], steps, nodes[u], strategy, calibrate)
         for row, j in zip(mat, nodes[d]):
             for col in torch.argsort(row, descending=True, stable=True)[:top_k]:
@@ -807,7 +809,7 @@ def faithfulness_curve(model, circuit: Circuit, images: Tensor, labels: Tensor, 
     return out | curve_areas(sizes, out["f"])
 
 
-# ----------------------------------------------------------------------------- shared-node test
+# ----------------------------------------------------------------------------- shared nodes
 def shared_nodes(circuits: Mapping[str, Mapping[str, Circuit]], test_domain: str, classes: Sequence[str],
                  points: Sequence[str]) -> tuple[dict[str, set[int]], dict[str, set[int]]]:
     """Per point, nodes of the test domain's circuits (over `classes`) that also occur in the same
@@ -829,106 +831,3 @@ def shared_nodes(circuits: Mapping[str, Mapping[str, Circuit]], test_domain: str
             mine[p] |= own
             shared[p] |= own & other
     return shared, {p: mine[p] - shared[p] for p in points}
-
-
-def _accuracy_per_image(model, images: Tensor, labels: Tensor, head: Tensor, keep: Mapping[str, Tensor],
-                        fill: Mapping[str, Tensor]) -> np.ndarray:
-    """[2, B]: per image, top-1 correctness and the true-class cosine logit."""
-    logits = cosine_logits(ablated_embedding(model, images, keep, fill=fill), head).cpu()
-    labels = torch.as_tensor(labels).cpu()
-    correct = (logits.argmax(-1) == labels).double()
-    return torch.stack([correct, logits.gather(1, labels[:, None])[:, 0].double()]).numpy()
-
-
-def _mean_ci(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float | None, float | None]:
-    ci = bootstrap_ci(values, n_boot=n_boot, seed=seed)
-    return (float(values.mean()), *(ci or (None, None)))
-
-
-# condition -> (node pool, how many per point): the size-matched comparison draws min(|shared|, |unshared|)
-# nodes per point from each pool; the full one ablates every shared node against as many random ones.
-_CONDITIONS = {"shared": ("shared", "matched"), "unshared": ("unshared", "matched"), "random": ("all", "matched"),
-               "shared_all": ("shared", "shared"), "random_all": ("all", "shared")}
-_CONTRASTS = {"shared_minus_unshared": ("shared", "unshared"), "shared_minus_random": ("shared", "random"),
-              "shared_all_minus_random_all": ("shared_all", "random_all")}
-
-
-def shared_node_ablation(model, circuits: Mapping[str, Mapping[str, Circuit]], test_domain: str,
-                         samples: Mapping[str, tuple[Tensor, Tensor]], head: Tensor, *,
-                         points: Sequence[str] | None = None, ablation: str = "mean", reference: Tensor | None = None,
-                         n_random: int = 10, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Causal test of the paper's claim, class by class: on the test domain's images of class k
-    (`samples[k]` = (images, labels as rows of `head`), the C2 classes), ablate (zero / mean) nodes of
-    the test domain's class-k circuit that the class-k circuit of some other domain also has (shared)
-    or does not have (unshared), and report the drop in top-1 accuracy and in the true-class cosine logit.
-
-    Conditions, per point p with S_p shared, U_p unshared nodes and m_p = min(|S_p|, |U_p|):
-      shared / unshared / random: m_p nodes drawn from S_p / U_p / all nodes of p (size-matched);
-      shared_all / random_all: all of S_p / |S_p| random nodes of p.
-    Draws are repeated `n_random` times and averaged per image. Contrasts (per-image paired
-    differences of drops) shared - unshared, shared - random and shared_all - random_all carry
-    bootstrap 95% CIs over images; a positive contrast means shared nodes matter more.
-    Classes without a shared node are skipped and listed. Cost: (1 + 4 n_random) forwards per class.
-    `points` default to the circuit points except the pixel input."""
-    if not samples:
-        raise ValueError("shared_node_ablation: `samples` is empty; pass {class: (images, labels)} of the test domain")
-    first = next(iter(circuits[test_domain].values())) if circuits.get(test_domain) else None
-    if first is None:
-        raise KeyError(f"no circuits for test domain {test_domain!r}; have {sorted(circuits)}")
-    points = [p for p in first.points if not p.endswith("hook_input")] if points is None else list(points)
-    sizes = {p: len(first.node_scores[p]) for p in points}
-    rng = np.random.default_rng(seed)
-    all_images = torch.cat([im for im, _ in samples.values()])
-    fill = ablation_values(model, all_images if reference is None else reference, points, ablation)
-
-    def keep_without(drop: Mapping[str, Any]) -> dict[str, Tensor]:
-        out = {}
-        for p in points:
-            m = torch.ones(sizes[p], dtype=torch.bool)
-            m[[int(i) for i in drop[p]]] = False
-            out[p] = m
-        return out
-
-    base, per_cond = [], {c: [] for c in _CONDITIONS}
-    per_class, skipped = {}, []
-    for k, (images, labels) in samples.items():
-        shared, unshared = shared_nodes(circuits, test_domain, [k], points)
-        if not any(shared.values()):
-            skipped.append(k)
-            continue
-        pools = {"shared": {p: sorted(shared[p]) for p in points}, "unshared": {p: sorted(unshared[p]) for p in points},
-                 "all": {p: list(range(sizes[p])) for p in points}}
-        counts = {"matched": {p: min(len(shared[p]), len(unshared[p])) for p in points},
-                  "shared": {p: len(shared[p]) for p in points}}
-        per_class[k] = {"n_images": len(images),
-                        "nodes_per_point": {**counts, "unshared": {p: len(unshared[p]) for p in points}}}
-        base.append(_accuracy_per_image(model, images, labels, head, keep_without({p: [] for p in points}), fill))
-        for cond, (pool, size) in _CONDITIONS.items():
-            deterministic = pool != "all" and all(counts[size][p] == len(pools[pool][p]) for p in points)
-            draws = [_accuracy_per_image(model, images, labels, head, keep_without(
-                {p: rng.choice(pools[pool][p], counts[size][p], replace=False) for p in points}), fill)
-                for _ in range(1 if deterministic else n_random)]
-            per_cond[cond].append(np.mean(draws, 0))
-    if not base:
-        raise ValueError(f"shared_node_ablation: no class of {sorted(samples)} has a node shared with another domain")
-    base_all = np.concatenate(base, 1)
-    drops = {c: base_all - np.concatenate(v, 1) for c, v in per_cond.items()}
-    result: dict[str, Any] = {
-        "n_images": int(base_all.shape[1]), "accuracy_clean": float(base_all[0].mean()),
-        "true_class_logit_clean": float(base_all[1].mean()), "ablation": ablation, "n_random_draws": n_random,
-        "classes": list(per_class), "skipped_classes": skipped, "per_class": per_class,
-        "nodes_ablated_mean_per_class": {c: float(np.mean([sum(pc["nodes_per_point"][size].values())
-                                                           for pc in per_class.values()]))
-                                         for c, (_, size) in _CONDITIONS.items()},
-        "conditions": {}, "contrasts": {}}
-
-    def summary(values: np.ndarray) -> dict[str, Any]:
-        drop, lo, hi = _mean_ci(values[0], n_boot, seed)
-        ldrop, llo, lhi = _mean_ci(values[1], n_boot, seed)
-        return {"drop": drop, "drop_ci95": [lo, hi], "logit_drop": ldrop, "logit_drop_ci95": [llo, lhi]}
-
-    for c, d in drops.items():
-        result["conditions"][c] = {"accuracy": float((base_all[0] - d[0]).mean()), **summary(d)}
-    for name, (a, b) in _CONTRASTS.items():
-        result["contrasts"][name] = summary(drops[a] - drops[b])
-    return result

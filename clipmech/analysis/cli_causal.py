@@ -4,8 +4,11 @@ The model is a clipmech run (RUN_DIR), --model NAME --pretrained TAG_OR_PATH, or
 --dataset and --out). circuits: one circuit per (domain, class) of the test split (paper §8.4, cached
 and resumable), node / edge Jaccard and WL similarity matrices over domains (mean over classes,
 bootstrap CIs over classes), heatmaps, a circuit drawing, cross-domain faithfulness, and the
-shared-node ablation test of the paper's claim on the test domain's C2 classes. Everything goes to
-RUN_DIR/analysis/ (or --out).
+de-confounded causal test of the paper's claim on the test domain's C2 classes
+(`clipmech.analysis.controls.matched_causal_test`): circuits discovered on one set of drawings are
+ablated on a disjoint one (--discovery), nodes shared with other domains against controls matched on
+IG score, per-class paired effects on accuracy and the true-class logit, the study's verdict rule.
+Everything goes to RUN_DIR/analysis/ (or --out).
 
 patching: exact activation patching vs attribution patching and IG at every analysis point
 (receiver = domain d images of class k, source = --source-domain images of class k), with Spearman
@@ -45,7 +48,16 @@ def register(subparsers) -> None:
             p.add_argument("--node-fraction", type=float, default=0.1, help="top fraction of nodes per point")
             p.add_argument("--top-k", type=int, default=3, help="incoming edges kept per node")
             p.add_argument("--ablation", choices=("mean", "zero"), default="mean")
-            p.add_argument("--n-random", type=int, default=10, help="random node sets in the causal test")
+            p.add_argument("--discovery", choices=("auto", "train", "split"), default="auto",
+                           help="causal test: 'train' discovers its circuits on distinct training-split drawings "
+                                "and ablates the test drawings; 'split' halves each (domain, class) cell's test "
+                                "images (seeded --seed; cells with < 2 skipped and counted), discovery on one half, "
+                                "ablation on the other; 'auto': train for datasets of augmented drawings (emoji, "
+                                "one test drawing per cell), split otherwise (DomainNet)")
+            p.add_argument("--n-draws", type=int, default=10,
+                           help="causal test: matched control draws per class (effects averaged over them)")
+            p.add_argument("--n-strata", type=int, default=4,
+                           help="causal test: IG-score quantile strata per point the controls are matched in")
             p.add_argument("--no-faithfulness", action="store_true", help="skip cross-domain faithfulness")
             p.add_argument("--paper-compat", action="store_true",
                            help="reproduce the paper code's quirks: WL 'h2' runs 3 iterations, wrap-around "
@@ -92,26 +104,24 @@ class _Run:
         self.paper_compat = bool(getattr(args, "paper_compat", False) or src.paper_compat)
         self.cells: dict | None = None
 
-    def sample(self, domain: str, cls: str, n: int | None = None):
-        """(images [n, 3, S, S], labels [n]) of test images of `cls` in `domain`; None if there are none.
-        n=None: the paper's --n-images per cell from one seeded shuffle of the split (`cell_samples`)."""
+    def sample(self, domain: str, cls: str):
+        """(images [n, 3, S, S], labels [n]) of `cls` in `domain`: the paper's --n-images per cell from
+        one seeded shuffle of the split (`cell_samples`); None if there are none."""
+        from clipmech.data.samples import cell_samples
+
+        if self.cells is None:
+            self.cells = cell_samples(self.dataset, self.n_images, self.split, self.seed)
+        idx = self.cells.get((domain, cls), np.zeros(0, np.int64))
+        return self.images(idx) if len(idx) else None
+
+    def images(self, idx: np.ndarray):
+        """(images [n, 3, S, S], labels [n] as rows of the zero-shot head) of dataset rows `idx`."""
         import torch
 
-        from clipmech.data.samples import cell_samples
         from clipmech.eval.zeroshot import eval_images
 
-        if n is None:
-            if self.cells is None:
-                self.cells = cell_samples(self.dataset, self.n_images, self.split, self.seed)
-            idx = self.cells.get((domain, cls), np.zeros(0, np.int64))
-        else:
-            idx = self.dataset.indices(split=self.split, domains=[domain], classes=[cls])
-            idx = np.sort(np.random.default_rng(self.seed).permutation(idx)[:n])
-        if len(idx) == 0:
-            return None
         images = eval_images(self.dataset, idx, self.model.image_size).to(self.device)
-        labels = torch.as_tensor(self.dataset.class_idx[idx], device=self.device)
-        return images, labels
+        return images, torch.as_tensor(self.dataset.class_idx[idx], device=self.device)
 
     def reference(self, domain: str, n: int = 200):
         """Up to `n` random images of `domain` over all classes (the mean-ablation reference)."""
@@ -168,15 +178,15 @@ def _heatmap(matrix: np.ndarray, labels: list[str], title: str, path: Path, xlab
 
 # ---------------------------------------------------------------------------------------- circuits
 def run_circuits(args: argparse.Namespace) -> int:
-    import torch
     from tqdm import tqdm
 
     from clipmech.analysis import circuit_similarity as S
-    from clipmech.analysis.circuits import (Circuit, ablation_values, cross_domain_faithfulness, discover_circuit,
-                                            shared_node_ablation)
-    from clipmech.analysis.paper_compat import wraparound_edges
+    from clipmech.analysis.circuits import Circuit, ablation_values, cross_domain_faithfulness
     from clipmech.utils import atomic_write_json
 
+    for flag, value in (("--n-draws", args.n_draws), ("--n-strata", args.n_strata)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     run = _Run(args)
     out = run.out / f"circuits_{run.label}"
     paper_compat = run.paper_compat
@@ -186,22 +196,12 @@ def run_circuits(args: argparse.Namespace) -> int:
     circuits: dict[str, dict[str, Circuit]] = {d: {} for d in run.domains}
     skipped = []
     for d, k in tqdm(run.pairs(), desc="circuits (domain, class)", unit="circuit"):
-        path = out / "circuits" / d / f"{k.replace('/', '_')}.json"
-        if path.exists() and path.with_suffix(".pt").exists():
-            c = Circuit.load(path)
-            if all(c.meta.get(key) == v for key, v in settings.items()):
-                circuits[d][k] = c
-                continue
-        sample = run.sample(d, k)
-        if sample is None:
+        c = _cached_circuit(run, args, out / "circuits" / d / f"{k.replace('/', '_')}.json",
+                            settings | {"domain": d, "class": k}, lambda d=d, k=k: run.sample(d, k), args.top_k)
+        if c is None:
             skipped.append(f"{d}/{k}")
-            continue
-        c = discover_circuit(run.model, *sample, run.head, steps=args.steps, node_fraction=args.node_fraction,
-                             top_k=args.top_k, meta={**settings, "domain": d, "class": k, "images_used": len(sample[0])})
-        if paper_compat:
-            c = wraparound_edges(c, args.top_k)
-        c.save(path)
-        circuits[d][k] = c
+        else:
+            circuits[d][k] = c
     if skipped:
         print(f"clipmech analyze circuits: skipped {len(skipped)} (domain, class) pairs without {args.split} images: "
               f"{', '.join(skipped[:10])}{' ...' if len(skipped) > 10 else ''}")
@@ -268,65 +268,171 @@ def run_circuits(args: argparse.Namespace) -> int:
         _heatmap(per_point, domains, "faithfulness at one point (own circuit, mean over classes)",
                  out / "faithfulness_per_point.png", xlabels=[_short(p) for p in points])
 
-    td = run.test_domain
-    c2 = [k for k in run.classes if k in run.c2 and k in circuits.get(td, {})]
-    if td in domains and len(domains) > 1 and c2:
-        samples = {k: run.sample(td, k, n=10_000) for k in c2}
-        reference = run.reference(td)
-        # Accuracy over all classes (the paper's C2 accuracy) and over the analysed C2 classes only,
-        # which stays informative when a weak model's all-class accuracy is at the floor.
-        c2_rows = torch.as_tensor([run.dataset.classes.index(k) for k in c2], device=run.device)
-        heads = {"all_classes": (run.head, lambda lab: lab),
-                 "c2_classes_only": (run.head[c2_rows], lambda lab: (lab[:, None] == c2_rows[None]).long().argmax(1))}
-        result = {"test_domain": td, "classes": c2, "other_domains": [d for d in domains if d != td]}
-        for name, (head, relabel) in heads.items():
-            try:
-                result[name] = res = shared_node_ablation(
-                    run.model, circuits, td, {k: (im, relabel(lab)) for k, (im, lab) in samples.items()}, head,
-                    ablation=args.ablation, reference=reference, n_random=args.n_random)
-            except ValueError as err:  # e.g. no node shared with another domain: nothing to ablate
-                print(f"clipmech analyze circuits: causal test ({name}) skipped: {err}")
-                continue
-            print(f"causal test on {td} C2, {name} ({res['n_images']} images, {len(res['classes'])} classes): "
-                  f"accuracy {res['accuracy_clean']:.3f}; accuracy drop with ablated nodes " + ", ".join(
-                      f"{c} {v['drop']:+.3f} [{v['drop_ci95'][0]:+.3f}, {v['drop_ci95'][1]:+.3f}]"
-                      for c, v in res["conditions"].items()) + "; contrasts " + ", ".join(
-                      f"{c} {v['drop']:+.3f} [{v['drop_ci95'][0]:+.3f}, {v['drop_ci95'][1]:+.3f}]"
-                      for c, v in res["contrasts"].items()))
-        atomic_write_json(result, out / "causal_ablation.json")
-        if any(name in result for name in heads):
-            _causal_bars(result, [name for name in heads if name in result], out / "causal_ablation.png")
-    else:
-        print(f"clipmech analyze circuits: causal test skipped (needs test domain {td!r}, another domain and C2 classes)")
+    _causal_test(run, args, out, settings)
     print(f"clipmech analyze circuits: wrote {out}")
     return 0
 
 
-def _causal_bars(result: dict, heads: list[str], path: Path) -> None:
-    """Accuracy drop (points, 95 % CI) per ablation condition, one panel per zero-shot head."""
+def _cached_circuit(run: "_Run", args: argparse.Namespace, path: Path, settings: dict, load, top_k: int):
+    """The circuit saved at `path` when its meta matches `settings`, else one discovered on `load()`
+    ((images, labels), or None when the cell has no images: returns None) with `top_k` edges per node
+    (0: nodes only) and saved there."""
+    from clipmech.analysis.circuits import Circuit, discover_circuit
+    from clipmech.analysis.paper_compat import wraparound_edges
+
+    if path.exists() and path.with_suffix(".pt").exists():
+        c = Circuit.load(path)
+        if all(c.meta.get(key) == v for key, v in settings.items()):
+            return c
+    sample = load()
+    if sample is None:
+        return None
+    c = discover_circuit(run.model, *sample, run.head, steps=args.steps, node_fraction=args.node_fraction,
+                         top_k=top_k, meta={**settings, "images_used": len(sample[0])})
+    if run.paper_compat and top_k:
+        c = wraparound_edges(c, top_k)
+    c.save(path)
+    return c
+
+
+# --------------------------------------------------------------------------------------- causal test
+DISCOVERY = {"train": ("distinct training-split drawings", "the test-split drawings"),
+             "split": ("a seeded half of each (domain, class) cell's test images", "the other half")}
+
+
+def discovery_mode(dataset, choice: str) -> str:
+    """--discovery resolved: 'auto' is 'train' for a dataset of augmented drawings (it marks views,
+    `view_idx`: emoji, whose test split holds one drawing per cell), else 'split'."""
+    if choice != "auto":
+        return choice
+    return "train" if getattr(dataset, "view_idx", None) is not None else "split"
+
+
+def causal_cells(dataset, domains: list[str], classes: list[str], mode: str, n_max: int, seed: int
+                 ) -> tuple[dict[tuple[str, str], tuple[np.ndarray, np.ndarray]], list[str]]:
+    """{(domain, class): (discovery rows, held-out rows)} of `dataset`, disjoint, and the skipped cells.
+
+    Distinct drawings only (views other than 0 never count). mode 'train': discovery = up to `n_max`
+    training-split drawings, held out = the cell's test drawings; 'split': the cell's test images
+    shuffled (seeded per cell by `seed`, domain and class, so a cell's split does not depend on what
+    else is analysed), discovery = the first ceil(n/2) (at most `n_max`), held out = the other
+    floor(n/2); cells with < 2 test images are skipped. Cells without discovery rows are skipped."""
+    views = getattr(dataset, "view_idx", None)
+    distinct = np.ones(len(dataset.split), bool) if views is None else np.asarray(views) == 0
+    cells, skipped = {}, []
+    for d in domains:
+        for k in classes:
+            rng = np.random.default_rng([seed, dataset.domains.index(d), dataset.classes.index(k)])
+            test, train = (idx[distinct[idx]] for idx in (dataset.indices(split=s, domains=[d], classes=[k])
+                                                         for s in ("test", "train")))
+            if mode == "train":
+                disc, held = rng.permutation(train)[:n_max], test
+            elif len(test) < 2:
+                disc = held = test[:0]
+            else:
+                perm = rng.permutation(test)
+                disc, held = perm[: len(perm) - len(perm) // 2][:n_max], perm[len(perm) - len(perm) // 2:]
+            if len(disc):
+                cells[d, k] = (np.sort(disc), np.sort(held))
+            else:
+                skipped.append(f"{d}/{k}")
+    return cells, skipped
+
+
+def _causal_test(run: "_Run", args: argparse.Namespace, out: Path, settings: dict) -> None:
+    """The de-confounded causal test (module doc) on the test domain's C2 classes: its circuits,
+    causal_ablation.json, the printed summary and causal_ablation.png."""
+    from tqdm import tqdm
+
+    from clipmech.analysis.controls import matched_causal_test
+    from clipmech.utils import atomic_write_json
+
+    for name in ("causal_ablation.json", "causal_ablation.png"):  # never leave a previous run's result beside
+        (out / name).unlink(missing_ok=True)
+    td, c2 = run.test_domain, [k for k in run.classes if k in run.c2]
+    if td not in run.domains or len(run.domains) < 2 or not c2:
+        print(f"clipmech analyze circuits: causal test skipped (needs test domain {td!r}, another domain and "
+              "C2 classes)")
+        return
+    mode = discovery_mode(run.dataset, args.discovery)
+    found, ablated = DISCOVERY[mode]
+    cells, skipped = causal_cells(run.dataset, run.domains, c2, mode, run.n_images, run.seed)
+    circuits: dict[str, dict] = {}
+    for (d, k), (disc, _) in tqdm(cells.items(), desc="causal-test circuits (discovery drawings)", unit="circuit"):
+        # nodes only: the test ablates nodes, so no edge IG is spent on these circuits
+        meta = settings | {"domain": d, "class": k, "split": mode, "sampling": found, "rows": disc.tolist(), "top_k": 0}
+        path = out / "causal_circuits" / d / f"{k.replace('/', '_')}.json"
+        circuits.setdefault(d, {})[k] = _cached_circuit(run, args, path, meta, lambda disc=disc: run.images(disc), 0)
+    held = {k: cells[td, k][1] for k in c2 if (td, k) in cells and len(cells[td, k][1])}
+    if skipped:
+        print(f"clipmech analyze circuits: causal test skipped {len(skipped)} (domain, class) cells without "
+              f"{'training drawings' if mode == 'train' else '2 test images'}: {', '.join(skipped[:10])}"
+              f"{' ...' if len(skipped) > 10 else ''}")
+    if td not in circuits or len(circuits) < 2 or not held:
+        print(f"clipmech analyze circuits: causal test skipped: needs discovery circuits of {td!r} and another domain "
+              f"and held-out {td!r} images ({found} for discovery, {ablated} for ablation)")
+        return
+    res = matched_causal_test(run.model, circuits, td, {k: run.images(idx) for k, idx in held.items()}, run.head,
+                              reference=run.reference(td), ablation=args.ablation, n_strata=args.n_strata,
+                              n_draws=args.n_draws, seed=run.seed)
+    result = {"test_domain": td, "other_domains": [d for d in circuits if d != td], "discovery": mode,
+              "discovery_drawings": found, "ablation_drawings": ablated, "n_images": sum(map(len, held.values())),
+              "cells_skipped": skipped, "rows": {k: {"discovery": cells[td, k][0].tolist(), "held_out": idx.tolist()}
+                                                 for k, idx in held.items()}, **res}
+    atomic_write_json(result, out / "causal_ablation.json")
+    print(causal_summary(result))
+    if res["per_class"]:
+        _causal_bars(result, out / "causal_ablation.png")
+
+
+def _est(e: dict, scale: float = 1.0, digits: int = 3) -> str:
+    if e["mean"] is None:
+        return "n/a"
+    ci = "no CI" if e["ci"] is None else f"[{scale * e['ci'][0]:+.{digits}f}, {scale * e['ci'][1]:+.{digits}f}]"
+    return f"{scale * e['mean']:+.{digits}f} {ci}"
+
+
+def causal_summary(result: dict) -> str:
+    """The printed line of the causal test: drawings used, trimmed fraction, effects, verdict."""
+    v, tf = result["verdict"], result["trimmed_fraction"]
+    p = "" if v["p_star"] is None else f", p* = {v['p_star']:.4f} ± {v['p_star_se']:.4f}"
+    return (f"causal test on {result['test_domain']} C2 ({len(result['classes'])} classes, {len(result['skipped'])} "
+            f"skipped): circuits discovered on {result['discovery_drawings']}, ablated on "
+            f"{result['ablation_drawings']} ({result['n_images']} images); "
+            f"{'n/a' if tf is None else f'{tf:.0%}'} of shared nodes trimmed (no control of similar IG score); "
+            f"shared minus matched-control drop, mean over classes [95 % CI over classes]: true-class logit "
+            f"{_est(result['effect_logit'])}, accuracy {_est(result['effect_accuracy'], 100, 1)} points; "
+            f"verdict: {v['verdict']}{p}")
+
+
+def _causal_bars(result: dict, path: Path) -> None:
+    """Per-class paired effects (shared minus matched-control drop) of the logit and the accuracy,
+    the mean over classes with its 95 % CI as a band; titles name the drawings and trimming."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from clipmech.utils import atomic_write_bytes
 
-    colors = matplotlib.style.library["tableau-colorblind10"]["axes.prop_cycle"].by_key()["color"]
-    fig, axes = plt.subplots(1, len(heads), figsize=(4.2 * len(heads), 3.6), squeeze=False)
-    for ax, head in zip(axes[0], heads):
-        res = result[head]
-        names = list(res["conditions"])
-        drops = [100 * res["conditions"][c]["drop"] for c in names]
-        lo = [100 * res["conditions"][c]["drop_ci95"][0] for c in names]
-        hi = [100 * res["conditions"][c]["drop_ci95"][1] for c in names]
-        ax.bar(range(len(names)), drops, color=[colors[i % len(colors)] for i in range(len(names))],
-               yerr=[[d - low for d, low in zip(drops, lo)], [high - d for d, high in zip(drops, hi)]], capsize=3)
-        ax.axhline(0, color="black", lw=0.8)
-        ax.set_xticks(range(len(names)), [n.replace("_", " ") for n in names], rotation=30, ha="right")
-        ax.set_ylabel("accuracy drop (points)")
-        nodes = res["nodes_ablated_mean_per_class"]
-        ax.set_title(f"{head.replace('_', ' ')}: clean {100 * res['accuracy_clean']:.1f} %, {res['n_images']} images\n"
-                     f"{nodes['shared']:.0f} nodes/class matched, {nodes['shared_all']:.0f} all shared", fontsize=8)
-    fig.suptitle(f"{result['test_domain']} C2: ablating nodes shared with other domains", fontsize=9)
+    classes = list(result["per_class"])
+    fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 2 + 0.9 * len(classes)), 4.4), squeeze=False)
+    for ax, (key, label, scale) in zip(axes[0], (("logit", "true-class logit", 1.0),
+                                                  ("accuracy", "accuracy (points)", 100.0))):
+        vals = [scale * result["per_class"][k][f"effect_{key}"] for k in classes]
+        ax.bar(range(len(classes)), vals, color="#5f9ed1")
+        e = result[f"effect_{key}"]
+        ax.axhline(scale * e["mean"], color="black", lw=1)
+        if e["ci"] is not None:
+            ax.axhspan(scale * e["ci"][0], scale * e["ci"][1], color="0.6", alpha=0.3, lw=0)
+        ax.axhline(0, color="0.3", lw=0.5)
+        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=7)
+        ax.set_ylabel(f"effect on {label}")
+        ax.set_title(f"{label}: mean {_est(e, scale, 3 if scale == 1 else 1)}", fontsize=8)
+    tf = result["trimmed_fraction"]
+    fig.suptitle(f"{result['test_domain']} C2: drop after ablating shared nodes minus drop after matched controls\n"
+                 f"circuits discovered on {result['discovery_drawings']}, ablated on {result['ablation_drawings']} "
+                 f"({result['n_images']} images)\n{'n/a' if tf is None else f'{tf:.0%}'} of shared nodes trimmed "
+                 f"(no control of similar IG score); verdict (logit): {result['verdict']['verdict']}", fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)

@@ -10,8 +10,8 @@ A sharedness score means something only beside what it is by chance (floor) and 
   and the reason.
 
 Causal test (`matched_causal_test`): circuits are discovered on one set of drawings and ablated on a
-disjoint, held-out set (the caller guarantees disjointness; the study checks drawing ids). "Shared"
-nodes (in the test domain's class-k circuit and the class-k circuit of another domain) are ablated
+disjoint, held-out set (the caller guarantees disjointness: the study and `clipmech analyze circuits`
+record the rows used). "Shared" nodes (in the test domain's class-k circuit and the class-k circuit of another domain) are ablated
 against controls drawn without replacement from unshared nodes of the same circuit and circuit nodes
 of other classes at the same point, matched on size and IG score: per point, strata are quantiles of
 the class-k node scores of shared + pool nodes; within a stratum as many controls are drawn as
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from clipmech.analysis.bootstrap import adaptive_bootstrap, decide, tail_probability
 from clipmech.analysis.circuit_similarity import mean_with_ci
 from clipmech.analysis.circuits import Circuit, ablated_embedding, ablation_values, shared_nodes
 from clipmech.analysis.patching import cosine_logits
@@ -46,6 +47,20 @@ def estimate(values: Sequence[float], n_boot: int = 1000, seed: int = 0) -> dict
     if len(v) < 2:
         return {"mean": float(v[0]), "ci": None, "n": 1}
     return mean_with_ci(v, n_boot=n_boot, seed=seed)
+
+
+def causal_verdict(effects: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """The study's rule (`clipmech.analysis.bootstrap.decide`: bootstrap tail probability p* with its
+    Monte-Carlo SE, adaptive resampling) on one model's per-class causal effects (positive = shared
+    nodes matter more), resampling classes. Returns {"verdict", "p_star", "p_star_se", "n_boot"};
+    verdict "not measured" without a class, "no CI (one class)" with one (p* None)."""
+    v = np.asarray([e for e in effects if e is not None and np.isfinite(e)], dtype=float)
+    if v.size < 2:
+        return {"verdict": "not measured" if v.size == 0 else "no CI (one class)", "p_star": None,
+                "p_star_se": None, "n_boot": 0}
+    boots = adaptive_bootstrap(lambda rng, b: v[rng.integers(0, v.size, (b, v.size))].mean(1), n_boot, seed=seed)
+    p, se = tail_probability(boots)
+    return {"verdict": decide(p, se), "p_star": p, "p_star_se": se, "n_boot": int(boots.size)}
 
 
 def normalize(score: float | None, floor: Mapping[str, Any] | None, ceiling: Mapping[str, Any] | None
@@ -170,7 +185,8 @@ def matched_causal_test(model, discovery: Circuits, test_domain: str, held_out: 
     the discovery drawings; `reference`: images whose mean the ablated nodes take. Per class, each of
     `n_draws` draws trims and matches anew; drops are averaged over draws. Returns per-class effects
     (accuracy and true-class logit: drop(shared) - drop(control)), their means with bootstrap CIs over
-    classes, the trimmed fraction, and skipped classes with reasons.
+    classes, the trimmed fraction, skipped classes with reasons, and the logit effect's
+    `causal_verdict` ("verdict": verdict, p* and its Monte-Carlo SE).
     Cost: (1 + 2 n_draws) forwards of each class's held-out images."""
     mine = discovery.get(test_domain) or {}
     if not mine:
@@ -221,4 +237,5 @@ def matched_causal_test(model, discovery: Circuits, test_domain: str, held_out: 
                            "trimmed_fraction": n_trimmed / n_shared if n_shared else None}
     for key in ("effect_accuracy", "effect_logit"):
         out[key] = estimate([c[key] for c in per_class.values()], n_boot=n_boot, seed=seed)
+    out["verdict"] = causal_verdict([c["effect_logit"] for c in per_class.values()], seed=seed)
     return out

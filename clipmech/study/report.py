@@ -3,9 +3,11 @@
 `results.json` (schema version SCHEMA_VERSION) holds one row per trained model and test domain with
 its DG/CG accuracies and sharedness measures, plus, per sharedness measure, the within-domain
 Spearman correlation with C2 accuracy (`clipmech.study.stats`). `report.md` says which of the paper's
-three findings the numbers reproduce. Verdicts follow a rule fixed in advance (the bootstrap tail
-probability p* and its Monte-Carlo error, `clipmech.analysis.bootstrap.decide`, with Holm where a
-claim has several tests), so the report cannot be tuned to agree with the paper.
+three findings the numbers reproduce, and whether ablating shared circuit nodes costs more than
+ablating matched controls (the causal finding, from the rows' `controls.causal`). Verdicts follow
+a rule fixed in advance (the bootstrap tail probability p* and its Monte-Carlo error,
+`clipmech.analysis.bootstrap.decide`, with Holm where a claim has several tests), so the report
+cannot be tuned to agree with the paper.
 """
 from __future__ import annotations
 
@@ -59,7 +61,9 @@ CONTRAST_FINDINGS = (
     ("CG can fall below DG", (("lod", "cg_low"), ("lod", "cg_high")), "any"),
 )
 SHAREDNESS_FINDING = "sharedness goes with generalization"
+CAUSAL_FINDING = "shared circuit nodes matter causally (matched controls)"
 RULES = {"all": "each contrast must hold on its own (no correction)",
+         "single": "one test, the true-class logit effect (no correction); accuracy and setups reported beside",
          "any": "any contrast suffices: Holm over the finding's contrasts",
          "holm_measures": "Holm over the four sharedness measures; every measure must hold"}
 
@@ -67,7 +71,7 @@ RULES = {"all": "each contrast must hold on its own (no correction)",
 def _apply_rule(evidence: list[dict[str, Any]], rule: str, alpha: float = ALPHA) -> None:
     """Fill each piece's p_adjusted, its SE and verdict under `rule` ("all" or a Holm rule)."""
     measured = [e for e in evidence if e.get("p_star") is not None]
-    if rule == "all":
+    if rule in ("all", "single"):
         for e in measured:
             e["p_adjusted"], e["p_adjusted_se"] = e["p_star"], e["p_star_se"]
             e["verdict"] = B.decide(e["p_star"], e["p_star_se"], alpha)
@@ -151,7 +155,8 @@ def assess_findings(models: Sequence[Mapping[str, Any]], correlations: Mapping[s
     1 diversity helps DG (LOD > natural-only) and CG (CG-high > CG-low): both must hold;
     2 CG can fall below DG (LOD > CG-low or LOD > CG-high): Holm over the two;
     3 sharedness goes with generalization (rho > 0 per measure): Holm over the four measures,
-      judged by the normalized measure where every row has one (`judged_measure`).
+      judged by the normalized measure where every row has one (`judged_measure`);
+    then the causal finding (`assess_causal`: shared nodes matter more than matched controls).
     Verdicts: `clipmech.analysis.bootstrap.decide` / `decide_holm` on the bootstrap tail probability.
     """
     findings = []
@@ -173,7 +178,33 @@ def assess_findings(models: Sequence[Mapping[str, Any]], correlations: Mapping[s
     _apply_rule(ev, "holm_measures", alpha)
     findings.append({"finding": SHAREDNESS_FINDING, "mode": "all", "rule": RULES["holm_measures"], "evidence": ev,
                      "verdict": _combine([e["verdict"] for e in ev], "all")})
+    findings.append(assess_causal(models, n_boot=n_boot, seed=seed, max_boot=max_boot, alpha=alpha))
     return findings
+
+
+def assess_causal(models: Sequence[Mapping[str, Any]], n_boot: int = S.DEFAULT_BOOT, seed: int = 0,
+                  max_boot: int = S.MAX_BOOT, alpha: float = ALPHA) -> dict[str, Any]:
+    """The causal finding over models: the mean paired effect on the true-class logit (shared minus
+    matched-control drop, `clipmech.study.stats.causal_effects`) decides under the p* rule; the
+    accuracy effect, each setup's effects (unadjusted, descriptive) and the rows' trimmed fractions
+    are reported beside. "not measured" when no row carries per-class causal effects."""
+    def effects(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+        out = {w: S.causal_effects(rows, w, n_boot=n_boot, max_boot=max_boot, level=1 - alpha, seed=seed)
+               for w in ("logit", "accuracy")}
+        _apply_rule(list(out.values()), "single", alpha)
+        return out
+
+    pooled = effects(models)
+    setups = list(dict.fromkeys(m["setup"] for m in models))
+    per_setup = ({s: effects([m for m in models if m["setup"] == s]) for s in setups}
+                 if pooled["logit"]["n_rows"] else {})
+    trimmed = [m["controls"]["causal"]["trimmed_fraction"] for m in models
+               if _is_number(((m.get("controls") or {}).get("causal") or {}).get("trimmed_fraction"))]
+    return {"finding": CAUSAL_FINDING, "mode": "all", "rule": RULES["single"], "evidence": [pooled["logit"]],
+            "accuracy": pooled["accuracy"], "per_setup": {s: e for s, e in per_setup.items() if e["logit"]["n_rows"]},
+            "trimmed_fraction": {"mean": float(np.mean(trimmed)), "min": min(trimmed), "max": max(trimmed),
+                                 "n_rows": len(trimmed)} if trimmed else None,
+            "verdict": _combine([pooled["logit"]["verdict"]], "all")}
 
 
 def power(models: Sequence[Mapping[str, Any]], n_boot: int = S.DEFAULT_BOOT, seed: int = 0,
@@ -341,10 +372,13 @@ def render_report(results: Mapping[str, Any], figures: Mapping[str, str] | None 
               "CI is shown beside. Contrasts: mean over test domains of the mean over seeds and C2 classes; "
               "seeds and classes are resampled independently (one class draw for every model). "
               "Correlations: Spearman ρ within each test domain, averaged over domains; trained models are "
-              "resampled as clusters.", ""]
+              "resampled as clusters. Causal effects: per C2 class, the drop of the held-out true-class logit "
+              "after ablating the circuit nodes shared with other domains minus the drop after ablating "
+              "IG-matched controls; mean over test domains, models and classes, models (as clusters) and "
+              "classes resampled independently.", ""]
     for f in results["findings"]:
         lines += [f"### {f['finding']}: **{f['verdict']}**", "", f"Rule: {f['rule']}.", ""]
-        lines += [_evidence_line(e) for e in f["evidence"]]
+        lines += [_evidence_line(e) for e in f["evidence"]] + _causal_beside(f)
         lines += ["", f"*What the CIs cover:* {ci_coverage(f, cfg)}", ""]
     lines += _power_lines(results.get("power"))
     lines += ["## Models", "", "| setup | test domain | seed | C1 % | C2 % | " +
@@ -374,8 +408,14 @@ def _p(e: Mapping[str, Any]) -> str:
     return f"p* = {e['p_star']:.4f} ± {e['p_star_se']:.4f}{adj}, B = {e['n_boot']}"
 
 
-def _evidence_line(e: Mapping[str, Any]) -> str:
-    """One bullet of a finding: estimate, CI, p*, sizes and verdict."""
+def _evidence_line(e: Mapping[str, Any], label: str = "") -> str:
+    """One bullet of a finding: estimate, CI, p*, sizes and verdict (`label` prefixes a causal one)."""
+    if "what" in e:
+        if e.get("estimate") is None:
+            return f"- {label}{e['what']} effect: not measured ({e['reason']}): **{e['verdict']}**"
+        return (f"- {label}{e['what']} effect (shared − matched-control drop) = {_effect(e)}, {_p(e)}, "
+                f"{e['n_models']} models ({e['n_rows']} rows), {e['n_classes']} C2 classes, {e['n_domains']} test "
+                f"domain(s): **{e['verdict']}**")
     if "measure" in e:
         rho = "n/a" if e.get("rho") is None else f"{e['rho']:.2f}"
         why = f" ({e['reason']})" if e.get("reason") else ""
@@ -393,17 +433,54 @@ def _evidence_line(e: Mapping[str, Any]) -> str:
             f"**{e['verdict']}**")
 
 
+def _effect(e: Mapping[str, Any]) -> str:
+    """A causal effect with its CI: the logit in cosine units, accuracy in points."""
+    if e.get("estimate") is None:
+        return "n/a"
+    if e["what"] == "accuracy":
+        return f"{100 * e['estimate']:+.1f} points {_ci(e)}"
+    return f"{e['estimate']:+.3f} {_ci(e, 1.0, 3)}"
+
+
+def _causal_beside(f: Mapping[str, Any]) -> list[str]:
+    """The causal finding's lines beside its verdict: accuracy effect, trimmed fraction, setups."""
+    if "accuracy" not in f or f["evidence"][0].get("estimate") is None:
+        return []
+    lines = [_evidence_line(f["accuracy"], "reported beside: C2 ")]
+    t = f.get("trimmed_fraction")
+    if t:
+        lines.append(f"- shared nodes trimmed for lack of an IG-matched control: {100 * t['mean']:.0f} % on average "
+                     f"(range {100 * t['min']:.0f}-{100 * t['max']:.0f} % over {t['n_rows']} rows)")
+    if f.get("per_setup"):
+        lines += ["", "Per setup (descriptive: each p* unadjusted, verdicts not combined):", "",
+                  "| setup | models | logit effect | p* | verdict | accuracy effect |", "|---|---|---|---|---|---|"]
+        lines += [f"| {s} | {e['logit']['n_models']} | {_effect(e['logit'])} | {_p(e['logit'])} | "
+                  f"{e['logit']['verdict']} | {_effect(e['accuracy'])} |" for s, e in f["per_setup"].items()]
+    return lines
+
+
 def ci_coverage(finding: Mapping[str, Any], config: Mapping[str, Any]) -> str:
     """One sentence: what a finding's CIs resample and what they leave out."""
     ev = [e for e in finding["evidence"] if e.get("p_star") is not None]
     if not ev:
-        return "no CI: nothing to resample (one seed and no per-class accuracies)."
+        first = finding["evidence"][0] if finding["evidence"] else {}
+        if first.get("reason"):
+            return f"not measured: {first['reason']}."
+        return ("no CI: nothing to resample (one model and one class)." if "what" in first else
+                "no CI: nothing to resample (one seed and no per-class accuracies).")
     e = ev[0]
     domains = config.get("test_domains")
     fixed = f"the test domains ({', '.join(domains)}) are fixed, not sampled" if domains else \
         "the test domains are fixed, not sampled"
     drawings = config.get("c2_drawings_per_cell")
     per = f", {drawings} distinct drawing(s) per class and test domain" if drawings else ""
+    if "what" in e:
+        how = ", drawn independently" if len(e["resampled"]) == 2 else ""
+        return (f"covers {' and '.join(e['resampled'])}{how} ({e['n_models']} trained models as "
+                f"clusters: a model scored on two test domains is drawn once; {e['n_classes']} C2 classes, one "
+                f"class draw for every model). Not covered: {fixed}; within a model, the choice of discovery "
+                f"and held-out drawings and of the matched controls (averaged over draws); other datasets, model "
+                f"sizes and budgets.")
     if "measure" in e:
         covers = f"{e['n_models']} trained models resampled as clusters" + (
             f" and {e['n_classes']} C2 classes (accuracy side{per})" if "classes" in e["resampled"] else "")

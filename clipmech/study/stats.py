@@ -1,4 +1,5 @@
-"""The study's resampling designs: accuracy contrasts and sharedness correlations over trained models.
+"""The study's resampling designs over trained models: accuracy contrasts, sharedness correlations and
+causal effects.
 
 Units. The unit of replication is a trained model (setup x seed; natural-only is trained once per
 seed and scored on every test domain, so its rows are one model). The unit of evaluation is a
@@ -16,7 +17,11 @@ and classes as above (accuracy only: sharedness is one number per row). `centred
 subtracts each setup's mean within the domain from both variables, so only within-setup (seed to
 seed) variation is left: does the link hold beyond the setup differences?
 
-Both return an `Evidence` dict with the estimate, percentile CI, p* and its Monte-Carlo SE; the
+Causal effects (`causal_effects`): the per-class paired effect of ablating shared circuit nodes
+against matched controls, averaged as a contrast (test domains fixed strata, mean over models and
+classes) with models (clusters, as in correlations) and classes resampled crossed.
+
+All three return an `Evidence` dict with the estimate, percentile CI, p* and its Monte-Carlo SE; the
 verdicts and multiple-comparison rules are applied by `clipmech.study.report`.
 """
 from __future__ import annotations
@@ -110,29 +115,84 @@ def contrast(models: Sequence[Mapping[str, Any]], better: str, worse: str | None
            "n_domains": int(used.any(axis=1).sum()), "resampled": []}
     if not mask.any():
         return out | _summary(None, None, level)
-    d0 = np.where(mask, diff, 0.0)
+    return out | _crossed(diff, "seeds", per_class, n_boot, max_boot, level, n_tests, seed)
 
-    def stat(ws: np.ndarray, wc: np.ndarray) -> np.ndarray:
-        num = np.einsum("bs,dsc,bc->bd", ws, d0, wc)
-        den = np.einsum("bs,dsc,bc->bd", ws, mask.astype(float), wc)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            per_domain = num / den
-        return np.nanmean(np.where(den > 0, per_domain, np.nan), axis=1) if per_domain.size else per_domain
 
-    estimate = float(stat(np.ones((1, len(seeds))), np.ones((1, len(names))))[0])
-    resample_seeds, resample_classes = len(seeds) >= 2, per_class and len(names) >= 2
-    out["resampled"] = (["seeds"] if resample_seeds else []) + (["classes"] if resample_classes else [])
-    if not out["resampled"]:
-        return out | _summary(estimate, None, level)
+def _crossed_means(values: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """stat(wu [B, U], wc [B, C]) -> [B] for a [D, U, C] table (NaN = missing): per domain the
+    (unit weight x class weight)-weighted mean of its values, then the mean over the domains that
+    keep any weight."""
+    mask = np.isfinite(values)
+    v0, m = np.where(mask, values, 0.0), mask.astype(float)
+
+    def stat(wu: np.ndarray, wc: np.ndarray) -> np.ndarray:
+        num = np.einsum("bu,duc,bc->bd", wu, v0, wc)
+        den = np.einsum("bu,duc,bc->bd", wu, m, wc)
+        kept = den > 0
+        with np.errstate(invalid="ignore", divide="ignore"):  # a resample can leave every domain empty: NaN
+            return np.where(kept, num / np.where(kept, den, 1.0), 0.0).sum(1) / kept.sum(1)
+    return stat
+
+
+def _crossed(values: np.ndarray, unit: str, per_class: bool, n_boot: int, max_boot: int, level: float,
+             n_tests: int, seed: int) -> dict[str, Any]:
+    """Estimate and crossed bootstrap of `_crossed_means` over a [D, U, C] table: units (`unit`
+    names them: seeds, models) and classes are drawn independently, one class draw for every unit;
+    each only when it has >= 2 levels (classes also only when `per_class`)."""
+    stat = _crossed_means(values)
+    _, n_units, n_classes = values.shape
+    estimate = float(stat(np.ones((1, n_units)), np.ones((1, n_classes)))[0])
+    resample_units, resample_classes = n_units >= 2, per_class and n_classes >= 2
+    resampled = ([unit] if resample_units else []) + (["classes"] if resample_classes else [])
+    if not resampled:
+        return {"resampled": []} | _summary(estimate, None, level)
 
     def draw(rng: np.random.Generator, b: int) -> np.ndarray:
-        ws = _multinomial(rng, len(seeds), b) if resample_seeds else np.ones((b, len(seeds)))
-        wc = _multinomial(rng, len(names), b) if resample_classes else np.ones((b, len(names)))
+        wu = _multinomial(rng, n_units, b) if resample_units else np.ones((b, n_units))
+        wc = _multinomial(rng, n_classes, b) if resample_classes else np.ones((b, n_classes))
         with np.errstate(invalid="ignore"):
-            return stat(ws, wc)
+            return stat(wu, wc)
 
     boots = adaptive_bootstrap(draw, n_boot, max_boot, alpha=1 - level, n_tests=n_tests, seed=seed)
-    return out | _summary(estimate, boots, level)
+    return {"resampled": resampled} | _summary(estimate, boots, level)
+
+
+def causal_effects(models: Sequence[Mapping[str, Any]], what: str = "logit", n_boot: int = DEFAULT_BOOT,
+                   max_boot: int = MAX_BOOT, level: float = 0.95, n_tests: int = 1, seed: int = 0) -> dict[str, Any]:
+    """Mean paired causal effect over test domains, models and classes: per row the per-class
+    `controls.causal.per_class[k]["effect_<what>"]` (what: "logit" or "accuracy"; drop after ablating
+    the shared nodes minus drop after ablating their matched controls, `clipmech.analysis.controls`).
+    Models and classes are resampled crossed (as `contrast`, with models in place of seeds); a model
+    with rows on two test domains (natural-only) is one cluster. Rows without per-class effects (old
+    results files, controls not run) are dropped and counted; with none left the estimate is None
+    and "reason" says why. Returns {"what", "estimate", "ci_low", "ci_high", "level", "p_star",
+    "p_star_se", "n_boot", "n_rows", "n_dropped", "n_models", "n_classes", "n_domains", "resampled"}.
+    Cost O(B * D * M * C)."""
+    if what not in ("logit", "accuracy"):
+        raise ValueError(f"what must be 'logit' or 'accuracy', got {what!r}")
+    key = f"effect_{what}"
+    rows = []
+    for m in models:
+        per_class = ((m.get("controls") or {}).get("causal") or {}).get("per_class") or {}
+        vals = {k: float(v[key]) for k, v in per_class.items() if v.get(key) is not None and np.isfinite(v[key])}
+        if vals:
+            rows.append((m, vals))
+    ids = sorted({model_id(m) for m, _ in rows})
+    domains = sorted({m["test_domain"] for m, _ in rows})
+    classes = list(dict.fromkeys(k for _, vals in rows for k in vals))
+    out: dict[str, Any] = {"what": what, "n_rows": len(rows), "n_dropped": len(models) - len(rows),
+                           "n_models": len(ids), "n_classes": len(classes), "n_domains": len(domains)}
+    if not rows:
+        return out | {"resampled": [], "reason": "no model row carries per-class causal effects "
+                                                 "(controls.causal.per_class)"} | _summary(None, None, level)
+    table = np.full((len(domains), len(ids), len(classes)), np.nan)
+    for m, vals in rows:
+        d, u = domains.index(m["test_domain"]), ids.index(model_id(m))
+        if np.isfinite(table[d, u]).any():
+            raise ValueError(f"two rows of model {model_id(m)!r} on test domain {m['test_domain']!r} carry causal "
+                             "effects; give each trained model one row per test domain")
+        table[d, u, [classes.index(k) for k in vals]] = list(vals.values())
+    return out | _crossed(table, "models", True, n_boot, max_boot, level, n_tests, seed)
 
 
 def weighted_spearman(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
