@@ -271,7 +271,8 @@ def analyse_experiment(path: PathLike, out: PathLike = "runs/experiments", data:
     run_units(second, launch_opts, stage=f"{name} cka+sae+embeddings", dry_run=dry_run)
     if dry_run:
         return None
-    return _write_study(exp, src, runs, {r["id"]: A.collect(plans[r["id"]], r["ctx"].c2) for r in runs}, figure_run, opts, dest)
+    measures = {r["id"]: A.collect(plans[r["id"]], r["ctx"].c2) for r in runs}
+    return _write_study(exp, src, runs, measures, figure_run, opts, dest)
 
 
 def _trained_runs(src: Mapping[str, Any], root: Path, data: Mapping[str, str] | None, without_base: bool,
