@@ -24,6 +24,13 @@ def test_split_rule_boundaries():
     assert not is_val("n0_1.JPEG", 0.0)
 
 
+def test_cli_help_documents_the_split(capsys):
+    with pytest.raises(SystemExit):
+        main(["data", "imagenet-captions", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "int(sha256(file name)[:8], 16) < FRACTION * 2**32" in text and "paper's own split file" in text
+
+
 def test_builder_and_cli(tmp_path, capsys):
     root = tmp_path / "imagenet" / "train"
     entries = []

@@ -12,6 +12,7 @@ from clipmech.eval.templates import DOMAINNET_TEMPLATES, EMOJI_TEMPLATES, get_te
 from clipmech.eval.zeroshot import classification_metrics, eval_images, evaluate_run, zero_shot
 from clipmech.models.hooked_clip import HookedCLIP
 from clipmech.train import train
+from clipmech.utils import file_hash
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +89,46 @@ def test_evaluate_run_writes_every_epoch_and_caches(run_dir, monkeypatch):
     assert changed["1"] == fresh["metrics"] and changed["0"] == first["0"]
 
 
+def test_fp16_evaluation_matches_fp32_and_is_recorded(run_dir, tmp_path):
+    """The paper's fp16 model: same predictions as fp32 except where fp32's top-2 margin is within the
+    fp16 score error (|fp16 - fp32| <= 2e-2 on unit-norm cosines), and meta.json says which ran."""
+    from clipmech.eval.zeroshot import clip_scores
+    ds = synthetic_dataset()
+    full = json.loads(evaluate_run(run_dir, dataset=ds, cache_dir=tmp_path / "c32").read_text())
+    assert json.loads((run_dir / "eval" / "meta.json").read_text())["precision"] == "fp32"
+    half = json.loads(evaluate_run(run_dir, dataset=ds, cache_dir=tmp_path / "c16", precision="fp16").read_text())
+    meta = json.loads((run_dir / "eval" / "meta.json").read_text())
+    assert meta["precision"] == "fp16" and meta["n_test_images"] == len(ds.indices(split="test"))
+    feats = {}
+    for name in ("c32", "c16"):  # the cached image features of epoch 1: fp16 really ran, and is close
+        for key_file in (tmp_path / name).glob("*.json"):
+            key = json.loads(key_file.read_text())
+            if key["kind"] == "image_features" and key["checkpoint"] == file_hash(run_dir / "epoch_1.pt"):
+                feats[name] = (key.get("precision"), torch.load(key_file.with_suffix(".pt")))
+    assert feats["c32"][0] is None and feats["c16"][0] == "fp16"
+    assert not torch.equal(feats["c16"][1], feats["c32"][1]) and torch.allclose(feats["c16"][1], feats["c32"][1],
+                                                                                 atol=1e-2)
+    idx, templates = ds.indices(split="test"), get_templates("auto", ds.name)
+    names = [c.replace("_", " ") for c in ds.classes]
+    s32 = clip_scores(lambda: HookedCLIP.from_checkpoint(run_dir / "epoch_1.pt").eval(), ds, idx, names, templates, 32)
+    s16 = clip_scores(lambda: HookedCLIP.from_checkpoint(run_dir / "epoch_1.pt").half().eval(), ds, idx, names,
+                      templates, 32)
+    assert torch.allclose(s16, s32, atol=2e-2)
+    top2 = s32.topk(2, dim=1).values
+    near_tie = (top2[:, 0] - top2[:, 1] <= 4e-2).numpy()
+    flipped = (s16.argmax(1) != s32.argmax(1)).numpy()
+    assert not (flipped & ~near_tie).any()
+    labels, dom = ds.class_idx[idx], ds.domain_idx[idx]
+    for key, value in full["1"].items():
+        if key.endswith("/top1"):
+            d, group = key.split("/")[:2]
+            rows = (dom == ds.domain_index(d)) & (np.isin(labels, [ds.class_index(c) for c in ds.default_test_classes])
+                                                  == (group == "C2"))
+            assert abs(half["1"][key] - value) <= near_tie[rows].sum() / rows.sum() + 1e-9, key
+    with pytest.raises(KeyError, match="fp16"):
+        evaluate_run(run_dir, dataset=ds, precision="half")
+
+
 def test_eval_cli_prints_and_errors(run_dir, capsys, tmp_path, monkeypatch):
     import clipmech.data
     from clipmech.cli import main
@@ -95,7 +136,10 @@ def test_eval_cli_prints_and_errors(run_dir, capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(clipmech.data, "load_dataset", lambda name, **kw: ds, raising=False)
     assert main(["eval", str(run_dir), "--templates", "simple"]) == 0
     out = capsys.readouterr().out
-    assert "2 checkpoints" in out and "sketch/C2/top1" in out
+    assert "2 checkpoints (fp32)" in out and "sketch/C2/top1" in out
+    assert main(["eval", str(run_dir), "--templates", "simple", "--fp16"]) == 0
+    assert "2 checkpoints (fp16)" in capsys.readouterr().out
+    assert json.loads((run_dir / "eval" / "meta.json").read_text())["precision"] == "fp16"
     assert main(["eval", str(tmp_path / "missing")]) == 1
     assert "config.toml not found" in capsys.readouterr().err
 

@@ -20,6 +20,12 @@ def test_options_from_table_and_errors():
     # what the results depend on, not how fast they are computed
     assert A.AnalysisOptions(workers=8, batch_size=7, device="cuda").key() == A.AnalysisOptions().key()
     assert A.AnalysisOptions(cka_boot=5).key() != A.AnalysisOptions().key()
+    assert A.AnalysisOptions(paper_compat=True).key() != A.AnalysisOptions().key()
+    opts = A.analysis_options({"paper_compat": True, "circuit_scope": "all"})
+    assert opts.paper_compat and opts.circuit_scope == "all"
+    assert A.analysis_options({"paper_compat": True}, paper_compat=None).paper_compat  # the CLI leaves it unset
+    with pytest.raises(ValueError, match="circuit_scope 'c1'; valid: c2, all"):
+        A.analysis_options({"circuit_scope": "c1"})
 
 
 def _ds():
@@ -39,13 +45,19 @@ def test_cap_per_cell_keeps_the_first_rows_of_each_cell():
 
 
 def test_circuit_matrices_average_over_classes_present():
-    per_class = [{"class": "x", "domains": ["a", "b"], "node": [[1.0, 0.5], [0.5, 1.0]], "edge": [[1.0, 0.2], [0.2, 1.0]]},
-                 {"class": "y", "domains": ["a", "b"], "node": [[1.0, None], [None, None]], "edge": [[1.0, None], [None, None]]},
-                 {"class": "z", "domains": ["a", "b"], "node": [[1.0, 0.3], [0.3, 1.0]], "edge": [[1.0, 0.4], [0.4, 1.0]]}]
-    m = A.mean_circuit_matrices(per_class)
-    assert m["classes"] == ["x", "y", "z"]
+    def cls(name, node, edge):
+        return {"class": name, "domains": ["a", "b"], "node": node, "edge": edge, "wl_h2": node}
+    per_class = [cls("x", [[1.0, 0.5], [0.5, 1.0]], [[1.0, 0.2], [0.2, 1.0]]),
+                 cls("y", [[1.0, None], [None, None]], [[1.0, None], [None, None]]),
+                 cls("z", [[1.0, 0.3], [0.3, 1.0]], [[1.0, 0.4], [0.4, 1.0]])]
+    m = A.mean_circuit_matrices(per_class, ["x", "z"])
+    assert m["classes"] == ["x", "y", "z"] and m["subsets"]["all"]["classes"] == 3
     assert m["node"][0][1] == pytest.approx(0.4) and m["edge"][1][0] == pytest.approx(0.3)
-    assert m["node"][1][1] == pytest.approx(1.0)
+    assert m["node"][1][1] == pytest.approx(1.0) and m["wl_h2"] == m["node"]
+    assert m["subsets"]["C1"] == {"classes": 1, **{k: per_class[1][k] for k in ("node", "edge", "wl_h2")}}
+    assert m["subsets"]["all"]["node"][0][0] == 1.0 and m["subsets"]["C2"]["node"] == m["node"]
+    with pytest.raises(ValueError, match="no C2 class"):
+        A.mean_circuit_matrices(per_class, ["w"])
 
 
 def test_run_context_reads_the_runs_config(tmp_path):
@@ -56,3 +68,69 @@ def test_run_context_reads_the_runs_config(tmp_path):
         A.RunContext(run, A.AnalysisOptions())
     with pytest.raises(FileNotFoundError, match="config.toml not found"):
         A.RunContext(tmp_path / "nope", A.AnalysisOptions())
+
+
+# ---------------------------------------------------------------- paper_compat through the units
+CLASSES = ("apple", "axe", "banana", "bear", "cat", "dog", "eye", "fish", "tree")
+
+
+@pytest.fixture(scope="module")
+def untrained_run(tmp_path_factory):
+    """A run folder with an untrained 32 px tiny-rn as its final checkpoint, on a DomainNet-layout
+    fixture where painting's test split lacks 'tree' (so painting's class list differs)."""
+    import torch
+
+    from clipmech.data.domainnet import DOMAINS
+    from clipmech.data.synthetic import write_fake_domainnet
+    from clipmech.models import HookedCLIP
+    from clipmech.models.configs import resolve_config
+    from clipmech.train.config import load_config, save_config
+    tmp = tmp_path_factory.mktemp("compat")
+    counts = {(d, c, s): (0 if (d, c, s) == ("painting", "tree", "test") else 2)
+              for d in DOMAINS for c in CLASSES for s in ("train", "test")}
+    root = write_fake_domainnet(tmp / "dn", counts, size=8)
+    run = tmp / "run"
+    save_config(load_config({"model": {"name": "tiny-rn", "image_size": 32}, "data": {"dataset": str(root)},
+                             "mixture": {"test_classes": list(CLASSES[:4])}, "train": {"epochs": 1},
+                             "eval": {"templates": "simple"}}), run / "config.toml")
+    _, mcfg = resolve_config("tiny-rn")
+    mcfg = {**mcfg, "vision_cfg": {**mcfg["vision_cfg"], "image_size": 32}}
+    torch.manual_seed(0)
+    model = HookedCLIP.from_config(mcfg)
+    torch.save({"epoch": 1, "name": "tiny-rn", "state_dict": model.to_open_clip().state_dict(), "model_cfg": mcfg},
+               run / "epoch_1.pt")
+    return run
+
+
+def test_paper_compat_reaches_cka_and_circuits_and_is_recorded(untrained_run, tmp_path):
+    """[analysis] paper_compat on the study path changes exactly the documented numbers: CKA all / C1
+    rows of pairs without painting (painting's class list), edge Jaccard (wrap-around edges) and WL
+    "h2" (3 iterations); C2 CKA and node Jaccard stay; every unit result and unit key records it."""
+    base = dict(circuit_scope="all", circuit_images=2, circuit_steps=2, cka_boot=3, cka_min_rows=4, device="cpu",
+                points=("visual.layer2.0.hook_out", "visual.attnpool.hook_out"))
+    out = {}
+    for compat in (False, True):
+        opts = A.AnalysisOptions(paper_compat=compat, **base)
+        ctx = A.RunContext(untrained_run, opts)
+        assert ctx.paper_compat is compat and ctx.unit_key("cka")["paper_compat"] is compat
+        assert A.circuit_classes(ctx) == list(CLASSES)  # C2 first, then the rest: the paper's scope
+        A.unit_extract(str(untrained_run), opts, str(tmp_path / "shards"))
+        out[compat] = (A.unit_cka(str(untrained_run), opts, str(tmp_path / "shards")),
+                       A.unit_circuits(str(untrained_run), opts, "apple"))
+    (cka0, circ0), (cka1, circ1) = out[False], out[True]
+    assert (cka0["paper_compat"], cka1["paper_compat"]) == (False, True)
+    assert (cka0["class_list_domain"], cka1["class_list_domain"]) == (None, "painting")
+    assert cka1["results"]["C2"] == cka0["results"]["C2"]
+    for subset in ("all", "C1"):
+        for pair, r0 in cka0["results"][subset]["linear"].items():
+            r1 = cka1["results"][subset]["linear"][pair]
+            if "painting" in pair:
+                assert r1 == r0, pair
+            else:  # 'tree' is left out of every pair, as the paper's leftover loop variable does
+                assert (r0["n_classes"], r1["n_classes"]) == ((9, 8) if subset == "all" else (5, 4)), pair
+                assert r1["cka"] != r0["cka"], pair
+    assert (circ0["paper_compat"], circ1["paper_compat"]) == (False, True)
+    assert circ1["node"] == circ0["node"] and circ1["images"] == circ0["images"] == {d: 2 for d in circ0["domains"]}
+    off = [(a, b) for a in range(6) for b in range(6) if a != b]
+    assert all(circ1["edge"][a][b] != circ0["edge"][a][b] for a, b in off if circ0["edge"][a][b] < 1)
+    assert any(circ1["wl_h2"][a][b] != circ0["wl_h2"][a][b] for a, b in off)

@@ -83,3 +83,16 @@ def test_base_tsv_reaches_every_run_config_unless_left_out():
     assert sorted(r["config"]["mixture"]["in_sketch_keep"] for r in mix) == sorted(
         ["fiftyp", "thirtyp", "twentyfivep", "tenp", "fivep", "onep", "one"])
     assert all(r["config"]["mixture"]["in_sketch"] == "/data/imagenet-sketch" for r in mix)
+
+
+def test_mechanistic_analyses_the_papers_scope(tmp_path):
+    """mechanistic.toml: circuits for every class, C2 first, 50 images per cell (paper.md §8.4); its
+    [analysis] table parses, and a dry run gets as far as asking for the trained source runs."""
+    from clipmech.study.analyse import analysis_options
+    table = dict(X.load_experiment(EXP / "mechanistic.toml")["analysis"])
+    table.pop("source")
+    opts = analysis_options(table)
+    assert (opts.circuit_scope, opts.circuit_classes, opts.circuit_images, opts.circuit_steps) == ("all", None, 50, 10)
+    assert opts.paper_compat is False
+    with pytest.raises(FileNotFoundError, match="has not finished training"):
+        X.analyse_experiment(EXP / "mechanistic.toml", tmp_path, DATA, dry_run=True)

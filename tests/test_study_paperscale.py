@@ -83,6 +83,11 @@ def _check(results, out):
         assert set(m["c2_test_acc_per_class"]) == set(C2)
         for k in ("cka_mid", "node_jaccard", "edge_jaccard", "feature_sharing"):
             assert -1 <= m[k] <= 1
+        assert m["paper_compat"] is False and m["mixture_paper_compat"] is False
+    assert results["config"]["analysis"]["paper_compat"] is False
+    circuits = results["extra"]["circuits"]  # the circuit class is C2: no C1 subset
+    assert {tuple(sorted(v)) for v in circuits.values()} == {("C2", "all")}
+    assert all(v["C2"]["classes"] == 1 and len(v["all"]["wl_h2"]) == 6 for v in circuits.values())
     assert set(results["correlations"]) == {"cka_mid", "node_jaccard", "edge_jaccard", "feature_sharing"}
     assert [f["finding"] for f in results["findings"]][0] == "domain diversity helps DG and CG"
     report = (out / "tinymech" / "report.md").read_text()

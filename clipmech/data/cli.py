@@ -43,13 +43,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="output TSV (a folder: use the paper's file name inside it)")
     mix.set_defaults(func=_mixture)
 
-    caps = sub.add_parser("imagenet-captions", help="ImageNet-Captions JSON + ImageNet train folder -> base TSV")
+    caps = sub.add_parser(
+        "imagenet-captions", help="ImageNet-Captions JSON + ImageNet train folder -> base TSV",
+        description="Write the paper's base TSV (caption = title; tags; description, paper.md §3.3) and a "
+                    "deterministic train/val split: an entry is validation iff int(sha256(file name)[:8], 16) < "
+                    "FRACTION * 2**32, so the split does not depend on the JSON's order or on which entries are "
+                    "present. The paper's own split file is not public; this documented rule replaces it.")
     caps.add_argument("--json", required=True, metavar="FILE", help="the ImageNet-Captions JSON release")
     caps.add_argument("--imagenet", required=True, metavar="ROOT", help="ImageNet folder (ROOT/train/<wnid>/...)")
     caps.add_argument("--out", required=True, metavar="FILE.tsv",
                       help="train TSV; the validation TSV goes to FILE-val.tsv, the manifest to FILE.json")
     caps.add_argument("--val-fraction", type=float, default=0.05,
-                      help="share of entries in validation, by sha256 of the file name (default 0.05)")
+                      help="share of entries in validation: those with int(sha256(file name)[:8], 16) < "
+                           "FRACTION * 2**32 (default 0.05; 0: no validation TSV)")
     caps.set_defaults(func=_imagenet_captions)
 
     summ = sub.add_parser("summary", help="print a domain x split count table")

@@ -16,7 +16,9 @@ def register(subparsers) -> None:
     p.add_argument("--device", metavar="DEVICE", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--imagenet", metavar="ROOT", help="also ImageNet-1k zero-shot top-1 of every checkpoint "
                    "(ImageNet val folder, ROOT/<wnid>/*.JPEG) -> RUN_DIR/eval/imagenet.json")
-    p.add_argument("--fp16", action="store_true", help="ImageNet evaluation with the fp16 model (the paper's)")
+    p.add_argument("--fp16", action="store_true",
+                   help="evaluate with the fp16 model (the paper's), DomainNet and --imagenet alike; recorded as "
+                        "\"precision\" in RUN_DIR/eval/meta.json and imagenet.json (on CPU fp16 is slow)")
     p.add_argument("--verify", choices=("none", "header", "decode"),
                    help="check image files when loading a DomainNet folder (default: the run's [data] verify)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -31,22 +33,21 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.toml").is_file():
         raise FileNotFoundError(f"{run_dir / 'config.toml'} not found; is {run_dir} a clipmech run directory?")
+    precision = "fp16" if args.fp16 else "fp32"
     with unit_lock(run_dir / "eval", "eval", recursive=True):
         path = evaluate_run(run_dir, dataset=args.dataset, templates=args.templates, batch_size=args.batch_size,
-                            device=args.device, verify=args.verify)
+                            device=args.device, verify=args.verify, precision=precision)
     results = json.loads(path.read_text())
     last = max(results, key=int)
-    print(f"clipmech eval: {len(results)} checkpoints -> {path}")
+    print(f"clipmech eval: {len(results)} checkpoints ({precision}) -> {path}")
     print(f"epoch {last}:")
     for key, value in sorted(results[last].items()):
         if key.endswith("/top1"):
             print(f"  {key:<28} {value:.3f}")
     if args.imagenet:
         from clipmech.eval.imagenet import evaluate_run_imagenet
-        path = evaluate_run_imagenet(args.run_dir, args.imagenet, precision="fp16" if args.fp16 else "fp32",
+        path = evaluate_run_imagenet(args.run_dir, args.imagenet, precision=precision,
                                      batch_size=args.batch_size or 256, device=args.device)
         res = json.loads(path.read_text())
         print(f"  imagenet-val total ({res['precision']}, {res['n_images']} images) {res['results'][last]:.3f} -> {path}")
-    elif args.fp16:
-        raise ValueError("--fp16 applies to the ImageNet evaluation; add --imagenet ROOT")
     return 0

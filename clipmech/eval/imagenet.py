@@ -19,11 +19,10 @@ import torch
 from clipmech.data.dataset import DomainDataset
 from clipmech.data.imagenet_mapping import wnid_folders
 from clipmech.eval.templates import OPENAI_TEMPLATES
-from clipmech.eval.zeroshot import checkpoints, encode_dataset
+from clipmech.eval.zeroshot import checkpoints, encode_dataset, precision_dtype
 from clipmech.utils import TensorCache, atomic_write_json, file_hash, hash_obj
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
-PRECISIONS = ("fp32", "fp16")
 
 
 def imagenet_val(root: str | Path) -> DomainDataset:
@@ -53,10 +52,7 @@ def imagenet_scores(model, dataset: DomainDataset, precision: str = "fp32", batc
     Cost: one image pass over the val set + 80,000 prompt encodings; both cached with `cache`."""
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
-    if precision not in PRECISIONS:
-        from clipmech.utils import unknown_name_error
-        raise unknown_name_error("evaluation precision", precision, PRECISIONS)
-    dtype = torch.float16 if precision == "fp16" else torch.float32
+    dtype = precision_dtype(precision)
 
     @functools.cache
     def cast():

@@ -22,6 +22,16 @@ from clipmech.train.data import image_tensor, normalize
 from clipmech.utils import TensorCache, atomic_write_json, file_hash, hash_obj
 
 GROUPS = ("C1", "C2")
+PRECISIONS = ("fp32", "fp16")
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    """torch dtype of an evaluation precision: "fp32", or "fp16" = the paper's half-precision model
+    (weights and images cast to float16; on CPU fp16 kernels are slow and serve tests only)."""
+    if precision not in PRECISIONS:
+        from clipmech.utils import unknown_name_error
+        raise unknown_name_error("evaluation precision", precision, PRECISIONS)
+    return torch.float16 if precision == "fp16" else torch.float32
 
 
 def eval_transform_description(image_size: int) -> str:
@@ -53,7 +63,8 @@ def eval_images(dataset, indices: Sequence[int], image_size: int, skip_unreadabl
 def encode_dataset(encode: Callable[[torch.Tensor], torch.Tensor], dataset, indices: np.ndarray, image_size: int,
                    batch_size: int = 256, device: str | torch.device = "cpu") -> torch.Tensor:
     """encode(images) for the dataset images at `indices`, batched; returns float32 [N, D] on CPU.
-    Rows of unreadable images are NaN (the model never sees them)."""
+    Rows of unreadable images are NaN (the model never sees them). Images reach `encode` as float32;
+    a half-precision model casts them itself (`clip_scores`, `evaluate_run`)."""
     feats = []
     for lo in range(0, len(indices), batch_size):
         batch = eval_images(dataset, indices[lo:lo + batch_size], image_size, skip_unreadable=True)
@@ -140,15 +151,17 @@ def class_prompts_names(dataset) -> list[str]:
 
 def clip_scores(get_model: Callable[[], Any], dataset, indices: np.ndarray, classnames: Sequence[str],
                 templates: Sequence[str], image_size: int, cache: TensorCache | None = None,
-                checkpoint_key: str | None = None, batch_size: int = 256, dataset_hash: str | None = None
-                ) -> torch.Tensor:
+                checkpoint_key: str | None = None, batch_size: int = 256, dataset_hash: str | None = None,
+                precision: str = "fp32") -> torch.Tensor:
     """Cosine scores [N, K] of images vs class heads. `get_model` is called only on a cache miss,
-    so a fully cached evaluation never loads the checkpoint. `dataset_hash` saves re-hashing
-    dataset.content_hash() (all pixels) per checkpoint."""
+    so a fully cached evaluation never loads the checkpoint; it must return the model already in
+    `precision` (images are cast to the model's dtype), which names the cache entries. `dataset_hash`
+    saves re-hashing dataset.content_hash() (all pixels) per checkpoint."""
     def feats() -> torch.Tensor:
         m = get_model()
-        return encode_dataset(lambda x: m.encode_image(x, normalize=True), dataset, indices, image_size,
-                              batch_size, next(m.parameters()).device)
+        p = next(m.parameters())
+        return encode_dataset(lambda x: m.encode_image(x.to(p.dtype), normalize=True), dataset, indices, image_size,
+                              batch_size, p.device)
 
     def head() -> torch.Tensor:
         return get_model().zero_shot_head(list(classnames), list(templates)).float().cpu()
@@ -156,6 +169,8 @@ def clip_scores(get_model: Callable[[], Any], dataset, indices: np.ndarray, clas
     if cache is None or checkpoint_key is None:
         return feats() @ head().T
     base = {"checkpoint": checkpoint_key, "dataset": dataset_hash or dataset.content_hash()}
+    if precision != "fp32":  # fp32 keys stay those of earlier versions, so existing caches stay valid
+        base["precision"] = precision
     image_feats = cache.get_or_compute({**base, "kind": "image_features", "indices": hash_obj(indices),
                                         "transform": eval_transform_description(image_size)}, feats)
     class_emb = cache.get_or_compute({**base, "kind": "zero_shot_head", "classnames": list(classnames),
@@ -196,8 +211,9 @@ def checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 def evaluate_run(run_dir: str | Path, dataset=None, templates: str | list[str] | None = None,
                  cache_dir: str | Path | None = None, batch_size: int | None = None,
-                 device: str | None = None, verify: str | None = None) -> Path:
-    """Evaluate every epoch_N.pt of a run; writes RUN_DIR/eval/results.json and eval/details.json.
+                 device: str | None = None, verify: str | None = None, precision: str = "fp32") -> Path:
+    """Evaluate every epoch_N.pt of a run; writes RUN_DIR/eval/results.json, eval/details.json and
+    eval/meta.json ({"precision", "templates", "n_test_images", "c2_classes"}).
 
     dataset: a DomainDataset or name/root (default: the run config's). templates: a spec for
     clipmech.eval.templates.get_templates (default: the run config's [eval] templates). The test split
@@ -205,7 +221,9 @@ def evaluate_run(run_dir: str | Path, dataset=None, templates: str | list[str] |
     one image pass over the test split + the text head; both cached under RUN_DIR/eval/cache.
     verify: file check when loading a DomainNet folder (default: the run's [data] verify). Unreadable
     images are skipped and listed in RUN_DIR/eval/unreadable.txt; more than [data] max_unreadable of
-    them raise UnreadableImagesError. Returns the path of results.json.
+    them raise UnreadableImagesError. precision: "fp32", or "fp16" = the paper's half-precision model
+    (`precision_dtype`; cached features of the two precisions are kept apart). Returns the path of
+    results.json.
     """
     from clipmech.models.configs import model_config
     from clipmech.train.config import load_config
@@ -214,6 +232,7 @@ def evaluate_run(run_dir: str | Path, dataset=None, templates: str | list[str] |
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found; is {run_dir} a clipmech run directory?")
     cfg = load_config(cfg_path)
+    dtype = precision_dtype(precision)
     found = checkpoints(run_dir)
     if not found:
         raise FileNotFoundError(f"no epoch_N.pt checkpoints in {run_dir}")
@@ -238,18 +257,19 @@ def evaluate_run(run_dir: str | Path, dataset=None, templates: str | list[str] |
         key = file_hash(path)
         if supervised:
             from clipmech.train.supervised import SupervisedClassifier
-            load = functools.cache(lambda p=path: SupervisedClassifier.from_checkpoint(p).to(device).eval())
+            load = functools.cache(lambda p=path: SupervisedClassifier.from_checkpoint(p).to(device, dtype).eval())
             scores = cache.get_or_compute(
                 {"checkpoint": key, "dataset": ds_hash, "kind": "supervised_logits",
-                 "indices": hash_obj(indices), "transform": eval_transform_description(image_size)},
+                 "indices": hash_obj(indices), "transform": eval_transform_description(image_size),
+                 **({"precision": precision} if precision != "fp32" else {})},
                 # the last C logits: a merged 1000 + C head (paper.md §6) or a plain C head
-                lambda: encode_dataset(lambda x: load()(x)[:, -len(dataset.classes):], dataset, indices, image_size,
-                                       batch_size, device))
+                lambda: encode_dataset(lambda x: load()(x.to(dtype))[:, -len(dataset.classes):], dataset, indices,
+                                       image_size, batch_size, device))
         else:
             from clipmech.models.hooked_clip import HookedCLIP
-            load = functools.cache(lambda p=path: HookedCLIP.from_checkpoint(p).to(device).eval())
+            load = functools.cache(lambda p=path: HookedCLIP.from_checkpoint(p).to(device, dtype).eval())
             scores = clip_scores(load, dataset, indices, classnames, templates, image_size, cache, key, batch_size,
-                                 ds_hash)
+                                 ds_hash, precision)
         results[str(epoch)], details[str(epoch)] = group_metrics(scores, dataset, indices, c2)
         unreadable.update(details[str(epoch)].get("unreadable", []))
     summary = report_unreadable(unreadable, len(indices), run_dir / "eval" / "unreadable.txt",
@@ -257,4 +277,6 @@ def evaluate_run(run_dir: str | Path, dataset=None, templates: str | list[str] |
     if summary:
         print(f"clipmech eval: {summary}")
     atomic_write_json(details, run_dir / "eval" / "details.json", indent=None)
+    atomic_write_json({"precision": precision, "templates": len(templates), "n_test_images": len(indices),
+                       "c2_classes": list(c2)}, run_dir / "eval" / "meta.json")
     return atomic_write_json(results, run_dir / "eval" / "results.json")

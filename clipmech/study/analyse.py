@@ -11,13 +11,22 @@ The analysis is split into idempotent units (clipmech.launch), each a module-lev
 
     extract      test split: pooled activations at every analysis point + normalised image
                  embedding; train split: the embedding. Streamed to content-hashed shards.
-    circuits     one C2 class: its circuit in every domain, node and edge Jaccard between domains
-    cka          class-centroid linear CKA between every domain pair, per point (streamed centroids)
+    circuits     one class (C2, or every class with circuit_scope "all"): its circuit in every domain
+                 on `cell_samples` images, node / edge Jaccard and WL "h2" between domains
+    cka          class-centroid linear CKA between every domain pair, per point, for all / C2 / C1
+                 classes (streamed centroids)
     sae          SAE on the train embeddings (streamed), feature sharing on the C2 test images
     embeddings   domain separation (and UMAP) of a per-domain sample of test embeddings
 
 `model_rows` turns the finished units and the run's zero-shot evaluation into the study's model rows
-(clipmech.study.report schema), one per test domain the run serves.
+(clipmech.study.report schema), one per test domain the run serves; their sharedness measures are
+C2 means, and the all / C2 / C1 circuit matrices go to results.json `extra.circuits`.
+
+`paper_compat` ([analysis] paper_compat, `--paper-compat`, or the run config's own [analysis]
+paper_compat) reproduces the paper code's quirks (clipmech.analysis.paper_compat) in the units: CKA's
+"all" / C1 rows from painting's class list, WL "h2" running 3 iterations, the wrap-around edges.
+The allow-p quota quirk belongs to training: the run config's flag built its mixture, and each row
+records it as `mixture_paper_compat`.
 """
 from __future__ import annotations
 
@@ -35,7 +44,9 @@ from clipmech.launch import LaunchOptions, Unit, run_units
 from clipmech.utils import file_hash, hash_obj
 
 EMBED_POINT = "hook_image_embed_normalized"
-ANALYSIS_VERSION = 1
+ANALYSIS_VERSION = 2  # 2: circuits on cell_samples images with WL, CKA for all / C2 / C1
+CIRCUIT_SCOPES = ("c2", "all")
+CIRCUIT_SEED = 42  # the paper's one shuffle of the test split (paper.md §8.4)
 
 
 @dataclass(frozen=True)
@@ -48,7 +59,8 @@ class AnalysisOptions:
     images_per_cell: int | None = None  # test/train images per (domain, class); None: all
     circuit_images: int = 50  # images per (domain, class) circuit (paper: 50)
     circuit_steps: int = 10  # IG Riemann steps (paper: 10)
-    circuit_classes: int | None = None  # first C2 classes with circuits; None: all (paper: all 15)
+    circuit_scope: str = "c2"  # classes with circuits: "c2" | "all" (every class, C2 first; the paper's)
+    circuit_classes: int | None = None  # first classes of the scope with circuits; None: all of them
     sae_expansion: int = 4  # latents = expansion x embedding width (paper: 4)
     sae_epochs: int = 30
     sae_batch_size: int = 1024
@@ -61,6 +73,7 @@ class AnalysisOptions:
     shard_rows: int = 4096
     precision: str = "fp32"  # extraction: fp32 | bf16 | fp16; attributions are always fp32
     device: str = "auto"  # auto (cuda when present) | cpu | cuda
+    paper_compat: bool = False  # the paper code's quirks (see the module docstring); OR'd with the run's
 
     def key(self) -> dict[str, Any]:
         """The options results depend on (not batch size, workers, shard size or device)."""
@@ -79,6 +92,8 @@ def analysis_options(table: Mapping[str, Any], **overrides: Any) -> AnalysisOpti
     opts = replace(AnalysisOptions(**values), **{k: v for k, v in overrides.items() if v is not None})
     if opts.precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"[analysis] precision {opts.precision!r}; valid: fp32, bf16, fp16")
+    if opts.circuit_scope not in CIRCUIT_SCOPES:
+        raise ValueError(f"[analysis] circuit_scope {opts.circuit_scope!r}; valid: {', '.join(CIRCUIT_SCOPES)}")
     if opts.device not in ("auto", "cpu", "cuda") and not opts.device.startswith("cuda:"):
         raise ValueError(f"device {opts.device!r}; valid: auto, cpu, cuda, cuda:N")
     return opts
@@ -97,6 +112,12 @@ class RunContext:
         self.checkpoint = self.run_dir / f"epoch_{self.cfg['train']['epochs']}.pt"
         if not self.checkpoint.is_file():
             raise FileNotFoundError(f"{self.checkpoint} is missing; the run has not finished training")
+
+    @property
+    def paper_compat(self) -> bool:
+        """The paper code's quirks in this run's analysis: [analysis] paper_compat of the options or
+        of the run's own config (as `clipmech analyze` does)."""
+        return bool(self.opts.paper_compat or self.cfg["analysis"]["paper_compat"])
 
     @cached_property
     def checkpoint_hash(self) -> str:
@@ -175,7 +196,8 @@ class RunContext:
     def unit_key(self, unit: str) -> dict[str, Any]:
         """Everything a unit's result depends on (its output folder is named by this key's hash)."""
         return {"unit": unit, "checkpoint": self.checkpoint_hash, "dataset": self.dataset.content_hash(),
-                "c2": self.c2, "templates": self.templates(), "options": self.opts.key()}
+                "c2": self.c2, "templates": self.templates(), "options": self.opts.key(),
+                "paper_compat": self.paper_compat}
 
 
 def _cap_per_cell(idx: np.ndarray, ds, cap: int | None) -> np.ndarray:
@@ -199,16 +221,22 @@ def unit_extract(run_dir: str, opts: AnalysisOptions, shard_root: str) -> dict[s
 
 
 def unit_cka(run_dir: str, opts: AnalysisOptions, shard_root: str) -> dict[str, Any]:
-    """Linear, unbiased, class-centroid CKA between every domain pair per point, on C2 (paper §8.3),
-    from streamed centroids of the test shards. Returns domain_cka's dict."""
+    """Linear, unbiased, class-centroid CKA between every domain pair per point, for the all / C2 / C1
+    classes (paper §8.3; the rows use C2), from streamed centroids of the test shards. paper_compat:
+    all / C1 rows from painting's class list. Returns domain_cka's dict + "paper_compat"."""
     from clipmech.analysis.activations import cell_means
     from clipmech.analysis.cka import domain_cka
+    from clipmech.analysis.paper_compat import cka_class_list_domain
     ctx = RunContext(run_dir, opts)
     ds, points = ctx.dataset, ctx.points()
     means, cells = cell_means(ctx.shards("test", shard_root), points, ds.class_idx, ds.domain_idx,
                               len(ds.domains), len(ds.classes))
-    return domain_cka(means, cells[:, 1], cells[:, 0], ds.domains, {"C2": ctx.c2_idx}, mode="centroid",
-                      kernels=("linear",), n_boot=opts.cka_boot, n_perm=0, min_rows=opts.cka_min_rows)
+    subsets = {"all": list(range(len(ds.classes))), "C2": ctx.c2_idx,
+               "C1": [k for k in range(len(ds.classes)) if k not in ctx.c2_idx]}
+    out = domain_cka(means, cells[:, 1], cells[:, 0], ds.domains, subsets, mode="centroid", kernels=("linear",),
+                     n_boot=opts.cka_boot, n_perm=0, min_rows=opts.cka_min_rows,
+                     class_list_domain=cka_class_list_domain(ds.domains, ctx.paper_compat))
+    return out | {"paper_compat": ctx.paper_compat}
 
 
 def unit_sae(run_dir: str, opts: AnalysisOptions, shard_root: str) -> dict[str, Any]:
@@ -259,53 +287,84 @@ def unit_embeddings(run_dir: str, opts: AnalysisOptions, shard_root: str, with_u
     return out
 
 
+CIRCUIT_MEASURES = ("node", "edge", "wl_h2")
+
+
+def circuit_pair_matrices(circuits: Mapping[str, Any], domains: Sequence[str], points: Sequence[str],
+                          paper_compat: bool) -> dict[str, list[list[float | None]]]:
+    """{"node": mean node Jaccard over `points` (§8.5), "edge": edge Jaccard (§8.6), "wl_h2": WL
+    score "h2" (§8.6; paper_compat: 3 iterations)} as [D, D] lists, None where a domain has no circuit."""
+    from clipmech.analysis.circuit_similarity import edge_jaccard, node_jaccard, wl_scores
+    D = len(domains)
+    out: dict[str, list[list[float | None]]] = {m: [[None] * D for _ in range(D)] for m in CIRCUIT_MEASURES}
+    for a, da in enumerate(domains):
+        for b, db in enumerate(domains):
+            if da in circuits and db in circuits:
+                ca, cb = circuits[da], circuits[db]
+                out["node"][a][b] = float(np.mean(list(node_jaccard(ca, cb, points).values())))
+                out["edge"][a][b] = edge_jaccard(ca, cb)
+                out["wl_h2"][a][b] = wl_scores(ca, cb, (2,), paper_compat)["wl_h2"]
+    return out
+
+
 def unit_circuits(run_dir: str, opts: AnalysisOptions, class_name: str) -> dict[str, Any]:
-    """The circuit of one C2 class in every domain holding it (up to circuit_images test images,
-    fp32 attributions), and node (mean over points, §8.5) / edge (§8.6) Jaccard between domains:
-    {"class", "domains", "node": [D, D], "edge": [D, D]} with None where a domain lacks the class."""
+    """The circuit of one class in every domain holding it (the `circuit_images` test images of its
+    cell from the paper's one shuffle seeded 42, `cell_samples`; fp32 attributions; paper_compat adds
+    the wrap-around edges) and `circuit_pair_matrices` between domains:
+    {"class", "domains", "node", "edge", "wl_h2": [D, D], "images": {domain: n}, "paper_compat"}."""
     from clipmech.analysis.activations import image_batches
-    from clipmech.analysis.circuit_similarity import edge_jaccard, node_jaccard
     from clipmech.analysis.circuits import discover_circuit
+    from clipmech.analysis.paper_compat import wraparound_edges
+    from clipmech.data.samples import cell_samples
     from clipmech.eval.zeroshot import class_prompts_names
     ctx = RunContext(run_dir, opts)
     ds, model = ctx.dataset, ctx.model.to(ctx.device)
     k = ds.class_index(class_name)
     with torch.no_grad():
         head = model.zero_shot_head(class_prompts_names(ds), ctx.templates())
-    test = ds.indices(split="test")
+    cells = cell_samples(ds, opts.circuit_images, "test", CIRCUIT_SEED)
     circuits = {}
-    for di, d in enumerate(ds.domains):
-        rows = test[(ds.domain_idx[test] == di) & (ds.class_idx[test] == k)][: opts.circuit_images]
-        if len(rows):
+    for d in ds.domains:
+        rows = cells.get((d, ds.classes[k]))
+        if rows is not None:
             images = torch.cat(list(image_batches(ds, rows, ctx.image_size, opts.batch_size, opts.workers)))
-            circuits[d] = discover_circuit(model, images.to(ctx.device), torch.full((len(rows),), k, dtype=torch.long,
-                                                                                     device=ctx.device),
-                                           head, steps=opts.circuit_steps)
-    points = ctx.points()
-    D = len(ds.domains)
-    node, edge = [[None] * D for _ in range(D)], [[None] * D for _ in range(D)]
-    for a, da in enumerate(ds.domains):
-        for b, db in enumerate(ds.domains):
-            if da in circuits and db in circuits:
-                node[a][b] = float(np.mean(list(node_jaccard(circuits[da], circuits[db], points).values())))
-                edge[a][b] = edge_jaccard(circuits[da], circuits[db])
-    return {"class": ds.classes[k], "domains": ds.domains, "node": node, "edge": edge}
+            labels = torch.full((len(rows),), k, dtype=torch.long, device=ctx.device)
+            circuits[d] = discover_circuit(model, images.to(ctx.device), labels, head, steps=opts.circuit_steps)
+            if ctx.paper_compat:
+                circuits[d] = wraparound_edges(circuits[d])
+    return {"class": ds.classes[k], "domains": ds.domains,
+            **circuit_pair_matrices(circuits, ds.domains, ctx.points(), ctx.paper_compat),
+            "images": {d: len(cells[(d, ds.classes[k])]) for d in circuits}, "paper_compat": ctx.paper_compat}
 
 
 def circuit_classes(ctx: RunContext) -> list[str]:
-    """The C2 classes that get circuits (the first `circuit_classes`, all when None)."""
-    return ctx.c2[: ctx.opts.circuit_classes]
+    """The classes that get circuits: the C2 classes, then with circuit_scope "all" every other class
+    in dataset order (the paper: all classes, C2 first); the first `circuit_classes` (all when None)."""
+    rest = [c for c in ctx.dataset.classes if c not in ctx.c2] if ctx.opts.circuit_scope == "all" else []
+    return (ctx.c2 + rest)[: ctx.opts.circuit_classes]
 
 
-def mean_circuit_matrices(per_class: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Node / edge Jaccard matrices averaged over classes (entries a class lacks are left out)."""
-    out: dict[str, Any] = {"domains": per_class[0]["domains"], "classes": [c["class"] for c in per_class]}
-    for kind in ("node", "edge"):
-        stack = np.array([[[np.nan if v is None else v for v in row] for row in c[kind]] for c in per_class])
-        have = ~np.isnan(stack)
-        mean = np.where(have.any(0), np.nansum(stack, 0) / np.maximum(have.sum(0), 1), np.nan)
-        out[kind] = [[None if np.isnan(v) else float(v) for v in row] for row in mean]
-    return out
+def _class_mean(per_class: Sequence[Mapping[str, Any]], kind: str) -> list[list[float | None]]:
+    stack = np.array([[[np.nan if v is None else v for v in row] for row in c[kind]] for c in per_class])
+    have = ~np.isnan(stack)
+    mean = np.where(have.any(0), np.nansum(stack, 0) / np.maximum(have.sum(0), 1), np.nan)
+    return [[None if np.isnan(v) else float(v) for v in row] for row in mean]
+
+
+def mean_circuit_matrices(per_class: Sequence[Mapping[str, Any]], c2: Sequence[str]) -> dict[str, Any]:
+    """Circuit matrices averaged over classes (entries a class lacks are left out): top-level "node",
+    "edge", "wl_h2" over the C2 classes (what the model rows use), and "subsets" {"all", "C2", "C1":
+    {"classes": n, measure: [D, D]}} as the paper reports them (a subset without classes is absent)."""
+    out: dict[str, Any] = {"domains": per_class[0]["domains"], "classes": [c["class"] for c in per_class],
+                           "subsets": {}}
+    groups = {"all": list(per_class), "C2": [c for c in per_class if c["class"] in c2],
+              "C1": [c for c in per_class if c["class"] not in c2]}
+    for name, group in groups.items():
+        if group:
+            out["subsets"][name] = {"classes": len(group), **{m: _class_mean(group, m) for m in CIRCUIT_MEASURES}}
+    if "C2" not in out["subsets"]:
+        raise ValueError(f"no C2 class among the classes with circuits {out['classes'][:5]}; the model rows need C2")
+    return out | {m: out["subsets"]["C2"][m] for m in CIRCUIT_MEASURES}
 
 
 # ------------------------------------------------------------------------------------ plan
@@ -336,11 +395,12 @@ def plan_units(ctx: RunContext, out: str | Path, run_id: str, with_umap: bool) -
     return units
 
 
-def collect(units: Mapping[str, Unit]) -> dict[str, Any]:
-    """{"cka", "circuits" (class means), "sharing", "embeddings"} from a run's finished units."""
+def collect(units: Mapping[str, Unit], c2: Sequence[str]) -> dict[str, Any]:
+    """{"cka", "circuits" (class means, `mean_circuit_matrices`), "sharing", "embeddings"} from a
+    run's finished units; `c2` = the run's C2 classes."""
     from clipmech.launch import unit_result
     per_class = [unit_result(u) for name, u in units.items() if name.startswith("circuits/")]
-    return {"cka": unit_result(units["cka"]), "circuits": mean_circuit_matrices(per_class),
+    return {"cka": unit_result(units["cka"]), "circuits": mean_circuit_matrices(per_class, c2),
             "sharing": unit_result(units["sae"]), "embeddings": unit_result(units["embeddings"])}
 
 
@@ -361,7 +421,8 @@ def model_rows(ctx: RunContext, setup: str, seed: int, test_domains: Sequence[st
                cka: Mapping[str, Any], circuits: Mapping[str, Any], sharing: Mapping[str, Any],
                embeddings: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict[str, dict[int, float]]]:
     """(study model rows, {test domain: {epoch: C2 accuracy}}) of one run: one row per test domain,
-    with the measures of clipmech.study.report plus the run's model, image size and classes."""
+    with the measures of clipmech.study.report (C2 means) plus the run's model, image size, classes,
+    `paper_compat` (the analysis's) and `mixture_paper_compat` (the run config's: its allow-p quotas)."""
     from clipmech.study.quickstart import _final_metrics, _mean_vs_others, cka_pairs
     from clipmech.study.report import cka_mid
     metrics = run_metrics(ctx.run_dir)
@@ -377,7 +438,8 @@ def model_rows(ctx: RunContext, setup: str, seed: int, test_domains: Sequence[st
                      "feature_sharing": sharing["score"][d], "embedding_separation": embeddings["separation"],
                      "run_id": run_id, "model": ctx.cfg["model"]["name"], "image_size": ctx.image_size,
                      "classes": list(ctx.dataset.classes), "c2_classes": ctx.c2,
-                     "checkpoint_hash": ctx.checkpoint_hash})
+                     "checkpoint_hash": ctx.checkpoint_hash, "paper_compat": ctx.paper_compat,
+                     "mixture_paper_compat": bool(ctx.cfg["analysis"]["paper_compat"])})
     return rows, curves
 
 
@@ -393,7 +455,7 @@ def analyse_run(run_dir: str | Path, opts: AnalysisOptions, out: str | Path, lau
     first = [u for n, u in units.items() if n.split("/")[0] in FIRST_STAGE]
     run_units(first, launch, stage=f"{run_id} extract+circuits")
     run_units([u for u in units.values() if u not in first], launch, stage=f"{run_id} cka+sae+embeddings")
-    m = collect(units)
+    m = collect(units, ctx.c2)
     rows, _ = model_rows(ctx, ctx.cfg["mixture"]["setup"], int(ctx.cfg["train"]["seed"]), domains, run_id,
                          m["cka"], m["circuits"], m["sharing"], m["embeddings"])
     return rows

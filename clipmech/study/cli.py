@@ -78,6 +78,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="activation extraction precision (attributions stay fp32)")
     a.add_argument("--workers", type=int, default=None, help="DataLoader workers decoding images")
+    a.add_argument("--paper-compat", action="store_true", default=None, dest="paper_compat",
+                   help="reproduce the paper code's quirks (CKA all/C1 rows from painting's class list, WL \"h2\" = "
+                        "3 iterations, wrap-around edges; [analysis] paper_compat); recorded in results.json")
     e.add_argument("--debug", action="store_true", help="show tracebacks")
     e.set_defaults(func=_experiment)
 
@@ -147,6 +150,9 @@ def _experiment(args: argparse.Namespace) -> int:
     from clipmech.study import experiments as X
 
     data = _parse_data(args.data)
+    if args.paper_compat and args.action != "analyze":
+        raise ValueError("--paper-compat applies to `experiment analyse`; training runs take the allow-p quota quirk "
+                         "from [base.analysis] paper_compat = true in the experiment file")
     launch = {k: getattr(args, k) for k in ("launcher", "partition", "account", "gpus_per_job", "cpus_per_job",
                                             "mem_gb", "time_min", "max_parallel", "cluster")}
     if args.action == "run":
@@ -158,7 +164,8 @@ def _experiment(args: argparse.Namespace) -> int:
             print(f"wrote {path}")
     else:
         results = X.analyse_experiment(args.file, args.out, data, args.without_base, launch, args.dry_run,
-                                       {"device": args.device, "precision": args.precision, "workers": args.workers})
+                                       {"device": args.device, "precision": args.precision, "workers": args.workers,
+                                        "paper_compat": args.paper_compat})
         if results is not None:
             print(f"clipmech experiment analyse: wrote results.json, report.md and figures/ for "
                   f"{len(results['models'])} model rows")

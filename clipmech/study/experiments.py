@@ -271,7 +271,8 @@ def analyse_experiment(path: PathLike, out: PathLike = "runs/experiments", data:
     run_units(second, launch_opts, stage=f"{name} cka+sae+embeddings", dry_run=dry_run)
     if dry_run:
         return None
-    return _write_study(exp, src, runs, {r["id"]: A.collect(plans[r["id"]]) for r in runs}, figure_run, opts, dest)
+    measures = {r["id"]: A.collect(plans[r["id"]], r["ctx"].c2) for r in runs}
+    return _write_study(exp, src, runs, measures, figure_run, opts, dest)
 
 
 def _trained_runs(src: Mapping[str, Any], root: Path, data: Mapping[str, str] | None, without_base: bool,
@@ -320,7 +321,8 @@ def _write_study(exp: Mapping[str, Any], src: Mapping[str, Any], runs: Sequence[
               "analysis": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items()},
               "image_sizes": sorted({row["image_size"] for row in rows}), "epochs": epochs, "curve_points": points,
               "c2_classes": rows[0]["c2_classes"], "test_domains": sorted({row["test_domain"] for row in rows})}
-    results = build_results(rows, config=config, extra={"runs": [r["id"] for r in runs]})
+    circuits = {r["id"]: measures[r["id"]]["circuits"]["subsets"] for r in runs}  # all / C2 / C1, as the paper
+    results = build_results(rows, config=config, extra={"runs": [r["id"] for r in runs], "circuits": circuits})
     ctx = figure_run["ctx"]
     spec = Q.ModelSpec(figure_run["setup"], figure_run["seed"], figure_run["test_domains"][0])
     fm = measures[figure_run["id"]]
