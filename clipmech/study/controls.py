@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from clipmech.analysis.activations import pool
-from clipmech.analysis.bootstrap import adaptive_bootstrap, decide, tail_probability
 from clipmech.analysis.cka import cka
 from clipmech.analysis.circuit_similarity import edge_jaccard, node_jaccard, wl_kernel
 from clipmech.analysis.circuits import (FAITHFULNESS_SIZES, Circuit, ablation_values, faithfulness_curve,
@@ -49,7 +48,7 @@ from clipmech.utils import file_hash, state_dict_hash
 
 CONTROL_SCORES = ("node_jaccard", "edge_jaccard", "wl", "feature_sharing", "cka_mid")
 WL_H = 1
-CONTROLS_VERSION = 3  # 2: standardised SAE inputs; 3: circuit sets and SAEs shared with their stages
+CONTROLS_VERSION = 4  # 2: standardised SAE inputs; 3: circuit sets and SAEs shared; 4: causal verdict with p*
 N_PERM = 20  # CKA row permutations per domain pair
 
 
@@ -279,24 +278,10 @@ def row_fields(details: Mapping[str, Any], test_domain: str) -> dict[str, Any]:
         e = causal[f"effect_{what}"]
         row[f"causal_effect_{what}"] = e["mean"]
         row[f"causal_effect_{what}_ci"] = e["ci"]
-    row["causal_verdict"] = causal_verdict([c["effect_logit"] for c in causal["per_class"].values()])
+    row["causal_verdict"] = causal["verdict"]["verdict"]
     row["causal_trimmed_fraction"] = causal["trimmed_fraction"]
     row["controls"] = dict(details) | {"norm_reasons": reasons}
     return row
-
-
-def causal_verdict(effects: Sequence[float], n_boot: int = 2000, seed: int = 0) -> str:
-    """The study's rule (`clipmech.analysis.bootstrap.decide`: bootstrap tail probability with its
-    Monte-Carlo SE, adaptive resampling) on one model's per-class causal effects (shared minus
-    matched-control drop of the true-class logit; positive = shared nodes matter more). The
-    resamples are over classes only; "not measured" without a class, "no CI (one class)" with one."""
-    v = np.asarray([e for e in effects if e is not None and np.isfinite(e)], dtype=float)
-    if v.size == 0:
-        return "not measured"
-    if v.size < 2:
-        return "no CI (one class)"
-    boots = adaptive_bootstrap(lambda rng, b: v[rng.integers(0, v.size, (b, v.size))].mean(1), n_boot, seed=seed)
-    return decide(*tail_probability(boots))
 
 
 # ------------------------------------------------------------------------------------ budget, figures
