@@ -97,8 +97,7 @@ def untrained_run(tmp_path_factory):
     mcfg = {**mcfg, "vision_cfg": {**mcfg["vision_cfg"], "image_size": 32}}
     torch.manual_seed(0)
     model = HookedCLIP.from_config(mcfg)
-    torch.save({"epoch": 1, "name": "tiny-rn", "state_dict": model.to_open_clip().state_dict(), "model_cfg": mcfg},
-               run / "epoch_1.pt")
+    model.save_checkpoint(run / "epoch_1.pt", epoch=1)
     return run
 
 

@@ -49,7 +49,7 @@ from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from clipmech.models.configs import create_open_clip, resolve_config
-from clipmech.utils import CheckpointError, read_checkpoint, unknown_name_error
+from clipmech.utils import CheckpointError, atomic_torch_save, read_checkpoint, unknown_name_error
 
 NamesFilter = None | str | Sequence[str] | Callable[[str], bool]
 
@@ -413,6 +413,14 @@ class HookedCLIP(HookedRootModule):
         clip.to(device=ref.device, dtype=ref.dtype)
         clip.load_state_dict(self.state_dict())
         return clip.train(self.training)
+
+    def save_checkpoint(self, path: str | os.PathLike, epoch: int = 0) -> Path:
+        """Write these weights as a run checkpoint {"epoch", "name", "state_dict", "model_cfg"} (the
+        trainer's format, which `from_checkpoint` and every RUN_DIR command read), atomically."""
+        payload = {"epoch": epoch, "name": self.model_name or "custom", "state_dict": self.to_open_clip().state_dict(),
+                   "model_cfg": self.cfg}
+        atomic_torch_save(payload, path)
+        return Path(path)
 
     # ---- properties and names ----
 
