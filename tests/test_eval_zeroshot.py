@@ -127,6 +127,15 @@ def test_fp16_evaluation_matches_fp32_and_is_recorded(run_dir, tmp_path):
             assert abs(half["1"][key] - value) <= near_tie[rows].sum() / rows.sum() + 1e-9, key
     with pytest.raises(KeyError, match="fp16"):
         evaluate_run(run_dir, dataset=ds, precision="half")
+    # without an argument the run config's [eval] precision decides (what `clipmech train` / `experiment run` use)
+    cfg_text = (run_dir / "config.toml").read_text()
+    try:
+        assert cfg_text.count('precision = "fp32"') == 1  # [eval]'s ([train] precision is "auto")
+        (run_dir / "config.toml").write_text(cfg_text.replace('precision = "fp32"', 'precision = "fp16"'))
+        assert json.loads(evaluate_run(run_dir, dataset=ds, cache_dir=tmp_path / "c16").read_text()) == half
+        assert json.loads((run_dir / "eval" / "meta.json").read_text())["precision"] == "fp16"
+    finally:
+        (run_dir / "config.toml").write_text(cfg_text)
 
 
 def test_eval_cli_prints_and_errors(run_dir, capsys, tmp_path, monkeypatch):

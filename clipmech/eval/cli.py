@@ -17,7 +17,8 @@ def register(subparsers) -> None:
     p.add_argument("--imagenet", metavar="ROOT", help="also ImageNet-1k zero-shot top-1 of every checkpoint "
                    "(ImageNet val folder, ROOT/<wnid>/*.JPEG) -> RUN_DIR/eval/imagenet.json")
     p.add_argument("--fp16", action="store_true",
-                   help="evaluate with the fp16 model (the paper's), DomainNet and --imagenet alike; recorded as "
+                   help="evaluate with the fp16 model (the paper's), DomainNet and --imagenet alike (default: the run "
+                        "config's [eval] precision, fp32 unless set); recorded as "
                         "\"precision\" in RUN_DIR/eval/meta.json and imagenet.json (on CPU fp16 is slow)")
     p.add_argument("--verify", choices=("none", "header", "decode"),
                    help="check image files when loading a DomainNet folder (default: the run's [data] verify)")
@@ -33,11 +34,12 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.toml").is_file():
         raise FileNotFoundError(f"{run_dir / 'config.toml'} not found; is {run_dir} a clipmech run directory?")
-    precision = "fp16" if args.fp16 else "fp32"
+    precision = "fp16" if args.fp16 else None  # None: the run config's [eval] precision
     with unit_lock(run_dir / "eval", "eval", recursive=True):
         path = evaluate_run(run_dir, dataset=args.dataset, templates=args.templates, batch_size=args.batch_size,
                             device=args.device, verify=args.verify, precision=precision)
     results = json.loads(path.read_text())
+    precision = json.loads((run_dir / "eval" / "meta.json").read_text())["precision"]  # what actually ran
     last = max(results, key=int)
     print(f"clipmech eval: {len(results)} checkpoints ({precision}) -> {path}")
     print(f"epoch {last}:")

@@ -211,7 +211,7 @@ def checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 def evaluate_run(run_dir: str | Path, dataset=None, templates: str | list[str] | None = None,
                  cache_dir: str | Path | None = None, batch_size: int | None = None,
-                 device: str | None = None, verify: str | None = None, precision: str = "fp32") -> Path:
+                 device: str | None = None, verify: str | None = None, precision: str | None = None) -> Path:
     """Evaluate every epoch_N.pt of a run; writes RUN_DIR/eval/results.json, eval/details.json and
     eval/meta.json ({"precision", "templates", "n_test_images", "c2_classes"}).
 
@@ -222,7 +222,8 @@ def evaluate_run(run_dir: str | Path, dataset=None, templates: str | list[str] |
     verify: file check when loading a DomainNet folder (default: the run's [data] verify). Unreadable
     images are skipped and listed in RUN_DIR/eval/unreadable.txt; more than [data] max_unreadable of
     them raise UnreadableImagesError. precision: "fp32", or "fp16" = the paper's half-precision model
-    (`precision_dtype`; cached features of the two precisions are kept apart). Returns the path of
+    (`precision_dtype`; cached features of the two precisions are kept apart); default: the run
+    config's [eval] precision, so `clipmech train` and `experiment run` evaluate as configured. Returns the path of
     results.json.
     """
     from clipmech.models.configs import model_config
@@ -232,6 +233,7 @@ def evaluate_run(run_dir: str | Path, dataset=None, templates: str | list[str] |
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found; is {run_dir} a clipmech run directory?")
     cfg = load_config(cfg_path)
+    precision = precision or cfg["eval"]["precision"]
     dtype = precision_dtype(precision)
     found = checkpoints(run_dir)
     if not found:

@@ -81,6 +81,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "eval": {
         "templates": "auto",        # auto | domainnet | emoji | path to a text file (one template per line)
         "batch_size": 256,
+        "precision": "fp32",        # fp32 | fp16 (the paper's half-precision evaluation model)
         "after_train": False,       # `clipmech train` evaluates every checkpoint when training ends (train() does not)
     },
     # paper fidelity (experiments/README.md, parity table)
@@ -141,6 +142,7 @@ SCHEMA: dict[tuple[str, str], tuple[str, Any]] = {
     ("train", "progress"): ("bool", None),
     ("eval", "templates"): ("str", None),
     ("eval", "batch_size"): ("int", ">=1"),
+    ("eval", "precision"): ("str", ("fp32", "fp16")),
     ("eval", "after_train"): ("bool", None),
     ("analysis", "paper_compat"): ("bool", None),
 }
