@@ -1,4 +1,9 @@
 """Embedding separation scores (known answers on synthetic clusters) and the seeded UMAP figure."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -64,3 +69,13 @@ def test_umap_png_with_and_without_domain(tmp_path):
     assert info2["domains"] == ["real", "clipart"] and info2["excluded"] == "sketch"
     with pytest.raises(KeyError, match="sketch"):
         plot_umap(E, d, names, tmp_path / "x.png", exclude="skecth")
+
+
+def test_umap_leaves_torchs_thread_count_alone():
+    """numba resets OpenMP's thread count: under OMP_NUM_THREADS=1 a bare umap fit leaves torch on 2
+    threads (oversubscribing a loaded machine); umap_2d restores the caller's count."""
+    code = ("import numpy as np, torch; from clipmech.analysis.embeddings import umap_2d; before = torch.get_num_threads(); "
+            "umap_2d(np.random.default_rng(0).normal(size=(60, 8))); print(before, torch.get_num_threads())")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "1"]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from clipmech.utils import PathLike, atomic_write_bytes
 
@@ -47,10 +48,16 @@ def umap_2d(emb: Any, seed: int = 42, densmap: bool = True, n_neighbors: int = 1
         raise ValueError(f"UMAP needs at least 4 points; got {len(E)}")
     reducer = umap.UMAP(n_components=2, n_neighbors=min(n_neighbors, len(E) - 1), min_dist=min_dist, metric=metric,
                         densmap=densmap, random_state=seed, n_jobs=1)
-    with warnings.catch_warnings():
-        # A seed makes umap run single-threaded and say so on every call; that is the intent here.
-        warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
-        return reducer.fit_transform(E)
+    threads = torch.get_num_threads()
+    try:
+        with warnings.catch_warnings():
+            # A seed makes umap run single-threaded and say so on every call; that is the intent here.
+            warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+            return reducer.fit_transform(E)
+    finally:
+        # numba resets the process's OpenMP thread count (measured: torch went from 1 to 2 threads under
+        # OMP_NUM_THREADS=1), which on a loaded machine made every later stage ~10x more CPU-expensive
+        torch.set_num_threads(threads)
 
 
 def plot_umap(emb: Any, domain_idx: Any, domains: Sequence[str], path: PathLike, exclude: str | None = None,
