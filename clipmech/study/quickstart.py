@@ -353,7 +353,6 @@ def curve_epochs(epochs: int, points: int) -> list[int]:
     return sorted({int(round(x)) for x in np.linspace(0, epochs, max(points, 2))})
 
 
-@torch.no_grad()
 def evaluate_model(study: Study, run: dict[str, Any], spec: ModelSpec) -> tuple[dict[str, dict[str, float]], bool]:
     """Zero-shot metrics of the curve checkpoints of a run: {epoch: {"{domain}/{C1|C2}/top1_balanced": ...}}.
 
