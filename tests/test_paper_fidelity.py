@@ -9,7 +9,7 @@ from clipmech.analysis.circuits import Circuit
 from clipmech.analysis.cka import domain_cka
 from clipmech.analysis.paper_compat import cka_class_list_domain, wraparound_edges
 from clipmech.data.dataset import DomainDataset
-from clipmech.data.samples import cell_samples
+from clipmech.data.samples import cell_samples, distinct_drawings
 
 
 def _graph(edges, nodes=None):
@@ -127,3 +127,10 @@ def test_cell_samples_one_seeded_shuffle():
     assert any(not np.array_equal(other[c], cells[c]) for c in cells)
     with pytest.raises(ValueError, match="n must be"):
         cell_samples(ds, n=0)
+
+
+def test_distinct_drawings_count_view_zero_only_where_views_are_marked():
+    ds = _cells_dataset()
+    assert distinct_drawings(ds).all() and len(distinct_drawings(ds)) == len(ds.class_idx)
+    ds.view_idx = np.arange(len(ds.class_idx)) % 4  # four views per drawing
+    assert np.array_equal(distinct_drawings(ds), ds.view_idx == 0)

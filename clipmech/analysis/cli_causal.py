@@ -317,8 +317,9 @@ def causal_cells(dataset, domains: list[str], classes: list[str], mode: str, n_m
     shuffled (seeded per cell by `seed`, domain and class, so a cell's split does not depend on what
     else is analysed), discovery = the first ceil(n/2) (at most `n_max`), held out = the other
     floor(n/2); cells with < 2 test images are skipped. Cells without discovery rows are skipped."""
-    views = getattr(dataset, "view_idx", None)
-    distinct = np.ones(len(dataset.split), bool) if views is None else np.asarray(views) == 0
+    from clipmech.data.samples import distinct_drawings
+
+    distinct = distinct_drawings(dataset)
     cells, skipped = {}, []
     for d in domains:
         for k in classes:

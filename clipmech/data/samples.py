@@ -33,3 +33,11 @@ def cell_samples(dataset: DomainDataset, n: int = 50, split: str | None = "test"
         d, k = divmod(int(keys[group[0]]), len(dataset.classes))
         out[(dataset.domains[d], dataset.classes[k])] = shuffled[first[group]].astype(np.int64)
     return out
+
+
+def distinct_drawings(dataset) -> np.ndarray:
+    """Bool per sample of `dataset`: a distinct drawing. A dataset that marks augmented views
+    (`view_idx`, the emoji domains) counts only view 0, so views of one drawing never count twice;
+    any other dataset counts every sample."""
+    views = getattr(dataset, "view_idx", None)
+    return np.ones(len(dataset.class_idx), bool) if views is None else np.asarray(views) == 0

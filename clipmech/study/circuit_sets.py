@@ -22,18 +22,11 @@ import numpy as np
 import torch
 
 from clipmech.analysis.circuits import Circuit, discover_circuit
-from clipmech.data.samples import cell_samples
+from clipmech.data.samples import cell_samples, distinct_drawings
 from clipmech.eval.zeroshot import class_prompts_names
 from clipmech.utils import hash_obj
 
 Cells = Mapping[str, Mapping[int, np.ndarray]]  # {domain: {class index: rows into study.images(split)}}
-
-
-def distinct_rows(dataset, split: str) -> np.ndarray:
-    """Bool per row of `dataset.indices(split=split)`: a distinct drawing (emoji: view 0; else all)."""
-    idx = dataset.indices(split=split)
-    views = getattr(dataset, "view_idx", None)
-    return np.ones(len(idx), bool) if views is None else views[idx] == 0
 
 
 def circuit_cells(study) -> tuple[dict[str, dict[int, np.ndarray]], dict[str, dict[int, np.ndarray]]]:
@@ -43,7 +36,7 @@ def circuit_cells(study) -> tuple[dict[str, dict[int, np.ndarray]], dict[str, di
     rows, or none when the cell has fewer."""
     ds = study.dataset
     test, train = ds.indices(split="test"), ds.indices(split="train")
-    distinct = distinct_rows(ds, "train")
+    distinct = distinct_drawings(ds)[train]
     samples = cell_samples(ds, n=50, split="test", seed=42)  # paper.md §8.4: one seeded shuffle, 50 per cell
     classes = [ds.classes.index(c) for c in study.c2][: study.opts.circuit_classes]
     test_cells: dict[str, dict[int, np.ndarray]] = {d: {} for d in ds.domains}

@@ -39,9 +39,10 @@ from clipmech.analysis.patching import cache_points
 from clipmech.analysis.sae import evaluate_sae
 from clipmech.analysis.sharing import (match_latents, pair_shares, require_sparse, seed_ceiling,
                                        top_latent_histograms)
+from clipmech.data.samples import distinct_drawings
 from clipmech.eval.zeroshot import class_prompts_names, embed_images
 from clipmech.models.hooked_clip import HookedCLIP
-from clipmech.study.circuit_sets import cell_circuits, circuit_cells, distinct_rows
+from clipmech.study.circuit_sets import cell_circuits, circuit_cells
 from clipmech.study.report import middle_third
 from clipmech.study.saes import study_sae
 from clipmech.utils import file_hash, state_dict_hash
@@ -201,7 +202,7 @@ def cka_controls(study, model, untrained, test_domain: str, seed: int = 0) -> di
     tables = {}
     for name, m, split in (("test", model, "test"), ("train", model, "train"), ("untrained", untrained, "test")):
         idx = ds.indices(split=split)
-        rows = np.flatnonzero(np.isin(ds.class_idx[idx], c2) & distinct_rows(study.dataset, split))
+        rows = np.flatnonzero(np.isin(ds.class_idx[idx], c2) & distinct_drawings(ds)[idx])
         # the ceiling's training centroids use one drawing per cell, as the test split holds
         _, first = np.unique(np.stack([ds.domain_idx[idx][rows], ds.class_idx[idx][rows]]), axis=1, return_index=True)
         rows = rows[np.sort(first)] if split == "train" else rows

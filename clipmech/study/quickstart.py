@@ -34,6 +34,7 @@ from clipmech.analysis.sae import evaluate_sae
 from clipmech.analysis.sharing import feature_sharing, top_latent_histograms
 from clipmech.data import load_dataset
 from clipmech.data.mixtures import build_mixture
+from clipmech.data.samples import distinct_drawings
 from clipmech.eval.templates import get_templates
 from clipmech.eval.zeroshot import (class_prompts_names, embed_images, eval_images, eval_transform_description,
                                     group_metrics)
@@ -401,8 +402,7 @@ def unseen_c2_rows(study: Study, spec: ModelSpec) -> np.ndarray:
     ds = study.dataset
     tr = ds.indices(split="train")
     domains = [d for d in ds.domains if d != ds.natural_domain] if spec.setup == "natural_only" else [spec.test_domain]
-    view = ds.view_idx[tr] if hasattr(ds, "view_idx") else np.zeros(len(tr), dtype=int)
-    keep = (view == 0) & np.isin(ds.class_idx[tr], _c2_idx(study)) & np.isin(ds.domain_idx[tr],
+    keep = distinct_drawings(ds)[tr] & np.isin(ds.class_idx[tr], _c2_idx(study)) & np.isin(ds.domain_idx[tr],
                                                                               [ds.domain_index(d) for d in domains])
     return np.flatnonzero(keep)
 
