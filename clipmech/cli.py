@@ -20,6 +20,7 @@ import sys
 
 from clipmech.analysis import cli as analysis_cli
 from clipmech.data import cli as data_cli
+from clipmech.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_IO, UserError
 from clipmech.eval import cli as eval_cli
 from clipmech.models import cli as models_cli
 from clipmech.study import cli as study_cli
@@ -52,8 +53,6 @@ def main(argv: list[str] | None = None) -> int:
     return run_guarded(args)
 
 
-EXIT_ERROR, EXIT_CONFIG, EXIT_BUSY, EXIT_CHECKPOINT, EXIT_IO, EXIT_INTERRUPTED = 1, 2, 3, 4, 5, 130
-
 # What to do after Ctrl-C, by subcommand (default: rerun; finished parts are cached or reused).
 _RESUME_HINTS = {
     "train": "rerun the same command with --resume to continue from the last saved step",
@@ -68,20 +67,15 @@ def _one_line(text: str) -> str:
 
 
 def describe_error(err: BaseException, command: str | None) -> tuple[str, int] | None:
-    """(one-line message, exit code) for an ordinary fault, None for anything else (a bug)."""
-    from clipmech.locks import UnitLockedError
-    from clipmech.train.config import ConfigError
-    from clipmech.utils import CheckpointError
+    """(one-line message, exit code) for an ordinary fault, None for anything else (a bug).
 
+    A clipmech.errors.UserError carries its own code; standard exceptions are mapped: OSError with
+    an errno -> 5 (file system), other OSError / ValueError / RuntimeError / KeyError -> 1."""
     if isinstance(err, KeyboardInterrupt):
         return f"interrupted; {_RESUME_HINTS.get(command or '', 'rerun the same command (finished parts are reused)')}", \
             EXIT_INTERRUPTED
-    if isinstance(err, ConfigError):
-        return f"config: {_one_line(err)}", EXIT_CONFIG
-    if isinstance(err, UnitLockedError):
-        return _one_line(err), EXIT_BUSY
-    if isinstance(err, CheckpointError):
-        return _one_line(err), EXIT_CHECKPOINT
+    if isinstance(err, UserError) and not (isinstance(err, OSError) and err.errno is not None):
+        return err.label + _one_line(err), err.exit_code
     if isinstance(err, OSError) and err.errno is not None:
         name = errno.errorcode.get(err.errno, str(err.errno))
         where = f": {err.filename}" if err.filename else ""

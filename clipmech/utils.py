@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from clipmech.errors import CheckpointError
+
 PathLike = str | os.PathLike
 
 
@@ -155,10 +157,6 @@ def unknown_name_error(kind: str, name: str, valid: Iterable[str]) -> KeyError:
     """A KeyError naming `name` and the 3 closest valid names."""
     near = ", ".join(repr(v) for v in closest_names(name, valid))
     return KeyError(f"unknown {kind} {name!r}; closest valid names: {near}")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used; the message names the file and the cause."""
 
 
 _ZIP_MAGIC = b"PK\x03\x04"

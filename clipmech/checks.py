@@ -1,0 +1,65 @@
+"""Typed value checks shared by every configuration surface: run configs (clipmech.train.config),
+quickstart options, an experiment's [launch] and [analysis] tables.
+
+Types: "bool", "int", "float" (ints accepted), "str", "list[str]", "list[int]"; a trailing "?" allows
+None (unset). Rules: ">0", ">=0", ">=1", "0..1", "0..1)" (upper bound excluded) or a tuple of choices.
+A value that fails raises clipmech.errors.ConfigError "NAME = value ...; it must be ..." (exit 2).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+from clipmech.errors import ConfigError
+from clipmech.utils import closest_names
+
+_EXAMPLES = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "a quoted string",
+             "list[str]": 'a list of strings, e.g. ["banana", "axe"]', "list[int]": "a list of whole numbers, e.g. [1, 2]"}
+_RULES = {">0": (lambda v: v > 0, "> 0"), ">=0": (lambda v: v >= 0, ">= 0"), ">=1": (lambda v: v >= 1, ">= 1"),
+          "0..1": (lambda v: 0 <= v <= 1, "in [0, 1]"), "0..1)": (lambda v: 0 <= v < 1, "in [0, 1)")}
+
+
+def has_type(value: Any, kind: str) -> bool:
+    """Whether `value` has the schema type `kind` ("bool", "int", "float", "str", "list[...]"); bools are not ints."""
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind.startswith("list["):
+        return isinstance(value, list) and all(has_type(v, kind[5:-1]) for v in value)
+    raise AssertionError(kind)
+
+
+def check_typed(name: str, value: Any, kind: str, rule: Any = None) -> None:
+    """Raise ConfigError "NAME = value ..." unless `value` has type `kind` and obeys `rule` (SCHEMA's
+    notation); shared by the run config and other typed options (e.g. the quickstart's)."""
+    optional = kind.endswith("?")
+    kind = kind.rstrip("?")
+    if kind == "any" or (optional and value is None):
+        return
+    where = f"{name} = {value!r}"
+    if not has_type(value, kind):
+        unset = " (or leave it out)" if optional else ""
+        got = type(value).__name__
+        raise ConfigError(f"{where} is {'an' if got[0] in 'aeiou' else 'a'} {got}; it must be {_EXAMPLES[kind]}{unset}")
+    if kind == "float" and not math.isfinite(value):
+        raise ConfigError(f"{where} is not a finite number")
+    if isinstance(rule, tuple) and value not in rule:
+        raise ConfigError(f"{where}; choose one of {', '.join(rule)}")
+    if isinstance(rule, str):
+        ok, text = _RULES[rule]
+        if not ok(value):
+            raise ConfigError(f"{where} is out of range; it must be {text}")
+
+
+def check_keys(table: str, given: Iterable[str], valid: Iterable[str]) -> None:
+    """ConfigError "unknown TABLE key 'x'; closest valid: 'y', ..." for the first key of `given` that
+    is not in `valid`, so a misspelt key never silently falls back to a default."""
+    valid = sorted(valid)
+    for key in sorted(set(given) - set(valid)):
+        near = ", ".join(repr(v) for v in closest_names(key, valid))
+        raise ConfigError(f"unknown {table} key {key!r}; closest valid: {near} (all valid: {', '.join(valid)})")
