@@ -2,7 +2,8 @@
 quickstart options, an experiment's [launch] and [analysis] tables.
 
 Types: "bool", "int", "float" (ints accepted), "str", "list[str]", "list[int]"; a trailing "?" allows
-None (unset). Rules: ">0", ">=0", ">=1", "0..1", "0..1)" (upper bound excluded) or a tuple of choices.
+None (unset). Rules: ">0", ">=N" (any number N), "0..1", "0..1)" (upper bound excluded) or a tuple
+of choices.
 A value that fails raises clipmech.errors.ConfigError "NAME = value ...; it must be ..." (exit 2).
 """
 from __future__ import annotations
@@ -15,8 +16,16 @@ from clipmech.utils import closest_names
 
 _EXAMPLES = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "a quoted string",
              "list[str]": 'a list of strings, e.g. ["banana", "axe"]', "list[int]": "a list of whole numbers, e.g. [1, 2]"}
-_RULES = {">0": (lambda v: v > 0, "> 0"), ">=0": (lambda v: v >= 0, ">= 0"), ">=1": (lambda v: v >= 1, ">= 1"),
-          "0..1": (lambda v: 0 <= v <= 1, "in [0, 1]"), "0..1)": (lambda v: 0 <= v < 1, "in [0, 1)")}
+_RULES = {">0": (lambda v: v > 0, "> 0"), "0..1": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+          "0..1)": (lambda v: 0 <= v < 1, "in [0, 1)")}
+
+
+def _rule(rule: str) -> tuple[Any, str]:
+    """(test, text) of a range rule; ">=N" for any number N."""
+    if rule.startswith(">="):
+        bound = float(rule[2:])
+        return (lambda v: v >= bound), f">= {rule[2:]}"
+    return _RULES[rule]
 
 
 def has_type(value: Any, kind: str) -> bool:
@@ -51,15 +60,15 @@ def check_typed(name: str, value: Any, kind: str, rule: Any = None) -> None:
     if isinstance(rule, tuple) and value not in rule:
         raise ConfigError(f"{where}; choose one of {', '.join(rule)}")
     if isinstance(rule, str):
-        ok, text = _RULES[rule]
+        ok, text = _rule(rule)
         if not ok(value):
             raise ConfigError(f"{where} is out of range; it must be {text}")
 
 
-def check_keys(table: str, given: Iterable[str], valid: Iterable[str]) -> None:
-    """ConfigError "unknown TABLE key 'x'; closest valid: 'y', ..." for the first key of `given` that
-    is not in `valid`, so a misspelt key never silently falls back to a default."""
+def check_keys(where: str, given: Iterable[str], valid: Iterable[str], what: str = "key") -> None:
+    """ConfigError "WHERE: unknown key 'x'; closest valid: 'y', ... (all valid: ...)" for the first
+    name of `given` not in `valid`, so a misspelt key never silently falls back to a default."""
     valid = sorted(valid)
     for key in sorted(set(given) - set(valid)):
         near = ", ".join(repr(v) for v in closest_names(key, valid))
-        raise ConfigError(f"unknown {table} key {key!r}; closest valid: {near} (all valid: {', '.join(valid)})")
+        raise ConfigError(f"{where}: unknown {what} {key!r}; closest valid: {near} (all valid: {', '.join(valid)})")

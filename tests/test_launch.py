@@ -70,7 +70,7 @@ def test_launch_options_from_table_and_flags():
     opts = launch_options({"nproc_per_node": 4, "partition": "gpu", "mem_gb": 64}, launcher="slurm", mem_gb=None,
                           time_min=30)
     assert (opts.launcher, opts.partition, opts.mem_gb, opts.time_min) == ("slurm", "gpu", 64, 30)
-    with pytest.raises(ConfigError, match=r"unknown \[launch\] key 'partiton'; closest valid: 'partition'"):
+    with pytest.raises(ConfigError, match=r"\[launch\]: unknown key 'partiton'; closest valid: 'partition'"):
         launch_options({"partiton": "gpu"})
     with pytest.raises(ConfigError, match=r"\[launch\] launcher = 'pbs'; choose one of local, slurm"):
         launch_options({}, launcher="pbs")
