@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from clipmech.locks import unit_lock
-from clipmech.utils import atomic_write_json, atomic_write_text
+from clipmech.utils import atomic_write_json, atomic_write_text, read_json
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def unit_result(unit: Unit) -> Any:
     if not unit.done:
         raise FileNotFoundError(f"unit {unit.name} has not finished (no {Path(unit.folder) / 'done'}); "
                                 f"see its log {unit.log}")
-    return json.loads((Path(unit.folder) / "result.json").read_text())
+    return read_json(Path(unit.folder) / "result.json", "rerun the same command: the unit runs again")
 
 
 def run_unit(unit: Unit) -> Any:

@@ -44,7 +44,7 @@ from clipmech.analysis.cka import MIN_ROWS
 from clipmech.checks import check_keys, check_typed
 from clipmech.errors import ConfigError
 from clipmech.launch import LaunchOptions, Unit, run_units
-from clipmech.utils import file_hash, hash_obj
+from clipmech.utils import file_hash, hash_obj, read_json
 
 EMBED_POINT = "hook_image_embed_normalized"
 ANALYSIS_VERSION = 2  # 2: circuits on cell_samples images with WL, CKA for all / C2 / C1
@@ -437,7 +437,8 @@ def run_metrics(run_dir: str | Path) -> dict[str, dict[str, Any]]:
     if not (ev / "results.json").is_file() or not (ev / "details.json").is_file():
         raise FileNotFoundError(f"{ev}/results.json or details.json is missing; evaluate the run with "
                                 f"`clipmech eval {run_dir}` (or rerun `clipmech experiment run`)")
-    results, details = json.loads((ev / "results.json").read_text()), json.loads((ev / "details.json").read_text())
+    fix = f"evaluate the run again with `clipmech eval {run_dir}`"
+    results, details = read_json(ev / "results.json", fix), read_json(ev / "details.json", fix)
     return {e: results[e] | {"per_class": {k: v["per_class"] for k, v in details[e].items() if k != "skipped"}}
             for e in results}
 

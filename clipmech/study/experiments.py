@@ -38,7 +38,7 @@ else:  # pragma: no cover
 from clipmech.checks import check_keys, check_typed
 from clipmech.errors import ConfigError
 from clipmech.study.registry import Registry
-from clipmech.utils import PathLike, hash_obj
+from clipmech.utils import PathLike, hash_obj, read_json
 
 _PLACEHOLDER = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
 
@@ -239,7 +239,7 @@ def collect_accuracies(table: Sequence[Mapping[str, Any]], metric: str = "top1_b
         path = Path(r["run_dir"]) / "eval" / "results.json"
         if not path.is_file():
             continue
-        res = json.loads(path.read_text())
+        res = read_json(path, f"evaluate the run again with `clipmech eval {r['run_dir']}`")
         last = res[max(res, key=int)]
         m = r["config"].get("mixture", {})
         for d in ([m["test_domain"]] if m.get("test_domain") else domains):
