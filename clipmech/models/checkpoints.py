@@ -37,7 +37,7 @@ def load_state_strict(model: nn.Module, state: dict[str, Tensor], what: str) -> 
         def fmt(label: str, items: list[str]) -> str:
             more = f" ... (+{len(items) - 10} more)" if len(items) > 10 else ""
             return f"\n  {label} ({len(items)}): " + ", ".join(items[:10]) + more if items else ""
-        raise CheckpointError(f"checkpoint {what} does not match the architecture (another model?):"
+        raise CheckpointError(f"checkpoint {what} does not match the architecture (another model?)"
                               + fmt("missing keys", missing) + fmt("unexpected keys", unexpected)
                               + fmt("shape mismatches", shapes))
     model.load_state_dict(state)
