@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -221,27 +222,15 @@ def test_cli_probe(files, tmp_path, capsys, case):
 
 # ---- the Python loaders (HookedCLIP.from_pretrained / from_checkpoint) -----------------------
 
-@pytest.fixture(scope="module")
-def oc_name(tmp_path_factory):
-    """tiny-rn (32 px) registered with open_clip under its own name: the open_clip-name code path."""
-    import open_clip
-    folder = tmp_path_factory.mktemp("oc_cfg")
-    _, cfg = resolve_config("tiny-rn")
-    cfg["vision_cfg"]["image_size"] = 32
-    (folder / "clipmech-probe-rn.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(folder)
-    return "clipmech-probe-rn"
-
-
 # (id, model name ("OC": the registered open_clip name), file, exception, message pattern)
 LOADER_PROBES = [
     ("oc-empty", "OC", "empty.pt", CheckpointError, r"is empty \(0 bytes\)"),
     ("oc-random", "OC", "random.pt", CheckpointError, r"is not a PyTorch checkpoint"),
     ("oc-truncated", "OC", "truncated.pt", CheckpointError, r"is truncated"),
     ("oc-folder", "OC", "folder", BadInputError, r"is a folder, not a weight file"),
-    ("oc-missing", "OC", "missing.pt", FileNotFoundError, r"neither a pretrained tag of clipmech-probe-rn"),
+    ("oc-missing", "OC", "missing.pt", FileNotFoundError, r"neither a pretrained tag of clipmech-test-tiny-rn"),
     ("oc-other-architecture", "OC", "vit.pt", CheckpointError,
-     r"weight file .*vit.pt does not match the architecture of clipmech-probe-rn"),
+     r"weight file .*vit.pt does not match the architecture of clipmech-test-tiny-rn"),
     ("preset-empty", "tiny-rn", "empty.pt", CheckpointError, r"is empty \(0 bytes\)"),
     ("preset-other-architecture", "tiny-rn", "vit.pt", CheckpointError, r"does not match the architecture"),
     ("preset-clipmech-checkpoint-of-vit", "tiny-vit", "run32.pt", CheckpointError,
@@ -251,13 +240,13 @@ LOADER_PROBES = [
 
 
 @pytest.mark.parametrize("case", LOADER_PROBES, ids=[c[0] for c in LOADER_PROBES])
-def test_loader_probe(files, oc_name, case):
+def test_loader_probe(files, tiny_open_clip_name, case):
     _, name, file, error, pattern = case
     with pytest.raises(error, match=pattern):
         if name is None:
             HookedCLIP.from_checkpoint(files / file)
         else:
-            HookedCLIP.from_pretrained(oc_name if name == "OC" else name, files / file)
+            HookedCLIP.from_pretrained(tiny_open_clip_name if name == "OC" else name, files / file)
 
 
 def test_clipmech_training_checkpoint_loads_at_its_own_image_size(files):
@@ -289,7 +278,6 @@ def test_offline_download_retries_collapse_to_one_warning_and_one_error(monkeypa
 # ---- units: corrupt outputs, locks, two processes (defects 2 and 5) ---------------------------
 
 def _units(root: Path, n: int, seconds: float = 0.0) -> list[Unit]:
-    import time
     return [Unit(f"u{i}", str(root / f"u{i}"), time.sleep, (seconds,)) for i in range(n)]
 
 
@@ -352,7 +340,8 @@ TWO_PROCESSES = textwrap.dedent("""
     from pathlib import Path
     from clipmech.launch import LaunchOptions, Unit, run_units
     root = Path(sys.argv[1])
-    while not (root / "go").exists():  # start both at once
+    (root / f"ready-{sys.argv[2]}").write_text("")
+    while not (root / "go").exists():  # both start once both have imported
         time.sleep(0.01)
     units = [Unit(f"u{i}", str(root / f"u{i}"), time.sleep, (0.3,)) for i in range(8)]
     run_units(units, LaunchOptions(poll_s=0.05), stage="two")
@@ -361,8 +350,11 @@ TWO_PROCESSES = textwrap.dedent("""
 
 def test_two_processes_on_one_output_split_the_units_and_compute_each_once(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, str(tmp_path)], stderr=subprocess.PIPE, text=True,
-                              env=env) for _ in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, str(tmp_path), str(i)], stderr=subprocess.PIPE,
+                              text=True, env=env) for i in range(2)]
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob("ready-*"))) < 2 and time.time() < deadline and all(p.poll() is None for p in procs):
+        time.sleep(0.05)
     (tmp_path / "go").write_text("")
     errs = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs
@@ -406,3 +398,48 @@ def test_every_user_error_maps_to_its_exit_code():
                                                                            "choose another output folder", 5)
     assert describe_error(ZeroDivisionError(), None) is None  # a bug keeps its traceback
     assert issubclass(ConfigError, ValueError) and issubclass(CheckpointError, UserError)
+
+
+@pytest.mark.parametrize("damage", ["truncate-shard", "delete-meta", "corrupt-meta"])
+def test_damaged_activation_shards_are_named_and_extracted_again(tmp_path, damage):
+    from clipmech.analysis.activations import write_shards
+    from clipmech.data.dataset import DomainDataset
+    torch.manual_seed(0)
+    model = HookedCLIP.from_config("tiny-rn").eval()
+    n, point = 12, "hook_image_embed_normalized"
+    ds = DomainDataset("toy", ["real", "sketch"], ["cat", "dog"], domain_idx=np.arange(n) % 2,
+                       class_idx=(np.arange(n) // 2) % 2, split=np.array(["test"] * n),
+                       images=np.random.default_rng(0).integers(0, 255, size=(n, 8, 8, 3), dtype=np.uint8))
+    first = write_shards(model, ds, np.arange(n), [point], tmp_path, "m0", shard_rows=5)
+    want = torch.cat([x for _, xs in first.iter_batches([point]) for x in [xs[point]]])
+    shard = first.folder / point / "shard_00001.pt"
+    if damage == "truncate-shard":
+        shard.write_bytes(shard.read_bytes()[:100])
+    elif damage == "delete-meta":
+        (first.folder / point / "meta.json").unlink()
+    else:
+        (first.folder / "meta.json").write_text("{")
+    with pytest.warns(RuntimeWarning, match=rf"activation shards {first.folder} are damaged \(.+\); extracting them again"):
+        again = write_shards(model, ds, np.arange(n), [point], tmp_path, "m0", shard_rows=5)
+    got = torch.cat([x for _, xs in again.iter_batches([point]) for x in [xs[point]]])
+    assert again.folder == first.folder and torch.allclose(got, want)
+
+
+def _bad_checkpoint(path: str) -> None:
+    from clipmech.utils import read_checkpoint
+    read_checkpoint(path)
+
+
+def test_units_failing_on_a_user_fault_exit_with_its_code_and_crashes_with_1(tmp_path, capsys):
+    from clipmech.cli import describe_error
+    (tmp_path / "empty.pt").write_bytes(b"")
+    bad = [Unit(f"b{i}", str(tmp_path / f"b{i}"), _bad_checkpoint, (str(tmp_path / "empty.pt"),)) for i in range(2)]
+    with pytest.raises(UserError) as info:
+        run_units(bad, LaunchOptions(), stage="s")
+    message, code = describe_error(info.value, "experiment")
+    assert code == 4 and message.startswith("2 of 2 s units failed:; b0: CheckpointError: checkpoint ")
+    assert message.endswith("Fix the cause named above, then rerun the same command (finished units are skipped).")
+    crash = [Unit("c", str(tmp_path / "c"), _bad_checkpoint, (None,))]  # a TypeError: a bug, not the user's fault
+    with pytest.raises(RuntimeError, match="Rerun the same command") as info:
+        run_units(bad + crash, LaunchOptions(), stage="s")
+    assert describe_error(info.value, "experiment")[1] == 1

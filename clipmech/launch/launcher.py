@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO, Any, Mapping, Sequence
 
 from clipmech.checks import check_keys, check_typed
-from clipmech.errors import ConfigError
+from clipmech.errors import ConfigError, UserError
 from clipmech.launch.units import Unit, corrupt_outputs, run_unit, unit_result
 from clipmech.locks import UnitLockedError, describe_holder, lock_path, read_holder
 
@@ -116,7 +116,7 @@ def run_units(units: Sequence[Unit], opts: LaunchOptions, stage: str = "units", 
             print(f"    {'finished' if u.done else 'to run  '}  {u.name}  -> {u.folder}", file=stream)
         return None
     progress = UnitProgress(stage, len(units), len(units) - len(pending), stream)
-    failed: list[tuple[Unit, str]] = []
+    failed: list[tuple[Unit, str, BaseException | None]] = []  # (unit, why, the error when it ran here)
     if opts.launcher == "local":
         held: list[Unit] = []
         for u in pending:
@@ -126,13 +126,25 @@ def run_units(units: Sequence[Unit], opts: LaunchOptions, stage: str = "units", 
     else:
         failed = _run_submitit(pending, opts, stage, progress)
     if failed:
-        lines = "\n".join(f"  {u.name}: {why}\n    log: {u.log}" for u, why in failed)
-        raise RuntimeError(f"{len(failed)} of {len(pending)} {stage} units failed:\n{lines}\n"
-                           "Rerun the same command: finished units are skipped and only these are resubmitted.")
+        raise _failure(failed, len(pending), stage)
     return [unit_result(u) for u in units]
 
 
-def _run_local(unit: Unit, failed: list[tuple[Unit, str]], progress: UnitProgress, stream: IO[str],
+def _failure(failed: Sequence[tuple[Unit, str, BaseException | None]], pending: int, stage: str) -> Exception:
+    """The error listing failed units and their logs. When every unit failed on a fault the user must
+    fix (a clipmech.errors.UserError: a bad checkpoint, a missing file), it carries that exit code
+    and says to fix it first; otherwise (a crash, a preempted job) rerunning is the advice."""
+    lines = "\n".join(f"  {u.name}: {why}\n    log: {u.log}" for u, why, _ in failed)
+    head = f"{len(failed)} of {pending} {stage} units failed:\n{lines}\n"
+    codes = {err.exit_code if isinstance(err, UserError) else None for _, _, err in failed}
+    if len(codes) == 1 and None not in codes:
+        err = UserError(head + "Fix the cause named above, then rerun the same command (finished units are skipped).")
+        err.exit_code = codes.pop()
+        return err
+    return RuntimeError(head + "Rerun the same command: finished units are skipped and only these are resubmitted.")
+
+
+def _run_local(unit: Unit, failed: list[tuple[Unit, str, BaseException | None]], progress: UnitProgress, stream: IO[str],
                held: Sequence[Unit]) -> bool:
     """Run one unit here; True when another live process holds it (reported, not run)."""
     try:
@@ -143,7 +155,7 @@ def _run_local(unit: Unit, failed: list[tuple[Unit, str]], progress: UnitProgres
                   "waiting for it after this process's other units", file=stream, flush=True)
         return True
     except Exception as err:  # the other units still run; all failures are reported at the end
-        failed.append((unit, f"{type(err).__name__}: {err}"))
+        failed.append((unit, f"{type(err).__name__}: {err}", err))
     progress.tick(unit.name, ok=unit.done)
     return False
 
@@ -152,7 +164,7 @@ def _holder(unit: Unit) -> str:
     return describe_holder(read_holder(lock_path(unit.folder, "unit")) or {})
 
 
-def _wait_for_held(held: list[Unit], opts: LaunchOptions, failed: list[tuple[Unit, str]], progress: UnitProgress,
+def _wait_for_held(held: list[Unit], opts: LaunchOptions, failed: list[tuple[Unit, str, BaseException | None]], progress: UnitProgress,
                    stream: IO[str]) -> None:
     """Wait (polling every opts.poll_s) until the units other processes hold are done; a unit whose
     holder released it unfinished (failed) or died is run here. UnitLockedError after opts.wait_min."""
@@ -178,7 +190,7 @@ def _wait_for_held(held: list[Unit], opts: LaunchOptions, failed: list[tuple[Uni
 
 
 def _run_submitit(units: Sequence[Unit], opts: LaunchOptions, stage: str, progress: UnitProgress
-                  ) -> list[tuple[Unit, str]]:
+                  ) -> list[tuple[Unit, str, BaseException | None]]:
     """One submitit job array per (gpus, nodes) group of units; waits for all; returns the failures."""
     if not units:
         return []
@@ -210,7 +222,7 @@ def _run_submitit(units: Sequence[Unit], opts: LaunchOptions, stage: str, progre
             waiting.remove((u, job))
             err = job.exception()
             if err is not None:
-                failed.append((u, f"job {job.job_id}: {_reason(err)}"))
+                failed.append((u, f"job {job.job_id}: {_reason(err)}", None))
             progress.tick(u.name, ok=err is None)
     return failed
 

@@ -30,7 +30,6 @@ records it as `mixture_paper_compat`.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, fields
 from functools import cached_property

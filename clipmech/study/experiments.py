@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import re
 import shlex
 import sys
