@@ -9,7 +9,10 @@ A value that fails raises clipmech.errors.ConfigError "NAME = value ...; it must
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Iterable
+
+import torch
 
 from clipmech.errors import ConfigError
 from clipmech.utils import closest_names
@@ -72,3 +75,16 @@ def check_keys(where: str, given: Iterable[str], valid: Iterable[str], what: str
     for key in sorted(set(given) - set(valid)):
         near = ", ".join(repr(v) for v in closest_names(key, valid))
         raise ConfigError(f"{where}: unknown {what} {key!r}; closest valid: {near} (all valid: {', '.join(valid)})")
+
+
+def check_device(name: str, device: str, here: bool = True) -> None:
+    """ConfigError unless `device` is auto, cpu, cuda or cuda:N and, when it runs `here`, this machine
+    has that CUDA device (a SLURM job's node is not this machine: here=False skips that)."""
+    if device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):
+        raise ConfigError(f"{name} = {device!r}; choose one of auto, cpu, cuda, cuda:N")
+    if here and device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if index >= count:
+            raise ConfigError(f"{name} = {device!r} but this machine has {count or 'no usable'} CUDA "
+                              f"GPU{'s' if count != 1 else ''}; use --device cpu (or auto), or run where the GPU is")

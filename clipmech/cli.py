@@ -94,9 +94,33 @@ def describe_error(err: BaseException, command: str | None) -> tuple[str, int] |
     return None
 
 
+# Ranges of `clipmech analyze` options, checked before any model is loaded (exit 2 naming the flag);
+# min_rows also depends on --estimator (the unbiased CKA needs 4 rows).
+_ANALYZE_RANGES = {"batch_size": ("int", ">=1"), "sae_batch_size": ("int", ">=1"), "n_boot": ("int", ">=0"),
+                   "n_perm": ("int", ">=0"), "per_domain": ("int", ">=1"), "expansion": ("int", ">=1"),
+                   "k": ("int?", ">=1"), "lr": ("float", ">0"), "epochs": ("int", ">=1"), "top": ("int", ">=1"),
+                   "n_images": ("int", ">=1"), "steps": ("int", ">=1"), "node_fraction": ("float", "0..1"),
+                   "top_k": ("int", ">=1"), "n_draws": ("int", ">=1"), "n_strata": ("int", ">=1"),
+                   "checkpoint": ("int?", ">=0"), "seed": ("int", ">=0")}
+
+
+def check_analyze_options(args: argparse.Namespace) -> None:
+    """ConfigError for an `analyze` option out of range or a --device this machine lacks."""
+    from clipmech.checks import check_device, check_typed
+    ranges = _ANALYZE_RANGES | {"min_rows": ("int?", ">=4" if getattr(args, "estimator", "unbiased") == "unbiased"
+                                             else ">=2")}
+    for dest, (kind, rule) in ranges.items():
+        if getattr(args, dest, None) is not None:
+            check_typed("--" + dest.replace("_", "-"), getattr(args, dest), kind, rule)
+    if getattr(args, "device", None) is not None:
+        check_device("--device", args.device)
+
+
 def run_guarded(args: argparse.Namespace) -> int:
     """Run the parsed subcommand; an ordinary fault prints one line and returns its exit code."""
     try:
+        if getattr(args, "command", None) == "analyze":
+            check_analyze_options(args)
         return int(args.func(args) or 0)
     except (Exception, KeyboardInterrupt) as err:
         described = describe_error(err, getattr(args, "command", None))

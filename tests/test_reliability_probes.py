@@ -443,3 +443,33 @@ def test_units_failing_on_a_user_fault_exit_with_its_code_and_crashes_with_1(tmp
     with pytest.raises(RuntimeError, match="Rerun the same command") as info:
         run_units(bad + crash, LaunchOptions(), stage="s")
     assert describe_error(info.value, "experiment")[1] == 1
+
+
+ANALYZE_PROBES = [  # (id, flags, pattern): options out of range stop before any model is loaded
+    ("min-rows-3-unbiased", ["--min-rows", "3"], r"--min-rows = 3 is out of range; it must be >= 4"),
+    ("batch-size-0", ["--batch-size", "0"], r"--batch-size = 0 is out of range; it must be >= 1"),
+    ("n-boot-negative", ["--n-boot", "-1"], r"--n-boot = -1 is out of range; it must be >= 0"),
+    ("device-unknown", ["--device", "tpu"], r"--device = 'tpu'; choose one of auto, cpu, cuda, cuda:N"),
+    ("checkpoint-negative", ["--checkpoint", "-1"], r"--checkpoint = -1 is out of range"),
+]
+
+
+@pytest.mark.parametrize("case", ANALYZE_PROBES, ids=[c[0] for c in ANALYZE_PROBES])
+def test_analyze_options_are_checked_before_the_model_loads(tmp_path, capsys, case, monkeypatch):
+    import clipmech.analysis.source as S
+    monkeypatch.setattr(S, "load_source", lambda args: pytest.fail("the model was loaded"))
+    _, flags, pattern = case
+    code = main(["analyze", "cka", str(tmp_path), "--out", str(tmp_path / "out"), *flags])
+    line = capsys.readouterr().err.strip()
+    assert code == 2 and re.fullmatch(r"clipmech: error: config: " + pattern + ".*", line), line
+    assert not (tmp_path / "out").exists()
+
+
+def test_min_rows_bound_follows_the_estimator(tmp_path, capsys):
+    from clipmech.cli import build_parser, check_analyze_options
+    ok = build_parser().parse_args(["analyze", "cka", "r", "--estimator", "biased", "--min-rows", "2"])
+    check_analyze_options(ok)  # the biased estimator is defined on 2 rows
+    with pytest.raises(ConfigError, match="--min-rows = 1 is out of range; it must be >= 2"):
+        check_analyze_options(build_parser().parse_args(["analyze", "cka", "r", "--estimator", "biased",
+                                                         "--min-rows", "1"]))
+    check_analyze_options(build_parser().parse_args(["analyze", "cka", "r", "--min-rows", "4"]))  # boundary

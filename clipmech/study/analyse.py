@@ -30,7 +30,6 @@ records it as `mixture_paper_compat`.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, fields
 from functools import cached_property
 from pathlib import Path
@@ -40,8 +39,7 @@ import numpy as np
 import torch
 
 from clipmech.analysis.cka import MIN_ROWS
-from clipmech.checks import check_keys, check_typed
-from clipmech.errors import ConfigError
+from clipmech.checks import check_device, check_keys, check_typed
 from clipmech.launch import LaunchOptions, Unit, run_units
 from clipmech.utils import file_hash, hash_obj, read_json
 
@@ -104,23 +102,14 @@ def analysis_options(table: Mapping[str, Any], **overrides: Any) -> AnalysisOpti
     for key, value in given.items():
         kind, rule = OPTION_TYPES[key]
         check_typed(f"[analysis] {key}", list(value) if isinstance(value, tuple) else value, kind, rule)
-    device = given.get("device", "auto")
-    if device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):
-        raise ConfigError(f"[analysis] device = {device!r}; choose one of auto, cpu, cuda, cuda:N")
+    check_device("[analysis] device", given.get("device", "auto"), here=False)
     return AnalysisOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
 
 
 def check_device_here(opts: AnalysisOptions) -> None:
     """ConfigError when the options ask for a CUDA device this machine does not have (for units run
     here; a SLURM job's node is not this machine)."""
-    if not opts.device.startswith("cuda"):
-        return
-    index = int(opts.device.partition(":")[2] or 0)
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if index >= count:
-        raise ConfigError(f"[analysis] device = {opts.device!r} but this machine has "
-                          f"{count or 'no usable'} CUDA GPU{'s' if count != 1 else ''}; use --device cpu (or auto), "
-                          "or run the units as jobs on GPU nodes (--launcher slurm)")
+    check_device("[analysis] device", opts.device)
 
 
 class RunContext:
