@@ -64,7 +64,7 @@ def load_open_clip(name: str | None, pretrained: str | os.PathLike | None,
             open_clip_kwargs["force_quick_gelu"] = True  # the tag was trained with QuickGELU (all OpenAI weights)
         if not tag:
             if not Path(pretrained).exists():
-                raise FileNotFoundError(f"{pretrained!r} is neither a pretrained tag of {name} (known: "
+                raise FileNotFoundError(f"{str(pretrained)!r} is neither a pretrained tag of {name} (known: "
                                         f"{', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'}) "
                                         "nor an existing weight file")
             local = check_checkpoint_file(pretrained)
