@@ -257,22 +257,35 @@ def test_clipmech_training_checkpoint_loads_at_its_own_image_size(files):
     assert HookedCLIP.from_pretrained("tiny-rn", files / "rn.pt").image_size == 64  # a plain state dict: the preset's
 
 
-def test_offline_download_retries_collapse_to_one_warning_and_one_error(monkeypatch, caplog):
+def test_offline_download_retries_collapse_to_one_line_and_one_error(monkeypatch, capsys):
     import open_clip
 
-    def offline(*args, **kwargs):  # what huggingface_hub does without a network, 5 retries in a row
+    seen = []
+
+    class Record(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    def offline(*args, **kwargs):  # what huggingface_hub and open_clip log without a network
         log = logging.getLogger("huggingface_hub.utils._http")
         for i in range(1, 6):
             log.warning("'[Errno -2] Name or service not known' thrown while requesting HEAD https://huggingface.co/x")
             log.warning("Retrying in %ss [Retry %s/5].", 2 ** (i - 1), i)
+        logging.error("Failed to download weights for tag 'openai': no network")
         raise RuntimeError("Failed to download weights for tag 'openai': Failed to download file (x.bin)")
     monkeypatch.setattr(open_clip, "create_model", offline)
-    with caplog.at_level(logging.WARNING), pytest.raises(BadInputError, match=r"could not download the weights "
-                                                         r"'openai' of RN50 \(offline.*pass a local weight file"):
-        HookedCLIP.from_pretrained("RN50", "openai")
-    records = [r for r in caplog.records if r.name.startswith("huggingface_hub")]
-    assert len(records) == 1 and "(further retries are not shown)" in records[0].getMessage()
-    assert not logging.getLogger("huggingface_hub.utils._http").filters  # the filter is gone again
+    handler = Record()
+    logging.getLogger().addHandler(handler)
+    try:
+        with pytest.raises(BadInputError, match=r"could not download the weights 'openai' of RN50 \(offline.*pass a "
+                                                 r"local weight file"):
+            HookedCLIP.from_pretrained("RN50", "openai")
+        logging.getLogger("huggingface_hub.utils._http").warning("after the download")  # filters are gone again
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert seen == ["after the download"]
+    assert capsys.readouterr().err == ("clipmech: download failed ('[Errno -2] Name or service not known'); retrying "
+                                       "quietly for about a minute (HF_HUB_OFFLINE=1 skips downloads)\n")
 
 
 # ---- units: corrupt outputs, locks, two processes (defects 2 and 5) ---------------------------

@@ -18,6 +18,7 @@ import contextlib
 import copy
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -92,26 +93,36 @@ def _load_failure(err: RuntimeError, name: str, pretrained: Any, local: Path | N
     return err
 
 
-class _FirstOnly(logging.Filter):
-    """Lets the first retry warning of a download through, shortened to one line; drops the rest."""
+# Loggers of huggingface_hub's retry loop (HEAD / GET with backoff) and of urllib3's retries; open_clip
+# logs the final failure on the root logger before raising it (clipmech raises it as one line).
+_RETRY_LOGGERS = ("huggingface_hub.utils._http", "urllib3.connectionpool")
+
+
+class _OneNotice(logging.Filter):
+    """Replaces a download's retry warnings by one stderr line (at the first) and drops open_clip's
+    root-logger copy of the final error."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.seen = 0
+        self.told = False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        self.seen += 1
-        if self.seen == 1:
-            record.msg, record.args = f"{record.getMessage()} (further retries are not shown)", ()
-        return self.seen == 1
+        if record.name == "root":
+            return not record.getMessage().startswith("Failed to download")
+        if not self.told:
+            self.told = True
+            cause = record.getMessage().split(" thrown while requesting")[0]
+            print(f"clipmech: download failed ({cause[:200]}); retrying quietly for about a minute "
+                  "(HF_HUB_OFFLINE=1 skips downloads)", file=sys.stderr, flush=True)
+        return False
 
 
 @contextlib.contextmanager
 def _one_retry_warning() -> Iterator[None]:
-    """While open_clip downloads: Hugging Face Hub's repeated 'thrown while requesting' / 'Retrying
-    in Ns' warnings collapse to the first one. The filter is removed afterwards (no global change)."""
-    loggers = [logging.getLogger(n) for n in _RETRY_LOGGERS]
-    only = _FirstOnly()
+    """While open_clip downloads, Hugging Face Hub's repeated 'thrown while requesting' / 'Retrying
+    in Ns' warnings collapse to one line. The filters are removed afterwards (no global change)."""
+    loggers = [logging.getLogger(n) for n in _RETRY_LOGGERS] + [logging.getLogger()]
+    only = _OneNotice()
     for lg in loggers:
         lg.addFilter(only)
     try:
@@ -119,10 +130,6 @@ def _one_retry_warning() -> Iterator[None]:
     finally:
         for lg in loggers:
             lg.removeFilter(only)
-
-
-# Loggers of huggingface_hub's retry loop (HEAD / GET with backoff) and of urllib3's retries.
-_RETRY_LOGGERS = ("huggingface_hub.utils._http", "urllib3.connectionpool")
 
 
 def _load_preset(name: str, path: str | os.PathLike | None, kwargs: dict) -> tuple[open_clip.model.CLIP, dict]:
