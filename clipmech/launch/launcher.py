@@ -4,10 +4,11 @@ Finished units are skipped; the rest run once. A unit whose stored result no lon
 again, with a notice naming the file. A unit another live process is computing (its lock is held:
 a second command on the same output) is skipped and reported; after its own units this process
 waits for those, up to `wait_min` minutes, and takes over any whose holder failed or died, so two
-processes on one output split the work and never compute a unit twice. On SLURM each group of units with the same resources
-becomes one job array (`executor.map_array`); the command waits for the array, printing units done /
-total with an ETA. Failed units are listed with their logs: rerunning the same command resubmits only
-them. submitit's own job files (sbatch script, pickles, stdout/stderr) go to `<folder>/%j`.
+processes on one output split the work and never compute a unit twice. On SLURM each group of
+units with the same resources becomes one job array (`executor.map_array`); the command waits for
+the array, printing units done / total with an ETA. Failed units are listed with their logs:
+rerunning the same command resubmits only them (when every failure is a user fault, the error
+carries its exit code and asks to fix the cause first). submitit's own job files (sbatch script, pickles, stdout/stderr) go to `<folder>/%j`.
 """
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ from typing import IO, Any, Mapping, Sequence
 
 from clipmech.checks import check_keys, check_typed
 from clipmech.errors import ConfigError, UserError
-from clipmech.launch.units import Unit, corrupt_outputs, run_unit, unit_result
+from clipmech.launch.units import Unit, compute_unit, corrupt_outputs, run_unit, unit_result
 from clipmech.locks import UnitLockedError, describe_holder, lock_path, read_holder
 
 LAUNCHERS = ("local", "slurm")
+Failure = tuple[Unit, str, "BaseException | None"]  # (unit, why, the error when it ran in this process)
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,7 @@ def run_units(units: Sequence[Unit], opts: LaunchOptions, stage: str = "units", 
             print(f"    {'finished' if u.done else 'to run  '}  {u.name}  -> {u.folder}", file=stream)
         return None
     progress = UnitProgress(stage, len(units), len(units) - len(pending), stream)
-    failed: list[tuple[Unit, str, BaseException | None]] = []  # (unit, why, the error when it ran here)
+    failed: list[Failure] = []
     if opts.launcher == "local":
         held: list[Unit] = []
         for u in pending:
@@ -130,7 +132,7 @@ def run_units(units: Sequence[Unit], opts: LaunchOptions, stage: str = "units", 
     return [unit_result(u) for u in units]
 
 
-def _failure(failed: Sequence[tuple[Unit, str, BaseException | None]], pending: int, stage: str) -> Exception:
+def _failure(failed: Sequence[Failure], pending: int, stage: str) -> Exception:
     """The error listing failed units and their logs. When every unit failed on a fault the user must
     fix (a clipmech.errors.UserError: a bad checkpoint, a missing file), it carries that exit code
     and says to fix it first; otherwise (a crash, a preempted job) rerunning is the advice."""
@@ -144,11 +146,11 @@ def _failure(failed: Sequence[tuple[Unit, str, BaseException | None]], pending: 
     return RuntimeError(head + "Rerun the same command: finished units are skipped and only these are resubmitted.")
 
 
-def _run_local(unit: Unit, failed: list[tuple[Unit, str, BaseException | None]], progress: UnitProgress, stream: IO[str],
+def _run_local(unit: Unit, failed: list[Failure], progress: UnitProgress, stream: IO[str],
                held: Sequence[Unit]) -> bool:
     """Run one unit here; True when another live process holds it (reported, not run)."""
     try:
-        run_unit(unit)
+        here = compute_unit(unit)
     except UnitLockedError:
         if unit not in held:
             print(f"[{progress.stage}] {unit.name}: skipped, {_holder(unit)} is computing it; "
@@ -156,7 +158,8 @@ def _run_local(unit: Unit, failed: list[tuple[Unit, str, BaseException | None]],
         return True
     except Exception as err:  # the other units still run; all failures are reported at the end
         failed.append((unit, f"{type(err).__name__}: {err}", err))
-    progress.tick(unit.name, ok=unit.done)
+        here = True
+    progress.tick(unit.name if here else f"{unit.name} (by another process)", ok=unit.done)
     return False
 
 
@@ -164,7 +167,7 @@ def _holder(unit: Unit) -> str:
     return describe_holder(read_holder(lock_path(unit.folder, "unit")) or {})
 
 
-def _wait_for_held(held: list[Unit], opts: LaunchOptions, failed: list[tuple[Unit, str, BaseException | None]], progress: UnitProgress,
+def _wait_for_held(held: list[Unit], opts: LaunchOptions, failed: list[Failure], progress: UnitProgress,
                    stream: IO[str]) -> None:
     """Wait (polling every opts.poll_s) until the units other processes hold are done; a unit whose
     holder released it unfinished (failed) or died is run here. UnitLockedError after opts.wait_min."""
@@ -175,10 +178,7 @@ def _wait_for_held(held: list[Unit], opts: LaunchOptions, failed: list[tuple[Uni
     deadline = time.monotonic() + 60 * opts.wait_min
     while held:
         for u in list(held):
-            if u.done:
-                held.remove(u)
-                progress.tick(f"{u.name} (by another process)")
-            elif not _run_local(u, failed, progress, stream, held):
+            if not _run_local(u, failed, progress, stream, held):
                 held.remove(u)
         if held and time.monotonic() >= deadline:
             names = "; ".join(f"{u.name} ({_holder(u)})" for u in held)
@@ -190,7 +190,7 @@ def _wait_for_held(held: list[Unit], opts: LaunchOptions, failed: list[tuple[Uni
 
 
 def _run_submitit(units: Sequence[Unit], opts: LaunchOptions, stage: str, progress: UnitProgress
-                  ) -> list[tuple[Unit, str, BaseException | None]]:
+                  ) -> list[Failure]:
     """One submitit job array per (gpus, nodes) group of units; waits for all; returns the failures."""
     if not units:
         return []

@@ -84,12 +84,21 @@ def run_unit(unit: Unit) -> Any:
     process runs it; a unit finished by another process while this one waited is not rerun.
     Exceptions propagate after their traceback is written to the log.
     """
+    compute_unit(unit)
+    return unit_result(unit)
+
+
+def compute_unit(unit: Unit) -> bool:
+    """Compute `unit` here unless it is finished; True when this call computed it, False when it was
+    finished (by another process, possibly while this one took the lock). UnitLockedError when
+    another live process holds it."""
     if unit.done:
-        return unit_result(unit)
+        return False
     with unit_lock(unit.folder, "unit"):
         if unit.done:  # finished by another process between the check above and the lock
-            return unit_result(unit)
-        return _compute(unit)
+            return False
+        _compute(unit)
+        return True
 
 
 def _compute(unit: Unit) -> Any:
