@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -320,7 +321,7 @@ def test_a_unit_held_by_a_live_process_is_skipped_reported_and_waited_for(tmp_pa
     try:
         path = lock_path(units[1].folder, "unit")
         Path(units[1].folder).mkdir(parents=True)
-        path.write_text(json.dumps({"host": os.uname().nodename, "pid": holder.pid, "started": 0, "command": "other"}))
+        path.write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "started": 0, "command": "other"}))
         with pytest.raises(UnitLockedError, match=rf"1 units were still being computed by other processes after 0 min: "
                                                   rf"u1 \(pid {holder.pid} on host"):
             run_units(units, LaunchOptions(wait_min=0.0, poll_s=0.01), stage="s")
