@@ -20,6 +20,7 @@ import sys
 
 from clipmech.analysis import cli as analysis_cli
 from clipmech.data import cli as data_cli
+from clipmech.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_IO, UserError
 from clipmech.eval import cli as eval_cli
 from clipmech.models import cli as models_cli
 from clipmech.study import cli as study_cli
@@ -52,8 +53,6 @@ def main(argv: list[str] | None = None) -> int:
     return run_guarded(args)
 
 
-EXIT_ERROR, EXIT_CONFIG, EXIT_BUSY, EXIT_CHECKPOINT, EXIT_IO, EXIT_INTERRUPTED = 1, 2, 3, 4, 5, 130
-
 # What to do after Ctrl-C, by subcommand (default: rerun; finished parts are cached or reused).
 _RESUME_HINTS = {
     "train": "rerun the same command with --resume to continue from the last saved step",
@@ -68,20 +67,15 @@ def _one_line(text: str) -> str:
 
 
 def describe_error(err: BaseException, command: str | None) -> tuple[str, int] | None:
-    """(one-line message, exit code) for an ordinary fault, None for anything else (a bug)."""
-    from clipmech.locks import UnitLockedError
-    from clipmech.train.config import ConfigError
-    from clipmech.utils import CheckpointError
+    """(one-line message, exit code) for an ordinary fault, None for anything else (a bug).
 
+    A clipmech.errors.UserError carries its own code; standard exceptions are mapped: OSError with
+    an errno -> 5 (file system), other OSError / ValueError / RuntimeError / KeyError -> 1."""
     if isinstance(err, KeyboardInterrupt):
         return f"interrupted; {_RESUME_HINTS.get(command or '', 'rerun the same command (finished parts are reused)')}", \
             EXIT_INTERRUPTED
-    if isinstance(err, ConfigError):
-        return f"config: {_one_line(err)}", EXIT_CONFIG
-    if isinstance(err, UnitLockedError):
-        return _one_line(err), EXIT_BUSY
-    if isinstance(err, CheckpointError):
-        return _one_line(err), EXIT_CHECKPOINT
+    if isinstance(err, UserError) and not (isinstance(err, OSError) and err.errno is not None):
+        return err.label + _one_line(err), err.exit_code
     if isinstance(err, OSError) and err.errno is not None:
         name = errno.errorcode.get(err.errno, str(err.errno))
         where = f": {err.filename}" if err.filename else ""
@@ -100,9 +94,33 @@ def describe_error(err: BaseException, command: str | None) -> tuple[str, int] |
     return None
 
 
+# Ranges of `clipmech analyze` options, checked before any model is loaded (exit 2 naming the flag);
+# min_rows also depends on --estimator (the unbiased CKA needs 4 rows).
+_ANALYZE_RANGES = {"batch_size": ("int", ">=1"), "sae_batch_size": ("int", ">=1"), "n_boot": ("int", ">=0"),
+                   "n_perm": ("int", ">=0"), "per_domain": ("int", ">=1"), "expansion": ("int", ">=1"),
+                   "k": ("int?", ">=1"), "lr": ("float", ">0"), "epochs": ("int", ">=1"), "top": ("int", ">=1"),
+                   "n_images": ("int", ">=1"), "steps": ("int", ">=1"), "node_fraction": ("float", "0..1"),
+                   "top_k": ("int", ">=1"), "n_draws": ("int", ">=1"), "n_strata": ("int", ">=1"),
+                   "checkpoint": ("int?", ">=0"), "seed": ("int", ">=0")}
+
+
+def check_analyze_options(args: argparse.Namespace) -> None:
+    """ConfigError for an `analyze` option out of range or a --device this machine lacks."""
+    from clipmech.checks import check_device, check_typed
+    ranges = _ANALYZE_RANGES | {"min_rows": ("int?", ">=4" if getattr(args, "estimator", "unbiased") == "unbiased"
+                                             else ">=2")}
+    for dest, (kind, rule) in ranges.items():
+        if getattr(args, dest, None) is not None:
+            check_typed("--" + dest.replace("_", "-"), getattr(args, dest), kind, rule)
+    if getattr(args, "device", None) is not None:
+        check_device("--device", args.device)
+
+
 def run_guarded(args: argparse.Namespace) -> int:
     """Run the parsed subcommand; an ordinary fault prints one line and returns its exit code."""
     try:
+        if getattr(args, "command", None) == "analyze":
+            check_analyze_options(args)
         return int(args.func(args) or 0)
     except (Exception, KeyboardInterrupt) as err:
         described = describe_error(err, getattr(args, "command", None))

@@ -23,11 +23,12 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from clipmech.errors import UnitBusyError
 from clipmech.utils import TMP_PATTERN, PathLike, host_tag
 
 
-class UnitLockedError(RuntimeError):
-    """Another live process holds the unit's lock (the message names it)."""
+class UnitLockedError(UnitBusyError):
+    """Another live process holds the unit's lock (the message names it); exit code 3."""
 
 
 def lock_path(folder: PathLike, unit: str) -> Path:

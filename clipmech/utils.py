@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from clipmech.errors import BadInputError, CheckpointError
+
 PathLike = str | os.PathLike
 
 
@@ -118,6 +120,18 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def read_json(path: PathLike, fix: str) -> Any:
+    """json.loads of a file; one that does not parse raises BadInputError naming the file, the line
+    and column, and `fix` (what the user should do), instead of a bare 'Expecting value: line 8'."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes())
+    except json.JSONDecodeError as err:
+        raise BadInputError(f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); {fix}") from err
+    except UnicodeDecodeError as err:
+        raise BadInputError(f"{path} is not valid JSON (not UTF-8 text at byte {err.start}); {fix}") from err
+
+
 def hash_obj(obj: Any) -> str:
     """Stable sha256 (hex, 16 chars) of a JSON-serialisable object (keys sorted)."""
     blob = json.dumps(obj, sort_keys=True, default=_json_default).encode("utf-8")
@@ -157,20 +171,20 @@ def unknown_name_error(kind: str, name: str, valid: Iterable[str]) -> KeyError:
     return KeyError(f"unknown {kind} {name!r}; closest valid names: {near}")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used; the message names the file and the cause."""
-
-
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
-def read_checkpoint(path: PathLike, trusted: bool = False) -> Any:
-    """torch.load(path) on CPU with one named cause per failure (CheckpointError): missing, empty,
-    not a PyTorch checkpoint, truncated, or holding Python objects besides tensors (only when
-    `trusted` is False: weights_only loading refuses them)."""
+def check_checkpoint_file(path: PathLike) -> Path:
+    """Check a weight file's bytes before anything unpickles it: FileNotFoundError when missing,
+    BadInputError for a folder, CheckpointError (exit 4) when empty, not a PyTorch / safetensors
+    file, or truncated. Returns the path. Cost: reads the file's first bytes (and a zip's index)."""
     import zipfile
 
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.iterdir() if p.suffix in (".pt", ".pth", ".bin", ".safetensors"))
+        raise BadInputError(f"{path} is a folder, not a weight file; pass one file inside it"
+                            + (f" ({', '.join(found[:5])})" if found else " (it holds no .pt / .bin / .safetensors file)"))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     size = path.stat().st_size
@@ -178,13 +192,29 @@ def read_checkpoint(path: PathLike, trusted: bool = False) -> Any:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): its save was interrupted; delete it and "
                               "rerun the step that writes it (train --resume recreates checkpoints)")
     with open(path, "rb") as fh:
-        head = fh.read(4)
-    if head != _ZIP_MAGIC and not head.startswith(b"\x80"):  # torch zip format / legacy pickle protocol 2+
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint (it starts with bytes {head.hex()}, "
+        head = fh.read(9)
+    if path.suffix == ".safetensors":
+        header = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+        if header < 2 or head[8:9] != b"{" or 8 + header > size:
+            raise CheckpointError(f"{path} is not a complete safetensors file ({size} bytes; its header "
+                                  "does not fit): copy it again or check the path")
+        return path
+    if head[:4] != _ZIP_MAGIC and not head.startswith(b"\x80"):  # torch zip format / legacy pickle protocol 2+
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (it starts with bytes {head[:4].hex()}, "
                               "not a torch.save file); check the path")
-    if head == _ZIP_MAGIC and not zipfile.is_zipfile(path):
+    if head[:4] == _ZIP_MAGIC and not zipfile.is_zipfile(path):
         raise CheckpointError(f"checkpoint {path} is truncated ({size} bytes, its end is missing): a save or a "
                               "copy did not finish; copy it again or rerun the step that writes it")
+    return path
+
+
+def read_checkpoint(path: PathLike, trusted: bool = False) -> Any:
+    """torch.load(path) on CPU with one named cause per failure (CheckpointError): missing, empty,
+    not a PyTorch checkpoint, truncated (`check_checkpoint_file`), or holding Python objects besides
+    tensors (only when `trusted` is False: weights_only loading refuses them)."""
+    import zipfile
+
+    path = check_checkpoint_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=not trusted)
     except pickle.UnpicklingError as err:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from clipmech.errors import ConfigError
+
 from clipmech.launch import LaunchOptions, Unit, run_unit, run_units, unit_result
 from clipmech.launch.launcher import launch_options
 from clipmech.launch.torchrun import run_command, torchrun_command
@@ -68,10 +70,13 @@ def test_launch_options_from_table_and_flags():
     opts = launch_options({"nproc_per_node": 4, "partition": "gpu", "mem_gb": 64}, launcher="slurm", mem_gb=None,
                           time_min=30)
     assert (opts.launcher, opts.partition, opts.mem_gb, opts.time_min) == ("slurm", "gpu", 64, 30)
-    with pytest.raises(ValueError, match=r"unknown \[launch\] key\(s\) \['partiton'\]; valid: .*'partition'"):
+    with pytest.raises(ConfigError, match=r"\[launch\]: unknown key 'partiton'; closest valid: 'partition'"):
         launch_options({"partiton": "gpu"})
-    with pytest.raises(ValueError, match="unknown launcher 'pbs'; valid: local, slurm"):
+    with pytest.raises(ConfigError, match=r"\[launch\] launcher = 'pbs'; choose one of local, slurm"):
         launch_options({}, launcher="pbs")
+    with pytest.raises(ConfigError, match=r"\[launch\] time_min = 0 is out of range; it must be >= 1"):
+        launch_options({"time_min": 0})
+    assert launch_options({"time_min": 1, "wait_min": 0}).wait_min == 0  # both bounds allowed
 
 
 def test_torchrun_passthrough():

@@ -11,11 +11,11 @@ def test_options_from_table_and_errors():
     opts = A.analysis_options({"circuit_steps": 3, "points": ["visual.layer1.0.hook_out"]}, device="cpu", workers=None)
     assert opts.circuit_steps == 3 and opts.points == ("visual.layer1.0.hook_out",) and opts.device == "cpu"
     assert opts.workers == 0  # None leaves the default
-    with pytest.raises(ValueError, match=r"unknown \[analysis\] key\(s\) \['sae_epoch'\]; valid: .*sae_epochs"):
+    with pytest.raises(ValueError, match=r"\[analysis\]: unknown key 'sae_epoch'; closest valid: 'sae_epochs'"):
         A.analysis_options({"sae_epoch": 3})
-    with pytest.raises(ValueError, match="precision 'int8'; valid: fp32, bf16, fp16"):
+    with pytest.raises(ValueError, match=r"\[analysis\] precision = 'int8'; choose one of fp32, bf16, fp16"):
         A.analysis_options({"precision": "int8"})
-    with pytest.raises(ValueError, match="device 'tpu'"):
+    with pytest.raises(ValueError, match=r"\[analysis\] device = 'tpu'; choose one of auto, cpu, cuda, cuda:N"):
         A.analysis_options({}, device="tpu")
     # what the results depend on, not how fast they are computed
     assert A.AnalysisOptions(workers=8, batch_size=7, device="cuda").key() == A.AnalysisOptions().key()
@@ -24,7 +24,7 @@ def test_options_from_table_and_errors():
     opts = A.analysis_options({"paper_compat": True, "circuit_scope": "all"})
     assert opts.paper_compat and opts.circuit_scope == "all"
     assert A.analysis_options({"paper_compat": True}, paper_compat=None).paper_compat  # the CLI leaves it unset
-    with pytest.raises(ValueError, match="circuit_scope 'c1'; valid: c2, all"):
+    with pytest.raises(ValueError, match=r"\[analysis\] circuit_scope = 'c1'; choose one of c2, all"):
         A.analysis_options({"circuit_scope": "c1"})
 
 

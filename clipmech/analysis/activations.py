@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -24,7 +25,9 @@ import numpy as np
 import torch
 
 from clipmech.analysis.sae import ActivationShards, ShardWriter
-from clipmech.utils import PathLike, TensorCache, atomic_write_json, hash_obj, unknown_name_error
+from clipmech.errors import UserError
+from clipmech.utils import (PathLike, TensorCache, atomic_write_json, check_checkpoint_file, hash_obj, read_json,
+                            unknown_name_error)
 
 POOLINGS = ("mean", "cls", "none")
 
@@ -221,7 +224,12 @@ def write_shards(model, dataset, indices: np.ndarray, points: Sequence[str], roo
            "transform": prep.describe(), "precision": precision}
     folder = Path(root) / hash_obj(key)
     if (folder / "done").is_file():
-        return ShardSet(folder)
+        problem = shard_set_problem(folder, list(points), len(idx))
+        if problem is None:
+            return ShardSet(folder)
+        warnings.warn(f"activation shards {folder} are damaged ({problem}); extracting them again",
+                      RuntimeWarning, stacklevel=2)
+        shutil.rmtree(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     writers = {p: ShardWriter(tmp / p, shard_size=shard_rows) for p in points}
@@ -250,6 +258,25 @@ def write_shards(model, dataset, indices: np.ndarray, points: Sequence[str], roo
     else:
         os.replace(tmp, folder)
     return ShardSet(folder)
+
+
+def shard_set_problem(folder: PathLike, points: Sequence[str], rows: int) -> str | None:
+    """What is wrong with a finished shard folder (a file missing, truncated or unparsable, a row count
+    that is not `rows`), None when it is whole. Checks metadata and each shard file's bytes (its zip
+    index), not the tensors: milliseconds per shard."""
+    folder = Path(folder)
+    try:
+        if int(read_json(folder / "meta.json", "")["rows"]) != rows or len(np.load(folder / "indices.npy")) != rows:
+            return f"it does not hold {rows} rows"
+        for p in points:
+            info = read_json(folder / p / "meta.json", "")
+            if sum(int(sh["rows"]) for sh in info["shards"]) != rows:
+                return f"{p} does not hold {rows} rows"
+            for sh in info["shards"]:
+                check_checkpoint_file(folder / p / sh["file"])
+    except (UserError, OSError, EOFError, ValueError, KeyError, TypeError) as err:
+        return str(err).split("; ")[0]
+    return None
 
 
 def cell_means(shards: ShardSet, points: Sequence[str], class_idx: np.ndarray, domain_idx: np.ndarray,

@@ -48,8 +48,9 @@ from torch import Tensor, nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from clipmech.models.checkpoints import checkpoint_state, load_state_strict
 from clipmech.models.configs import create_open_clip, resolve_config
-from clipmech.utils import CheckpointError, atomic_torch_save, read_checkpoint, unknown_name_error
+from clipmech.utils import atomic_torch_save, read_checkpoint, unknown_name_error
 
 NamesFilter = None | str | Sequence[str] | Callable[[str], bool]
 
@@ -352,12 +353,7 @@ class HookedCLIP(HookedRootModule):
         (needed for files holding other Python objects, e.g. numpy RNG state in a trainer's
         latest.pt). Loads on CPU, eval mode."""
         obj = read_checkpoint(path, trusted=trusted)
-        state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-        if not isinstance(state, dict) or not state or not all(isinstance(t, Tensor) for t in state.values()):
-            raise CheckpointError(f"{path} is not a model checkpoint: expected a state dict or a dict with a "
-                             "'state_dict' entry of tensors")
-        if all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
-            state = {k[len("module."):]: t for k, t in state.items()}
+        state = checkpoint_state(obj, path)
         if model_name is not None:
             name, cfg = resolve_config(model_name)
         elif isinstance(obj.get("model_cfg"), (dict, str)):  # clipmech checkpoints
@@ -367,7 +363,7 @@ class HookedCLIP(HookedRootModule):
         else:
             raise ValueError(f"{path} stores no model config; pass model_name=, e.g. 'RN50' or 'tiny-rn'")
         model = cls(create_open_clip(cfg), cfg, name)
-        _load_strict(model, state, f"{path} (model {name or 'from config'})")
+        load_state_strict(model, state, f"{path} (model {name or 'from config'})")
         return model
 
     @classmethod
@@ -646,20 +642,3 @@ def _config_of(model: open_clip.model.CLIP) -> dict[str, Any]:
     if isinstance(model.transformer.resblocks[0].mlp.gelu, QuickGELU):
         cfg["quick_gelu"] = True
     return cfg
-
-
-def _load_strict(model: nn.Module, state: dict[str, Tensor], what: str) -> None:
-    """load_state_dict, but a mismatch lists missing / unexpected keys and shape mismatches."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        def fmt(label: str, items: list[str]) -> str:
-            more = f" ... (+{len(items) - 10} more)" if len(items) > 10 else ""
-            return f"\n  {label} ({len(items)}): " + ", ".join(items[:10]) + more if items else ""
-        raise CheckpointError(f"checkpoint {what} does not match the architecture (another model?):"
-                         + fmt("missing keys", missing) + fmt("unexpected keys", unexpected)
-                         + fmt("shape mismatches", shapes))
-    model.load_state_dict(state)

@@ -14,16 +14,22 @@ transformers does).
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import logging
 import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import open_clip
 import torch
 from torch import nn
 
+from clipmech.errors import BadInputError, CheckpointError
+from clipmech.models.checkpoints import checkpoint_state, load_state_strict
 from clipmech.models.configs import PRESETS, create_open_clip
-from clipmech.utils import unknown_name_error
+from clipmech.utils import check_checkpoint_file, read_checkpoint, unknown_name_error
 
 OPENAI_MEAN_STD = (open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
 
@@ -36,7 +42,9 @@ def load_open_clip(name: str | None, pretrained: str | os.PathLike | None,
     (`tiny-rn`, `tiny-vit`; then `pretrained` must be a local file). pretrained: a tag of that model,
     a local weight file, or `hf-hub:ORG/NAME` (then `name` may be None). open_clip_kwargs go to
     `open_clip.create_model_and_transforms` (e.g. force_quick_gelu, force_image_size, cache_dir).
-    Cost: building the model + reading (or downloading) its weights.
+    A local file gets clipmech's checkpoint checks first (`check_checkpoint_file`): a missing file, a
+    folder, an empty, foreign or truncated file, or weights of another architecture are named
+    (CheckpointError, exit 4). Cost: building the model + reading (or downloading) its weights.
     """
     if pretrained is not None and str(pretrained).startswith("hf-hub:"):
         name, pretrained = str(pretrained), None
@@ -44,6 +52,7 @@ def load_open_clip(name: str | None, pretrained: str | os.PathLike | None,
         raise ValueError("pass a model name (e.g. 'RN50', 'ViT-B-32', 'tiny-rn') or pretrained='hf-hub:ORG/NAME'")
     if name in PRESETS:
         return _load_preset(name, pretrained, open_clip_kwargs)
+    local = None
     if not name.startswith("hf-hub:"):
         if open_clip.get_model_config(name) is None:
             raise unknown_name_error("model", name, list(PRESETS) + open_clip.list_models())
@@ -54,27 +63,114 @@ def load_open_clip(name: str | None, pretrained: str | os.PathLike | None,
         tag = open_clip.get_pretrained_cfg(name, str(pretrained))
         if tag.get("quick_gelu") and "force_quick_gelu" not in open_clip_kwargs and not name.endswith("quickgelu"):
             open_clip_kwargs["force_quick_gelu"] = True  # the tag was trained with QuickGELU (all OpenAI weights)
-        if not tag and not Path(pretrained).is_file():
-            raise FileNotFoundError(f"{pretrained!r} is neither a pretrained tag of {name} (known: "
-                                    f"{', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'}) "
-                                    "nor an existing weight file")
-    model = open_clip.create_model(name, pretrained=None if pretrained is None else str(pretrained),
-                                   require_pretrained=True, **open_clip_kwargs)
+        if not tag:
+            if not Path(pretrained).exists():
+                raise FileNotFoundError(f"{str(pretrained)!r} is neither a pretrained tag of {name} (known: "
+                                        f"{', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'}) "
+                                        "nor an existing weight file")
+            local = check_checkpoint_file(pretrained)
+    try:
+        with _one_retry_warning():
+            model = open_clip.create_model(name, pretrained=None if pretrained is None else str(pretrained),
+                                           require_pretrained=True, **open_clip_kwargs)
+    except RuntimeError as err:
+        raise _load_failure(err, name, pretrained, local) from err
     return model.eval(), dict(open_clip.get_model_preprocess_cfg(model))
 
 
+def _load_failure(err: RuntimeError, name: str, pretrained: Any, local: Path | None) -> Exception:
+    """A named error for open_clip's loader failing: weights of another architecture (CheckpointError),
+    a download that cannot happen (BadInputError), else `err` itself."""
+    text = str(err)
+    if local is not None and "loading state_dict" in text:
+        problems = [ln.strip() for ln in text.splitlines()[1:] if ln.strip()]
+        return CheckpointError(f"weight file {local} does not match the architecture of {name} (another model?): "
+                               + "; ".join(p[:160] for p in problems[:3]))
+    if "Failed to download" in text:
+        return BadInputError(f"could not download the weights {pretrained or name!r} of {name} (offline, or no such "
+                             "files on the hub?); download them where there is a network (open_clip caches them, "
+                             "see cache_dir) or pass a local weight file; HF_HUB_OFFLINE=1 skips the retries")
+    return err
+
+
+# Loggers of huggingface_hub's retry loop (HEAD / GET with backoff) and of urllib3's retries; open_clip
+# logs the final failure on the root logger before raising it (clipmech raises it as one line).
+_RETRY_LOGGERS = ("huggingface_hub.utils._http", "urllib3.connectionpool")
+
+
+class _OneNotice(logging.Filter):
+    """Replaces a download's retry warnings by one stderr line (at the first) and drops open_clip's
+    root-logger copy of the final error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.told = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "root":
+            return not record.getMessage().startswith("Failed to download")
+        if not self.told:
+            self.told = True
+            cause = record.getMessage().split(" thrown while requesting")[0]
+            print(f"clipmech: download failed ({cause[:200]}); retrying quietly for about a minute "
+                  "(HF_HUB_OFFLINE=1 skips downloads)", file=sys.stderr, flush=True)
+        return False
+
+
+@contextlib.contextmanager
+def _one_retry_warning() -> Iterator[None]:
+    """While open_clip downloads, Hugging Face Hub's repeated 'thrown while requesting' / 'Retrying
+    in Ns' warnings collapse to one line. The filters are removed afterwards (no global change)."""
+    loggers = [logging.getLogger(n) for n in _RETRY_LOGGERS] + [logging.getLogger()]
+    only = _OneNotice()
+    for lg in loggers:
+        lg.addFilter(only)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(only)
+
+
 def _load_preset(name: str, path: str | os.PathLike | None, kwargs: dict) -> tuple[open_clip.model.CLIP, dict]:
-    """A clipmech preset with weights from a local file (open_clip's load_checkpoint)."""
+    """A clipmech preset with weights from a local file: open_clip's own layout (open_clip's
+    load_checkpoint) or a clipmech training checkpoint, which is built at its own image size."""
     if kwargs:
         raise ValueError(f"open_clip options {sorted(kwargs)} apply to open_clip model names, not the preset {name!r}")
-    if path is None or not Path(path).is_file():
+    if path is None or not (Path(path).exists() or os.sep in str(path) or Path(path).suffix):
         raise FileNotFoundError(f"preset {name!r} has no pretrained tags; pass pretrained= a local weight file "
                                 f"(got {path!r})")
+    if not Path(path).exists():
+        raise FileNotFoundError(f"weight file {path} does not exist (the preset {name!r} has no pretrained tags)")
+    check_checkpoint_file(path)
     model = create_open_clip(name)
-    open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+    if Path(path).suffix != ".safetensors":
+        obj = read_checkpoint(path)
+        if isinstance(obj, dict) and isinstance(obj.get("model_cfg"), dict):  # a clipmech training checkpoint
+            model = create_open_clip(_stored_preset_cfg(name, obj["model_cfg"], path))
+        load_state_strict(model, checkpoint_state(obj, path), f"{path} (preset {name})")
+    else:
+        try:
+            open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+        except RuntimeError as err:
+            raise _load_failure(err, name, path, Path(path)) from err
     size = model.visual.image_size
     return model.eval(), {"size": size, "mean": OPENAI_MEAN_STD[0], "std": OPENAI_MEAN_STD[1],
                           "interpolation": "bicubic", "resize_mode": "shortest"}
+
+
+def _stored_preset_cfg(name: str, stored: dict[str, Any], path: Any) -> dict[str, Any]:
+    """The config a clipmech checkpoint stores, when it is preset `name` at any image size (training
+    runs choose theirs); CheckpointError naming the difference otherwise."""
+    preset = copy.deepcopy(PRESETS[name])
+    size = stored.get("vision_cfg", {}).get("image_size", preset["vision_cfg"]["image_size"])
+    preset["vision_cfg"]["image_size"] = size
+    if stored != preset:
+        differ = sorted(k for k in set(stored) | set(preset) if stored.get(k) != preset.get(k))
+        raise CheckpointError(f"checkpoint {path} holds another model than the preset {name!r} (its config differs "
+                              f"in {', '.join(differ)}); load it with HookedCLIP.from_checkpoint or pass its run "
+                              "folder as RUN_DIR")
+    return preset
 
 
 def open_clip_from_hf(hf: nn.Module) -> tuple[open_clip.model.CLIP, dict[str, Any]]:

@@ -30,8 +30,7 @@ records it as `mixture_paper_compat`.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -40,13 +39,15 @@ import numpy as np
 import torch
 
 from clipmech.analysis.cka import MIN_ROWS
+from clipmech.checks import check_device, check_keys, check_typed
 from clipmech.launch import LaunchOptions, Unit, run_units
-from clipmech.utils import file_hash, hash_obj
+from clipmech.utils import file_hash, hash_obj, read_json
 
 EMBED_POINT = "hook_image_embed_normalized"
 ANALYSIS_VERSION = 2  # 2: circuits on cell_samples images with WL, CKA for all / C2 / C1
 CIRCUIT_SCOPES = ("c2", "all")
 CIRCUIT_SEED = 42  # the paper's one shuffle of the test split (paper.md §8.4)
+MIN_ROWS_UNBIASED = 4  # the unbiased CKA estimator is undefined on fewer rows (clipmech.analysis.cka)
 
 
 @dataclass(frozen=True)
@@ -81,22 +82,34 @@ class AnalysisOptions:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip} | {"v": ANALYSIS_VERSION}
 
 
+# Type and range of every option, checked before the first unit starts (clipmech.checks notation).
+OPTION_TYPES = {"points": ("list[str]?", None), "classes": ("list[str]?", None), "images_per_cell": ("int?", ">=1"),
+                "circuit_images": ("int", ">=1"), "circuit_steps": ("int", ">=1"), "circuit_scope": ("str", CIRCUIT_SCOPES),
+                "circuit_classes": ("int?", ">=1"), "sae_expansion": ("int", ">=1"), "sae_epochs": ("int", ">=1"),
+                "sae_batch_size": ("int", ">=1"), "cka_boot": ("int", ">=0"), "cka_min_rows": ("int", f">={MIN_ROWS_UNBIASED}"),
+                "n_templates": ("int?", ">=1"), "embedding_images": ("int", ">=1"), "batch_size": ("int", ">=1"),
+                "workers": ("int", ">=0"), "shard_rows": ("int", ">=1"), "precision": ("str", ("fp32", "bf16", "fp16")),
+                "device": ("str", None), "paper_compat": ("bool", None)}
+
+
 def analysis_options(table: Mapping[str, Any], **overrides: Any) -> AnalysisOptions:
     """AnalysisOptions from an [analysis] table (without `source`) and overrides (None = unset).
-    An unknown key raises ValueError naming every valid one."""
-    valid = [f.name for f in fields(AnalysisOptions)]
-    unknown = sorted(set(table) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown [analysis] key(s) {unknown}; valid: {', '.join(valid)} (and source)")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
-    opts = replace(AnalysisOptions(**values), **{k: v for k, v in overrides.items() if v is not None})
-    if opts.precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"[analysis] precision {opts.precision!r}; valid: fp32, bf16, fp16")
-    if opts.circuit_scope not in CIRCUIT_SCOPES:
-        raise ValueError(f"[analysis] circuit_scope {opts.circuit_scope!r}; valid: {', '.join(CIRCUIT_SCOPES)}")
-    if opts.device not in ("auto", "cpu", "cuda") and not opts.device.startswith("cuda:"):
-        raise ValueError(f"device {opts.device!r}; valid: auto, cpu, cuda, cuda:N")
-    return opts
+
+    Every key and value is checked here, before any unit runs: an unknown key names the closest
+    valid one, a value of the wrong type or range names the key and its range (ConfigError, exit 2)."""
+    check_keys("[analysis]", table, [*OPTION_TYPES, "source"])
+    given = {k: v for k, v in table.items() if k != "source"} | {k: v for k, v in overrides.items() if v is not None}
+    for key, value in given.items():
+        kind, rule = OPTION_TYPES[key]
+        check_typed(f"[analysis] {key}", list(value) if isinstance(value, tuple) else value, kind, rule)
+    check_device("[analysis] device", given.get("device", "auto"), here=False)
+    return AnalysisOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+
+
+def check_device_here(opts: AnalysisOptions) -> None:
+    """ConfigError when the options ask for a CUDA device this machine does not have (for units run
+    here; a SLURM job's node is not this machine)."""
+    check_device("[analysis] device", opts.device)
 
 
 class RunContext:
@@ -412,7 +425,8 @@ def run_metrics(run_dir: str | Path) -> dict[str, dict[str, Any]]:
     if not (ev / "results.json").is_file() or not (ev / "details.json").is_file():
         raise FileNotFoundError(f"{ev}/results.json or details.json is missing; evaluate the run with "
                                 f"`clipmech eval {run_dir}` (or rerun `clipmech experiment run`)")
-    results, details = json.loads((ev / "results.json").read_text()), json.loads((ev / "details.json").read_text())
+    fix = f"evaluate the run again with `clipmech eval {run_dir}`"
+    results, details = read_json(ev / "results.json", fix), read_json(ev / "details.json", fix)
     return {e: results[e] | {"per_class": {k: v["per_class"] for k, v in details[e].items() if k != "skipped"}}
             for e in results}
 

@@ -117,18 +117,23 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
+    from clipmech.errors import BadInputError, ConfigError
     from clipmech.study.report import recompute, write_outputs
+    from clipmech.utils import read_json
 
     path = Path(args.run_dir) / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; RUN_DIR must be a folder written by `clipmech quickstart` "
                                 "or `clipmech experiment analyse`")
     if args.n_boot < 100:
-        raise ValueError(f"--n-boot must be >= 100, got {args.n_boot}")
-    results = recompute(json.loads(path.read_text()), n_boot=args.n_boot, boot_seed=args.boot_seed)
+        raise ConfigError(f"--n-boot must be >= 100, got {args.n_boot}")
+    stored = read_json(path, "restore it from a backup or rerun the command that wrote it")
+    if not isinstance(stored, dict):
+        raise BadInputError(f"{path} holds a JSON {type(stored).__name__}, not the results object written by "
+                            "`clipmech quickstart` / `experiment analyse`; check the path")
+    results = recompute(stored, n_boot=args.n_boot, boot_seed=args.boot_seed)
     write_outputs(results, args.run_dir)
     print(f"clipmech report: rewrote {args.run_dir}/report.md and results.json")
     for f in results["findings"]:

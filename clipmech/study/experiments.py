@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import re
 import shlex
 import sys
@@ -35,31 +34,63 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from clipmech.checks import check_keys, check_typed
+from clipmech.errors import ConfigError
 from clipmech.study.registry import Registry
-from clipmech.utils import PathLike, hash_obj
+from clipmech.utils import PathLike, hash_obj, read_json
 
 _PLACEHOLDER = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
 
 
+TABLES = ("experiment", "base", "matrix", "launch", "analysis")
+# [experiment] keys: what each means is in the module docstring and experiments/README.md
+EXPERIMENT_KEYS = {"name": ("str", None), "figure": ("str", None), "description": ("str", None),
+                   "kind": ("str", ("clip", "supervised", "analysis")), "base_tsv": ("str?", None),
+                   "unsupported": ("str?", None)}
+
+
 def load_experiment(path: PathLike) -> dict[str, Any]:
-    """Read and check an experiment TOML file (tables experiment, base, matrix, launch)."""
+    """Read and check an experiment TOML file (tables experiment, base, matrix, launch, analysis).
+
+    Every table and key is checked before anything runs: unknown names give the closest valid one,
+    [base] and every matrix entry go through the run config's checks (ConfigError, exit 2)."""
+    from clipmech.train.config import DEFAULTS, load_config
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"experiment file {path} does not exist; see experiments/README.md")
-    with open(path, "rb") as fh:
-        exp = tomllib.load(fh)
-    unknown = set(exp) - {"experiment", "base", "matrix", "launch", "analysis"}
-    if unknown:
-        raise ValueError(f"{path}: unknown tables {sorted(unknown)}; valid: experiment, base, matrix, launch, analysis")
-    if "name" not in exp.get("experiment", {}):
-        raise ValueError(f"{path}: [experiment] needs a name")
-    for key, values in exp.get("matrix", {}).items():
-        if "." not in key or not isinstance(values, list) or not values:
-            raise ValueError(f"{path}: matrix entry {key!r} must be \"section.key\" = [non-empty list]")
-    exp.setdefault("base", {})
-    exp.setdefault("matrix", {})
-    exp.setdefault("launch", {})
+    try:
+        with open(path, "rb") as fh:
+            exp = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"experiment file {path} is not valid TOML: {err}; fix that line") from err
+    check_keys(str(path), exp, TABLES, what="table")
+    for table in TABLES:
+        if not isinstance(exp.setdefault(table, {}), dict):
+            raise ConfigError(f"{path}: [{table}] must be a table, got {type(exp[table]).__name__}")
+    e = exp["experiment"]
+    check_keys(f"{path} [experiment]", e, EXPERIMENT_KEYS)
+    if "name" not in e:
+        raise ConfigError(f"{path}: [experiment] needs a name")
+    for key, value in e.items():
+        check_typed(f"{path}: [experiment] {key}", value, *EXPERIMENT_KEYS[key])
+    _check_base(path, exp["base"], load_config)
+    for key, values in exp["matrix"].items():
+        section, _, name = key.partition(".")
+        if not name or not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}: matrix entry {key!r} must be \"section.key\" = [non-empty list]")
+        check_keys(f"{path} [matrix] {key!r}", [section], DEFAULTS, what="section")
+        check_keys(f"{path} [matrix] {key!r}", [name], DEFAULTS[section], what=f"key of [{section}]")
     return exp
+
+
+def _check_base(path: Path, base: dict[str, Any], load_config: Any) -> None:
+    """The [base] tables through the run config's key, type and range checks (placeholders like
+    "{domainnet}" are strings, which those checks accept); errors are prefixed with the file."""
+    try:
+        load_config(copy.deepcopy(base))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: [base] {err}") from err
 
 
 def _fill(obj: Any, data: Mapping[str, str], where: str) -> Any:
@@ -71,7 +102,7 @@ def _fill(obj: Any, data: Mapping[str, str], where: str) -> Any:
     if isinstance(obj, str):
         missing = [m for m in _PLACEHOLDER.findall(obj) if m not in data]
         if missing:
-            raise ValueError(f"{where} = {obj!r} needs data path(s) {missing}; pass "
+            raise ConfigError(f"{where} = {obj!r} needs data path(s) {missing}; pass "
                              + " ".join(f"--data {m}=/path" for m in missing))
         return _PLACEHOLDER.sub(lambda m: str(data[m.group(1)]), obj)
     return obj
@@ -124,7 +155,7 @@ def check_supported(exp: Mapping[str, Any]) -> None:
     command) and experiments whose [experiment] `unsupported` names a missing library piece."""
     e = exp["experiment"]
     if e.get("kind") == "analysis":
-        raise ValueError(f"experiment {e['name']!r} is an analysis; run it with `clipmech experiment analyze`")
+        raise ConfigError(f"experiment {e['name']!r} is an analysis; run it with `clipmech experiment analyze`")
     if e.get("unsupported"):
         raise ValueError(f"experiment {e['name']!r} cannot run yet: {e['unsupported']}")
 
@@ -207,7 +238,7 @@ def collect_accuracies(table: Sequence[Mapping[str, Any]], metric: str = "top1_b
         path = Path(r["run_dir"]) / "eval" / "results.json"
         if not path.is_file():
             continue
-        res = json.loads(path.read_text())
+        res = read_json(path, f"evaluate the run again with `clipmech eval {r['run_dir']}`")
         last = res[max(res, key=int)]
         m = r["config"].get("mixture", {})
         for d in ([m["test_domain"]] if m.get("test_domain") else domains):
@@ -251,13 +282,15 @@ def analyse_experiment(path: PathLike, out: PathLike = "runs/experiments", data:
 
     exp = load_experiment(path)
     if exp["experiment"].get("kind") != "analysis" or "source" not in exp.get("analysis", {}):
-        raise ValueError(f"{path} is not an analysis experiment ([experiment] kind = \"analysis\", [analysis] source)")
+        raise ConfigError(f"{path} is not an analysis experiment ([experiment] kind = \"analysis\", [analysis] source)")
     table = dict(exp["analysis"])
     source = Path(path).parent / table.pop("source")
     opts = A.analysis_options(table, **dict(options or {}))
     src = load_experiment(source)
     dest = Path(out) / exp["experiment"]["name"]
     launch_opts = launch_options(exp["launch"], folder=str(dest / "submitit"), **dict(launch or {}))
+    if launch_opts.launcher == "local":
+        A.check_device_here(opts)
     runs = _trained_runs(src, Path(out) / src["experiment"]["name"], data, without_base, source)
     figure_run = next((r for r in runs if r["setup"] == "cg_high"), runs[0])
     plans = {}

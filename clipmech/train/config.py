@@ -8,7 +8,6 @@ and git hash.
 from __future__ import annotations
 
 import copy
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,8 @@ else:  # pragma: no cover
 
 import tomli_w
 
+from clipmech.checks import check_typed, has_type
+from clipmech.errors import ConfigError
 from clipmech.utils import atomic_write_text, closest_names
 
 # None means "not set": the key is omitted from the written TOML and the consumer picks its own default.
@@ -90,8 +91,6 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 
-class ConfigError(ValueError):
-    """A config value of the wrong type or outside its range; the message names [section] key."""
 
 
 # Typed schema: (section, key) -> (type, rule). Types: "bool", "int", "float" (ints accepted), "str",
@@ -147,30 +146,10 @@ SCHEMA: dict[tuple[str, str], tuple[str, Any]] = {
     ("analysis", "paper_compat"): ("bool", None),
 }
 
-_EXAMPLES = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "a quoted string",
-             "list[str]": 'a list of strings, e.g. ["banana", "axe"]', "list[int]": "a list of whole numbers, e.g. [1, 2]"}
-_RULES = {">0": (lambda v: v > 0, "> 0"), ">=0": (lambda v: v >= 0, ">= 0"), ">=1": (lambda v: v >= 1, ">= 1"),
-          "0..1": (lambda v: 0 <= v <= 1, "in [0, 1]"), "0..1)": (lambda v: 0 <= v < 1, "in [0, 1)")}
-
-
-def _has_type(value: Any, kind: str) -> bool:
-    if kind == "bool":
-        return isinstance(value, bool)
-    if kind == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind == "float":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind == "str":
-        return isinstance(value, str)
-    if kind.startswith("list["):
-        return isinstance(value, list) and all(_has_type(v, kind[5:-1]) for v in value)
-    raise AssertionError(kind)
-
-
 def _inferred(default: Any) -> tuple[str, Any]:
     """The schema entry of a key that has none: the type of its default (unchecked when None)."""
     for kind in ("bool", "int", "float", "str"):
-        if _has_type(default, kind):
+        if has_type(default, kind):
             return kind, None
     return "any", None
 
@@ -179,28 +158,6 @@ def check_value(section: str, key: str, value: Any) -> None:
     """Raise ConfigError unless `value` has the schema type and range of [section] key."""
     kind, rule = SCHEMA.get((section, key)) or _inferred(DEFAULTS[section][key])
     check_typed(f"[{section}] {key}", value, kind, rule)
-
-
-def check_typed(name: str, value: Any, kind: str, rule: Any = None) -> None:
-    """Raise ConfigError "NAME = value ..." unless `value` has type `kind` and obeys `rule` (SCHEMA's
-    notation); shared by the run config and other typed options (e.g. the quickstart's)."""
-    optional = kind.endswith("?")
-    kind = kind.rstrip("?")
-    if kind == "any" or (optional and value is None):
-        return
-    where = f"{name} = {value!r}"
-    if not _has_type(value, kind):
-        unset = " (or leave it out)" if optional else ""
-        got = type(value).__name__
-        raise ConfigError(f"{where} is {'an' if got[0] in 'aeiou' else 'a'} {got}; it must be {_EXAMPLES[kind]}{unset}")
-    if kind == "float" and not math.isfinite(value):
-        raise ConfigError(f"{where} is not a finite number")
-    if isinstance(rule, tuple) and value not in rule:
-        raise ConfigError(f"{where}; choose one of {', '.join(rule)}")
-    if isinstance(rule, str):
-        ok, text = _RULES[rule]
-        if not ok(value):
-            raise ConfigError(f"{where} is out of range; it must be {text}")
 
 
 def _unknown_key(kind: str, key: str, valid: list[str]) -> ValueError:
