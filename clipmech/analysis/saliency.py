@@ -121,17 +121,20 @@ def upsample(maps: Tensor, size: int) -> Tensor:
 
 
 def node_saliency(model, images: Tensor, metric: Metric, nodes: Mapping[str, Sequence[int] | None], *,
-                  steps: int = IG_STEPS, baseline: str = "zero", reference: Tensor | None = None,
+                  steps: int = IG_STEPS, baseline: str | Tensor = "zero", reference: Tensor | None = None,
                   internal_batch_size: int | None = None) -> dict[str, Tensor]:
     """{point: [B, h, w]} IG attribution of `metric` to the `nodes` of each point (None = every node),
-    per position. baseline 'zero' (activation 0) or 'mean' (the mean activation over `reference`,
-    default `images`). Per image and point, the map over all nodes sums to metric(a) - metric(a0) up
+    per position. baseline 'zero' (activation 0), 'mean' (the mean activation over `reference`,
+    default `images`) or an activation tensor (one point only; e.g. that of a baseline image, captum's
+    layer-IG baseline). Per image and point, the map over all nodes sums to metric(a) - metric(a0) up
     to the Riemann error. Cost per point: `steps` forward+backward passes of the segment point ->
     embedding over the batch."""
     out = {}
     for point, idx in nodes.items():
         grid_shape(model, point)
-        if baseline == "zero":
+        if isinstance(baseline, Tensor):
+            a0 = baseline
+        elif baseline == "zero":
             a0 = torch.zeros(())
         elif baseline == "mean":
             ref = images if reference is None else reference
