@@ -300,12 +300,34 @@ def run_explain(args: argparse.Namespace) -> int:
                     "effect": "change of the L2-normalised image embedding when the node is mean-ablated"},
            "nodes": results}
     path = atomic_write_json(doc, out / "explanations.json")
-    print(f"clipmech analyze explain: {len(results)} nodes, {len(words)} words -> {path}")
+    figures = draw_node_figures(doc, out, ds.domains)
+    print(f"clipmech analyze explain: {len(results)} nodes, {len(words)} words -> {path}, "
+          f"{', '.join(p.name for p in figures)}")
     for r in results[:10]:
         lab = ", ".join(f"{x['word']} {x['fraction']:.0%}" for x in r["labels"])
         print(f"  {r['node']:<36} {r['group']:<16} {r['method']:<8} {lab}  (explained {r['explained']:.0%}, "
               f"chance {r['chance']:.0%}, ceiling {r['ceiling']:.0%})")
     return 0
+
+
+def draw_node_figures(doc: dict, folder: Path, domains: list[str], per_figure: int = 5) -> list[Path]:
+    """nodes_<group>.png per node group of explanations.json `doc` (its first `per_figure` nodes,
+    the top example per domain from folder/thumbs)."""
+    from PIL import Image
+
+    from clipmech.study.figures import node_explanations
+
+    paths = []
+    td = doc["meta"].get("test_domain")
+    for group in dict.fromkeys(r["group"] for r in doc["nodes"]):
+        picked = [r for r in doc["nodes"] if r["group"] == group][:per_figure]
+        thumbs = {r["node"]: {d: np.asarray(Image.open(folder / ex[0]["thumbnail"]).convert("RGB"))
+                              for d, ex in r["top_examples"].items() if ex} for r in picked}
+        title = {"shared": f"nodes of the {td} C2 circuits shared with another domain",
+                 "test_domain_only": f"nodes of the {td} C2 circuits found in {td} only"}.get(group, "requested nodes")
+        paths.append(node_explanations(picked, thumbs, domains, folder / f"nodes_{group}.png",
+                                       title=title + ": labels (share of effect explained), top examples"))
+    return paths
 
 
 def _examples(s: _Setup, pool: np.ndarray, point: str, index: int, k: int, out: Path) -> dict[str, list[dict]]:

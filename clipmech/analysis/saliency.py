@@ -39,8 +39,11 @@ def _path_gradient(model, images: Tensor, metric: Metric, point: str, baseline: 
                    internal_batch_size: int | None = None) -> tuple[Tensor, Tensor]:
     """(activation a at `point`, mean over `alphas` of dmetric/da at a0 + alpha (a - a0)); only the
     segment point -> embedding runs, all path points in one batch unless `internal_batch_size`."""
-    a = cache_points(model, images, [point])[point]
-    run, n = segment_fn(model, point, images), len(images)
+    if point == "visual.hook_input":  # the pixels: the whole tower, no hook needed (a ViT has no analysis point there)
+        a, run = images, model.encode_image
+    else:
+        a, run = cache_points(model, images, [point])[point], segment_fn(model, point, images)
+    n = len(images)
 
     def summed(path: Tensor) -> Tensor:
         return sum(evaluate_metric(metric, e) for e in run(path).unflatten(0, (-1, n)))
