@@ -48,9 +48,9 @@ def register(subparsers) -> None:
                            help="input IG baseline: 'zero' = the normalised all-zero image (dataset mean colour), "
                                 "'black' = pixel value 0")
         else:
-            p.add_argument("--vocab", metavar="FILE", help="label vocabulary, one word or phrase per line (default: "
-                           "the dataset's class names, keywords and domains; for a clipmech run, words of FILE its "
-                           "text tower never saw in training captions are dropped)")
+            p.add_argument("--vocab", metavar="FILE", help="label vocabulary, one word or phrase per line, embedded "
+                           "in the dataset's templates (default: the dataset's class names; for a clipmech run, "
+                           "words of FILE its text tower never saw in training captions are dropped)")
             p.add_argument("--labels", type=int, default=3, help="labels per node")
             p.add_argument("--method", choices=("auto", "textspan", "direct", "total"), default="auto",
                            help="label source (auto: TextSpan for ViT heads, direct effect where a direct path "
@@ -78,7 +78,7 @@ class _Setup:
         self.model = src.model.to(self.device).eval()
         self.dataset = ds = src.dataset
         self.templates = get_templates(src.templates, ds.name)
-        self.head = self.model.zero_shot_head(class_prompts_names(ds), self.templates)
+        self.class_names = class_prompts_names(ds)
         self.c2 = [ds.class_index(k) for k in src.c2] or list(range(len(ds.classes)))
         self.split = None if args.split == "all" else args.split
         self.nodes = [self._node(n) for n in args.nodes or []]
@@ -99,6 +99,16 @@ class _Setup:
         if not len(rows):
             raise ValueError(f"no {self.split or 'any'} images of the chosen classes; choose another --split")
         return rows
+
+    def head_and_labels(self, rows: np.ndarray):
+        """(zero-shot head [K, D] of the classes among `rows`, each row's label into it): the
+        true-class cosine logit needs only those classes (all 459 emoji classes x 25 templates would
+        cost more text passes than the analysis itself)."""
+        import torch
+
+        classes, labels = np.unique(self.dataset.class_idx[rows], return_inverse=True)
+        head = self.model.zero_shot_head([self.class_names[k] for k in classes], self.templates)
+        return head, torch.as_tensor(labels, device=self.device)
 
     def images(self, rows: np.ndarray):
         from clipmech.eval.zeroshot import eval_images
@@ -125,8 +135,8 @@ def run_saliency(args: argparse.Namespace) -> int:
     for start in range(0, len(rows), 16):
         chunk = rows[start:start + 16]
         images = s.images(chunk)
-        labels = torch.as_tensor(s.dataset.class_idx[chunk], device=s.device)
-        metric = true_class_logit(s.head, labels, reduce="sum")
+        head, labels = s.head_and_labels(chunk)
+        metric = true_class_logit(head, labels, reduce="sum")
         inputs.append(S.input_saliency(s.model, images, metric, steps=args.steps, baseline=args.baseline).cpu())
         cams.append(S.upsample(S.grad_cam(s.model, images, metric, point), s.model.image_size).cpu())
         if s.nodes:
@@ -210,13 +220,14 @@ def _write_image(pixels: np.ndarray, path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------- explain
 def vocabulary(s: _Setup, vocab: str | None) -> tuple[list[str], dict[str, Any]]:
-    """(words, description): --vocab FILE (for a clipmech run only words of its training captions)
-    or the dataset's class names, keywords and domains."""
+    """(words, description): --vocab FILE (for a clipmech run only words of its training captions:
+    class names, their keywords, domain words) or the dataset's class names. Words are embedded in
+    the dataset's templates."""
     from clipmech.analysis.sharing import dataset_vocabulary, read_vocabulary
 
     trained = dataset_vocabulary(s.dataset)
     if vocab is None:
-        return trained, {"source": "dataset class names, keywords and domains", "n_words": len(trained), "dropped": 0}
+        return list(s.class_names), {"source": "dataset class names", "n_words": len(s.class_names), "dropped": 0}
     words = read_vocabulary(vocab)
     if s.source.epoch is None:
         return words, {"source": str(vocab), "n_words": len(words), "dropped": 0}
@@ -281,7 +292,7 @@ def run_explain(args: argparse.Namespace) -> int:
     ds = s.dataset
     rows = s.rows(args.n_images, args.seed)
     images = s.images(rows)
-    labels = torch.as_tensor(ds.class_idx[rows], device=s.device)
+    head, labels = s.head_and_labels(rows)
     word_emb = s.model.zero_shot_head([w.replace("_", " ") for w in words], s.templates)
     points = list(dict.fromkeys(p for p, *_ in nodes))
     fills = ablation_values(s.model, images, points)
@@ -289,7 +300,7 @@ def run_explain(args: argparse.Namespace) -> int:
     out = s.source.out / f"explain_{s.source.label}"
     results = []
     for p, i, group, score in nodes:
-        res = X.explain_node(s.model, images, labels, ds.domain_idx[rows], ds.domains, s.head, p, i, fills[p],
+        res = X.explain_node(s.model, images, labels, ds.domain_idx[rows], ds.domains, head, p, i, fills[p],
                              word_emb, words, method=args.method, k=args.labels)
         res.update(group=group, ig_score=score, top_examples=_examples(s, pool, p, i, args.top, out))
         results.append(res)
@@ -304,7 +315,7 @@ def run_explain(args: argparse.Namespace) -> int:
     print(f"clipmech analyze explain: {len(results)} nodes, {len(words)} words -> {path}, "
           f"{', '.join(p.name for p in figures)}")
     for r in results[:10]:
-        lab = ", ".join(f"{x['word']} {x['fraction']:.0%}" for x in r["labels"])
+        lab = ", ".join(f"{x['word']} {x['fraction']:.0%}" for x in r["labels"]) or r.get("skipped", "")
         print(f"  {r['node']:<36} {r['group']:<16} {r['method']:<8} {lab}  (explained {r['explained']:.0%}, "
               f"chance {r['chance']:.0%}, ceiling {r['ceiling']:.0%})")
     return 0

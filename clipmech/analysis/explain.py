@@ -281,8 +281,11 @@ def explain_node(model, images: Tensor, labels: Tensor, domain_idx: np.ndarray, 
     described = total if method == "total" else direct_effects(model, images, point, [index], fill)[0]
     lab = label_effects(described, word_embeddings, words, k, center=method == "textspan")
     act = node_activations(model, images, point, [index])[:, 0]
-    return {"node": f"{point}/{index}", "point": point, "index": index, "method": method, **lab,
-            "domains": domain_summary(total, act, labels, domain_idx, head, domains)}
+    out = {"node": f"{point}/{index}", "point": point, "index": index, "method": method, **lab,
+           "domains": domain_summary(total, act, labels, domain_idx, head, domains)}
+    if not lab["labels"]:
+        out["skipped"] = "no effect on these images (a dead or constant node): no label"
+    return out
 
 
 def node_activations(model, images: Tensor, point: str, nodes: Sequence[int]) -> Tensor:

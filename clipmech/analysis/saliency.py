@@ -68,10 +68,11 @@ def grid_shape(model, point: str) -> tuple[int, int]:
 
 
 def grid_of(shape: Sequence[int], point: str) -> tuple[int, int] | None:
-    """(h, w) for an activation shape, None without a square grid of positions."""
+    """(h, w) for an activation shape, None without a grid of at least two positions (a 1x1 map,
+    e.g. tiny-rn's layer4 at 32 px, cannot say where anything is)."""
     d = node_dim(point, len(shape))
     if len(shape) == 4 and d == 1:
-        return int(shape[2]), int(shape[3])
+        return (int(shape[2]), int(shape[3])) if shape[2] * shape[3] > 1 else None
     if len(shape) in (3, 4) and d != 1:
         tokens = int(shape[1])
         for n in (tokens - 1, tokens):  # with or without a leading class / mean token
