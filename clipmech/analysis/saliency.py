@@ -36,13 +36,16 @@ IG_STEPS = 16  # Riemann midpoint steps; the completeness error of tiny-rn input
 
 
 def _path_gradient(model, images: Tensor, metric: Metric, point: str, baseline: Tensor, alphas: Sequence[float],
-                   internal_batch_size: int | None = None) -> tuple[Tensor, Tensor]:
+                   internal_batch_size: int | None = None, spatial: bool = True) -> tuple[Tensor, Tensor]:
     """(activation a at `point`, mean over `alphas` of dmetric/da at a0 + alpha (a - a0)); only the
-    segment point -> embedding runs, all path points in one batch unless `internal_batch_size`."""
+    segment point -> embedding runs, all path points in one batch unless `internal_batch_size`.
+    `spatial`: refuse a point without positions (checked on a, before any gradient)."""
     if point == "visual.hook_input":  # the pixels: the whole tower, no hook needed (a ViT has no analysis point there)
         a, run = images, model.encode_image
     else:
         a, run = cache_points(model, images, [point])[point], segment_fn(model, point, images)
+        if spatial and grid_of(a.shape, point) is None:
+            grid_shape(model, point)  # raises, naming spatial points
     n = len(images)
 
     def summed(path: Tensor) -> Tensor:
@@ -135,7 +138,6 @@ def node_saliency(model, images: Tensor, metric: Metric, nodes: Mapping[str, Seq
     embedding over the batch."""
     out = {}
     for point, idx in nodes.items():
-        grid_shape(model, point)
         if isinstance(baseline, Tensor):
             a0 = baseline
         elif baseline == "zero":
@@ -187,8 +189,8 @@ def grad_cam(model, images: Tensor, metric: Metric, point: str | None = None, re
     the patch tokens only, as positions and for the gradient mean. Cost: one forward+backward of the
     segment point -> embedding."""
     point = point or last_spatial_point(model)
-    h, w = grid_shape(model, point)
     a, g = _path_gradient(model, images, metric, point, torch.zeros(()), [1.0])
+    h, w = grid_of(a.shape, point)
     d = node_dim(point, a.ndim)
     if a.ndim == 4 and d == 1:
         weights = g.mean(dim=(2, 3), keepdim=True)
