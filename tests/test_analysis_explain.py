@@ -17,14 +17,16 @@ WORDS = ["dog", "cat", "boat", "tree", "house", "car", "fish", "violin"]
 def _class_embeddings() -> torch.Tensor:
     """Unit class embeddings [8, 64] spread like a trained text tower's (an untrained tower maps
     every prompt to nearly the same direction, so no label could stand out)."""
-    return F.normalize(torch.randn(len(WORDS), 64, generator=torch.Generator().manual_seed(11), dtype=torch.double), dim=-1)
+    gen = torch.Generator().manual_seed(11)
+    return F.normalize(torch.randn(len(WORDS), 64, generator=gen, dtype=torch.double), dim=-1)
 
 
 def test_text_span_explained_variance_equals_hand_computation():
     # effects along e1 (variance 3) and e2 (variance 1), uncorrelated; words e1, (e2+e3)/sqrt2, (e1+e2)/sqrt2.
     # Step 1: energies 3, 1/2, 2 of 4 -> e1 explains 3/4. Step 2: e1 projected out; the third word becomes
     # e2 (energy 1) and beats (e2+e3)/sqrt2 (1/2) -> 1/4. Step 3: nothing left -> 0.
-    E = torch.tensor([[3 ** .5, 1, 0], [-3 ** .5, 1, 0], [3 ** .5, -1, 0], [-3 ** .5, -1, 0]], dtype=torch.double) + 7.0  # offset: centred away
+    E = torch.tensor([[3 ** .5, 1, 0], [-3 ** .5, 1, 0], [3 ** .5, -1, 0], [-3 ** .5, -1, 0]], dtype=torch.double)
+    E = E + 7.0  # a constant offset, which centring removes
     r = 2 ** -.5
     words = torch.tensor([[1.0, 0, 0], [0, r, r], [r, r, 0]], dtype=torch.double)
     picks = X.text_span(E, words, k=3, center=True)
@@ -132,7 +134,8 @@ def test_planted_vit_head_is_labelled_by_textspan(batch):
     blk = vit.transformer.resblocks[-1]
     # a residual direction u with zero mean whose LayerNorm-scaled projection is (about) the word
     A = torch.cat([(vit.proj.T * vit.ln_post.weight), torch.ones(1, vit.proj.shape[0], dtype=torch.double)])
-    u = torch.linalg.lstsq(A, torch.cat([word_emb[planted], torch.zeros(1, dtype=torch.double)])[:, None]).solution[:, 0]
+    target = torch.cat([word_emb[planted], torch.zeros(1, dtype=torch.double)])
+    u = torch.linalg.lstsq(A, target[:, None]).solution[:, 0]
     dh = blk.attn.out_proj.in_features // blk.attn.num_heads
     with torch.no_grad():
         w = torch.randn(dh, generator=torch.Generator().manual_seed(2), dtype=torch.double)

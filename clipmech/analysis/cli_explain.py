@@ -55,7 +55,8 @@ def register(subparsers) -> None:
             p.add_argument("--method", choices=("auto", "textspan", "direct", "total"), default="auto",
                            help="label source (auto: TextSpan for ViT heads, direct effect where a direct path "
                                 "exists, total effect otherwise)")
-            p.add_argument("--max-nodes", type=int, default=8, help="circuit nodes per group (shared, test-domain only)")
+            p.add_argument("--max-nodes", type=int, default=8,
+                           help="circuit nodes per group (shared, test-domain only)")
             p.add_argument("--top", type=int, default=3, help="top-activating examples per domain")
             p.add_argument("--pool", type=int, default=32, help="images per domain searched for top examples")
         p.set_defaults(func=func)
@@ -172,50 +173,17 @@ def _save_npz(arrays: dict[str, Any], path: Path) -> None:
 
 def _saliency_pngs(s: _Setup, rows: np.ndarray, arrays: dict[str, Any], out: Path) -> list[str]:
     """One PNG per image: the image, then each map as an overlay; returns paths relative to `out`."""
+    from clipmech.study.explanations import overlay, thumbnail, write_image
+
     names = [k for k in ("input_ig", "grad_cam", "node_ig") if k in arrays]
     paths = []
     for j, r in enumerate(rows):
         image = s.images(np.array([r]))[0]
         tiles = [thumbnail(image)] + [overlay(image, arrays[k][j]) for k in names]
         name = f"images/{j:03d}_row{int(r)}.png"
-        _write_image(np.concatenate(tiles, axis=1), out / name)
+        write_image(np.concatenate(tiles, axis=1), out / name)
         paths.append(name)
     return paths
-
-
-# ---------------------------------------------------------------------------------------- images
-def thumbnail(image) -> np.ndarray:
-    """uint8 [S, S, 3] of a normalised image tensor [3, S, S] (OpenAI normalisation undone)."""
-    import torch
-
-    from clipmech.models.pretrained import OPENAI_MEAN_STD
-    mean, std = (torch.tensor(v).view(3, 1, 1) for v in OPENAI_MEAN_STD)
-    rgb = (image.detach().float().cpu() * std + mean).clamp(0, 1)
-    return (rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-
-
-def overlay(image, heat: np.ndarray) -> np.ndarray:
-    """The image with a heat map [S, S] on top (positive part, scaled to its max; viridis-free 'inferno')."""
-    from matplotlib import colormaps
-
-    base = thumbnail(image).astype(np.float32)
-    h = np.clip(np.asarray(heat, dtype=np.float32), 0, None)
-    h = h / h.max() if h.max() > 0 else h
-    colour = colormaps["inferno"](h)[..., :3] * 255
-    alpha = 0.25 + 0.5 * h[..., None]
-    return (base * (1 - alpha) + colour * alpha).round().astype(np.uint8)
-
-
-def _write_image(pixels: np.ndarray, path: Path) -> None:
-    import io
-
-    from PIL import Image
-
-    from clipmech.utils import atomic_write_bytes
-
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    atomic_write_bytes(buf.getvalue(), path)
 
 
 # ---------------------------------------------------------------------------------------- explain
@@ -240,13 +208,13 @@ def vocabulary(s: _Setup, vocab: str | None) -> tuple[list[str], dict[str, Any]]
                   "dropped": len(words) - len(kept)}
 
 
-def circuit_nodes(s: _Setup, limit: int) -> tuple[list[tuple[str, int, str, float]], dict[str, Any]]:
-    """[(point, index, group, mean IG score)] of the test domain's C2 circuits from `analyze circuits`
-    (shared first, then test-domain only; `limit` per group) and what was read."""
+def circuit_nodes(s: _Setup, limit: int) -> tuple[list, dict[str, Any]]:
+    """The nodes to explain from the circuits `analyze circuits` wrote for this model
+    (`study.explanations.select_circuit_nodes`) and what was read; names the command when none."""
     import json
 
-    from clipmech.analysis.circuits import Circuit, shared_nodes
-    from clipmech.analysis.explain import shared_ranking
+    from clipmech.analysis.circuits import Circuit
+    from clipmech.study.explanations import select_circuit_nodes
 
     src, ds = s.source, s.dataset
     folder = src.out / f"circuits_{src.label}" / "circuits"
@@ -259,29 +227,17 @@ def circuit_nodes(s: _Setup, limit: int) -> tuple[list[tuple[str, int, str, floa
     for path in sorted(folder.glob("*/*.json")) if folder.is_dir() else []:
         if json.loads(path.read_text()).get("format") == "clipmech.circuit/1":
             circuits.setdefault(path.parent.name, {})[path.stem] = Circuit.load(path)
-    classes = [ds.classes[k] for k in s.c2 if ds.classes[k].replace("/", "_") in circuits.get(td, {})]
+    names = {ds.classes[k]: ds.classes[k].replace("/", "_") for k in s.c2}
+    classes = [k for k, file in names.items() if file in circuits.get(td, {})]
     if not classes or len(circuits) < 2:
         raise FileNotFoundError(f"no circuits of test domain {td!r} and another domain in {folder}; {hint}")
-    names = {k: k.replace("/", "_") for k in classes}
     by_class = {d: {k: c[names[k]] for k in classes if names[k] in c} for d, c in circuits.items()}
-    points = [p for p in by_class[td][classes[0]].points if not p.endswith("hook_input")]
-    shared, own = shared_nodes(by_class, td, classes, points)
-    mine = by_class[td]
-    picked = []
-    for group, nodes in (("shared", shared), ("test_domain_only", own)):
-        for p, n in shared_ranking(nodes, mine, limit):
-            picked.append((p, n, group, float(np.mean([float(c.node_scores[p][n]) for c in mine.values()]))))
-    return picked, {"folder": str(folder), "test_domain": td, "classes": classes,
-                    "domains": sorted(circuits), "n_shared": sum(map(len, shared.values())),
-                    "n_test_domain_only": sum(map(len, own.values()))}
+    nodes, info = select_circuit_nodes(by_class, td, classes, limit)
+    return nodes, {"folder": str(folder), **info}
 
 
 def run_explain(args: argparse.Namespace) -> int:
-    import torch
-
-    from clipmech.analysis import explain as X
-    from clipmech.analysis.circuits import ablation_values
-    from clipmech.utils import atomic_write_json
+    from clipmech.study.explanations import ImageSet, explain_nodes
 
     s = _Setup(args)
     words, vocab_info = vocabulary(s, args.vocab)
@@ -291,80 +247,21 @@ def run_explain(args: argparse.Namespace) -> int:
         nodes, found = circuit_nodes(s, args.max_nodes)
     ds = s.dataset
     rows = s.rows(args.n_images, args.seed)
-    images = s.images(rows)
     head, labels = s.head_and_labels(rows)
+    sample = ImageSet(s.images(rows), ds.domain_idx[rows], labels)
+    pool_rows = s.rows(args.pool, args.seed + 1, classes=list(range(len(ds.classes))))
+    pool = ImageSet(s.images(pool_rows), ds.domain_idx[pool_rows], sources=[ds.source_key(int(r)) for r in pool_rows],
+                    classes=[ds.classes[int(k)] for k in ds.class_idx[pool_rows]])
     word_emb = s.model.zero_shot_head([w.replace("_", " ") for w in words], s.templates)
-    points = list(dict.fromkeys(p for p, *_ in nodes))
-    fills = ablation_values(s.model, images, points)
-    pool = s.rows(args.pool, args.seed + 1, classes=list(range(len(ds.classes))))
     out = s.source.out / f"explain_{s.source.label}"
-    results = []
-    for p, i, group, score in nodes:
-        res = X.explain_node(s.model, images, labels, ds.domain_idx[rows], ds.domains, head, p, i, fills[p],
-                             word_emb, words, method=args.method, k=args.labels)
-        res.update(group=group, ig_score=score, top_examples=_examples(s, pool, p, i, args.top, out))
-        results.append(res)
-    doc = {"format": "clipmech.explanations/1",
-           "meta": {**s.source.meta, "dataset": ds.name, "split": args.split, "test_domain": s.source.test_domain,
-                    "images_per_domain": args.n_images, "n_images": len(rows), "ablation": "mean over the images",
-                    "vocabulary": vocab_info, "circuits": found or None,
-                    "effect": "change of the L2-normalised image embedding when the node is mean-ablated"},
-           "nodes": results}
-    path = atomic_write_json(doc, out / "explanations.json")
-    figures = draw_node_figures(doc, out, ds.domains)
-    print(f"clipmech analyze explain: {len(results)} nodes, {len(words)} words -> {path}, "
+    meta = {**s.source.meta, "dataset": ds.name, "split": args.split, "test_domain": s.source.test_domain,
+            "images_per_domain": args.n_images, "vocabulary": vocab_info, "circuits": found or None}
+    doc, figures = explain_nodes(s.model, nodes, sample, head, pool, ds.domains, words, word_emb, out,
+                                 method=args.method, k=args.labels, top=args.top, meta=meta)
+    print(f"clipmech analyze explain: {len(doc['nodes'])} nodes, {len(words)} words -> {out / 'explanations.json'}, "
           f"{', '.join(p.name for p in figures)}")
-    for r in results[:10]:
+    for r in doc["nodes"][:10]:
         lab = ", ".join(f"{x['word']} {x['fraction']:.0%}" for x in r["labels"]) or r.get("skipped", "")
         print(f"  {r['node']:<36} {r['group']:<16} {r['method']:<8} {lab}  (explained {r['explained']:.0%}, "
               f"chance {r['chance']:.0%}, ceiling {r['ceiling']:.0%})")
     return 0
-
-
-def draw_node_figures(doc: dict, folder: Path, domains: list[str], per_figure: int = 5) -> list[Path]:
-    """nodes_<group>.png per node group of explanations.json `doc` (its first `per_figure` nodes,
-    the top example per domain from folder/thumbs)."""
-    from PIL import Image
-
-    from clipmech.study.figures import node_explanations
-
-    paths = []
-    td = doc["meta"].get("test_domain")
-    for group in dict.fromkeys(r["group"] for r in doc["nodes"]):
-        picked = [r for r in doc["nodes"] if r["group"] == group][:per_figure]
-        thumbs = {r["node"]: {d: np.asarray(Image.open(folder / ex[0]["thumbnail"]).convert("RGB"))
-                              for d, ex in r["top_examples"].items() if ex} for r in picked}
-        title = {"shared": f"nodes of the {td} C2 circuits shared with another domain",
-                 "test_domain_only": f"nodes of the {td} C2 circuits found in {td} only"}.get(group, "requested nodes")
-        paths.append(node_explanations(picked, thumbs, domains, folder / f"nodes_{group}.png",
-                                       title=title + ": labels (share of effect explained), top examples"))
-    return paths
-
-
-def _examples(s: _Setup, pool: np.ndarray, point: str, index: int, k: int, out: Path) -> dict[str, list[dict]]:
-    """Top-k images of `pool` per domain by the node's mean activation, with thumbnails overlaid by its
-    activation map (written to out/thumbs/)."""
-    from clipmech.analysis import saliency as S
-    from clipmech.analysis.explain import node_activations, top_examples
-    from clipmech.analysis.patching import cache_points
-
-    ds = s.dataset
-    acts = np.concatenate([node_activations(s.model, s.images(pool[j:j + 64]), point, [index])[:, 0].cpu().numpy()
-                           for j in range(0, len(pool), 64)])
-    spatial = S.grid_of(cache_points(s.model, s.images(pool[:1]), [point])[point].shape, point) is not None
-    result = {}
-    for d, picks in top_examples(acts, ds.domain_idx[pool], k).items():
-        rows = pool[picks]
-        images = s.images(rows)
-        heat = None
-        if spatial:
-            a = cache_points(s.model, images, [point])[point]
-            heat = S.upsample(S.position_map(a, point, [index]), s.model.image_size).cpu().numpy()
-        entries = []
-        for j, (r, img) in enumerate(zip(rows, images)):
-            name = f"thumbs/{point.replace('.', '_')}_{index}_{ds.domains[d]}_{j}.png"
-            _write_image(overlay(img, heat[j]) if heat is not None else thumbnail(img), out / name)
-            entries.append({"row": int(r), "source": ds.source_key(int(r)), "class": ds.classes[int(ds.class_idx[r])],
-                            "activation": float(acts[picks[j]]), "thumbnail": name})
-        result[ds.domains[d]] = entries
-    return result

@@ -19,7 +19,8 @@ direction out of the effects and of every word, repeat. A label's `fraction` is 
 labels stand the chance level (k random directions explain k/D) and the ceiling (the top k
 principal directions, the most any k directions can explain). Words are the normalised
 template-averaged text embeddings, uncentred: the direction all prompts share is a legitimate first
-label and is projected out of every word before the second is chosen. A label's `logit_effect` is the mean change of the cosine between image and word embedding the node
+label and is projected out of every word before the second is chosen. A label's `logit_effect` is
+the mean change of the cosine between image and word embedding the node
 makes (positive: the node pushes the image toward the word).
 
 Per domain a node also gets its mean activation and its ablation effect on the true-class logit
@@ -27,7 +28,6 @@ Per domain a node also gets its mean activation and its ablation effect on the t
 """
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, Mapping, Sequence
 
@@ -306,8 +306,3 @@ def shared_ranking(shared: Mapping[str, set[int]], circuits: Mapping[str, Any], 
             scored.append((-(sum(s) / len(s)) if s else 0.0, p, n))
     return [(p, n) for _, p, n in sorted(scored)[:limit]]
 
-
-def thumbnail_grid(n: int) -> tuple[int, int]:
-    """(rows, cols) of a near-square grid for n thumbnails."""
-    cols = max(1, math.ceil(math.sqrt(n)))
-    return math.ceil(n / cols), cols
