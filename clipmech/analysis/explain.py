@@ -297,12 +297,13 @@ def node_activations(model, images: Tensor, point: str, nodes: Sequence[int]) ->
 
 
 def shared_ranking(shared: Mapping[str, set[int]], circuits: Mapping[str, Any], limit: int) -> list[tuple[str, int]]:
-    """Nodes of `shared` ({point: node set}) ordered by their mean IG score over `circuits` (Circuit
-    objects of the test domain), best first, at most `limit`."""
+    """Nodes of `shared` ({point: node set}) ordered by their mean share of their point's total IG
+    score over `circuits` (Circuit objects of the test domain), best first, at most `limit`. Shares,
+    not raw scores: raw IG scores grow toward the embedding and would rank only the last point."""
     scored = []
     for p, nodes in shared.items():
         for n in nodes:
-            s = [float(c.node_scores[p][n]) for c in circuits.values() if p in c.node_scores]
+            s = [float(c.node_scores[p][n] / c.node_scores[p].sum().clamp_min(1e-30))
+                 for c in circuits.values() if p in c.node_scores]
             scored.append((-(sum(s) / len(s)) if s else 0.0, p, n))
     return [(p, n) for _, p, n in sorted(scored)[:limit]]
-

@@ -44,7 +44,8 @@ def select_circuit_nodes(circuits: Mapping[str, Mapping[str, Any]], test_domain:
                          limit: int) -> tuple[list[Node], dict[str, Any]]:
     """Nodes of the test domain's circuits of `classes` (`circuits[domain][class]`, Circuit objects)
     that another domain's circuit of the same class also holds ('shared'), then the test domain's
-    own ('test_domain_only'), each group by mean IG node score, at most `limit` per group; the
+    own ('test_domain_only'), each group by the node's mean share of its point's IG score
+    (`explain.shared_ranking`), at most `limit` per group; the
     pixel input is left out. Returns (nodes, counts)."""
     mine = {k: circuits[test_domain][k] for k in classes}
     points = [p for p in next(iter(mine.values())).points if not p.endswith("hook_input")]
