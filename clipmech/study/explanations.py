@@ -147,10 +147,13 @@ def overlay(image: Tensor, heat: np.ndarray) -> np.ndarray:
     return (base * (1 - alpha) + colour * alpha).round().astype(np.uint8)
 
 
-def write_image(pixels: np.ndarray, path: Path) -> Path:
-    """uint8 [H, W, 3] -> PNG at `path`, atomically."""
+def write_image(pixels: np.ndarray, path: Path, min_height: int = 128) -> Path:
+    """uint8 [H, W, 3] -> PNG at `path`, atomically; pixels repeated (nearest neighbour) to at least
+    `min_height` rows, so 32 px model inputs stay legible."""
     from PIL import Image
 
+    factor = -(-min_height // pixels.shape[0])
+    pixels = pixels.repeat(factor, axis=0).repeat(factor, axis=1) if factor > 1 else pixels
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return atomic_write_bytes(buf.getvalue(), path)
