@@ -32,19 +32,21 @@ from torch import Tensor
 from clipmech.analysis.patching import (Metric, cache_points, check_points, evaluate_metric,
                                         mean_gradient_along_path, node_dim, riemann_alphas, segment_fn)
 
-IG_STEPS = 16  # Riemann midpoint steps; the completeness error of tiny-rn input IG falls below 5% at 16
+# Riemann midpoint steps. Input-IG completeness error on random tiny models (8 images, float64): tiny-vit
+# max 77 % at 4 steps, 15 % at 8, 3.5 % at 16, 0.9 % at 32; tiny-rn < 1e-5 from 4 steps on.
+IG_STEPS = 16
 
 
 def _path_gradient(model, images: Tensor, metric: Metric, point: str, baseline: Tensor, alphas: Sequence[float],
-                   internal_batch_size: int | None = None, spatial: bool = True) -> tuple[Tensor, Tensor]:
+                   internal_batch_size: int | None = None) -> tuple[Tensor, Tensor]:
     """(activation a at `point`, mean over `alphas` of dmetric/da at a0 + alpha (a - a0)); only the
     segment point -> embedding runs, all path points in one batch unless `internal_batch_size`.
-    `spatial`: refuse a point without positions (checked on a, before any gradient)."""
+    A hook point without positions is refused (checked on a, before any gradient)."""
     if point == "visual.hook_input":  # the pixels: the whole tower, no hook needed (a ViT has no analysis point there)
         a, run = images, model.encode_image
     else:
         a, run = cache_points(model, images, [point])[point], segment_fn(model, point, images)
-        if spatial and grid_of(a.shape, point) is None:
+        if grid_of(a.shape, point) is None:
             grid_shape(model, point)  # raises, naming spatial points
     n = len(images)
 
