@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clipmech.analysis import cli_causal
+from clipmech.analysis import cli_causal, cli_explain
 from clipmech.analysis.source import RESULTS, add_source_arguments, source_flags
 
 EMBED_POINT = "hook_image_embed_normalized"
@@ -81,6 +81,7 @@ def register(subparsers) -> None:
                            help="compute sharing even when the SAE's L0 >= its input width (refused by default)")
         p.set_defaults(func=func)
     cli_causal.register(sub)
+    cli_explain.register(sub)
     for name, p in {id(p): (n, p) for n, p in sub.choices.items()}.values():
         p.add_argument("--verify", choices=("none", "header", "decode"),
                        help="check DomainNet image files when loading (default: the run's [data] verify, else none)")

@@ -43,6 +43,7 @@ from clipmech.study import figures as F
 from clipmech.study.circuit_sets import cell_circuits, circuit_cells
 from clipmech.study.controls import FIGURE_NOTES as CONTROLS_FIGURES
 from clipmech.study.controls import controls_budget, controls_model, draw_controls_figures
+from clipmech.study.explanations import PER_FIGURE, ImageSet, explain_nodes, select_circuit_nodes
 from clipmech.study.progress import Progress
 from clipmech.study.registry import Registry
 from clipmech.study.saes import study_sae
@@ -507,6 +508,50 @@ def circuits_model(study: Study, run: dict[str, Any], model) -> tuple[dict[str, 
     return {"domains": ds.domains, "classes": [ds.classes[k] for k in classes], "node": node, "edge": edge}, reused
 
 
+def node_figures(study: Study, run: dict[str, Any], model, test_domain: str, fig_dir: Path,
+                 per_domain: int = 8) -> dict[str, str]:
+    """The report's node figures (issue 29): the top PER_FIGURE shared and test-domain-only nodes of
+    the model's C2 circuits on `test_domain` (the stored circuit set, `circuits_model`), labelled with
+    the study's class names in its templates, explained on up to `per_domain` C2 test images per
+    domain, top examples among 2 x `per_domain` test images per domain -> fig_dir/explain/
+    (explanations.json, thumbs, nodes_<group>.png). Returns {figure path: note}; empty when no
+    other domain has circuits. Cost: one segment forward per node over the sample and one forward
+    over the pool."""
+    ds = study.dataset
+    test_cells, _ = circuit_cells(study)
+    circuits, _ = cell_circuits(study, model, run["checkpoint_hash"], test_cells, "test")
+    classes = sorted(circuits.get(test_domain, {}))
+    if not classes or sum(1 for per in circuits.values() if per) < 2:
+        return {}
+    nodes, found = select_circuit_nodes(circuits, test_domain, classes, PER_FIGURE)
+    test = ds.indices(split="test")
+    rng = np.random.default_rng(0)
+    dom, cls = ds.domain_idx[test], ds.class_idx[test]
+    sample = np.concatenate([np.sort(rng.permutation(np.flatnonzero((dom == d) & np.isin(cls, classes)))[:per_domain])
+                             for d in range(len(ds.domains))])
+    pool_rows = np.concatenate([np.sort(rng.permutation(np.flatnonzero(dom == d))[:2 * per_domain])
+                                for d in range(len(ds.domains))])
+    names = class_prompts_names(ds)
+    with torch.no_grad():
+        words = model.zero_shot_head(names, study.templates())
+    present, labels = np.unique(cls[sample], return_inverse=True)
+    images = study.images("test")
+    pool_set = ImageSet(images[pool_rows], dom[pool_rows], sources=[ds.source_key(int(i)) for i in test[pool_rows]],
+                        classes=[ds.classes[int(k)] for k in cls[pool_rows]])
+    meta = {"test_domain": test_domain, "circuits": found, "model": run["checkpoint_hash"],
+            "vocabulary": {"source": "the study's class names", "n_words": len(names), "dropped": 0}}
+    _, paths = explain_nodes(model, nodes, ImageSet(images[sample], dom[sample], torch.as_tensor(labels)),
+                             words[torch.as_tensor(present)], pool_set, ds.domains, names, words,
+                             fig_dir / "explain", meta=meta)
+    notes = {"shared": f"Top {PER_FIGURE} nodes of the {test_domain} C2 circuits also in another domain's circuit "
+                       "of the class: text labels with the share of the node's effect each explains (chance and "
+                       "ceiling beside), per domain the top-activating test image with the node's map, its mean "
+                       "activation and ablation effect on the true-class logit (docs/explain.md).",
+             "test_domain_only": f"As nodes_shared, for the nodes of the {test_domain} C2 circuits in no other "
+                                 "domain's circuit."}
+    return {str(p.relative_to(study.out)): notes.get(p.stem.removeprefix("nodes_"), "") for p in paths}
+
+
 def _mean_vs_others(matrix: Sequence[Sequence[float | None]], domains: Sequence[str], d: str) -> float:
     """Mean of row `d` over the other domains (the paper's score(d*)); raises when undefined."""
     i = list(domains).index(d)
@@ -667,11 +712,14 @@ def run_quickstart(opts: QuickstartOptions) -> dict[str, Any]:
         draw_figures(results, curves, per_model[(figure_spec.run_id, figure_spec.test_domain)], figure_spec,
                      study.dataset.domains, fig_dir)
         draw_controls_figures(results["models"], fig_dir)  # issue 13
+        node_notes = node_figures(study, runs[figure_spec.run_id], load_model(runs[figure_spec.run_id]),
+                                  figure_spec.test_domain, fig_dir)  # issue 29
         results["extra"]["wall_time_s"] = round(time.perf_counter() - t0, 1)
     results["extra"]["stages"] = progress.timings()
     results["extra"]["cpu_time_s"] = round(time.process_time() - c0, 1)
     results["extra"]["controls_s"] = {k: round(v, 1) for k, v in progress.done.items() if k.startswith("controls ")}
-    write_outputs(results, study.out, {f"figures/{k}": v for k, v in (FIGURE_NOTES | CONTROLS_FIGURES).items()})
+    write_outputs(results, study.out,
+                  {f"figures/{k}": v for k, v in (FIGURE_NOTES | CONTROLS_FIGURES).items()} | node_notes)
     return results
 
 
