@@ -1,0 +1,140 @@
+"""Where a study folder keeps what the view shows, and reading it without torch.
+
+A study folder is a `clipmech quickstart` output (results.json, report.md, figures/, registry/) or a
+`clipmech experiment analyse` output (the same files plus units/<run_id>/<unit>-<hash>/result.json).
+Per model the view needs its CKA per analysis point and its circuits per (class, domain):
+
+- models: a results row's `checkpoint_hash` names its weights; otherwise the registry's finished
+  `train` stages do (their run folder is named `<model_id>-<8 hex>`).
+- CKA: the registry's `cka` stage entries (key "checkpoint") or an analysis unit `cka-*`, both
+  `clipmech.analysis.cka.domain_cka` results.
+- circuits: the registry's `circuit_set` entries (key "model" = checkpoint hash, "split" "test" =
+  the circuits the sharedness scores use) index `Circuit.save` files under
+  registry/circuit_files/<entry hash>/; only their JSON half is read (points, selected nodes best
+  first, edges with scores, meta), never the torch half.
+
+A circuit file names its class in meta["class"] when its writer recorded it; older files only carry
+the dataset's class index, which is mapped through the sorted class list of the rows and accepted
+only when every index lands on one of the study's circuit classes (otherwise shown as "class #k").
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from clipmech.view import results as R
+
+RESULTS, REPORT = "results.json", "report.md"
+RUN_FOLDER = re.compile(r"^(?P<model>.+)-[0-9a-f]{8}$")
+
+
+@dataclass(frozen=True)
+class CircuitRef:
+    """One circuit file of a model: (class, domain) and the path of its JSON half."""
+
+    model_id: str
+    class_name: str
+    domain: str
+    path: Path
+
+
+def _entries(folder: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """(path, {"key", "result"}) of every readable registry entry in `folder` (others skipped)."""
+    for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            entry = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(entry, dict):
+            yield p, entry
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's content; raises ValueError naming the file when it is not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); rerun the command that "
+                         "wrote it") from None
+
+
+def checkpoints(study: Path, rows: list[Mapping[str, Any]]) -> dict[str, str]:
+    """{checkpoint hash: model id} from the rows and the registry's finished training stages."""
+    ids = {R.model_id(r) for r in rows}
+    out = {str(r["checkpoint_hash"]): R.model_id(r) for r in rows if r.get("checkpoint_hash")}
+    for _, entry in _entries(study / "registry" / "train"):
+        run_dir, ckpt = R.get(entry, "result", "run_dir"), R.get(entry, "result", "checkpoint_hash")
+        m = RUN_FOLDER.match(Path(str(run_dir)).name) if run_dir and ckpt else None
+        if m and m.group("model") in ids:
+            out.setdefault(str(ckpt), m.group("model"))
+    return out
+
+
+def cka_results(study: Path, by_checkpoint: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """{model id: domain_cka result} from registry `cka` entries and `units/<run_id>/cka-*` units."""
+    out: dict[str, dict[str, Any]] = {}
+    for _, entry in _entries(study / "registry" / "cka"):
+        model = by_checkpoint.get(str(R.get(entry, "key", "checkpoint")))
+        if model and isinstance(entry.get("result"), dict):
+            out[model] = entry["result"]
+    for p in sorted(study.glob("units/*/cka-*/result.json")):
+        try:
+            out.setdefault(p.parent.parent.name, read_json(p))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _class_of(index: str, meta_class: Any, names: list[str]) -> str | None:
+    if isinstance(meta_class, str) and meta_class:
+        return meta_class
+    k = int(index) if str(index).isdigit() else -1
+    return names[k] if 0 <= k < len(names) else None
+
+
+def circuit_refs(study: Path, results: Mapping[str, Any], by_checkpoint: Mapping[str, str]) -> list[CircuitRef]:
+    """Every test-split circuit of a known model, with its class named (see the module note)."""
+    names, expected = R.class_names(results), set(R.circuit_class_names(results))
+    found: list[tuple[str, str, str, Path, Any]] = []  # (model, class index, domain, path, meta class)
+    for entry_path, entry in _entries(study / "registry" / "circuit_set"):
+        model = by_checkpoint.get(str(R.get(entry, "key", "model")))
+        index = entry.get("result")
+        if not model or R.get(entry, "key", "split") != "test" or not isinstance(index, dict):
+            continue
+        folder = entry_path.parent.parent / "circuit_files" / entry_path.stem
+        for domain, per in index.items():
+            for k, name in (per.items() if isinstance(per, dict) else []):
+                path = folder / str(name)
+                if path.is_file():
+                    found.append((model, str(k), str(domain), path, _meta_class(path)))
+    # An index is trusted only when every circuit without a recorded name maps into the circuit classes.
+    trusted = all(_class_of(k, None, names) in expected for _, k, _, _, mc in found if not mc)
+    return [CircuitRef(model, _class_of(k, mc, names if trusted else []) or f"class #{k}", domain, path)
+            for model, k, domain, path, mc in found]
+
+
+def _meta_class(path: Path) -> str | None:
+    try:
+        return R.get(read_json(path), "meta", "class")
+    except (OSError, ValueError):
+        return None
+
+
+def read_circuit(path: Path) -> dict[str, Any]:
+    """The JSON half of a `Circuit.save` file: {"points", "nodes" {point: [index, best first]},
+    "edges" [[up point, up index, down point, down index, score]], "n_images"}."""
+    data = read_json(path)
+    if not isinstance(data, dict) or data.get("format") != "clipmech.circuit/1":
+        raise ValueError(f"{path} is not a clipmech circuit file (format clipmech.circuit/1); rerun the analysis")
+    points = [str(p) for p in data.get("points") or []]
+    nodes = {p: [int(i) for i in (data.get("nodes") or {}).get(p, [])] for p in points}
+    edges = [[str(u), int(i), str(d), int(j), R.number(w)] for u, i, d, j, w in data.get("edges") or []]
+    return {"points": points, "nodes": nodes, "edges": edges, "n_images": R.get(data, "meta", "n_images")}
+
+
+def is_study(folder: Path) -> bool:
+    """Whether `folder` holds what the view needs: a results.json of a study or analysis."""
+    return (folder / RESULTS).is_file()

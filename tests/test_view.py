@@ -1,0 +1,339 @@
+"""`clipmech view`: the site's data from a study folder (the committed quickstart results with a small
+registry of real `Circuit.save` files and CKA entries), explanation records, bad input, atomic
+reruns; then the pages in a real headless Chromium (Debian's chromium + chromium-driver)."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from clipmech.analysis.circuits import Circuit
+from clipmech.cli import main
+from clipmech.study.registry import Registry
+from clipmech.utils import hash_obj
+from clipmech.view import results as R
+from clipmech.view.explanations import read_explanations
+from clipmech.view.locate import circuit_refs, checkpoints, read_circuit
+from clipmech.view.site import ViewInputError, build_site
+
+REPO = Path(__file__).resolve().parents[1]
+COMMITTED = REPO / "figures"
+POINTS = ["visual.hook_input", "visual.layer1.0.hook_out", "visual.layer2.0.hook_out", "visual.attnpool.hook_out"]
+WIDTH = {"visual.hook_input": 3, "visual.layer1.0.hook_out": 16, "visual.layer2.0.hook_out": 32, "visual.attnpool.hook_out": 12}
+CIRCUIT_MODELS = ("cg_high-clipart-s0", "natural_only-s0")
+DOMAINS = ("clipart", "painting", "real")
+
+
+def _circuit(seed: int, n_images: int) -> Circuit:
+    """A layered circuit over POINTS: ~25 % of each point's channels, top 2 upstream edges per node."""
+    g = torch.Generator().manual_seed(seed)
+    scores = {p: torch.rand(c, generator=g) for p, c in WIDTH.items()}
+    nodes = {p: torch.argsort(s, descending=True)[: max(1, c // 4)].tolist() for (p, c), s in zip(WIDTH.items(), scores.values())}
+    edges = [(u, i, d, j, float(torch.randn(1, generator=g)))
+             for u, d in zip(POINTS, POINTS[1:]) for j in nodes[d] for i in nodes[u][:2]]
+    return Circuit(POINTS, scores, nodes, edges, {"split": "test", "n_images": n_images})
+
+
+def expected_nodes() -> int:
+    return sum(max(1, c // 4) for c in WIDTH.values())
+
+
+def make_study(root: Path, explanations: bool = True) -> Path:
+    """A quickstart-shaped study: the committed results, report and figures, and a registry holding
+    training records, CKA results and test-split circuit sets (as clipmech.study.circuit_sets
+    stores them) for CIRCUIT_MODELS; circuit classes named only by dataset index, as today."""
+    study = root / "study"
+    (study / "figures").mkdir(parents=True)
+    shutil.copy(COMMITTED / "quickstart_results.json", study / "results.json")
+    shutil.copy(COMMITTED / "quickstart_report.md", study / "report.md")
+    for png in ["fig2_c2_accuracy.png", "cka_per_layer.png", "faithfulness_cg_high-clipart-s0_clipart.png"]:
+        shutil.copy(COMMITTED / png, study / "figures" / png)
+    results = json.loads((study / "results.json").read_text())
+    names = R.class_names(results)
+    classes = R.circuit_class_names(results)[:2]
+    reg = Registry(study / "registry")
+    for n, model in enumerate(CIRCUIT_MODELS):
+        ckpt = f"{n:016x}"
+        reg.put("train", {"model": model}, {"run_dir": str(study / "runs" / f"{model}-{n:08x}"), "checkpoint_hash": ckpt})
+        points = POINTS[1:]
+        pairs = {f"{a}|{b}": {"cka": [0.2 + 0.1 * k + 0.05 * n for k in range(len(points))],
+                              "ci_low": [0.1] * len(points), "ci_high": [0.9] * len(points)}
+                 for i, a in enumerate(DOMAINS) for b in DOMAINS[i + 1:]}
+        reg.put("cka", {"checkpoint": ckpt}, {"points": points, "results": {"C2": {"linear": pairs}}})
+        key = {"stage": "circuit_set", "model": ckpt, "split": "test"}
+        folder = reg.root / "circuit_files" / hash_obj(key)
+        index = {d: {str(names.index(c)): _circuit(100 * n + 10 * di + ci, 2).save(folder / f"{di}_{names.index(c)}").name
+                     for ci, c in enumerate(classes)} for di, d in enumerate(DOMAINS)}
+        reg.put("circuit_set", key, index)
+        repeat = key | {"split": "train"}  # the controls' repeat circuits: not what the view shows
+        reg.put("circuit_set", repeat, {d: {} for d in DOMAINS})
+    if explanations:
+        write_explanations(study / "explanations" / CIRCUIT_MODELS[0])
+    return study
+
+
+def write_explanations(folder: Path) -> Path:
+    """An explanations.json for CIRCUIT_MODELS[0]: one full record (on a node of its first circuit),
+    one with labels only, and two malformed entries."""
+    folder.mkdir(parents=True, exist_ok=True)
+    c = _circuit(0, 2)
+    node = f"{POINTS[2]}/{c.nodes[POINTS[2]][0]}"
+    (folder / "img").mkdir(exist_ok=True)
+    shutil.copy(COMMITTED / "fig2_c2_accuracy.png", folder / "img" / "a.png")
+    records = {node: {"labels": [{"label": "yellow curve", "score": 0.41, "explained": 0.63}],
+                      "examples": {"clipart": [{"image": "img/a.png", "heatmap": "img/a.png", "activation": 2.5},
+                                               {"image": "img/missing.png", "activation": 1.0}]},
+                      "domain_means": {"clipart": 0.8, "painting": 0.3}, "ablation": {"effect": -0.12, "ci": [-0.2, -0.05],
+                                                                                       "metric": "true-class logit"}},
+               f"{POINTS[1]}/0": {"labels": [{"label": "edges"}]},
+               "no-slash": {"labels": []}, f"{POINTS[1]}/1": {"labels": "not a list"}}
+    path = folder / "explanations.json"
+    path.write_text(json.dumps({"model_id": CIRCUIT_MODELS[0], "nodes": records}))
+    return path
+
+
+# ------------------------------------------------------------------------------------ data
+def test_results_fields_are_read_defensively():
+    results = json.loads((COMMITTED / "quickstart_results.json").read_text())
+    found = R.findings(results)
+    assert [f["finding"] for f in found] == [f["finding"] for f in results["findings"]]
+    first = found[0]["evidence"][0]
+    assert first["label"] == "C2 accuracy lod − natural_only" and first["estimate"] == "+20.2 points"
+    assert first["ci"] == "[11.1, 29.4]" and first["verdict"] == "reproduced"
+    causal = found[-1]["evidence"]
+    assert causal[0]["estimate"] == "+0.107" and causal[-1].get("beside")
+    row = R.model_summary(results["models"][0], R.measures_of(results["models"]))
+    m = row["measures"]["node_jaccard"]
+    assert (m["score"], m["floor"], m["ceiling"]) == (pytest.approx(0.3558, abs=1e-4), pytest.approx(0.1182, abs=1e-4),
+                                                     pytest.approx(0.5453, abs=1e-4))
+    # missing, NaN and wrong-typed fields are "not measured", never an error or NaN
+    sparse = R.model_detail({"model_id": "m", "c2_test_acc": float("nan"), "cka_mid": "x", "controls": []}, ["cka_mid"])
+    assert sparse["c2"] is None and sparse["measures"]["cka_mid"]["score"] is None
+    assert sparse["causal"]["logit"] == R.NOT_MEASURED and sparse["faithfulness"] is None
+    assert R.findings({"findings": [{"evidence": [{"better": "a"}]}, "junk"]})[0]["evidence"][0]["estimate"] == R.NOT_MEASURED
+    table = R.accuracy_table(results, (COMMITTED / "quickstart_report.md").read_text())
+    assert table["columns"][:2] == ["setup", "models"] and [r[0] for r in table["rows"]] == ["natural_only", "lod", "cg_low", "cg_high"]
+    assert R.accuracy_table({}, "# no table here") is None
+
+
+def test_circuit_classes_are_named_and_only_test_circuits_of_known_models_listed(tmp_path):
+    study = make_study(tmp_path, explanations=False)
+    results = json.loads((study / "results.json").read_text())
+    refs = circuit_refs(study, results, checkpoints(study, R.model_rows(results)))
+    assert {(r.model_id, r.class_name, r.domain) for r in refs} == {
+        (m, c, d) for m in CIRCUIT_MODELS for c in R.circuit_class_names(results)[:2] for d in DOMAINS}
+    circ = read_circuit(refs[0].path)
+    assert sum(len(v) for v in circ["nodes"].values()) == expected_nodes() and circ["n_images"] == 2
+    # an index that does not land on a circuit class is not trusted: "class #k", never a wrong name
+    results["config"]["circuit_classes"] = 0
+    assert {r.class_name for r in circuit_refs(study, results, checkpoints(study, R.model_rows(results)))} == {
+        f"class #{R.class_names(results).index(c)}" for c in R.circuit_class_names(json.loads((study / "results.json").read_text()))[:2]}
+
+
+def test_explanation_records_keep_what_they_have_and_count_the_rest(tmp_path):
+    path = write_explanations(tmp_path / "ex")
+    ex = read_explanations(path)
+    assert ex.model_id == CIRCUIT_MODELS[0] and ex.skipped == 2 and len(ex.nodes) == 2
+    full = next(e for e in ex.nodes.values() if e.labels and e.labels[0].label == "yellow curve")
+    assert full.labels[0].score == 0.41 and full.labels[0].explained == 0.63
+    assert full.examples["clipart"][0].image == path.parent / "img" / "a.png" and full.examples["clipart"][1].heatmap is None
+    assert full.domain_means == {"clipart": 0.8, "painting": 0.3} and full.ablation["ci"] == [-0.2, -0.05]
+    sparse = ex.nodes[f"{POINTS[1]}/0"]
+    assert sparse.labels[0].score is None and sparse.examples == {} and sparse.ablation is None
+    (tmp_path / "list.json").write_text(json.dumps([{"node": "p/1"}, 3]))
+    assert list(read_explanations(tmp_path / "list.json").nodes) == ["p/1"] and read_explanations(tmp_path / "list.json").skipped == 1
+
+
+def _data(site: Path, rel: str):
+    text = (site / rel).read_text()
+    m = re.fullmatch(r'CLIPMECH\.data\((".*?"), (.*)\);\n', text, flags=re.S)
+    assert m and json.loads(m.group(1)) == rel
+    return json.loads(m.group(2))
+
+
+def test_site_has_one_data_file_per_page_and_copies_what_it_shows(tmp_path):
+    study = make_study(tmp_path)
+    site = build_site(study)
+    root = site.index.parent
+    assert site.models == 21 and site.circuits == len(CIRCUIT_MODELS) * 2 * len(DOMAINS) and site.explained_models == 1
+    data = _data(root, "data/study.js")
+    assert len(data["findings"]) == 4 and len(data["models"]) == 24
+    assert {f["src"] for f in data["figures"]} == {"figures/fig2_c2_accuracy.png", "figures/cka_per_layer.png"}
+    page = _data(root, next(m["page"] for m in data["models"] if m["model_id"] == CIRCUIT_MODELS[0]))
+    assert [f["name"] for f in page["figures"]] == ["faithfulness_cg_high-clipart-s0_clipart"]
+    assert page["cka"]["subset"] == "C2" and len(page["cka"]["pairs"]) == 3
+    assert set(page["circuits"]["counts"][page["circuits"]["classes"][0]].values()) == {expected_nodes()}
+    ex = _data(root, page["explanations"])
+    assert len(ex["nodes"]) == 2 and ex["skipped"] == 2
+    shown = [x for rec in ex["nodes"].values() for xs in rec["examples"].values() for x in xs]
+    assert (root / shown[0]["image"]).is_file() and shown[1]["image"] is None  # a missing image is not invented
+    other = _data(root, next(m["page"] for m in data["models"] if m["model_id"] == "lod-clipart-s0"))
+    assert other["cka"] is None and other["circuits"]["classes"] == [] and other["explanations"] is None
+    # every script and style is local: no http(s) reference anywhere in the site
+    for p in root.rglob("*"):
+        if p.suffix in (".html", ".js", ".css"):
+            assert not re.search(r"(?<!www\.w3\.org/2000/svg)https?://(?!www\.w3\.org/2000/svg)", p.read_text()), p
+
+
+def test_bad_input_is_one_line_and_a_rerun_replaces_the_site_whole(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["view", str(empty)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "holds no results.json" in err and "clipmech quickstart" in err
+    assert main(["view", str(tmp_path / "nowhere")]) == 1 and "is not a folder" in capsys.readouterr().err
+    (empty / "results.json").write_text("{not json")
+    assert main(["view", str(empty)]) == 1 and "is not valid JSON" in capsys.readouterr().err
+    study = make_study(tmp_path, explanations=False)
+    assert main(["view", str(study)]) == 0 and "21 model pages" in capsys.readouterr().out
+    stale = study / "view" / "stale.txt"
+    stale.write_text("from an older site")
+    build_site(study)
+    assert not stale.exists() and (study / "view" / "index.html").is_file()
+    assert [p.name for p in study.iterdir() if p.name.startswith(".view")] == []
+    # a failed build leaves the previous site in place and no temporary folder behind
+    (study / "results.json").write_text(json.dumps({"models": "not a list"}))
+    with pytest.raises(ViewInputError, match="no list of model rows"):
+        build_site(study)
+    assert (study / "view" / "index.html").is_file() and [p.name for p in study.iterdir() if p.name.startswith(".view")] == []
+
+
+def test_view_package_does_not_import_torch():
+    code = "import sys, clipmech.view.site, clipmech.view.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------------------------ browser
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """(driver, site index, screenshot folder): headless Debian Chromium on a fresh profile, logging
+    the console and every network request. Skips (counted, with the reason) only outside CI."""
+    missing = [name for name, found in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER)) if not found]
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        missing.append("selenium")
+    if missing:
+        message = f"browser tests need {', '.join(missing)}: apt-get install chromium chromium-driver; pip install selenium"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    site = build_site(make_study(tmp_path_factory.mktemp("browser")))
+    shots = Path(os.environ.get("CLIPMECH_VIEW_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    shots.mkdir(parents=True, exist_ok=True)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--no-first-run", "--window-size=1400,1000",
+                f"--user-data-dir={tmp_path_factory.mktemp('profile')}"):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(30)
+    driver.get("about:blank")
+    driver.get_log("browser"), driver.get_log("performance")  # drop the start-up tab's own (chrome://) requests
+    yield driver, site.index, shots
+    driver.quit()
+
+
+def _wait(driver, condition: str, timeout: float = 15):
+    """Wait until the JavaScript expression `condition` is truthy on the page."""
+    from selenium.webdriver.support.ui import WebDriverWait
+    WebDriverWait(driver, timeout).until(lambda d: d.execute_script(f"return !!({condition})"))
+
+
+def _page(driver, kind: str, extra: str = "true"):
+    _wait(driver, f"document.body.dataset.page === '{kind}' && document.body.dataset.ready === '1' && ({extra})")
+
+
+def _shot(driver, shots: Path, name: str) -> Path:
+    """A full-page screenshot (the window grown to the page's height, then restored)."""
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1400, min(max(1000, height), 6000))
+    path = shots / f"{name}.png"
+    driver.save_screenshot(str(path))
+    driver.set_window_size(1400, 1000)
+    return path
+
+
+def _clean_logs(driver) -> None:
+    """No console errors, and no request for anything but a file:// URL."""
+    errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+    assert errors == []
+    urls = [json.loads(e["message"])["message"]["params"]["request"]["url"] for e in driver.get_log("performance")
+            if '"Network.requestWillBeSent"' in e["message"]]
+    assert urls and all(u.startswith("file://") for u in urls), [u for u in urls if not u.startswith("file://")]
+
+
+def test_study_page_lists_every_finding_and_sorts_models(browser):
+    from selenium.webdriver.common.by import By
+    driver, index, shots = browser
+    driver.get(index.as_uri())
+    _page(driver, "study")
+    results = json.loads((index.parent.parent / "results.json").read_text())
+    shown = [e.get_attribute("data-finding") for e in driver.find_elements(By.CSS_SELECTOR, ".finding")]
+    assert shown == [f["finding"] for f in results["findings"]]
+    text = driver.find_element(By.ID, "findings").text
+    assert all(f"{f['finding']}: {f['verdict']}" in text for f in results["findings"])
+    assert len(driver.find_elements(By.CSS_SELECTOR, "table.models tbody tr")) == len(results["models"])
+    driver.find_element(By.CSS_SELECTOR, 'th[data-key="c2"]').click()
+    c2 = [float(r.find_elements(By.TAG_NAME, "td")[5].text) for r in driver.find_elements(By.CSS_SELECTOR, "table.models tbody tr")]
+    assert c2 == sorted(c2) and c2 != [round(100 * m["c2_test_acc"], 1) for m in results["models"]]
+    assert _shot(driver, shots, "study").stat().st_size > 10_000
+    _clean_logs(driver)
+
+
+def test_model_link_opens_its_circuit_graphs_and_a_node_opens_its_panel(browser):
+    from selenium.webdriver.common.by import By
+    driver, index, shots = browser
+    model = CIRCUIT_MODELS[0]
+    driver.get(index.as_uri())
+    _page(driver, "study")
+    driver.find_element(By.CSS_SELECTOR, f'a.model-link[data-model="{model}"]').click()
+    _page(driver, "model", "document.querySelectorAll('svg.circuit').length === 2")
+    graphs = driver.find_elements(By.CSS_SELECTOR, "svg.circuit")
+    assert [g.get_attribute("data-domain") for g in graphs] == ["clipart", "painting"]  # the row's test domain first
+    assert [len(g.find_elements(By.CSS_SELECTOR, "circle.node")) for g in graphs] == [expected_nodes()] * 2
+    # nodes shared with the side-by-side domain are highlighted: exactly the intersection of the two files
+    a, b = (_circuit(100 * 0 + 10 * di, 2).node_set() for di in (0, 1))
+    assert {c.get_attribute("data-node") for c in graphs[0].find_elements(By.CSS_SELECTOR, "circle.node.shared")} == a & b
+    assert driver.find_elements(By.CSS_SELECTOR, "svg.cka circle.pt")
+    _shot(driver, shots, "model")
+    explained = f"{POINTS[2]}/{_circuit(0, 2).nodes[POINTS[2]][0]}"
+    driver.execute_script("arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true}))",
+                          graphs[0].find_element(By.CSS_SELECTOR, f'circle.node[data-node="{explained}"]'))
+    _page(driver, "node", f"document.querySelector('#node-panel[data-node=\"{explained}\"]')")
+    panel = driver.find_element(By.ID, "node-panel")
+    assert "yellow curve" in panel.text and "-0.120 [-0.200, -0.050]" in panel.text and "image missing" in panel.text
+    assert driver.execute_script("return [...document.querySelectorAll('#node-panel img')].every(i => i.complete && i.naturalWidth > 0)")
+    _shot(driver, shots, "node")
+    plain = f"{POINTS[1]}/{_circuit(0, 2).nodes[POINTS[1]][1]}"
+    driver.execute_script("arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true}))",  # the page re-rendered
+                          driver.find_element(By.CSS_SELECTOR, f'svg.circuit[data-domain="clipart"] circle.node[data-node="{plain}"]'))
+    _page(driver, "node", f"document.querySelector('#node-panel[data-node=\"{plain}\"]')")
+    assert "No explanation recorded" in driver.find_element(By.ID, "node-panel").text
+    _clean_logs(driver)
+
+
+def test_deep_link_opens_the_named_class_domains_and_node(browser):
+    from selenium.webdriver.common.by import By
+    driver, index, shots = browser
+    model, node = CIRCUIT_MODELS[1], f"{POINTS[3]}/{_circuit(100 + 20 + 1, 2).nodes[POINTS[3]][0]}"
+    cls = R.circuit_class_names(json.loads((index.parent.parent / "results.json").read_text()))[1]
+    driver.get("about:blank")
+    driver.get(index.as_uri() + f"#model={model}&class={cls}&domain=real&vs=none&node={node}")
+    _page(driver, "node", f"document.querySelector('#node-panel[data-node=\"{node}\"]')")
+    assert [g.get_attribute("data-domain") for g in driver.find_elements(By.CSS_SELECTOR, "svg.circuit")] == ["real"]
+    assert driver.find_element(By.CSS_SELECTOR, 'select[data-key="class"]').get_attribute("value") == cls
+    assert "rank in point" in driver.find_element(By.ID, "node-panel").text
+    _clean_logs(driver)
