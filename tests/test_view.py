@@ -29,14 +29,15 @@ CIRCUIT_MODELS = ("cg_high-clipart-s0", "natural_only-s0")
 DOMAINS = ("clipart", "painting", "real")
 
 
-def _circuit(seed: int, n_images: int) -> Circuit:
-    """A layered circuit over POINTS: ~25 % of each point's channels, top 2 upstream edges per node."""
+def _circuit(seed: int, n_images: int, cls: str | None = None) -> Circuit:
+    """A layered circuit over POINTS: ~25 % of each point's channels, top 2 upstream edges per node;
+    meta names its class when `cls` is given (as clipmech.study.circuit_sets writes it now)."""
     g = torch.Generator().manual_seed(seed)
     scores = {p: torch.rand(c, generator=g) for p, c in WIDTH.items()}
     nodes = {p: torch.argsort(s, descending=True)[: max(1, c // 4)].tolist() for (p, c), s in zip(WIDTH.items(), scores.values())}
     edges = [(u, i, d, j, float(torch.randn(1, generator=g)))
              for u, d in zip(POINTS, POINTS[1:]) for j in nodes[d] for i in nodes[u][:2]]
-    return Circuit(POINTS, scores, nodes, edges, {"split": "test", "n_images": n_images})
+    return Circuit(POINTS, scores, nodes, edges, {"split": "test", "n_images": n_images, **({"class": cls} if cls else {})})
 
 
 def expected_nodes() -> int:
@@ -46,7 +47,8 @@ def expected_nodes() -> int:
 def make_study(root: Path, explanations: bool = True) -> Path:
     """A quickstart-shaped study: the committed results, report and figures, and a registry holding
     training records, CKA results and test-split circuit sets (as clipmech.study.circuit_sets
-    stores them) for CIRCUIT_MODELS; circuit classes named only by dataset index, as today."""
+    stores them) for CIRCUIT_MODELS: the first model's circuits name their class only by dataset
+    index (older files), the second's also in meta["class"]."""
     study = root / "study"
     (study / "figures").mkdir(parents=True)
     shutil.copy(COMMITTED / "quickstart_results.json", study / "results.json")
@@ -67,7 +69,7 @@ def make_study(root: Path, explanations: bool = True) -> Path:
         reg.put("cka", {"checkpoint": ckpt}, {"points": points, "results": {"C2": {"linear": pairs}}})
         key = {"stage": "circuit_set", "model": ckpt, "split": "test"}
         folder = reg.root / "circuit_files" / hash_obj(key)
-        index = {d: {str(names.index(c)): _circuit(100 * n + 10 * di + ci, 2).save(folder / f"{di}_{names.index(c)}").name
+        index = {d: {str(names.index(c)): _circuit(100 * n + 10 * di + ci, 2, c if n else None).save(folder / f"{di}_{names.index(c)}").name
                      for ci, c in enumerate(classes)} for di, d in enumerate(DOMAINS)}
         reg.put("circuit_set", key, index)
         repeat = key | {"split": "train"}  # the controls' repeat circuits: not what the view shows
@@ -129,10 +131,13 @@ def test_circuit_classes_are_named_and_only_test_circuits_of_known_models_listed
         (m, c, d) for m in CIRCUIT_MODELS for c in R.circuit_class_names(results)[:2] for d in DOMAINS}
     circ = read_circuit(refs[0].path)
     assert sum(len(v) for v in circ["nodes"].values()) == expected_nodes() and circ["n_images"] == 2
-    # an index that does not land on a circuit class is not trusted: "class #k", never a wrong name
+    # an index that does not land on a circuit class is not trusted: "class #k", never a wrong name;
+    # a class named in the file's meta is taken as written
+    classes = R.circuit_class_names(results)[:2]
     results["config"]["circuit_classes"] = 0
-    assert {r.class_name for r in circuit_refs(study, results, checkpoints(study, R.model_rows(results)))} == {
-        f"class #{R.class_names(results).index(c)}" for c in R.circuit_class_names(json.loads((study / "results.json").read_text()))[:2]}
+    named = {(r.model_id, r.class_name) for r in circuit_refs(study, results, checkpoints(study, R.model_rows(results)))}
+    assert named == {(CIRCUIT_MODELS[0], f"class #{R.class_names(results).index(c)}") for c in classes} | {
+        (CIRCUIT_MODELS[1], c) for c in classes}
 
 
 def test_explanation_records_keep_what_they_have_and_count_the_rest(tmp_path):

@@ -101,7 +101,7 @@
     return h("span", { class: "measure", title },
       s("svg", { width: 80, height: 14, class: "spark" }, band, s("circle", { cx: x(m.score), cy: 7, r: 3, class: "dot" })),
       h("span", {}, num(m.score, 2)),
-      h("small", {}, (m.floor !== null && m.ceiling !== null ? ` ${num(m.floor, 2)}–${num(m.ceiling, 2)}` : " no floor/ceiling") +
+      h("small", {}, (m.floor !== null && m.ceiling !== null ? `${num(m.floor, 2)}–${num(m.ceiling, 2)}` : "no floor/ceiling") +
         (m.norm !== null ? ` n=${num(m.norm, 2)}` : "")));
   }
 
@@ -133,7 +133,7 @@
     draw();
     return h("section", { id: "models" }, h("h2", {}, "Models"),
       h("p", { class: "note" }, "One row per trained model and test domain. Each sharedness score: the dot is the score, the band spans its floor (class-permuted) to its ceiling (disjoint drawings: the reliability bound); n = normalised score. Hover for the score's CI over classes and the untrained model's score. Click a column to sort, a model to open its circuits."),
-      h("table", { class: "models" }, h("thead", {}, head), tbody));
+      h("div", { class: "scroll" }, h("table", { class: "models" }, h("thead", {}, head), tbody)));
   }
 
   function figuresSection(figs, id) {
@@ -304,12 +304,23 @@
         model.rows.map((r) => [r.test_domain ?? NM].concat(Object.values(r.measures).map(measureCell)))));
   }
 
+  function faithfulnessTable(r) {
+    const f = r.faithfulness;
+    if (!f) return h("p", {}, `Faithfulness on ${r.test_domain}: ${NM}.`);
+    const ablations = [...new Set(Object.values(f.domains).flatMap((per) => Object.keys(per)))];
+    const cell = (e) => (e ? `${num(e.auc)} ` + (e.auc_ci[0] !== null ? `[${num(e.auc_ci[0])}, ${num(e.auc_ci[1])}]` : "") : NM);
+    return h("div", {}, h("h4", {}, `Faithfulness of the training-drawing circuits (${r.test_domain} model row)`),
+      h("p", { class: "note" }, `Area under f(x) over kept node fractions ${f.sizes.join(", ")} %, per domain and ablation, mean over classes with its CI.`),
+      table(["domain"].concat(ablations.map((a) => a + " ablation AUC")), Object.entries(f.domains).map(([d, per]) => [d].concat(ablations.map((a) => cell(per[a]))))));
+  }
+
   function causalSection(model) {
     const blocks = model.rows.map((r) => {
       const pc = Object.entries(r.causal.per_class);
       return h("div", {}, h("h3", {}, `Causal test on ${r.test_domain}: `, verdict(r.causal.verdict)),
         h("p", { class: "note" }, `Per C2 class, the true-class logit drop after ablating (${r.causal.ablation || "?"}) the circuit nodes shared with other domains minus the drop after ablating IG-matched controls; shared nodes without a matched control trimmed: ${r.causal.trimmed} %.`),
-        pc.length ? table(["class", "logit effect", "accuracy effect", "shared nodes", "images"], pc.map(([c, v]) => [c, num(v.logit), pct(v.accuracy), v.n_shared ?? NM, v.n_images ?? NM])) : h("p", {}, NM));
+        pc.length ? table(["class", "logit effect", "accuracy effect", "shared nodes", "images"], pc.map(([c, v]) => [c, num(v.logit), pct(v.accuracy), v.n_shared ?? NM, v.n_images ?? NM])) : h("p", {}, NM),
+        faithfulnessTable(r));
     });
     return h("section", { id: "causal" }, h("h2", {}, "Causal and faithfulness results"), blocks, figuresSection(model.figures, "model-figures"));
   }
