@@ -226,8 +226,7 @@ def browser(tmp_path_factory):
     the console and every network request. Skips (counted, with the reason) only outside CI."""
     missing = [name for name, found in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER)) if not found]
     try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
+        import selenium  # noqa: F401
     except ImportError:
         missing.append("selenium")
     if missing:
@@ -236,19 +235,27 @@ def browser(tmp_path_factory):
     site = build_site(make_study(tmp_path_factory.mktemp("browser")))
     shots = Path(os.environ.get("CLIPMECH_VIEW_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
     shots.mkdir(parents=True, exist_ok=True)
+    driver = chromium_driver(tmp_path_factory.mktemp("profile"))
+    yield driver, site.index, shots
+    driver.quit()
+
+
+def chromium_driver(profile: Path):
+    """Headless Debian Chromium through chromedriver on a fresh profile, logging the console and the
+    network (also used by benchmarks/view_site.py)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--no-first-run", "--window-size=1400,1000",
-                f"--user-data-dir={tmp_path_factory.mktemp('profile')}"):
+                "--disable-component-update", "--no-first-run", "--window-size=1400,1000", f"--user-data-dir={profile}"):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     driver.set_page_load_timeout(30)
     driver.get("about:blank")
     driver.get_log("browser"), driver.get_log("performance")  # drop the start-up tab's own (chrome://) requests
-    yield driver, site.index, shots
-    driver.quit()
+    return driver
 
 
 def _wait(driver, condition: str, timeout: float = 15):
@@ -261,8 +268,8 @@ def _page(driver, kind: str, extra: str = "true"):
     _wait(driver, f"document.body.dataset.page === '{kind}' && document.body.dataset.ready === '1' && ({extra})")
 
 
-def _shot(driver, shots: Path, name: str) -> Path:
-    """A full-page screenshot (the window grown to the page's height, then restored)."""
+def full_page_screenshot(driver, shots: Path, name: str) -> Path:
+    """A full-page screenshot shots/name.png (the window grown to the page's height, then restored)."""
     height = driver.execute_script("return document.documentElement.scrollHeight")
     driver.set_window_size(1400, min(max(1000, height), 6000))
     path = shots / f"{name}.png"
@@ -271,12 +278,17 @@ def _shot(driver, shots: Path, name: str) -> Path:
     return path
 
 
+def requested_urls(driver) -> list[str]:
+    """Every URL the page requested since the last call (from the performance log)."""
+    return [json.loads(e["message"])["message"]["params"]["request"]["url"] for e in driver.get_log("performance")
+            if '"Network.requestWillBeSent"' in e["message"]]
+
+
 def _clean_logs(driver) -> None:
     """No console errors, and no request for anything but a file:// URL."""
     errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
     assert errors == []
-    urls = [json.loads(e["message"])["message"]["params"]["request"]["url"] for e in driver.get_log("performance")
-            if '"Network.requestWillBeSent"' in e["message"]]
+    urls = requested_urls(driver)
     assert urls and all(u.startswith("file://") for u in urls), [u for u in urls if not u.startswith("file://")]
 
 
@@ -294,7 +306,7 @@ def test_study_page_lists_every_finding_and_sorts_models(browser):
     driver.find_element(By.CSS_SELECTOR, 'th[data-key="c2"]').click()
     c2 = [float(r.find_elements(By.TAG_NAME, "td")[5].text) for r in driver.find_elements(By.CSS_SELECTOR, "table.models tbody tr")]
     assert c2 == sorted(c2) and c2 != [round(100 * m["c2_test_acc"], 1) for m in results["models"]]
-    assert _shot(driver, shots, "study").stat().st_size > 10_000
+    assert full_page_screenshot(driver, shots, "study").stat().st_size > 10_000
     _clean_logs(driver)
 
 
@@ -313,7 +325,7 @@ def test_model_link_opens_its_circuit_graphs_and_a_node_opens_its_panel(browser)
     a, b = (_circuit(100 * 0 + 10 * di, 2).node_set() for di in (0, 1))
     assert {c.get_attribute("data-node") for c in graphs[0].find_elements(By.CSS_SELECTOR, "circle.node.shared")} == a & b
     assert driver.find_elements(By.CSS_SELECTOR, "svg.cka circle.pt")
-    _shot(driver, shots, "model")
+    full_page_screenshot(driver, shots, "model")
     explained = f"{POINTS[2]}/{_circuit(0, 2).nodes[POINTS[2]][0]}"
     driver.execute_script("arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true}))",
                           graphs[0].find_element(By.CSS_SELECTOR, f'circle.node[data-node="{explained}"]'))
@@ -321,7 +333,7 @@ def test_model_link_opens_its_circuit_graphs_and_a_node_opens_its_panel(browser)
     panel = driver.find_element(By.ID, "node-panel")
     assert "yellow curve" in panel.text and "-0.120 [-0.200, -0.050]" in panel.text and "image missing" in panel.text
     assert driver.execute_script("return [...document.querySelectorAll('#node-panel img')].every(i => i.complete && i.naturalWidth > 0)")
-    _shot(driver, shots, "node")
+    full_page_screenshot(driver, shots, "node")
     plain = f"{POINTS[1]}/{_circuit(0, 2).nodes[POINTS[1]][1]}"
     driver.execute_script("arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true}))",  # the page re-rendered
                           driver.find_element(By.CSS_SELECTOR, f'svg.circuit[data-domain="clipart"] circle.node[data-node="{plain}"]'))

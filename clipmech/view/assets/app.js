@@ -189,13 +189,14 @@
 
   function circuitSvg(circ, domain, compare, st) {
     // compare: node names to highlight as shared (the side-by-side domain's circuit, or any other domain's)
-    const colW = 96, rowH = 10, top = 46;
+    // sized so that two graphs of a 10-point ResNet fit side by side and the tallest column stays ~400 px
     const maxN = Math.max(1, ...circ.points.map((p) => circ.nodes[p].length));
+    const colW = circ.points.length > 6 ? 56 : 96, rowH = Math.max(5, Math.min(10, 400 / maxN)), top = 52;
     const W = 30 + colW * circ.points.length, H = top + rowH * maxN + 10;
     const pos = {};
     circ.points.forEach((p, c) => circ.nodes[p].forEach((i, r) => { pos[p + "/" + i] = [24 + c * colW, top + r * rowH, r + 1]; }));
     const svg = s("svg", { width: W, height: H, class: "circuit", "data-domain": domain });
-    circ.points.forEach((p, c) => svg.append(s("text", { x: 24 + c * colW, y: 12, class: "tick", "text-anchor": "start", transform: `rotate(12 ${24 + c * colW} 12)` }, shortPoint(p))));
+    circ.points.forEach((p, c) => svg.append(s("text", { x: 20 + c * colW, y: 12, class: "tick", "text-anchor": "start", transform: `rotate(25 ${20 + c * colW} 12)` }, shortPoint(p))));
     const maxW = Math.max(1e-12, ...circ.edges.map((e) => Math.abs(e[4] || 0)));
     const edges = s("g", { class: "edges" });
     for (const [u, i, d, j, w] of circ.edges) {
@@ -208,7 +209,7 @@
     svg.append(edges);
     for (const [name, [cx, cy, rank]] of Object.entries(pos)) {
       const cls = "node" + (compare.has(name) ? " shared" : "") + (st.node === name ? " selected" : "");
-      svg.append(s("circle", { cx, cy, r: 4, class: cls, "data-node": name, onclick: () => go({ ...st, domain: st.domain, node: name }) },
+      svg.append(s("circle", { cx, cy, r: Math.min(4, rowH / 2 + 0.5), class: cls, "data-node": name, onclick: () => go({ ...st, domain: st.domain, node: name }) },
         s("title", {}, `${name} (rank ${rank} in its point)` + (compare.has(name) ? ", shared" : ""))));
     }
     return svg;
