@@ -179,6 +179,14 @@ def test_site_has_one_data_file_per_page_and_copies_what_it_shows(tmp_path):
     assert (root / shown[0]["image"]).is_file() and shown[1]["image"] is None  # a missing image is not invented
     other = _data(root, next(m["page"] for m in data["models"] if m["model_id"] == "lod-clipart-s0"))
     assert other["cka"] is None and other["circuits"]["classes"] == [] and other["explanations"] is None
+    # an `experiment analyse` folder keeps CKA as analysis units named by run
+    unit = study / "units" / "lod-clipart-s0" / "cka-0123456789ab"
+    unit.mkdir(parents=True)
+    (unit / "result.json").write_text(json.dumps({"points": ["a", "b"], "results": {"all": {"linear": {"clipart|real": {"cka": [0.5, 0.25]}}}}}))
+    build_site(study)
+    other = _data(root, next(m["page"] for m in data["models"] if m["model_id"] == "lod-clipart-s0"))
+    assert other["cka"] == {"points": ["a", "b"], "subset": "all", "kernel": "linear",
+                            "pairs": [{"a": "clipart", "b": "real", "cka": [0.5, 0.25], "ci_low": [], "ci_high": []}]}
     # every script and style is local: no http(s) reference anywhere in the site
     for p in root.rglob("*"):
         if p.suffix in (".html", ".js", ".css"):

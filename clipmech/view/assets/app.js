@@ -178,7 +178,7 @@
       svg.append(s("polyline", { points: pts.map((q) => q.join(",")).join(" "), fill: "none", stroke: c, "stroke-width": hot ? 2 : 1 }));
       pair.cka.forEach((v, i) => {
         if (v === null) return;
-        const text = `${pair.a} – ${pair.b} at ${cka.points[i]}: ${v.toFixed(3)}` + (pair.ci_low[i] !== null ? ` [${pair.ci_low[i].toFixed(3)}, ${pair.ci_high[i].toFixed(3)}]` : "");
+        const text = `${pair.a} – ${pair.b} at ${cka.points[i]}: ${v.toFixed(3)}` + (pair.ci_low[i] != null && pair.ci_high[i] != null ? ` [${pair.ci_low[i].toFixed(3)}, ${pair.ci_high[i].toFixed(3)}]` : "");
         svg.append(s("circle", { cx: x(i), cy: y(v), r: hot ? 3.5 : 2.5, fill: c, class: "pt", onmouseenter: () => { readout.textContent = text; } }, s("title", {}, text)));
       });
       if (hot) legend.append(h("span", {}, h("i", { style: `background:${c}` }), `${pair.a} – ${pair.b}`));
