@@ -131,10 +131,10 @@ def test_circuit_classes_are_named_and_only_test_circuits_of_known_models_listed
         (m, c, d) for m in CIRCUIT_MODELS for c in R.circuit_class_names(results)[:2] for d in DOMAINS}
     circ = read_circuit(refs[0].path)
     assert sum(len(v) for v in circ["nodes"].values()) == expected_nodes() and circ["n_images"] == 2
-    # an index that does not land on a circuit class is not trusted: "class #k", never a wrong name;
-    # a class named in the file's meta is taken as written
+    # one index that does not land on a circuit class (here: the second, with circuit_classes = 1) makes
+    # the inference untrusted for all: "class #k", never a wrong name; a class named in meta is taken as written
     classes = R.circuit_class_names(results)[:2]
-    results["config"]["circuit_classes"] = 0
+    results["config"]["circuit_classes"] = 1
     named = {(r.model_id, r.class_name) for r in circuit_refs(study, results, checkpoints(study, R.model_rows(results)))}
     assert named == {(CIRCUIT_MODELS[0], f"class #{R.class_names(results).index(c)}") for c in classes} | {
         (CIRCUIT_MODELS[1], c) for c in classes}
@@ -314,6 +314,10 @@ def test_study_page_lists_every_finding_and_sorts_models(browser):
     driver.find_element(By.CSS_SELECTOR, 'th[data-key="c2"]').click()
     c2 = [float(r.find_elements(By.TAG_NAME, "td")[5].text) for r in driver.find_elements(By.CSS_SELECTOR, "table.models tbody tr")]
     assert c2 == sorted(c2) and c2 != [round(100 * m["c2_test_acc"], 1) for m in results["models"]]
+    driver.find_element(By.CSS_SELECTOR, 'th[data-key="c2"]').click()  # again: descending
+    c2 = [float(r.find_elements(By.TAG_NAME, "td")[5].text) for r in driver.find_elements(By.CSS_SELECTOR, "table.models tbody tr")]
+    assert c2 == sorted(c2, reverse=True)
+    assert driver.find_element(By.CSS_SELECTOR, 'th[data-key="c2"]').get_attribute("aria-sort") == "descending"
     assert full_page_screenshot(driver, shots, "study").stat().st_size > 10_000
     _clean_logs(driver)
 
@@ -350,11 +354,12 @@ def test_model_link_opens_its_circuit_graphs_and_a_node_opens_its_panel(browser)
     _clean_logs(driver)
 
 
-def test_deep_link_opens_the_named_class_domains_and_node(browser):
+def test_deep_link_opens_the_named_class_domains_and_node_in_a_moved_copy(browser, tmp_path):
     from selenium.webdriver.common.by import By
-    driver, index, shots = browser
+    driver, built, shots = browser
+    index = shutil.copytree(built.parent, tmp_path / "shared copy") / "index.html"  # self-contained: works anywhere
     model, node = CIRCUIT_MODELS[1], f"{POINTS[3]}/{_circuit(100 + 20 + 1, 2).nodes[POINTS[3]][0]}"
-    cls = R.circuit_class_names(json.loads((index.parent.parent / "results.json").read_text()))[1]
+    cls = R.circuit_class_names(json.loads((built.parent.parent / "results.json").read_text()))[1]
     driver.get("about:blank")
     driver.get(index.as_uri() + f"#model={model}&class={cls}&domain=real&vs=none&node={node}")
     _page(driver, "node", f"document.querySelector('#node-panel[data-node=\"{node}\"]')")

@@ -115,6 +115,11 @@ def markdown_table(md: str, heading: str) -> dict[str, Any] | None:
 
 
 # ------------------------------------------------------------------------------------ models
+def has_rows(results: Any) -> bool:
+    """Whether `results` is a study's results: a table with a list of per-model rows ("models")."""
+    return isinstance(results, Mapping) and isinstance(results.get("models"), list)
+
+
 def model_rows(results: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     """The results' per-(model, test domain) rows that name their model."""
     return [m for m in results.get("models") or [] if isinstance(m, Mapping) and (m.get("model_id") or m.get("run_id"))]

@@ -217,7 +217,7 @@ def build_site(study_dir: str | Path) -> Site:
     if not L.is_study(study):
         raise ViewInputError(f"{study} holds no {L.RESULTS}; `clipmech view` {NEEDS}")
     results = L.read_json(study / L.RESULTS)
-    if not isinstance(results, Mapping) or not isinstance(results.get("models"), list):
+    if not R.has_rows(results):
         raise ViewInputError(f"{study / L.RESULTS} has no list of model rows ('models'); `clipmech view` {NEEDS}")
     built = Path(tempfile.mkdtemp(prefix=f".{SITE_FOLDER}-build-", dir=study))
     built.chmod(0o755)  # mkdtemp makes it private; the site is meant to be shared

@@ -128,7 +128,13 @@
     }
     const head = h("tr", {}, cols.map(([key, label]) => h("th", {
       class: "sortable", "data-key": key, title: "sort",
-      onclick: () => { dir = sortKey === key ? -dir : 1; sortKey = key; draw(); },
+      onclick: (ev) => {
+        dir = sortKey === key ? -dir : 1;
+        sortKey = key;
+        for (const th of ev.currentTarget.parentNode.children) th.removeAttribute("aria-sort");
+        ev.currentTarget.setAttribute("aria-sort", dir > 0 ? "ascending" : "descending");
+        draw();
+      },
     }, label)));
     draw();
     return h("section", { id: "models" }, h("h2", {}, "Models"),
@@ -264,7 +270,7 @@
     }));
   }
 
-  function explanationBlock(rec, domains) {
+  function explanationBlock(rec) {
     if (!rec) return null;
     const labels = rec.labels.length ? table(["label", "score", "explained"], rec.labels.map((l) => [l.label, num(l.score), pct(l.explained) + (l.explained === null ? "" : " %")])) : h("p", {}, "labels: " + NM);
     const means = Object.keys(rec.domain_means).length ? table(["domain", "mean activation"], Object.entries(rec.domain_means).map(([d, v]) => [d, num(v)])) : null;
@@ -292,7 +298,7 @@
       h("h3", {}, node), h("p", {}, `point ${point}, channel ${index}; class ${byClass.class}`),
       h("h4", {}, "In the circuits of this class"), table(["domain", "in circuit", "rank in point", "edges in", "edges out"], rows),
       h("h4", {}, `Strongest edges in ${st.domain}`), h("div", { class: "two" }, h("div", {}, h("h5", {}, "from"), edgeList(here, node, "in")), h("div", {}, h("h5", {}, "to"), edgeList(here, node, "out"))),
-      rec ? explanationBlock(rec, domains) : h("p", { class: "note" }, "No explanation recorded for this node, so only its circuit scores are shown. " +
+      rec ? explanationBlock(rec) : h("p", { class: "note" }, "No explanation recorded for this node, so only its circuit scores are shown. " +
         "Explanations (labels, top examples per domain with heatmaps, domain means, ablation effect) appear here once the study folder holds an explanations.json for this model (see docs/explain.md); rerun `clipmech view` after writing it."));
   }
 
