@@ -170,8 +170,8 @@
     const x = (i) => L + (n > 1 ? i * (W - L - R) / (n - 1) : 0), y = (v) => 10 + (H - B - 10) * (hi - v) / (hi - lo);
     const readout = h("div", { class: "readout" }, "hover a point for its value");
     const svg = s("svg", { width: W, height: H, class: "cka" });
-    for (const t of [lo, (lo + hi) / 2, hi]) {
-      svg.append(s("line", { x1: L, x2: W - R, y1: y(t), y2: y(t), class: "grid" }), s("text", { x: L - 4, y: y(t) + 4, class: "tick", "text-anchor": "end" }, t.toFixed(1)));
+    for (const t of [...new Set([lo, 0, 0.5, 1, hi])]) {
+      svg.append(s("line", { x1: L, x2: W - R, y1: y(t), y2: y(t), class: "grid" }), s("text", { x: L - 4, y: y(t) + 4, class: "tick", "text-anchor": "end" }, t.toFixed(t === 0.5 ? 1 : 2)));
     }
     cka.points.forEach((p, i) => svg.append(s("text", { x: x(i), y: H - B + 12, class: "tick", transform: `rotate(35 ${x(i)} ${H - B + 12})` }, shortPoint(p))));
     const legend = h("div", { class: "legend" });
@@ -248,7 +248,7 @@
     const graph = (d) => {
       const circ = byClass.domains[d];
       const n = Object.values(circ.nodes).reduce((a, v) => a + v.length, 0);
-      return h("div", { class: "graph" }, h("h3", {}, `${cls} in ${d}`, h("small", {}, ` ${n} nodes, ${circ.edges.length} edges` + (circ.n_images ? `, ${circ.n_images} images` : ""))),
+      return h("div", { class: "graph" }, h("h3", {}, `${cls} in ${d}`, h("small", {}, ` ${n} nodes, ${circ.edges.length} edges` + (circ.n_images ? `, ${circ.n_images} image${circ.n_images === 1 ? "" : "s"}` : ""))),
         circuitSvg(circ, d, others(d), stAll));
     };
     return h("section", { id: "circuit" }, h("h2", {}, "Circuit"),
