@@ -210,6 +210,12 @@ def test_bad_input_is_one_line_and_a_rerun_replaces_the_site_whole(tmp_path, cap
     assert not stale.exists() and (study / "view" / "index.html").is_file()
     assert [p.name for p in study.iterdir() if p.name.startswith(".view")] == []
     # a failed build leaves the previous site in place and no temporary folder behind
+    blocked = make_study(tmp_path / "blocked", explanations=False)
+    (blocked / "view").write_text("a file where the site goes")
+    with pytest.raises(ViewInputError, match="exists and is not a folder"):
+        build_site(blocked)
+    assert (blocked / "view").read_text() == "a file where the site goes"
+    assert [p.name for p in blocked.iterdir() if p.name.startswith(".view")] == []
     (study / "results.json").write_text(json.dumps({"models": "not a list"}))
     with pytest.raises(ViewInputError, match="no list of model rows"):
         build_site(study)

@@ -75,8 +75,8 @@ def read_record(rec: Mapping[str, Any], base: Path, name: str | None = None) -> 
     examples_in = rec.get("examples") or {}
     if not isinstance(examples_in, Mapping) or not isinstance(rec.get("labels") or [], list):
         return None
-    examples = {str(d): [Example(_path(base, ex.get("image")), _path(base, ex.get("heatmap")), R.number(ex.get("activation")))
-                         for ex in exs if isinstance(ex, Mapping)]
+    examples = {str(d): [Example(_path(base, ex.get("image")), _path(base, ex.get("heatmap")),
+                                 R.number(ex.get("activation"))) for ex in exs if isinstance(ex, Mapping)]
                 for d, exs in examples_in.items() if isinstance(exs, list)}
     means = {str(d): R.number(v) for d, v in (rec.get("domain_means") or {}).items() if R.number(v) is not None} \
         if isinstance(rec.get("domain_means") or {}, Mapping) else {}

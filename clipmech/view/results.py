@@ -23,7 +23,8 @@ def get(obj: Any, *path: str | int) -> Any:
     for step in path:
         if isinstance(obj, Mapping) and isinstance(step, str):
             obj = obj.get(step)
-        elif isinstance(obj, Sequence) and not isinstance(obj, str) and isinstance(step, int) and -len(obj) <= step < len(obj):
+        elif (isinstance(obj, Sequence) and not isinstance(obj, str) and isinstance(step, int)
+              and -len(obj) <= step < len(obj)):
             obj = obj[step]
         else:
             return None
@@ -60,13 +61,15 @@ def _evidence(e: Mapping[str, Any]) -> dict[str, Any]:
     elif "measure" in e:  # correlation with C2 accuracy
         points = False
         judged = e.get("judged_by")
-        label = f"Spearman ρ({e.get('measure')}, C2 accuracy)" + (f", judged by {judged}" if judged and judged != e.get("measure") else "")
+        label = f"Spearman ρ({e.get('measure')}, C2 accuracy)"
+        label += f", judged by {judged}" if judged and judged != e.get("measure") else ""
     else:  # contrast between two setups
         points = True
         label = f"C2 accuracy {e.get('better', '?')} − {e.get('worse', '?')}"
     scale, digits = (100.0, 1) if points else (1.0, 3)
     estimate = e.get("estimate", e.get("rho"))
-    return {"label": label, "estimate": fmt(estimate, digits, scale, sign=True) + (" points" if points and number(estimate) is not None else ""),
+    unit = " points" if points and number(estimate) is not None else ""
+    return {"label": label, "estimate": fmt(estimate, digits, scale, sign=True) + unit,
             "ci": fmt_ci(e.get("ci_low"), e.get("ci_high"), digits, scale),
             "p": fmt(e.get("p_star"), 4) + ("" if number(e.get("p_star_se")) is None else f" ± {e['p_star_se']:.4f}"),
             "p_adjusted": fmt(e.get("p_adjusted"), 4), "n_models": e.get("n_models"),
@@ -98,7 +101,8 @@ def accuracy_table(results: Mapping[str, Any], report_md: str | None) -> dict[st
         for setup, e in table.items():
             cells = [str(setup), str(get(e, "n") or "")]
             for metric in ("c1_test_acc", "c2_test_acc"):
-                cells.append(f"{fmt(get(e, metric, 'mean'), 1, 100)} {fmt_ci(get(e, metric, 'ci_low'), get(e, metric, 'ci_high'), 1, 100)}".strip())
+                ci = fmt_ci(get(e, metric, "ci_low"), get(e, metric, "ci_high"), 1, 100)
+                cells.append(f"{fmt(get(e, metric, 'mean'), 1, 100)} {ci}".strip())
             rows.append(cells)
         return {"columns": ["setup", "models", "C1 accuracy", "C2 accuracy"], "rows": rows}
     return markdown_table(report_md or "", "Accuracy per setup")
@@ -162,7 +166,8 @@ def causal(row: Mapping[str, Any]) -> dict[str, Any]:
             "logit": fmt(row.get("causal_effect_logit"), 3, sign=True),
             "logit_ci": fmt_ci(get(row, "causal_effect_logit_ci", 0), get(row, "causal_effect_logit_ci", 1)),
             "accuracy": fmt(row.get("causal_effect_accuracy"), 1, 100, sign=True),
-            "accuracy_ci": fmt_ci(get(row, "causal_effect_accuracy_ci", 0), get(row, "causal_effect_accuracy_ci", 1), 1, 100),
+            "accuracy_ci": fmt_ci(get(row, "causal_effect_accuracy_ci", 0), get(row, "causal_effect_accuracy_ci", 1),
+                                  1, 100),
             "p": fmt(get(row, "controls", "causal", "verdict", "p_star"), 4),
             "trimmed": fmt(row.get("causal_trimmed_fraction"), 0, 100),
             "ablation": get(row, "controls", "causal", "ablation"),
@@ -188,7 +193,8 @@ def faithfulness(row: Mapping[str, Any]) -> dict[str, Any] | None:
 def model_detail(row: Mapping[str, Any], measures: Sequence[str]) -> dict[str, Any]:
     """Everything the model page shows about one (model, test domain) row."""
     return model_summary(row, measures) | {
-        "c2_split": number(row.get("c2_test_split_acc")), "n_train": row.get("n_train"), "mixture_id": row.get("mixture_id"),
+        "c2_split": number(row.get("c2_test_split_acc")), "n_train": row.get("n_train"),
+        "mixture_id": row.get("mixture_id"),
         "causal": causal(row), "faithfulness": faithfulness(row), "faithfulness_auc": number(row.get("faithfulness_auc")),
         "sae": {k: number(row.get(f"sae_{k}")) for k in ("fvu", "l0", "dead")},
         "separation": {k: number(get(row, "embedding_separation", k)) for k in ("probe_accuracy", "chance", "silhouette")}}
@@ -204,7 +210,9 @@ def figures(results: Mapping[str, Any]) -> dict[str, str]:
 def config(results: Mapping[str, Any]) -> dict[str, Any]:
     """The scalar configuration entries (lists and tables left out)."""
     cfg = results.get("config")
-    return {str(k): v for k, v in sorted(cfg.items()) if not isinstance(v, (Mapping, list))} if isinstance(cfg, Mapping) else {}
+    if not isinstance(cfg, Mapping):
+        return {}
+    return {str(k): v for k, v in sorted(cfg.items()) if not isinstance(v, (Mapping, list))}
 
 
 def circuit_class_names(results: Mapping[str, Any]) -> list[str]:

@@ -195,7 +195,8 @@ def _swap_in(built: Path, dest: Path) -> None:
     old = None
     if dest.exists() or dest.is_symlink():
         if not dest.is_dir():
-            raise ViewInputError(f"{dest} exists and is not a folder; move it away so `clipmech view` can write the site there")
+            raise ViewInputError(f"{dest} exists and is not a folder; move it away so `clipmech view` can write "
+                                 "the site there")
         old = Path(tempfile.mkdtemp(prefix=f".{dest.name}-old-", dir=dest.parent))
         os.rename(dest, old / dest.name)
     os.rename(built, dest)
