@@ -74,8 +74,10 @@ def make_study(root: Path, explanations: bool = True) -> Path:
         reg.put("circuit_set", key, index)
         repeat = key | {"split": "train"}  # the controls' repeat circuits: not what the view shows
         reg.put("circuit_set", repeat, {d: {} for d in DOMAINS})
-    if explanations:
+    if explanations:  # the second model's file names it only by its run folder
         write_explanations(study / "explanations" / CIRCUIT_MODELS[0])
+        second = write_explanations(study / "runs" / f"{CIRCUIT_MODELS[1]}-0000abcd" / "look")
+        second.write_text(json.dumps({"nodes": json.loads(second.read_text())["nodes"]}))
     return study
 
 
@@ -109,6 +111,7 @@ def test_results_fields_are_read_defensively():
     assert first["ci"] == "[11.1, 29.4]" and first["verdict"] == "reproduced"
     causal = found[-1]["evidence"]
     assert causal[0]["estimate"] == "+0.107" and causal[-1].get("beside")
+    assert "Holm" not in first["p"] and found[2]["evidence"][0]["p"] == "0.0410 ± 0.0044 (Holm-adjusted 0.0538)"
     row = R.model_summary(results["models"][0], R.measures_of(results["models"]))
     m = row["measures"]["node_jaccard"]
     assert (m["score"], m["floor"], m["ceiling"]) == (pytest.approx(0.3558, abs=1e-4), pytest.approx(0.1182, abs=1e-4),
@@ -165,7 +168,7 @@ def test_site_has_one_data_file_per_page_and_copies_what_it_shows(tmp_path):
     study = make_study(tmp_path)
     site = build_site(study)
     root = site.index.parent
-    assert site.models == 21 and site.circuits == len(CIRCUIT_MODELS) * 2 * len(DOMAINS) and site.explained_models == 1
+    assert site.models == 21 and site.circuits == len(CIRCUIT_MODELS) * 2 * len(DOMAINS) and site.explained_models == 2
     data = _data(root, "data/study.js")
     assert len(data["findings"]) == 4 and len(data["models"]) == 24
     assert {f["src"] for f in data["figures"]} == {"figures/fig2_c2_accuracy.png", "figures/cka_per_layer.png"}

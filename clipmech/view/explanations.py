@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from clipmech.view import results as R
-from clipmech.view.locate import read_json
+from clipmech.view.locate import RUN_FOLDER, read_json
 
 FILE_NAME = "explanations.json"
 _PRUNE = {"cache", "shards", "circuit_files", "sae_files", "view"}  # large folders without explanations
@@ -104,9 +104,14 @@ def read_explanations(path: str | Path) -> Explanations:
     return Explanations(str(model) if model else None, nodes, skipped)
 
 
+def _run_model(folder: str) -> str | None:
+    m = RUN_FOLDER.match(folder)
+    return m.group("model") if m else None
+
+
 def find_explanations(study: Path, model_ids: set[str]) -> dict[str, Path]:
     """{model id: explanations file} under `study`: a file names its model by "model_id" or by a
-    folder on its path named like the model."""
+    folder on its path named like the model or like its run folder (`<model id>-<8 hex>`)."""
     out: dict[str, Path] = {}
     for root, dirs, files in os.walk(study):
         dirs[:] = sorted(d for d in dirs if d not in _PRUNE)
@@ -116,8 +121,8 @@ def find_explanations(study: Path, model_ids: set[str]) -> dict[str, Path]:
                 model = read_explanations(p).model_id
             except (OSError, ValueError):
                 continue
-            named = model if model in model_ids else next((part for part in reversed(p.relative_to(study).parts)
-                                                           if part in model_ids), None)
+            named = model if model in model_ids else next((m for part in reversed(p.relative_to(study).parts)
+                                                           for m in (part, _run_model(part)) if m in model_ids), None)
             if named:
                 out.setdefault(named, p)
     return out

@@ -69,10 +69,11 @@ def _evidence(e: Mapping[str, Any]) -> dict[str, Any]:
     scale, digits = (100.0, 1) if points else (1.0, 3)
     estimate = e.get("estimate", e.get("rho"))
     unit = " points" if points and number(estimate) is not None else ""
+    adjusted = number(e.get("p_adjusted")) is not None and e.get("p_adjusted") != e.get("p_star")
     return {"label": label, "estimate": fmt(estimate, digits, scale, sign=True) + unit,
             "ci": fmt_ci(e.get("ci_low"), e.get("ci_high"), digits, scale),
-            "p": fmt(e.get("p_star"), 4) + ("" if number(e.get("p_star_se")) is None else f" ± {e['p_star_se']:.4f}"),
-            "p_adjusted": fmt(e.get("p_adjusted"), 4), "n_models": e.get("n_models"),
+            "p": fmt(e.get("p_star"), 4) + ("" if number(e.get("p_star_se")) is None else f" ± {e['p_star_se']:.4f}")
+            + (f" (Holm-adjusted {e['p_adjusted']:.4f})" if adjusted else ""), "n_models": e.get("n_models"),
             "verdict": e.get("verdict") or NOT_MEASURED, "reason": e.get("reason")}
 
 

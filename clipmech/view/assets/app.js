@@ -84,9 +84,9 @@
       study.findings.map((f) => h("div", { class: "finding", "data-finding": f.finding },
         h("h3", {}, f.finding + ": ", verdict(f.verdict)),
         f.rule ? h("p", { class: "rule" }, "Rule: " + f.rule) : null,
-        table(["evidence", "estimate", "95% CI", "p* ± MC error", "verdict"],
+        table(["evidence", "estimate", "95% CI", "p* ± MC error", "models", "verdict"],
           f.evidence.map((e) => [(e.beside ? "reported beside: " : "") + e.label, e.estimate, e.ci || "—",
-            e.p, e.reason ? [verdict(e.verdict), " (" + e.reason + ")"] : verdict(e.verdict)])))));
+            e.p, e.n_models ?? NM, e.reason ? [verdict(e.verdict), " (" + e.reason + ")"] : verdict(e.verdict)])))));
   }
 
   function measureCell(m) {
