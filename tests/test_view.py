@@ -74,30 +74,32 @@ def make_study(root: Path, explanations: bool = True) -> Path:
         reg.put("circuit_set", key, index)
         repeat = key | {"split": "train"}  # the controls' repeat circuits: not what the view shows
         reg.put("circuit_set", repeat, {d: {} for d in DOMAINS})
-    if explanations:  # the second model's file names it only by its run folder
+    if explanations:  # the second model's file names it only by its run folder (meta.run_dir)
         write_explanations(study / "explanations" / CIRCUIT_MODELS[0])
-        second = write_explanations(study / "runs" / f"{CIRCUIT_MODELS[1]}-0000abcd" / "look")
-        second.write_text(json.dumps({"nodes": json.loads(second.read_text())["nodes"]}))
+        write_explanations(study / "look", None, f"/elsewhere/runs/{CIRCUIT_MODELS[1]}-0000abcd")
     return study
 
 
-def write_explanations(folder: Path) -> Path:
-    """An explanations.json for CIRCUIT_MODELS[0]: one full record (on a node of its first circuit),
-    one with labels only, and two malformed entries."""
-    folder.mkdir(parents=True, exist_ok=True)
-    c = _circuit(0, 2)
-    node = f"{POINTS[2]}/{c.nodes[POINTS[2]][0]}"
-    (folder / "img").mkdir(exist_ok=True)
-    shutil.copy(COMMITTED / "fig2_c2_accuracy.png", folder / "img" / "a.png")
-    records = {node: {"labels": [{"label": "yellow curve", "score": 0.41, "explained": 0.63}],
-                      "examples": {"clipart": [{"image": "img/a.png", "heatmap": "img/a.png", "activation": 2.5},
-                                               {"image": "img/missing.png", "activation": 1.0}]},
-                      "domain_means": {"clipart": 0.8, "painting": 0.3}, "ablation": {"effect": -0.12, "ci": [-0.2, -0.05],
-                                                                                       "metric": "true-class logit"}},
-               f"{POINTS[1]}/0": {"labels": [{"label": "edges"}]},
-               "no-slash": {"labels": []}, f"{POINTS[1]}/1": {"labels": "not a list"}}
+def write_explanations(folder: Path, model_id: str | None = CIRCUIT_MODELS[0], run_dir: str | None = None) -> Path:
+    """An explanations.json as `clipmech analyze explain` writes it (clipmech.explanations/1), naming
+    its model by `model_id` and/or meta.run_dir: one full record on a node of the first model's first
+    circuit, one skipped node (no labels), and two malformed entries."""
+    (folder / "thumbs").mkdir(parents=True, exist_ok=True)
+    shutil.copy(COMMITTED / "fig2_c2_accuracy.png", folder / "thumbs" / "a.png")
+    node = f"{POINTS[2]}/{_circuit(0, 2).nodes[POINTS[2]][0]}"
+    full = {"node": node, "point": POINTS[2], "index": int(node.split("/")[1]), "group": "shared", "ig_score": 0.0123,
+            "method": "total", "labels": [{"word": "banana", "fraction": 0.41, "logit_effect": 0.02},
+                                          {"word": "yellow", "fraction": 0.22, "logit_effect": -0.01}],
+            "explained": 0.63, "chance": 0.05, "ceiling": 0.8, "norm": 0.31,
+            "domains": {"clipart": {"mean_activation": 0.8, "ablation_effect": -0.12, "n_images": 8},
+                        "painting": {"mean_activation": 0.3, "ablation_effect": -0.02, "n_images": 8}},
+            "top_examples": {"clipart": [{"row": 3, "source": "x", "class": "banana", "activation": 2.5, "thumbnail": "thumbs/a.png"},
+                                         {"row": 4, "class": "banana", "activation": 1.0, "thumbnail": "thumbs/missing.png"}]}}
+    dead = {"node": f"{POINTS[1]}/0", "labels": [], "skipped": "all effects are zero (dead node)"}
+    meta = {"dataset": "emoji", **({"run_dir": run_dir} if run_dir else {})}
     path = folder / "explanations.json"
-    path.write_text(json.dumps({"model_id": CIRCUIT_MODELS[0], "nodes": records}))
+    path.write_text(json.dumps({"format": "clipmech.explanations/1", "meta": meta, "nodes": [full, dead, {"node": "no-slash"}, 3],
+                                **({"model_id": model_id} if model_id else {})}))
     return path
 
 
@@ -144,17 +146,20 @@ def test_circuit_classes_are_named_and_only_test_circuits_of_known_models_listed
 
 
 def test_explanation_records_keep_what_they_have_and_count_the_rest(tmp_path):
-    path = write_explanations(tmp_path / "ex")
+    path = write_explanations(tmp_path / "ex", run_dir="/runs/lod-clipart-s0-0123abcd")
     ex = read_explanations(path)
-    assert ex.model_id == CIRCUIT_MODELS[0] and ex.skipped == 2 and len(ex.nodes) == 2
-    full = next(e for e in ex.nodes.values() if e.labels and e.labels[0].label == "yellow curve")
-    assert full.labels[0].score == 0.41 and full.labels[0].explained == 0.63
-    assert full.examples["clipart"][0].image == path.parent / "img" / "a.png" and full.examples["clipart"][1].heatmap is None
-    assert full.domain_means == {"clipart": 0.8, "painting": 0.3} and full.ablation["ci"] == [-0.2, -0.05]
-    sparse = ex.nodes[f"{POINTS[1]}/0"]
-    assert sparse.labels[0].score is None and sparse.examples == {} and sparse.ablation is None
-    (tmp_path / "list.json").write_text(json.dumps([{"node": "p/1"}, 3]))
-    assert list(read_explanations(tmp_path / "list.json").nodes) == ["p/1"] and read_explanations(tmp_path / "list.json").skipped == 1
+    assert ex.names == [CIRCUIT_MODELS[0], "lod-clipart-s0-0123abcd"] and ex.skipped == 2 and len(ex.nodes) == 2
+    full = next(e for e in ex.nodes.values() if e.labels)
+    assert [(lb.word, lb.fraction, lb.logit_effect) for lb in full.labels] == [("banana", 0.41, 0.02), ("yellow", 0.22, -0.01)]
+    assert (full.explained, full.chance, full.ceiling, full.method, full.ig_score) == (0.63, 0.05, 0.8, "total", 0.0123)
+    assert full.domains["clipart"].ablation_effect == -0.12 and full.domains["painting"].mean_activation == 0.3
+    assert full.examples["clipart"][0].thumbnail == path.parent / "thumbs" / "a.png"
+    assert full.examples["clipart"][0].class_name == "banana" and full.examples["clipart"][1].activation == 1.0
+    dead = ex.nodes[f"{POINTS[1]}/0"]
+    assert dead.labels == [] and dead.skipped.startswith("all effects are zero") and dead.explained is None
+    (tmp_path / "other.json").write_text(json.dumps({"format": "something.else/2", "nodes": []}))
+    with pytest.raises(ValueError, match="is not a clipmech.explanations/1 file"):
+        read_explanations(tmp_path / "other.json")
 
 
 def _data(site: Path, rel: str):
@@ -180,6 +185,7 @@ def test_site_has_one_data_file_per_page_and_copies_what_it_shows(tmp_path):
     assert len(ex["nodes"]) == 2 and ex["skipped"] == 2
     shown = [x for rec in ex["nodes"].values() for xs in rec["examples"].values() for x in xs]
     assert (root / shown[0]["image"]).is_file() and shown[1]["image"] is None  # a missing image is not invented
+    assert sorted(rec.get("skipped") or "" for rec in ex["nodes"].values())[1].startswith("all effects are zero")
     other = _data(root, next(m["page"] for m in data["models"] if m["model_id"] == "lod-clipart-s0"))
     assert other["cka"] is None and other["circuits"]["classes"] == [] and other["explanations"] is None
     # an `experiment analyse` folder keeps CKA as analysis units named by run
@@ -352,7 +358,8 @@ def test_model_link_opens_its_circuit_graphs_and_a_node_opens_its_panel(browser)
                           graphs[0].find_element(By.CSS_SELECTOR, f'circle.node[data-node="{explained}"]'))
     _page(driver, "node", f"document.querySelector('#node-panel[data-node=\"{explained}\"]')")
     panel = driver.find_element(By.ID, "node-panel")
-    assert "yellow curve" in panel.text and "-0.120 [-0.200, -0.050]" in panel.text and "image missing" in panel.text
+    assert "banana" in panel.text and "63.0 % of the node's effect energy (chance 5.0 %, ceiling 80.0 %)" in panel.text
+    assert "-0.1200" in panel.text and "image missing" in panel.text
     assert driver.execute_script("return [...document.querySelectorAll('#node-panel img')].every(i => i.complete && i.naturalWidth > 0)")
     full_page_screenshot(driver, shots, "node")
     plain = f"{POINTS[1]}/{_circuit(0, 2).nodes[POINTS[1]][1]}"

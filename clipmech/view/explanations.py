@@ -1,18 +1,15 @@
-"""Reading per-node explanations (what a circuit node responds to) for the node pages.
+"""Reading per-node explanations (what a circuit node carries) for the node pages.
 
-An explanations file (`explanations.json`, written by the look-inside analysis) holds, per node
-("<analysis point>/<channel index>", the circuits' node names), a record:
+`clipmech analyze explain` writes `explain_<label>/explanations.json` (format
+`clipmech.explanations/1`, described in docs/explain.md): per node ("<analysis point>/<index>", the
+circuits' node names) its labels (a vocabulary word, the fraction of the node's effect energy it
+explains, its logit effect), the explained total beside chance and ceiling, per domain the mean
+activation and the mean-ablation effect on the true-class logit, and the top examples per domain
+as thumbnails (the input with the node's activation map on top), paths relative to the file.
 
-    {"node": "visual.layer3.0.hook_out/17",
-     "labels": [{"label": "yellow curved shape", "score": 0.41, "explained": 0.63}, ...],
-     "examples": {"<domain>": [{"image": "img/a.png", "heatmap": "img/a_h.png", "activation": 2.1}, ...]},
-     "domain_means": {"<domain>": 0.8, ...},
-     "ablation": {"effect": -0.12, "ci": [-0.2, -0.05], "metric": "true-class logit"}}
-
-The file is either {"model_id": ..., "nodes": {name: record} | [record, ...]} or a bare list of
-records; image paths are relative to the file. Every field is optional: a record keeps what it has,
-a malformed entry is skipped and counted, never guessed. Where no file exists the node page shows
-the node's circuit scores instead.
+Every field is optional here: a record keeps what it has, a node without labels keeps its
+`skipped` reason, an entry that is not a record naming a node is skipped and counted, never
+guessed. Where no file exists the node page shows the node's circuit scores instead.
 """
 from __future__ import annotations
 
@@ -25,83 +22,103 @@ from clipmech.view import results as R
 from clipmech.view.locate import RUN_FOLDER, read_json
 
 FILE_NAME = "explanations.json"
+FORMAT = "clipmech.explanations/1"
 _PRUNE = {"cache", "shards", "circuit_files", "sae_files", "view"}  # large folders without explanations
 
 
 @dataclass(frozen=True)
 class Label:
-    label: str
-    score: float | None = None  # how well the label predicts the node's activation
-    explained: float | None = None  # fraction of the node's activation variance the label explains
+    word: str
+    fraction: float | None = None  # share of the node's effect energy this label explains
+    logit_effect: float | None = None  # mean change of the image-word cosine the node makes
 
 
 @dataclass(frozen=True)
 class Example:
-    image: Path | None  # absolute, or None when the record names none
-    heatmap: Path | None = None
+    thumbnail: Path | None  # absolute, or None when the record names none
     activation: float | None = None
+    class_name: str | None = None
+
+
+@dataclass(frozen=True)
+class DomainSummary:
+    mean_activation: float | None = None
+    ablation_effect: float | None = None  # mean change of the true-class logit under mean ablation
+    n_images: int | None = None
 
 
 @dataclass(frozen=True)
 class NodeExplanation:
     node: str
+    method: str | None = None
     labels: list[Label] = field(default_factory=list)
+    explained: float | None = None
+    chance: float | None = None
+    ceiling: float | None = None
+    norm: float | None = None
+    ig_score: float | None = None
+    skipped: str | None = None
+    domains: dict[str, DomainSummary] = field(default_factory=dict)
     examples: dict[str, list[Example]] = field(default_factory=dict)
-    domain_means: dict[str, float] = field(default_factory=dict)
-    ablation: dict[str, Any] | None = None  # {"effect", "ci": [lo, hi], "metric"}
 
 
 @dataclass
 class Explanations:
-    """The readable records of one file; `skipped` counts the entries that were not."""
+    """The readable records of one file; `skipped` counts the entries that were not; `names`: what
+    the file says about its model (a model id, its run folder's name)."""
 
-    model_id: str | None
+    names: list[str]
     nodes: dict[str, NodeExplanation]
     skipped: int = 0
 
 
-def _path(base: Path, value: Any) -> Path | None:
-    return (base / value) if isinstance(value, str) and value else None
+def _items(value: Any) -> list[tuple[str, Any]]:
+    return [(str(k), v) for k, v in value.items()] if isinstance(value, Mapping) else []
 
 
-def read_record(rec: Mapping[str, Any], base: Path, name: str | None = None) -> NodeExplanation | None:
-    """One node's record (see the module note), image paths resolved against `base`; None when
-    it names no node or its parts have the wrong types."""
-    node = rec.get("node", name)
+def read_record(rec: Mapping[str, Any], base: Path) -> NodeExplanation | None:
+    """One node's record (see the module note), thumbnails resolved against `base`; None when it
+    names no node."""
+    node = rec.get("node")
     if not isinstance(node, str) or "/" not in node:
         return None
-    labels = [Label(str(lb["label"]), R.number(lb.get("score")), R.number(lb.get("explained")))
-              for lb in rec.get("labels") or [] if isinstance(lb, Mapping) and lb.get("label")]
-    examples_in = rec.get("examples") or {}
-    if not isinstance(examples_in, Mapping) or not isinstance(rec.get("labels") or [], list):
-        return None
-    examples = {str(d): [Example(_path(base, ex.get("image")), _path(base, ex.get("heatmap")),
-                                 R.number(ex.get("activation"))) for ex in exs if isinstance(ex, Mapping)]
-                for d, exs in examples_in.items() if isinstance(exs, list)}
-    means = {str(d): R.number(v) for d, v in (rec.get("domain_means") or {}).items() if R.number(v) is not None} \
-        if isinstance(rec.get("domain_means") or {}, Mapping) else {}
-    ab = rec.get("ablation")
-    ablation = {"effect": R.number(ab.get("effect")), "ci": [R.number(R.get(ab, "ci", 0)), R.number(R.get(ab, "ci", 1))],
-                "metric": str(ab.get("metric") or "")} if isinstance(ab, Mapping) else None
-    return NodeExplanation(node, labels, examples, means, ablation)
+    labels = [Label(str(lb["word"]), R.number(lb.get("fraction")), R.number(lb.get("logit_effect")))
+              for lb in (rec.get("labels") if isinstance(rec.get("labels"), list) else [])
+              if isinstance(lb, Mapping) and lb.get("word")]
+    domains = {d: DomainSummary(R.number(v.get("mean_activation")), R.number(v.get("ablation_effect")),
+                                v.get("n_images") if isinstance(v.get("n_images"), int) else None)
+               for d, v in _items(rec.get("domains")) if isinstance(v, Mapping)}
+    examples = {d: [Example(base / x["thumbnail"] if isinstance(x.get("thumbnail"), str) else None,
+                            R.number(x.get("activation")), x.get("class") if isinstance(x.get("class"), str) else None)
+                    for x in xs if isinstance(x, Mapping)]
+                for d, xs in _items(rec.get("top_examples")) if isinstance(xs, list)}
+    text = (lambda k: rec[k] if isinstance(rec.get(k), str) else None)
+    return NodeExplanation(node, text("method"), labels, R.number(rec.get("explained")), R.number(rec.get("chance")),
+                           R.number(rec.get("ceiling")), R.number(rec.get("norm")), R.number(rec.get("ig_score")),
+                           text("skipped"), domains, examples)
 
 
 def read_explanations(path: str | Path) -> Explanations:
-    """Every readable node record of an explanations file (see the module note)."""
+    """Every readable node record of an explanations file (see the module note). Raises ValueError
+    naming the file when it is not JSON or of another format."""
     path = Path(path)
     data = read_json(path)
-    records = data.get("nodes") if isinstance(data, Mapping) else data
-    model = R.get(data, "model_id") if isinstance(data, Mapping) else None
-    items = list(records.items()) if isinstance(records, Mapping) else [(None, r) for r in records or []] \
-        if isinstance(records, list) else []
+    if not isinstance(data, Mapping) or data.get("format", FORMAT) != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} file; write it with `clipmech analyze explain`")
+    records = data.get("nodes")
+    records = list(records.values()) if isinstance(records, Mapping) else records if isinstance(records, list) else []
     nodes, skipped = {}, 0
-    for name, rec in items:
-        parsed = read_record(rec, path.parent, name) if isinstance(rec, Mapping) else None
+    for rec in records:
+        parsed = read_record(rec, path.parent) if isinstance(rec, Mapping) else None
         if parsed is None:
             skipped += 1
         else:
             nodes[parsed.node] = parsed
-    return Explanations(str(model) if model else None, nodes, skipped)
+    names = [str(v) for v in (data.get("model_id"), R.get(data, "meta", "model_id")) if v]
+    run_dir = R.get(data, "meta", "run_dir")
+    if isinstance(run_dir, str) and run_dir:
+        names.append(Path(run_dir).name)
+    return Explanations(names, nodes, skipped)
 
 
 def _run_model(folder: str) -> str | None:
@@ -110,19 +127,20 @@ def _run_model(folder: str) -> str | None:
 
 
 def find_explanations(study: Path, model_ids: set[str]) -> dict[str, Path]:
-    """{model id: explanations file} under `study`: a file names its model by "model_id" or by a
-    folder on its path named like the model or like its run folder (`<model id>-<8 hex>`)."""
+    """{model id: explanations file} under `study`: a file names its model by "model_id", by its
+    meta's run_dir, or by a folder on its path, each either the model id or its run folder's name
+    (`<model id>-<8 hex>`)."""
     out: dict[str, Path] = {}
     for root, dirs, files in os.walk(study):
         dirs[:] = sorted(d for d in dirs if d not in _PRUNE)
         if FILE_NAME in files:
             p = Path(root) / FILE_NAME
             try:
-                model = read_explanations(p).model_id
+                names = read_explanations(p).names
             except (OSError, ValueError):
                 continue
-            named = model if model in model_ids else next((m for part in reversed(p.relative_to(study).parts)
-                                                           for m in (part, _run_model(part)) if m in model_ids), None)
+            parts = names + list(reversed(p.relative_to(study).parts))
+            named = next((m for part in parts for m in (part, _run_model(part)) if m in model_ids), None)
             if named:
                 out.setdefault(named, p)
     return out

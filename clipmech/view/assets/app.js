@@ -271,14 +271,22 @@
   }
 
   function explanationBlock(rec) {
-    if (!rec) return null;
-    const labels = rec.labels.length ? table(["label", "score", "explained"], rec.labels.map((l) => [l.label, num(l.score), pct(l.explained) + (l.explained === null ? "" : " %")])) : h("p", {}, "labels: " + NM);
-    const means = Object.keys(rec.domain_means).length ? table(["domain", "mean activation"], Object.entries(rec.domain_means).map(([d, v]) => [d, num(v)])) : null;
-    const ab = rec.ablation ? h("p", {}, `Ablation effect (${rec.ablation.metric || "effect"}): ${num(rec.ablation.effect)}` + (rec.ablation.ci[0] !== null ? ` [${num(rec.ablation.ci[0])}, ${num(rec.ablation.ci[1])}]` : "")) : h("p", {}, "ablation effect: " + NM);
+    const summary = rec.explained !== null
+      ? `Labels explain ${pct(rec.explained)} % of the node's effect energy (chance ${pct(rec.chance)} %, ceiling ${pct(rec.ceiling)} %)`
+      : "Labels: " + (rec.skipped ? `none (${rec.skipped})` : NM);
+    const labels = rec.labels.length ? table(["label", "explained %", "logit effect"],
+      rec.labels.map((l) => [l.word, pct(l.fraction), num(l.logit_effect)])) : null;
+    const domains = Object.entries(rec.domains);
+    const perDomain = domains.length ? table(["domain", "mean activation", "ablation effect (true-class logit)", "images"],
+      domains.map(([d, v]) => [d, num(v.mean_activation), num(v.ablation_effect, 4), v.n_images ?? NM])) : h("p", {}, "per-domain means and ablation effects: " + NM);
     const ex = Object.entries(rec.examples).map(([d, xs]) => h("div", { class: "examples" }, h("h5", {}, d),
-      xs.map((x) => h("figure", {}, x.image ? h("img", { src: x.image, alt: d }) : h("span", { class: "muted" }, "image missing"),
-        x.heatmap ? h("img", { src: x.heatmap, alt: d + " heatmap" }) : null, h("figcaption", {}, num(x.activation, 2))))));
-    return h("div", { class: "explanation" }, h("h4", {}, "Explanation"), labels, means, ab, ex.length ? h("h4", {}, "Top examples") : null, ex);
+      xs.map((x) => h("figure", {}, x.image ? h("img", { src: x.image, alt: `${d} ${x.class || ""}` }) : h("span", { class: "muted" }, "image missing"),
+        h("figcaption", {}, (x.class ? x.class + " " : "") + num(x.activation, 2))))));
+    return h("div", { class: "explanation" }, h("h4", {}, "Explanation" + (rec.method ? ` (${rec.method} effect)` : "")),
+      h("p", {}, summary + (rec.norm !== null ? `; mean |effect| ${num(rec.norm)}` : "") + "."),
+      rec.ig_score !== null ? h("p", {}, `IG node score (mean over the test domain's circuits): ${num(rec.ig_score, 4)}`) : null,
+      labels, perDomain,
+      ex.length ? h("h4", {}, "Top examples (activation map on the input)") : null, ex);
   }
 
   function nodePanel(model, st, byClass, explanations) {
