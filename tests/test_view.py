@@ -202,6 +202,38 @@ def test_site_has_one_data_file_per_page_and_copies_what_it_shows(tmp_path):
             assert not re.search(r"(?<!www\.w3\.org/2000/svg)https?://(?!www\.w3\.org/2000/svg)", p.read_text()), p
 
 
+def make_analysis(root: Path) -> Path:
+    """One run's analysis folder as `clipmech analyze cka|circuits|explain RUN_DIR` write it."""
+    run = root / "cg_high-clipart-s0-0123abcd"
+    analysis = run / "analysis"
+    analysis.mkdir(parents=True)
+    (analysis / "cka_centroid.json").write_text(json.dumps({"points": POINTS[1:], "results": {"C2": {"linear": {
+        "clipart|real": {"cka": [0.3, 0.5, 0.7], "ci_low": [0.2, 0.4, 0.6], "ci_high": [0.4, 0.6, 0.8]}}}}}))
+    (analysis / "cka_sample.json").write_text(json.dumps({"points": ["x"], "results": {}}))
+    for di, d in enumerate(DOMAINS[:2]):
+        for ci, c in enumerate(("banana", "fire engine")):
+            circ = _circuit(di * 10 + ci, 3)
+            circ.meta.update(domain=d, **{"class": c})
+            circ.save(analysis / "circuits_epoch_25" / "circuits" / d / f"{c}.json")
+    _circuit(99, 1).save(analysis / "circuits_epoch_0" / "circuits" / "clipart" / "banana.json")  # another label: not shown
+    write_explanations(analysis / "explain_epoch_25", None, str(run))
+    return analysis
+
+
+def test_one_runs_analysis_folder_is_a_study_of_one_model(tmp_path):
+    site = build_site(make_analysis(tmp_path))
+    root = site.index.parent
+    assert (site.models, site.circuits, site.explained_models) == (1, 4, 1)
+    data = _data(root, "data/study.js")
+    assert data["kind"] == "analysis" and data["findings"] == [] and [m["model_id"] for m in data["models"]] == [
+        "cg_high-clipart-s0-0123abcd"]
+    page = _data(root, data["models"][0]["page"])
+    assert page["cka"]["pairs"][0]["cka"] == [0.3, 0.5, 0.7]  # cka_centroid.json before the other modes
+    assert page["circuits"]["classes"] == ["banana", "fire engine"] and page["circuits"]["domains"] == list(DOMAINS[:2])
+    circ = _data(root, page["circuits"]["files"]["banana"])["domains"]["clipart"]
+    assert circ["nodes"] == {p: v for p, v in _circuit(0, 3).nodes.items()} and circ["n_images"] == 3
+
+
 def test_bad_input_is_one_line_and_a_rerun_replaces_the_site_whole(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -382,4 +414,21 @@ def test_deep_link_opens_the_named_class_domains_and_node_in_a_moved_copy(browse
     assert [g.get_attribute("data-domain") for g in driver.find_elements(By.CSS_SELECTOR, "svg.circuit")] == ["real"]
     assert driver.find_element(By.CSS_SELECTOR, 'select[data-key="class"]').get_attribute("value") == cls
     assert "rank in point" in driver.find_element(By.ID, "node-panel").text
+    _clean_logs(driver)
+
+
+def test_analysis_folder_site_draws_its_run(browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    driver, _, shots = browser
+    index = build_site(make_analysis(tmp_path)).index
+    driver.get(index.as_uri())
+    _page(driver, "study")
+    assert "One run's analysis folder" in driver.find_element(By.ID, "findings").text
+    driver.find_element(By.CSS_SELECTOR, "a.model-link").click()
+    _page(driver, "model", "document.querySelectorAll('svg.circuit').length === 2")
+    assert [len(g.find_elements(By.CSS_SELECTOR, "circle.node")) for g in driver.find_elements(By.CSS_SELECTOR, "svg.circuit")] == \
+        [expected_nodes()] * 2
+    assert not driver.find_elements(By.ID, "rows") and not driver.find_elements(By.ID, "causal")  # no study rows
+    assert len(driver.find_elements(By.CSS_SELECTOR, "svg.cka polyline")) == 1
+    full_page_screenshot(driver, shots, "analysis_model")
     _clean_logs(driver)

@@ -1,7 +1,8 @@
 """Where a study folder keeps what the view shows, and reading it without torch.
 
 A study folder is a `clipmech quickstart` output (results.json, report.md, figures/, registry/) or a
-`clipmech experiment analyse` output (the same files plus units/<run_id>/<unit>-<hash>/result.json).
+`clipmech experiment analyse` output (the same files plus units/<run_id>/<unit>-<hash>/result.json);
+one run's analysis folder (`clipmech analyze ...`, below) is shown as a study of one model.
 Per model the view needs its CKA per analysis point and its circuits per (class, domain):
 
 - models: a results row's `checkpoint_hash` names its weights; otherwise the registry's finished
@@ -136,5 +137,56 @@ def read_circuit(path: Path) -> dict[str, Any]:
 
 
 def is_study(folder: Path) -> bool:
-    """Whether `folder` holds what the view needs: a results.json of a study or analysis."""
+    """Whether `folder` holds a study's results.json (quickstart, experiment analyse)."""
     return (folder / RESULTS).is_file()
+
+
+# ------------------------------------------------------------------------------------ one run's analyses
+# `clipmech analyze ... RUN_DIR` writes into RUN_DIR/analysis (or --out): cka_<mode>.json (domain_cka
+# results) and circuits_<label>/circuits/<domain>/<class>.json (Circuit.save files whose meta names
+# domain and class), beside explain_<label>/explanations.json.
+ANALYSIS_CIRCUITS = "circuits_*/circuits/*/*.json"
+
+
+def is_analysis(folder: Path) -> bool:
+    """Whether `folder` is one run's analysis folder (CKA or circuit files of `clipmech analyze`)."""
+    return any(folder.glob("cka_*.json")) or any(folder.glob(ANALYSIS_CIRCUITS))
+
+
+def analysis_model_id(folder: Path) -> str:
+    """The run an analysis folder belongs to: RUN_DIR for RUN_DIR/analysis, else the folder's name."""
+    folder = folder.resolve()
+    return folder.parent.name if folder.name == "analysis" else folder.name
+
+
+def analysis_cka(folder: Path) -> dict[str, Any] | None:
+    """The folder's CKA result: cka_centroid.json (the paper's class-centroid CKA) when present, else
+    the first cka_*.json."""
+    found = sorted(folder.glob("cka_*.json"), key=lambda p: (p.name != "cka_centroid.json", p.name))
+    for p in found:
+        try:
+            res = read_json(p)
+        except (OSError, ValueError):
+            continue
+        if isinstance(res, dict):
+            return res
+    return None
+
+
+def analysis_circuits(folder: Path, model_id: str) -> list[CircuitRef]:
+    """The circuits of one circuits_<label> folder (the one with most circuits, then the last name:
+    one label per run page), named by their meta (else by path)."""
+    files = sorted(folder.glob(ANALYSIS_CIRCUITS))
+    labels = sorted({p.parents[2] for p in files}, key=lambda f: (sum(p.parents[2] == f for p in files), f.name))
+    refs = []
+    for p in files:
+        if p.parents[2] != labels[-1]:
+            continue
+        try:
+            meta = read_json(p).get("meta") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        cls, domain = meta.get("class"), meta.get("domain")
+        refs.append(CircuitRef(model_id, cls if isinstance(cls, str) else p.stem,
+                               domain if isinstance(domain, str) else p.parent.name, p))
+    return refs

@@ -31,8 +31,9 @@ from clipmech.view.explanations import find_explanations, read_explanations
 
 SITE_FOLDER = "view"
 ASSETS = Path(__file__).parent / "assets"
-NEEDS = ("needs a study folder holding results.json: the output folder of `clipmech quickstart` or "
-         "`clipmech experiment analyse`")
+NEEDS = ("needs a study folder holding results.json (the output folder of `clipmech quickstart` or "
+         "`clipmech experiment analyse`) or one run's analysis folder (RUN_DIR/analysis, written by "
+         "`clipmech analyze cka|circuits|explain RUN_DIR`)")
 
 
 class ViewInputError(ValueError):
@@ -161,17 +162,22 @@ def _model_page(model: str, rows: Sequence[Mapping[str, Any]], measures: Sequenc
     return w.data(f"data/model/{slug(model)}.js", page)
 
 
-def _write_site(study: Path, results: Mapping[str, Any], root: Path) -> tuple[int, int, int]:
-    """Every page's data and the assets into `root`; (models, circuits, models with explanations)."""
+def _write_site(study: Path, results: Mapping[str, Any], root: Path, analysis: bool) -> tuple[int, int, int]:
+    """Every page's data and the assets into `root`; (models, circuits, models with explanations).
+    `analysis`: `study` is one run's analysis folder, `results` its one placeholder row."""
     w = _Writer(root)
     for asset in sorted(ASSETS.iterdir()):
         if asset.is_file():
             w.copy(asset, asset.name if asset.suffix == ".html" else f"assets/{asset.name}")
     rows = R.model_rows(results)
     measures = R.measures_of(rows)
-    by_ckpt = L.checkpoints(study, rows)
-    cka = L.cka_results(study, by_ckpt)
-    circuits = L.circuit_refs(study, results, by_ckpt)
+    if analysis:
+        run = R.model_id(rows[0])
+        cka, circuits = {run: L.analysis_cka(study)}, L.analysis_circuits(study, run)
+    else:
+        by_ckpt = L.checkpoints(study, rows)
+        cka = L.cka_results(study, by_ckpt)
+        circuits = L.circuit_refs(study, results, by_ckpt)
     explain = find_explanations(study, {R.model_id(r) for r in rows})
     figures = _figures(study, results, w)
     by_model: dict[str, list[Mapping[str, Any]]] = {}
@@ -183,7 +189,8 @@ def _write_site(study: Path, results: Mapping[str, Any], root: Path) -> tuple[in
     per_model = {f["src"] for f in figures if any(re.search(rf"(^|_){re.escape(m)}(_|$)", f["name"]) for m in by_model)}
     report = study / L.REPORT
     w.data("data/study.js", {
-        "title": "clipmech study", "folder": study.resolve().name, "schema_version": results.get("schema_version"),
+        "title": "clipmech analysis" if analysis else "clipmech study", "folder": study.resolve().name,
+        "kind": "analysis" if analysis else "study", "schema_version": results.get("schema_version"),
         "config": R.config(results), "findings": R.findings(results),
         "accuracy": R.accuracy_table(results, report.read_text() if report.is_file() else None),
         "measures": measures, "models": [R.model_summary(r, measures) | {"page": pages[R.model_id(r)]} for r in rows],
@@ -216,15 +223,16 @@ def build_site(study_dir: str | Path) -> Site:
     study = Path(study_dir)
     if not study.is_dir():
         raise ViewInputError(f"{study} is not a folder; `clipmech view` {NEEDS}")
-    if not L.is_study(study):
-        raise ViewInputError(f"{study} holds no {L.RESULTS}; `clipmech view` {NEEDS}")
-    results = L.read_json(study / L.RESULTS)
+    analysis = not L.is_study(study) and L.is_analysis(study)
+    if not L.is_study(study) and not analysis:
+        raise ViewInputError(f"{study} holds no {L.RESULTS} and no analysis files; `clipmech view` {NEEDS}")
+    results = {"models": [{"model_id": L.analysis_model_id(study)}]} if analysis else L.read_json(study / L.RESULTS)
     if not R.has_rows(results):
         raise ViewInputError(f"{study / L.RESULTS} has no list of model rows ('models'); `clipmech view` {NEEDS}")
     built = Path(tempfile.mkdtemp(prefix=f".{SITE_FOLDER}-build-", dir=study))
     built.chmod(0o755)  # mkdtemp makes it private; the site is meant to be shared
     try:
-        models, circuits, explained = _write_site(study, results, built)
+        models, circuits, explained = _write_site(study, results, built, analysis)
         size = sum(p.stat().st_size for p in built.rglob("*") if p.is_file())
         _swap_in(built, study / SITE_FOLDER)
     except BaseException:

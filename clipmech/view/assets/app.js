@@ -79,6 +79,7 @@
   }
 
   function findingsSection(study) {
+    if (study.kind === "analysis") return h("section", { id: "findings" }, h("h2", {}, "Findings"), h("p", {}, "One run's analysis folder: findings, verdicts and accuracies come from a study (`clipmech quickstart` or `clipmech experiment analyse`). Open the run below for its CKA, circuits and node explanations."));
     if (!study.findings.length) return h("section", { id: "findings" }, h("h2", {}, "Findings"), h("p", {}, "No findings in results.json (" + NM + ")."));
     return h("section", { id: "findings" }, h("h2", {}, "Findings"),
       study.findings.map((f) => h("div", { class: "finding", "data-finding": f.finding },
@@ -176,9 +177,10 @@
     cka.points.forEach((p, i) => svg.append(s("text", { x: x(i), y: H - B + 12, class: "tick", transform: `rotate(35 ${x(i)} ${H - B + 12})` }, shortPoint(p))));
     const legend = h("div", { class: "legend" });
     let colour = 0;
-    const ordered = cka.pairs.slice().sort((a, b) => (testDomains.includes(a.a) || testDomains.includes(a.b)) - (testDomains.includes(b.a) || testDomains.includes(b.b)));
+    const isHot = (p) => !testDomains.length || testDomains.includes(p.a) || testDomains.includes(p.b);  // no test domain: all
+    const ordered = cka.pairs.slice().sort((a, b) => isHot(a) - isHot(b));
     for (const pair of ordered) {
-      const hot = testDomains.includes(pair.a) || testDomains.includes(pair.b);
+      const hot = isHot(pair);
       const c = hot ? PALETTE[colour++ % PALETTE.length] : "#bbb";
       const pts = pair.cka.map((v, i) => (v === null ? null : [x(i), y(v)])).filter(Boolean);
       svg.append(s("polyline", { points: pts.map((q) => q.join(",")).join(" "), fill: "none", stroke: c, "stroke-width": hot ? 2 : 1 }));
@@ -189,7 +191,7 @@
       });
       if (hot) legend.append(h("span", {}, h("i", { style: `background:${c}` }), `${pair.a} – ${pair.b}`));
     }
-    legend.append(h("span", {}, h("i", { style: "background:#bbb" }), "other pairs"));
+    if (ordered.some((p) => !isHot(p))) legend.append(h("span", {}, h("i", { style: "background:#bbb" }), "other pairs"));
     return h("div", {}, h("p", { class: "note" }, `Linear CKA of class centroids (${cka.subset} classes) per analysis point for every domain pair; pairs with the test domain coloured.`), svg, readout, legend);
   }
 
@@ -348,16 +350,18 @@
     const cls = c.classes.includes(st.class) ? st.class : c.classes[0];
     const byClass = cls ? await load(c.files[cls]) : null;
     const explanations = model.explanations ? await load(model.explanations) : null;
-    const testDomains = model.rows.map((r) => r.test_domain);
+    const testDomains = model.rows.map((r) => r.test_domain).filter(Boolean);
+    const analysis = study.kind === "analysis";  // one run's analyses: no study rows to show
     let panel = null;
     if (byClass && st.node) {
       const domains = Object.keys(byClass.domains);
       const domain = domains.includes(st.domain) ? st.domain : testDomains.find((d) => domains.includes(d)) || domains[0];
       panel = nodePanel(model, { ...st, domain }, byClass, explanations);
     }
-    return [h("h1", {}, model.model_id), rowsSection(model),
+    return [h("h1", {}, model.model_id), analysis ? null : rowsSection(model),
       h("section", { id: "cka" }, h("h2", {}, "CKA per layer"), ckaChart(model.cka, testDomains)),
-      byClass ? circuitSection(model, st, byClass, panel) : circuitSection(model, st, { domains: {} }, null), causalSection(model)];
+      byClass ? circuitSection(model, st, byClass, panel) : circuitSection(model, st, { domains: {} }, null),
+      analysis ? figuresSection(model.figures, "model-figures") : causalSection(model)];
   }
 
   // ---------------------------------------------------------------------------- router
