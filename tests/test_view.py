@@ -123,6 +123,8 @@ def test_results_fields_are_read_defensively():
     assert sparse["c2"] is None and sparse["measures"]["cka_mid"]["score"] is None
     assert sparse["causal"]["logit"] == R.NOT_MEASURED and sparse["faithfulness"] is None
     assert R.findings({"findings": [{"evidence": [{"better": "a"}]}, "junk"]})[0]["evidence"][0]["estimate"] == R.NOT_MEASURED
+    odd = {"models": [{"model_id": "a"}, {"run_id": "b"}, {"setup": "no id"}, "junk"]}
+    assert [R.model_id(r) for r in R.model_rows(odd)] == ["a", "b"] and R.unnamed_rows(odd) == 2  # counted, shown
     table = R.accuracy_table(results, (COMMITTED / "quickstart_report.md").read_text())
     assert table["columns"][:2] == ["setup", "models"] and [r[0] for r in table["rows"]] == ["natural_only", "lod", "cg_low", "cg_high"]
     assert R.accuracy_table({}, "# no table here") is None

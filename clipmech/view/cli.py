@@ -8,11 +8,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `clipmech view` to the `clipmech` parser."""
     p = subparsers.add_parser(
         "view", help="write a browsable static site of a study: findings, models, circuits, nodes",
-        description="Read DIR (a `clipmech quickstart` or `clipmech experiment analyse` output folder) and write "
-                    "DIR/view/index.html with its assets and per-page data. The site needs no server and no "
-                    "network: open index.html from disk. It reads the study's files and computes nothing; a "
-                    "rerun replaces the site whole.")
-    p.add_argument("dir", metavar="DIR", help="study folder holding results.json")
+        description="Read DIR (a `clipmech quickstart` or `clipmech experiment analyse` output folder, or one "
+                    "run's analysis folder RUN_DIR/analysis) and write DIR/view/index.html with its assets and "
+                    "per-page data. The site needs no server and no network: open index.html from disk. It reads "
+                    "the study's files and computes nothing; a rerun replaces the site whole.")
+    p.add_argument("dir", metavar="DIR", help="study folder holding results.json, or a run's analysis folder")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=_view)
 

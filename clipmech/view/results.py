@@ -130,6 +130,11 @@ def model_rows(results: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return [m for m in results.get("models") or [] if isinstance(m, Mapping) and (m.get("model_id") or m.get("run_id"))]
 
 
+def unnamed_rows(results: Mapping[str, Any]) -> int:
+    """How many rows `model_rows` leaves out (not a table, or naming no model): the page says so."""
+    return len(results.get("models") or []) - len(model_rows(results))
+
+
 def model_id(row: Mapping[str, Any]) -> str:
     return str(row.get("model_id") or row.get("run_id"))
 

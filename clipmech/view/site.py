@@ -194,6 +194,7 @@ def _write_site(study: Path, results: Mapping[str, Any], root: Path, analysis: b
         "config": R.config(results), "findings": R.findings(results),
         "accuracy": R.accuracy_table(results, report.read_text() if report.is_file() else None),
         "measures": measures, "models": [R.model_summary(r, measures) | {"page": pages[R.model_id(r)]} for r in rows],
+        "unnamed_rows": R.unnamed_rows(results),
         "figures": [f for f in figures if f["src"] not in per_model]})
     return len(pages), len(circuits), len(explain)
 

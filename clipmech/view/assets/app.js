@@ -140,6 +140,7 @@
     draw();
     return h("section", { id: "models" }, h("h2", {}, "Models"),
       h("p", { class: "note" }, "One row per trained model and test domain. Each sharedness score: the dot is the score, the band spans its floor (class-permuted) to its ceiling (disjoint drawings: the reliability bound); n = normalised score. Hover for the score's CI over classes and the untrained model's score. Click a column to sort, a model to open its circuits."),
+      study.unnamed_rows ? h("p", { class: "error" }, `${study.unnamed_rows} row(s) of results.json name no model (model_id or run_id) and are not shown.`) : null,
       h("div", { class: "scroll" }, h("table", { class: "models" }, h("thead", {}, head), tbody)));
   }
 
