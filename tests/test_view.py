@@ -138,6 +138,10 @@ def test_circuit_classes_are_named_and_only_test_circuits_of_known_models_listed
         (m, c, d) for m in CIRCUIT_MODELS for c in R.circuit_class_names(results)[:2] for d in DOMAINS}
     circ = read_circuit(refs[0].path)
     assert sum(len(v) for v in circ["nodes"].values()) == expected_nodes() and circ["n_images"] == 2
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "clipmech.circuit/1", "points": ["p"], "nodes": {"p": [0]}, "edges": [["p", 0, "q"]]}))
+    with pytest.raises(ValueError, match=r"bad.json has malformed points, nodes or edges"):
+        read_circuit(bad)
     # one index that does not land on a circuit class (here: the second, with circuit_classes = 1) makes
     # the inference untrusted for all: "class #k", never a wrong name; a class named in meta is taken as written
     classes = R.circuit_class_names(results)[:2]

@@ -130,10 +130,14 @@ def read_circuit(path: Path) -> dict[str, Any]:
     data = read_json(path)
     if not isinstance(data, dict) or data.get("format") != "clipmech.circuit/1":
         raise ValueError(f"{path} is not a clipmech circuit file (format clipmech.circuit/1); rerun the analysis")
-    points = [str(p) for p in data.get("points") or []]
-    nodes = {p: [int(i) for i in (data.get("nodes") or {}).get(p, [])] for p in points}
-    edges = [[str(u), int(i), str(d), int(j), R.number(w)] for u, i, d, j, w in data.get("edges") or []]
-    return {"points": points, "nodes": nodes, "edges": edges, "n_images": R.get(data, "meta", "n_images")}
+    try:
+        points = [str(p) for p in data.get("points") or []]
+        nodes = {p: [int(i) for i in (data.get("nodes") or {}).get(p, [])] for p in points}
+        edges = [[str(u), int(i), str(d), int(j), R.number(w)] for u, i, d, j, w in data.get("edges") or []]
+    except (TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"{path} has malformed points, nodes or edges ({err}); rerun the analysis that wrote it") from None
+    meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
+    return {"points": points, "nodes": nodes, "edges": edges, "n_images": meta.get("images_used", meta.get("n_images"))}
 
 
 def is_study(folder: Path) -> bool:

@@ -97,11 +97,18 @@ def _figures(study: Path, results: Mapping[str, Any], w: _Writer) -> list[dict[s
     listed = R.figures(results) or {str(p.relative_to(study)): "" for p in sorted((study / "figures").glob("*.png"))}
     out = []
     for pattern, caption in listed.items():
-        for p in sorted(study.glob(pattern)) if ".." not in pattern else []:
+        inside = pattern and not pattern.startswith("/") and ".." not in pattern  # only figures of the study folder
+        for p in sorted(study.glob(pattern)) if inside else []:
             if p.is_file():
                 rel = p.relative_to(study).as_posix()
                 out.append({"src": w.copy(p, rel), "caption": caption, "name": p.stem})
     return out
+
+
+def _names_model(figure: str, model: str) -> bool:
+    """Whether a figure's file name holds the model id as a whole '_'-separated part
+    (faithfulness_<model>_<domain>): it then belongs on that model's page."""
+    return re.search(rf"(^|_){re.escape(model)}(_|$)", figure) is not None
 
 
 def _cka(result: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -155,7 +162,7 @@ def _model_page(model: str, rows: Sequence[Mapping[str, Any]], measures: Sequenc
         per = {c.domain: L.read_circuit(c.path) for c in circuits if c.class_name == cls}
         counts[cls] = {d: sum(len(v) for v in circ["nodes"].values()) for d, circ in per.items()}
         files[cls] = w.data(f"data/circuit/{slug(model)}/{slug(cls)}.js", {"class": cls, "domains": per})
-    mine = [f for f in figures if re.search(rf"(^|_){re.escape(model)}(_|$)", f["name"])]
+    mine = [f for f in figures if _names_model(f["name"], model)]
     page = {"model_id": model, "rows": [R.model_detail(r, measures) for r in rows], "cka": _cka(cka),
             "circuits": {"classes": classes, "domains": domains, "files": files, "counts": counts},
             "figures": mine, "explanations": _explanations(model, explain, w) if explain else None}
@@ -186,7 +193,7 @@ def _write_site(study: Path, results: Mapping[str, Any], root: Path, analysis: b
     order = R.circuit_class_names(results)
     pages = {m: _model_page(m, rs, measures, cka.get(m), [c for c in circuits if c.model_id == m], order, figures,
                             explain.get(m), w) for m, rs in by_model.items()}
-    per_model = {f["src"] for f in figures if any(re.search(rf"(^|_){re.escape(m)}(_|$)", f["name"]) for m in by_model)}
+    per_model = {f["src"] for f in figures if any(_names_model(f["name"], m) for m in by_model)}
     report = study / L.REPORT
     w.data("data/study.js", {
         "title": "clipmech analysis" if analysis else "clipmech study", "folder": study.resolve().name,
