@@ -142,7 +142,8 @@ def _explanations(model: str, path: Path, w: _Writer) -> str:
         return w.copy(p, f"img/{slug(model)}/{n_img}{p.suffix}")
 
     for name, e in ex.nodes.items():
-        nodes[name] = {k: getattr(e, k) for k in ("method", "explained", "chance", "ceiling", "norm", "ig_score", "skipped")}
+        nodes[name] = {k: getattr(e, k) for k in ("method", "explained", "chance", "ceiling", "norm", "ig_score",
+                                                  "skipped")}
         nodes[name] |= {"labels": [vars(lb) for lb in e.labels], "domains": {d: vars(v) for d, v in e.domains.items()},
                         "examples": {d: [{"image": image(x.thumbnail), "activation": x.activation, "class": x.class_name}
                                          for x in xs] for d, xs in e.examples.items()}}

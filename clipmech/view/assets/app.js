@@ -218,7 +218,7 @@
     svg.append(edges);
     for (const [name, [cx, cy, rank]] of Object.entries(pos)) {
       const cls = "node" + (compare.has(name) ? " shared" : "") + (st.node === name ? " selected" : "");
-      svg.append(s("circle", { cx, cy, r: Math.min(4, rowH / 2 + 0.5), class: cls, "data-node": name, onclick: () => go({ ...st, domain: st.domain, node: name }) },
+      svg.append(s("circle", { cx, cy, r: Math.min(4, rowH / 2 + 0.5), class: cls, "data-node": name, onclick: () => go({ ...st, node: name }) },
         s("title", {}, `${name} (rank ${rank} in its point)` + (compare.has(name) ? ", shared" : ""))));
     }
     return svg;
