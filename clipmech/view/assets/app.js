@@ -310,7 +310,7 @@
       h("h4", {}, "In the circuits of this class"), table(["domain", "in circuit", "rank in point", "edges in", "edges out"], rows),
       h("h4", {}, `Strongest edges in ${st.domain}`), h("div", { class: "two" }, h("div", {}, h("h5", {}, "from"), edgeList(here, node, "in")), h("div", {}, h("h5", {}, "to"), edgeList(here, node, "out"))),
       rec ? explanationBlock(rec) : h("p", { class: "note" }, "No explanation recorded for this node, so only its circuit scores are shown. " +
-        "Explanations (labels, top examples per domain with heatmaps, domain means, ablation effect) appear here once the study folder holds an explanations.json for this model (see docs/explain.md); rerun `clipmech view` after writing it."));
+        "Its explanation (labels with explained fractions, mean activation and ablation effect per domain, top examples with activation maps) appears here once the folder holds an explanations.json for this model: run `clipmech analyze explain RUN_DIR` (docs/explain.md), then `clipmech view` again."));
   }
 
   function rowsSection(model) {
