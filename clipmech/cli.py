@@ -25,9 +25,10 @@ from clipmech.eval import cli as eval_cli
 from clipmech.models import cli as models_cli
 from clipmech.study import cli as study_cli
 from clipmech.train import cli as train_cli
+from clipmech.view import cli as view_cli
 
 # Each area's `register(subparsers)` adds its subcommands, in this order in the help.
-_AREAS = [models_cli, data_cli, train_cli, eval_cli, analysis_cli, study_cli]
+_AREAS = [models_cli, data_cli, train_cli, eval_cli, analysis_cli, study_cli, view_cli]
 
 
 def build_parser() -> argparse.ArgumentParser:

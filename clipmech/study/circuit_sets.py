@@ -54,7 +54,7 @@ def circuit_cells(study) -> tuple[dict[str, dict[int, np.ndarray]], dict[str, di
 
 def cell_circuits(study, model, model_key: str, cells: Cells, split: str) -> tuple[dict[str, dict[int, Circuit]], bool]:
     """({domain: {class: Circuit}}, reused): every domain of `cells`, a circuit for each cell with
-    rows; meta {"split", "rows"}.
+    rows; meta {"split", "rows", "class" (name), "domain"} (what `clipmech view` labels them by).
 
     `model_key` identifies the weights (a checkpoint hash). Cost on a miss: one `discover_circuit`
     per cell (len(points) node IGs and one edge IG per consecutive pair, `study.opts.circuit_steps`
@@ -75,7 +75,8 @@ def cell_circuits(study, model, model_key: str, cells: Cells, split: str) -> tup
                 if len(rows):
                     c = discover_circuit(model, images[rows], torch.full((len(rows),), k, dtype=torch.long), head,
                                          steps=study.opts.circuit_steps,
-                                         meta={"split": split, "rows": np.asarray(rows).tolist()})
+                                         meta={"split": split, "rows": np.asarray(rows).tolist(),
+                                               "class": study.dataset.classes[k], "domain": d})
                     index.setdefault(d, {})[str(k)] = c.save(folder / f"{di}_{k}").name
         return index
 
