@@ -91,7 +91,7 @@ def print_planted(rows: list[dict]) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="CI size: untrained models, 3 images, 4 IG steps, 40 mask steps")
+    ap.add_argument("--quick", action="store_true", help="CI size: untrained models, 2 images, 4 IG steps, 20 mask steps")
     ap.add_argument("--out", default="circuit_validity.json")
     ap.add_argument("--quickstart", default=None, help="a quickstart output directory: CPR / CMD on its models")
     ap.add_argument("--train-steps", type=int, default=150)
@@ -101,7 +101,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     if args.quick:
-        args.train_steps, args.images, args.steps, args.mask_steps = 0, 3, 4, 40
+        args.train_steps, args.images, args.steps, args.mask_steps = 0, 2, 4, 20
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

@@ -155,7 +155,8 @@ def edge_faithfulness_curve(seg: Segment, scores: Tensor, fractions: Sequence[fl
     `eps`. Cost: len(fractions) + 1 calls of `edge_ablated_value`."""
     n_down, n_up = seg.shape
     m_empty = edge_ablated_value(seg, torch.zeros(n_down, n_up, dtype=torch.bool))
-    m_full = float(seg.value(seg.d))
+    with torch.no_grad():
+        m_full = float(seg.value(seg.d))
     out = {"fractions": list(fractions), "m_full": m_full, "m_empty": m_empty, "f": None, "cpr": None, "cmd": None}
     if abs(m_full - m_empty) < eps:
         out["skipped"] = f"|m(N) - m(empty)| = {abs(m_full - m_empty):.2g} < eps = {eps:g}"
