@@ -9,7 +9,7 @@ import torch
 from clipmech.analysis import discovery as D
 from clipmech.analysis import planted as PL
 from clipmech.analysis.edge_ablation import Segment, edge_ablated_value, edge_faithfulness_curve, top_edges
-from clipmech.analysis.patching import true_class_logit
+from clipmech.analysis.engine_adapter import true_class_logit
 from clipmech.models import HookedCLIP
 
 N_IMAGES = 3

@@ -4,7 +4,7 @@ scores at both points and edge scores [J, I] for the same batch, one call shape 
 Methods (`METHODS`; higher score = more important; node and edge scores use the segment's ablation
 value u0 / d0 wherever a method needs a counterfactual):
 - paper_ig: the paper's zero-baseline node IG and its edge IG between the selected nodes
-  (`clipmech.analysis.paper_ig`, the one adapter to the IG engine).
+  (`clipmech.analysis.engine_adapter`, the one adapter to the IG engine).
 - eap: attribution patching, |mean_b sum_pos (a0 - a) . dm/da| at the clean run; an edge (i, j)
   takes the gradient through node j only: |mean_b sum_pos (u0 - u)_i . d<g_j, d_j>/du_i|, g = dm/dd.
 - eap_ig: EAP-IG with input-space interpolation: the same products with the gradients averaged over
@@ -28,8 +28,7 @@ import torch
 from torch import Tensor
 
 from clipmech.analysis.edge_ablation import ROW_CHUNK, Segment, _node_last, _stack
-from clipmech.analysis.paper_ig import paper_ig_scores
-from clipmech.analysis.patching import cache_points, riemann_alphas
+from clipmech.analysis.engine_adapter import cache_points, paper_ig_scores, riemann_alphas
 
 METHODS = ("paper_ig", "eap", "eap_ig", "mask", "exact", "random")
 EXACT_BUDGET = 20_000  # (i, j) pairs whose d_j moves; beyond that exact edge patching is skipped

@@ -6,7 +6,7 @@ value computed from the clean u unless its own edges are ablated. A circuit C is
 edges; every edge of the segment outside C is ablated, all at once, the rest of the tower clean.
 f(C) = (m(C) - m(empty)) / (m(N) - m(empty)) for the true-class logit m; CPR = area under f and
 CMD = area under |1 - f| over the fractions of edges kept in `EDGE_FRACTIONS` (x in [0, 1], linear,
-trapezoid rule from (0, 0); `clipmech.analysis.circuits.curve_areas`).
+trapezoid rule from (0, 0); the engine's `curve_areas`).
 
 Ablation values (`Segment.build`): 'zero'; 'mean' over reference images; 'resample' and
 'counterfactual' take image b's values from donor b (resample: a random image; counterfactual:
@@ -21,8 +21,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from clipmech.analysis.paper_ig import curve_areas
-from clipmech.analysis.patching import Metric, cache_points, check_points, evaluate_metric, node_dim, segment_fn
+from clipmech.analysis.engine_adapter import (Metric, cache_points, check_points, curve_areas, evaluate_metric, node_dim,
+                                              segment_fn)
 
 ABLATIONS = ("zero", "mean", "resample", "counterfactual")
 EDGE_FRACTIONS = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)  # % of the segment's edges kept

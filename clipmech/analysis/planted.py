@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from clipmech.analysis.discovery import MASK_STEPS, METHODS, discover
 from clipmech.analysis.edge_ablation import Segment
-from clipmech.analysis.patching import cache_points, true_class_logit
+from clipmech.analysis.engine_adapter import cache_points, true_class_logit
 
 MOTIFS = ("control", "redundancy", "cancellation", "saturation", "distractor")
 THRESHOLD = 0.5  # c: the ReLU knee of the redundancy and saturation units, in units of a typical s_i (~1)

@@ -23,7 +23,7 @@ from scipy.stats import spearmanr
 
 from clipmech.analysis.discovery import METHODS, MethodScores, discover
 from clipmech.analysis.edge_ablation import ABLATIONS, EDGE_FRACTIONS, Segment, edge_faithfulness_curve, top_edges
-from clipmech.analysis.patching import true_class_logit
+from clipmech.analysis.engine_adapter import true_class_logit
 from clipmech.analysis.planted import planted_points
 from clipmech.eval.templates import get_templates
 from clipmech.eval.zeroshot import class_prompts_names, eval_images

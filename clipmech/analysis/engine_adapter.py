@@ -1,7 +1,8 @@
-"""The one adapter between the discovery-method comparison (`clipmech.analysis.discovery`,
-`clipmech.analysis.edge_ablation`) and the paper's IG circuit engine (`clipmech.analysis.circuits`):
-every call into that engine goes through this module, so moving the engine changes only the imports
-here."""
+"""The one adapter between the discovery-method comparison (`clipmech.analysis.planted`,
+`discovery`, `edge_ablation`, `clipmech.study.circuit_validity`) and clipmech's attribution engine
+(`clipmech.analysis.circuits`, `clipmech.analysis.patching`): every name those modules use from the
+engine is imported here and only here, so moving the engine (or changing its metric signature)
+changes only this file."""
 from __future__ import annotations
 
 import math
@@ -10,8 +11,11 @@ import torch
 from torch import Tensor
 
 from clipmech.analysis.circuits import curve_areas, ig_edge_scores, ig_node_scores
+from clipmech.analysis.patching import (Metric, cache_points, check_points, evaluate_metric, node_dim, riemann_alphas,
+                                        segment_fn, true_class_logit)
 
-__all__ = ["curve_areas", "paper_ig_scores"]
+__all__ = ["Metric", "cache_points", "check_points", "curve_areas", "evaluate_metric", "node_dim", "paper_ig_scores",
+           "riemann_alphas", "segment_fn", "true_class_logit"]
 
 
 def paper_ig_scores(model, images: Tensor, labels: Tensor, head: Tensor, upstream: str, downstream: str, *,
