@@ -205,3 +205,13 @@ def test_bad_names_are_refused(vit, images):
     pc, seg = _planted(vit, images, "control")
     with pytest.raises(ValueError, match="unknown discovery method 'saliency'"):
         D.discover(seg, "saliency")
+
+
+def test_evaluate_planted_rows_carry_scores_truth_and_top_edges(vit, images):
+    rows = PL.evaluate_planted(vit, images, motifs=("control",), methods=("exact", "random"))
+    assert [(r["motif"], r["method"]) for r in rows] == [("control", "exact"), ("control", "random")]
+    exact = rows[0]
+    assert exact["node_precision"] == 1.0 and exact["edge_precision"] == 1.0
+    truth_edges = {tuple(e) for e in exact["truth"]["edges"]}
+    assert {(i, j) for i, j, _ in exact["top_edges"][:len(truth_edges)]} == truth_edges
+    assert len(exact["top_edges"]) == PL.TOP_EDGES_KEPT and exact["share_in_regime"] == {"a": 1.0, "b": 1.0}

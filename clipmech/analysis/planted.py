@@ -341,7 +341,7 @@ def evaluate_planted(model, images: Tensor, *, motifs=MOTIFS, methods=None, step
                      mask_steps: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
     """Plant each motif in `model` on `images`, run each discovery method (default all) under zero
     ablation and score it against the truth. One row per (motif, method): the four scores,
-    seconds, note, the truth, the node scores and the top `TOP_EDGES_KEPT` edges [(i, j, score)].
+    seconds, note, the share of (image, position) values with s_a, s_b >= c, the truth, the node scores and the top `TOP_EDGES_KEPT` edges [(i, j, score)].
     Cost: per motif, the sum of the methods' costs (`clipmech.analysis.discovery`)."""
     rows = []
     for motif in motifs:
@@ -352,7 +352,7 @@ def evaluate_planted(model, images: Tensor, *, motifs=MOTIFS, methods=None, step
         for method in methods or METHODS:
             ms = discover(seg, method, steps=steps, seed=seed, mask_steps=mask_steps or MASK_STEPS)
             rows.append({"motif": motif, "method": method, **score_planted(pc, ms.nodes, ms.edges),
-                         "seconds": ms.seconds, "note": ms.note,
+                         "seconds": ms.seconds, "note": ms.note, "share_in_regime": pc.meta["share_in_regime"],
                          "truth": {"nodes": pc.nodes, "edges": pc.edges},
                          "node_scores": {p: s.double().tolist() for p, s in ms.nodes.items()},
                          "top_edges": _top_edges(ms.edges)})
