@@ -82,7 +82,10 @@ def circuit_controls(study, model, keys: Mapping[str, str], untrained, test_doma
     out = {}
     for name, sim in SIMILARITIES.items():
         res = circuit_nulls(score_c, repeat_c, test_domain, sim)
-        res["floor_untrained"] = circuit_nulls(untrained_c, {}, test_domain, sim)["score"]
+        untrained_nulls = circuit_nulls(untrained_c, {}, test_domain, sim)
+        res["floor_untrained"] = untrained_nulls["score"]
+        # the untrained net's own class-permuted floor: how much of its score is input-independent
+        res["floor_untrained_permuted"] = untrained_nulls["floor"]
         out[name] = res
     return out, repeat_c
 
