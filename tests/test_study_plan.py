@@ -74,3 +74,45 @@ def test_results_record_the_plan_and_report_plan_rejudges_as_exploratory(tmp_pat
     out = json.loads((tmp_path / "results.json").read_text())
     assert out["plan"]["status"].startswith("exploratory") and out["statistics"]["alpha"] == 0.1
     assert "exploratory" in capsys.readouterr().out
+
+
+
+def _causal_test(primary: float, n_classes: int = 8) -> dict:
+    eff = {o: {"effect": 0.2, "randomisation": {"p": 0.02}} for o in ("accuracy", "logit", "margin")}
+    return {"classes": {f"k{i}": {"primary": {a: {o: primary for o in eff} for a in ("mean", "resample")},
+                                  "balanced": True, "shared": {a: eff for a in ("mean", "resample")},
+                                  "strata": [{"stratum": z, "size": 2, "unmatched": 0, "mean": eff, "resample": eff}
+                                             for z in range(4)]} for i in range(n_classes)}}
+
+
+def test_rows_with_the_placebo_test_are_judged_by_it_and_rendered():
+    rows = _rows([3, 4, 5])
+    for r in rows:
+        r["controls"] = {"causal_test": _causal_test(0.1)}
+    res = R.build_results(rows, n_boot=200)
+    causal = res["findings"][-1]
+    assert causal["id"] == "causal" and causal["verdict"] == "reproduced"  # 8 classes all positive: p = 1/256
+    assert causal["evidence"][0]["p"] == 1 / 256 and causal["matched_test"]["verdict"] == "not measured"
+    assert len(causal["beside"]) == 5  # (mean, resample) x (logit, margin, accuracy) but the primary
+    text = R.render_report(res)
+    assert "sign-flip p = 0.0039 (side greater" in text and "stratum 3: +0.200 (0 of 192 unmatched)" in text
+    for r in rows:
+        r["controls"] = {"causal_test": _causal_test(0.0)}  # placebo effect equal to the shared effect
+    assert R.build_results(rows, n_boot=200)["findings"][-1]["verdict"] == "inconclusive"
+
+
+def test_each_measure_reports_its_reliability_where_it_is_judged():
+    import numpy as np
+    rng = np.random.default_rng(0)
+    rows = _rows([3, 4, 5])
+    for r in rows:  # per-class node Jaccard: row mean = the row's score, class noise SD 0.3 over 40 classes
+        per = r["node_jaccard"] + rng.normal(0, 0.3, 40)
+        r["node_jaccard"] = float(per.mean())
+        r["controls"] = {"nulls": {"node_jaccard": {"score": {"per_class": per.tolist()}}}}
+    res = R.build_results(rows, n_boot=200)
+    rel = res["correlations"]["node_jaccard"]["reliability"]
+    se2 = 0.3 ** 2 / 40  # expected class-bootstrap SE^2
+    var = np.var([r["node_jaccard"] for r in rows], ddof=1)
+    assert rel["reliability"] == pytest.approx(1 - se2 / var, abs=0.05) and rel["n"] == 12
+    assert res["correlations"]["cka_mid"]["reliability"]["reliability"] is None  # no per-class values
+    assert "reliability" in R.render_report(res) and "need 3" in R.render_report(res)

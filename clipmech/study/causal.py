@@ -74,6 +74,9 @@ def study_causal_test(study, model, discovery: Mapping[str, Mapping[int, Circuit
             fills[k]["mean"] = ablation_values(model, images[in_t], points, "mean")
         if "resample" in opts.ablations:
             fills[k]["resample"] = resample_values(model, images[rng.choice(donors, len(rows))], points)
+    if len(held) < 2:  # placebos come from other classes: nothing to test (the report falls back, says why)
+        return {"classes": {}, "skipped": skipped, "derangements": [],
+                "reason": f"{len(held)} class(es) with held-out, matching and donor drawings; the placebo needs 2"}
     res = causal_test(model, discovery, test_domain, held, head, match_scores=match, balance_scores=balance,
                       fills=fills, points=points, opts=opts)
     names = {str(k): ds.classes[k] for k in held}

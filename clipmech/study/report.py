@@ -16,7 +16,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from clipmech.analysis import bootstrap as B
+from clipmech.analysis.causal import causal_finding
 from clipmech.study import stats as S
+from clipmech.study.measure_reliability import class_bootstrap_se, disattenuated, reliability
 from clipmech.study.plan import Plan, load_plan
 from clipmech.utils import PathLike, atomic_write_json, atomic_write_text
 
@@ -147,8 +149,23 @@ def correlations_for(models: Sequence[Mapping[str, Any]], n_boot: int = S.DEFAUL
         judged = judged_measure(models, k, variant)
         c["centred"] = S.correlation(models, judged, centred=True, n_boot=n_boot, max_boot=max_boot, seed=seed)
         c["judged_by"] = judged
+        c["reliability"] = measure_reliability(models, k)
+        judged_rho = c.get("normalized", c)["rho"] if judged != k else c["rho"]
+        c["rho_disattenuated"] = disattenuated(judged_rho, c["reliability"]["reliability"])
         out[k] = c
     return out
+
+
+def measure_reliability(models: Sequence[Mapping[str, Any]], measure: str) -> dict[str, Any]:
+    """`clipmech.study.measure_reliability.reliability` of `measure` over the rows, each row's SE from
+    the class bootstrap of its per-class scores (`controls.nulls[measure].score.per_class`); rows
+    without per-class scores count as dropped (reliability None with the reason when fewer than 3)."""
+    scores, ses = [], []
+    for m in models:
+        per = ((((m.get("controls") or {}).get("nulls") or {}).get(measure) or {}).get("score") or {}).get("per_class")
+        scores.append(m.get(measure))
+        ses.append(class_bootstrap_se(per) if per else None)
+    return reliability(scores, ses)
 
 
 def assess_findings(models: Sequence[Mapping[str, Any]], correlations: Mapping[str, Mapping[str, Any]],
@@ -185,13 +202,40 @@ def assess_findings(models: Sequence[Mapping[str, Any]], correlations: Mapping[s
     for k, c in correlations.items():
         judged = c.get("normalized", c) if c["judged_by"] != k else c
         ev.append({**{f: v for f, v in judged.items() if f not in ("centred", "normalized")}, "measure": k,
+                   "reliability": c.get("reliability"), "rho_disattenuated": c.get("rho_disattenuated"),
                    "judged_by": c["judged_by"], "raw": {f: c[f] for f in ("rho", "ci_low", "ci_high", "p_star")},
                    "centred": {f: c["centred"].get(f) for f in ("rho", "ci_low", "ci_high", "p_star", "p_star_se")}})
     _apply_rule(ev, "holm_measures", alpha)
     findings.append({"finding": SHAREDNESS_FINDING, "mode": "all", "rule": RULES["holm_measures"], "evidence": ev,
                      "verdict": _combine([e["verdict"] for e in ev], "all")})
-    findings.append(assess_causal(models, n_boot=n_boot, seed=seed, max_boot=max_boot, alpha=alpha))
+    matched = assess_causal(models, n_boot=n_boot, seed=seed, max_boot=max_boot, alpha=alpha)
+    placebo = assess_causal_test(models, plan)
+    findings.append(placebo | {"matched_test": matched} if placebo else matched)
     return findings
+
+
+def assess_causal_test(models: Sequence[Mapping[str, Any]], plan: Plan) -> dict[str, Any] | None:
+    """The causal finding under the plan's placebo rule, from rows carrying `controls.causal_test`
+    (`clipmech.study.causal.study_causal_test`): `clipmech.analysis.causal.causal_finding` on the
+    plan's ablation and outcome decides (sign-flip over classes, side stated); the other ablations
+    and outcomes are reported beside. None when no row carries the test (the matched test decides)."""
+    tests = [t for m in models if (t := (m.get("controls") or {}).get("causal_test")) and t.get("classes")]
+    if not tests:
+        return None
+    spec = plan.finding("causal")
+    alpha, k = plan.data["alpha"], spec.get("min_classes", 8)
+    primary = causal_finding(tests, spec["ablation"], spec["outcome"], alpha, k)
+    beside = [causal_finding(tests, a, o, alpha, k) | {"label": "reported beside, not judged"}
+              for a in [spec["ablation"], *spec.get("ablations_beside", [])]
+              for o in [spec["outcome"], *spec.get("outcomes_beside", [])]
+              if (a, o) != (spec["ablation"], spec["outcome"])]
+    return {"finding": spec["claim"], "id": spec["id"], "side": spec["side"], "mode": "sign_flip",
+            "rule": (f"per class, (shared − controls) − (placebo − controls) averaged over the models ({len(tests)} rows)"
+                     f"; exact one-sided sign-flip test over classes, reproduced when p < α/2"),
+            "evidence": [primary], "beside": beside,
+            "coverage": "classes are the exchangeable units of the sign-flip test; models are averaged within "
+                        "each class, so the p-value covers the choice of classes, not of models or drawings.",
+            "verdict": primary["verdict"]}
 
 
 def assess_causal(models: Sequence[Mapping[str, Any]], n_boot: int = S.DEFAULT_BOOT, seed: int = 0,
@@ -406,7 +450,9 @@ def render_report(results: Mapping[str, Any], figures: Mapping[str, str] | None 
         lines += [f"### {f['finding']}: **{f['verdict']}**", "", f"Rule: {f['rule']}.{side}", ""]
         lines += [_evidence_line(e) for e in f["evidence"]] + _causal_beside(f)
         lines += [_evidence_line(e, f"beside ({e['label']}): ") for e in f.get("beside", [])]
-        lines += ["", f"*What the CIs cover:* {ci_coverage(f, cfg)}", ""]
+        if f.get("matched_test"):
+            lines += [_evidence_line(e, "beside (matched test of issue 13): ") for e in f["matched_test"]["evidence"]]
+        lines += ["", f"*What the CIs cover:* {f.get('coverage') or ci_coverage(f, cfg)}", ""]
     lines += _power_lines(results.get("power"))
     lines += ["## Models", "", "| setup | test domain | seed | C1 % | C2 % | " +
               " | ".join(SHAREDNESS_MEASURES) + " |", "|---" * (5 + len(SHAREDNESS_MEASURES)) + "|"]
@@ -441,6 +487,8 @@ def _p(e: Mapping[str, Any]) -> str:
 
 def _evidence_line(e: Mapping[str, Any], label: str = "") -> str:
     """One bullet of a finding: estimate, CI, p*, sizes and verdict (`label` prefixes a causal one)."""
+    if "outcome" in e:
+        return _placebo_line(e, label)
     if "what" in e:
         if e.get("estimate") is None:
             return f"- {label}{e['what']} effect: not measured ({e['reason']}): **{e['verdict']}**"
@@ -454,6 +502,13 @@ def _evidence_line(e: Mapping[str, Any], label: str = "") -> str:
             and e["raw"]["rho"] is not None else ""
         c = e.get("centred") or {}
         centred = "" if c.get("rho") is None else f"; setup-centred ρ = {c['rho']:.2f} {_ci(c, 1.0, 2)}"
+        rel = e.get("reliability") or {}
+        if rel.get("reliability") is not None:
+            centred += (f"; reliability {rel['reliability']:.2f}" + (" (FLAGGED: below 0.5)" if rel["flagged"] else "")
+                        + ("" if e.get("rho_disattenuated") is None else
+                           f", ρ corrected for attenuation {e['rho_disattenuated']:.2f}"))
+        elif rel:
+            centred += f"; reliability n/a ({rel['reason']})"
         return (f"- Spearman ρ({e['measure']}, C2 accuracy) = {rho} {_ci(e, 1.0, 2)},{judged} {_p(e)}, "
                 f"{e['n_models']} models ({e['n']} rows) in {e.get('n_domains', 0)} test domain(s){why}"
                 f"{centred}: **{e['verdict']}**")
@@ -462,6 +517,25 @@ def _evidence_line(e: Mapping[str, Any], label: str = "") -> str:
     return (f"- {label}C2 accuracy {e['better']} − {e['worse']} = {diff} points {_ci(e)}, {_p(e)}, "
             f"{e['n_models']} models, {e['n_seeds']} seed(s){classes}, {e['n_domains']} test domain(s): "
             f"**{e['verdict']}**")
+
+
+def _placebo_line(e: Mapping[str, Any], label: str = "") -> str:
+    """One bullet of the placebo causal test (`clipmech.analysis.causal.causal_finding`)."""
+    head = f"- {label}{e['ablation']} ablation, {e['outcome']}: "
+    excluded = ", ".join(f"{n} {why}" for why, n in e["excluded"].items() if n) or "none"
+    if e.get("p") is None:
+        return head + f"not measured (excluded (model, class) pairs: {excluded}): **{e['verdict']}**"
+    strata = "; ".join(f"stratum {z}: {_signed(v['effect'])} ({v['unmatched']} of {v['size']} unmatched)"
+                       for z, v in e["strata"].items())
+    warn = f" ({e['warning']})" if e.get("warning") else ""
+    return (head + f"primary contrast {e['estimate']:+.3f} over {e['n_classes']} classes, sign-flip p = "
+            f"{e['p']:.4f} (side {e['side']}; smallest attainable {e['min_p']:.4f}){warn}; shared − controls "
+            f"{e['shared_minus_controls']:+.3f}, mean randomisation p {e['randomisation_p']:.3f}; by IG stratum "
+            f"(top last): {strata}; excluded (model, class) pairs: {excluded}: **{e['verdict']}**")
+
+
+def _signed(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:+.3f}"
 
 
 def _effect(e: Mapping[str, Any]) -> str:
