@@ -470,7 +470,10 @@ def render_report(results: Mapping[str, Any], figures: Mapping[str, str] | None 
              "seeds match its runs (see the configuration above and each run's config.toml).")
     lines += ["", "## Caveats", "", scale,
               "- Correlations are correlational, not causal; the setup-centred ρ shows whether the link "
-              "holds beyond the differences between setups.", ""]
+              "holds beyond the differences between setups.",
+              "- A normalised sharedness above 1 means the score exceeded its ceiling: the ceiling (agreement of "
+              "circuits from disjoint drawings, pooled over every domain) is then not a ceiling for the score's "
+              "domain pairs; `ceiling_pairs` in the controls is the same-pairs ceiling.", ""]
     return "\n".join(lines)
 
 
