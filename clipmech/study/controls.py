@@ -42,6 +42,7 @@ from clipmech.analysis.sharing import (match_latents, pair_shares, require_spars
 from clipmech.data.samples import distinct_drawings
 from clipmech.eval.zeroshot import class_prompts_names, embed_images
 from clipmech.models.hooked_clip import HookedCLIP
+from clipmech.study.causal import study_causal_test
 from clipmech.study.circuit_sets import cell_circuits, circuit_cells
 from clipmech.study.report import middle_third
 from clipmech.study.saes import study_sae
@@ -49,7 +50,8 @@ from clipmech.utils import file_hash, state_dict_hash
 
 CONTROL_SCORES = ("node_jaccard", "edge_jaccard", "wl", "feature_sharing", "cka_mid")
 WL_H = 1
-CONTROLS_VERSION = 4  # 2: standardised SAE inputs; 3: circuit sets and SAEs shared; 4: causal verdict with p*
+CONTROLS_VERSION = 5  # 2: standardised SAE inputs; 3: circuit sets and SAEs shared; 4: causal verdict with p*;
+# 5: the placebo causal test (clipmech.study.causal) and the untrained class-permuted floor
 N_PERM = 20  # CKA row permutations per domain pair
 
 
@@ -250,11 +252,12 @@ def controls_model(study, run: Mapping[str, Any], model, test_domain: str) -> tu
         nulls["feature_sharing"] = timed("sae", lambda: sae_controls(study, model, keys["model"], test_domain))
         nulls["cka_mid"] = timed("cka", lambda: cka_controls(study, model, untrained, test_domain))
         causal = timed("causal", lambda: causal_controls(study, model, discovery, test_domain))
+        causal_test = timed("causal_test", lambda: study_causal_test(study, model, discovery, test_domain))
         # faithfulness covers every domain, so a model shared by two rows (natural-only) computes it once
         faith = timed("faithfulness", lambda: study.registry.run(
             "faithfulness", {k: v for k, v in key.items() if k not in ("stage", "test_domain")} | {"stage": "faithfulness"},
             lambda: faithfulness_controls(study, model, discovery))[0])
-        return {"nulls": nulls, "causal": causal, "faithfulness": faith, "cpu_s": cpu}
+        return {"nulls": nulls, "causal": causal, "causal_test": causal_test, "faithfulness": faith, "cpu_s": cpu}
 
     details, reused = study.registry.run("controls", key, compute)
     return row_fields(details, test_domain), reused
@@ -300,9 +303,10 @@ FIGURE_NOTES = {
 def controls_budget(opts) -> float:
     """Planned seconds of one model's controls on an idle 2-core CPU (drives the progress estimate):
     the training-drawing circuits (the test-drawing ones are the circuit stage's, the untrained ones
-    shared by a seed's setups) at ~0.03 s per IG step and cell, the second SAE seed, the rest."""
+    shared by a seed's setups) at ~0.03 s per IG step and cell, the second SAE seed, the placebo
+    causal test (~0.9 s per class: 3 classes took 2.6 s CPU, one thread), the rest."""
     cells = 6 * opts.circuit_classes
-    return 1.3 * cells * 0.03 * opts.circuit_steps + 0.02 * opts.sae_epochs + 5.0
+    return 1.3 * cells * 0.03 * opts.circuit_steps + 0.02 * opts.sae_epochs + 0.9 * opts.circuit_classes + 5.0
 
 
 def draw_controls_figures(models: Sequence[Mapping[str, Any]], fig_dir: Path) -> list[Path]:
