@@ -181,7 +181,7 @@ def test_causal_test_runs_end_to_end_and_counts(tiny):
     fills = {k: {"mean": mean, "resample": C.resample_values(model, images["t", (k + 1) % 3][1:], pts)} for k in range(3)}
     held = {k: (images["t", k][1:], torch.tensor([k])) for k in range(3)}
     held[7] = (images["t", 0][:0], torch.zeros(0, dtype=torch.long))
-    opts = K.CausalOptions(n_random=9, n_random_small=3, n_strata=2, n_derangements=2)
+    opts = K.CausalOptions(n_random=5, n_random_small=2, n_strata=2, n_derangements=2)
     res = K.causal_test(model, disc, "t", held, head, match_scores=match, balance_scores=balance, fills=fills,
                         points=pts, opts=opts)
     assert res["skipped"]["7"] == "no discovery circuit in the test domain"
@@ -193,7 +193,7 @@ def test_causal_test_runs_end_to_end_and_counts(tiny):
         for how in ("mean", "resample"):
             e = sh[how]["logit"]
             assert e["effect"] == pytest.approx(e["drop"] - e["control"])
-            assert e["randomisation"]["n"] == 9
+            assert e["randomisation"]["n"] == 5
             used = [p for p in c["placebo"] if p is not None]
             want = e["effect"] - np.mean([p[how]["logit"]["effect"] for p in used]) if used else None
             assert c["primary"][how]["logit"] == (pytest.approx(want) if used else None)

@@ -20,7 +20,7 @@ def setting(tmp_path_factory):
     from clipmech.study.registry import Registry
 
     tmp = tmp_path_factory.mktemp("causal")
-    opts = QuickstartOptions(out=str(tmp), views=1, max_classes=19, n_c2=15, circuit_classes=3, circuit_steps=1,
+    opts = QuickstartOptions(out=str(tmp), views=1, max_classes=19, n_c2=15, circuit_classes=2, circuit_steps=1,
                              progress=False)
     study = Study(opts, registry=Registry(tmp / "registry"))
     study.dataset, study.test_domains, study.c2 = resolve_dataset(opts)

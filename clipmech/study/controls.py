@@ -39,7 +39,7 @@ from clipmech.analysis.patching import cache_points
 from clipmech.analysis.sae import evaluate_sae
 from clipmech.analysis.sharing import (match_latents, pair_shares, require_sparse, seed_ceiling,
                                        top_latent_histograms)
-from clipmech.data.samples import distinct_drawings
+from clipmech.data.samples import check_disjoint_drawings, distinct_drawings
 from clipmech.eval.zeroshot import class_prompts_names, embed_images
 from clipmech.models.hooked_clip import HookedCLIP
 from clipmech.study.causal import study_causal_test
@@ -101,9 +101,9 @@ def causal_controls(study, model, discovery, test_domain: str) -> dict[str, Any]
     for k, c in discovery.get(test_domain, {}).items():
         rows = np.flatnonzero((ds.domain_idx[idx] == di) & (ds.class_idx[idx] == k))
         held[k] = (images[rows], torch.full((len(rows),), k, dtype=torch.long))
-        train_ids = set(ds.indices(split="train")[c.meta["rows"]].tolist())
-        if train_ids & set(idx[rows].tolist()):
-            raise RuntimeError(f"causal test: class {ds.classes[k]!r} has a held-out drawing among its discovery drawings")
+        # the same drawing (style and class, file or pixels), not the same row: split rows never overlap
+        check_disjoint_drawings(ds, ds.indices(split="train")[c.meta["rows"]], idx[rows],
+                                what=f"causal test, class {ds.classes[k]!r}")
     reference = images[np.flatnonzero(ds.domain_idx[idx] == di)]
     res = matched_causal_test(model, discovery, test_domain, held, _head(study, model), reference=reference)
     res["per_class"] = {ds.classes[int(k)]: v for k, v in res["per_class"].items()}
