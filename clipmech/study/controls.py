@@ -166,8 +166,10 @@ def sae_controls(study, model, model_key: str, test_domain: str) -> dict[str, An
                                    len(ds.domains)) for s in saes]
     d = ds.domains.index(test_domain)
     ceiling = np.nanmean(seed_ceiling(H[0], H[1], match), 1)
+    per_class = pair_shares(H[0], d)
     return out | {"fraction_matched": match["fraction_matched"], "match_threshold": match["threshold"],
-                  "score": estimate(pair_shares(H[0], d)), "floor": estimate(pair_shares(H[0], d, permuted=True)),
+                  "score": estimate(per_class) | {"per_class": [float(v) for v in per_class if np.isfinite(v)]},
+                  "floor": estimate(pair_shares(H[0], d, permuted=True)),
                   "ceiling": estimate(ceiling)}
 
 
