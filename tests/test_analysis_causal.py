@@ -90,6 +90,7 @@ def test_sign_flip_test_exact_values_and_boundaries():
     brute = np.mean([float((np.array(s) * x).sum() >= x.sum() - 1e-12)
                      for s in np.array(np.meshgrid(*[[-1, 1]] * 6)).reshape(6, -1).T])
     assert K.sign_flip_test(x)["p"] == pytest.approx(brute)
+    assert K.sign_flip_test([0.2] * 17)["p"] == 2 ** -17  # 2^17 sign vectors: enumerated in two blocks
     mc = K.sign_flip_test([0.2] * 8, exact_max=4, n_mc=20000)
     assert not mc["exact"] and abs(mc["p"] - 1 / 256) < 0.003
 

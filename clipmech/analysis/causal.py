@@ -205,22 +205,26 @@ def sign_flip_test(values: Sequence[float], exact_max: int = 20, n_mc: int = 2 *
     """One-sided sign-flip test of mean(values) > 0 over n exchangeable units (classes): p = share of
     the 2^n sign vectors whose flipped mean is >= the observed one (ties count against). Exact for
     n <= exact_max, else Monte Carlo with `n_mc` draws (p = (1 + hits) / (1 + n_mc)). Returns
-    {"p", "p_opposite" (same for mean < 0), "n", "min_p" (2^-n), "exact", "side"}."""
+    {"p", "p_opposite" (same for mean < 0), "n", "min_p" (2^-n), "exact", "side"}. Sign vectors
+    are enumerated or drawn in blocks of 2^16 (memory O(2^16 n))."""
     x = np.asarray(values, dtype=float)
     if x.size == 0 or not np.all(np.isfinite(x)):
         raise ValueError(f"sign_flip_test needs finite values, got {x.tolist()}")
     n, tol = x.size, 1e-12 * max(1.0, float(np.abs(x).sum()))
-    obs = float(x.sum())
-    if n <= exact_max:
-        signs = 1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)
+    obs, exact = float(x.sum()), n <= exact_max
+    total = 2 ** n if exact else n_mc
+    rng, block, ge, le = np.random.default_rng(seed), 2 ** 16, 0, 0
+    for start in range(0, total, block):
+        if exact:
+            codes = np.arange(start, min(total, start + block))[:, None]
+            signs = 1 - 2 * ((codes >> np.arange(n)) & 1)
+        else:
+            signs = rng.choice([-1.0, 1.0], size=(min(block, total - start), n))
         sums = signs @ x
-        p, q = float((sums >= obs - tol).mean()), float((sums <= obs + tol).mean())
-    else:
-        signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(n_mc, n))
-        sums = signs @ x
-        p = (1 + float((sums >= obs - tol).sum())) / (1 + n_mc)
-        q = (1 + float((sums <= obs + tol).sum())) / (1 + n_mc)
-    return {"p": p, "p_opposite": q, "n": n, "min_p": 2.0 ** -n, "exact": n <= exact_max, "side": "greater"}
+        ge += int((sums >= obs - tol).sum())
+        le += int((sums <= obs + tol).sum())
+    p, q = (ge / total, le / total) if exact else ((1 + ge) / (1 + total), (1 + le) / (1 + total))
+    return {"p": p, "p_opposite": q, "n": n, "min_p": 2.0 ** -n, "exact": exact, "side": "greater"}
 
 
 # ---------------------------------------------------------------------------------------- ablation
