@@ -18,7 +18,10 @@ rows and the untrained checkpoint (identical across the setups of one seed) are 
 - causal test: circuits discovered on the training drawings, ablated on the held-out test drawings.
 - faithfulness: the training-drawing circuits evaluated on the test drawings, mean and resample
   ablation.
-Normalisation uses the class-permuted (CKA: permutation) floor; the untrained floor is reported beside it.
+Normalisation uses the class-permuted (CKA: permutation) floor and the ceiling on the score's own
+domain pairs (`ceiling_pairs`: the test domain's and the other domain's retest values averaged per
+pair; the pooled ceiling over every domain is kept beside); the untrained floor is reported beside,
+with its own class-permuted floor. The placebo causal test: `clipmech.study.causal`.
 """
 from __future__ import annotations
 
@@ -51,7 +54,7 @@ from clipmech.utils import file_hash, state_dict_hash
 CONTROL_SCORES = ("node_jaccard", "edge_jaccard", "wl", "feature_sharing", "cka_mid")
 WL_H = 1
 CONTROLS_VERSION = 5  # 2: standardised SAE inputs; 3: circuit sets and SAEs shared; 4: causal verdict with p*;
-# 5: the placebo causal test (clipmech.study.causal) and the untrained class-permuted floor
+# 5: the placebo causal test (clipmech.study.causal), the untrained class-permuted floor, same-pair ceilings
 N_PERM = 20  # CKA row permutations per domain pair
 
 
@@ -165,12 +168,16 @@ def sae_controls(study, model, model_key: str, test_domain: str) -> dict[str, An
         H = [top_latent_histograms(s.encode(test_x), ds.class_idx[idx][rows], ds.domain_idx[idx][rows], c2,
                                    len(ds.domains)) for s in saes]
     d = ds.domains.index(test_domain)
-    ceiling = np.nanmean(seed_ceiling(H[0], H[1], match), 1)
+    cells = seed_ceiling(H[0], H[1], match)  # (C, D)
+    ceiling = np.nanmean(cells, 1)
+    others = [b for b in range(cells.shape[1]) if b != d]
+    with np.errstate(invalid="ignore"):  # a class without any image pair stays NaN and is dropped
+        ceiling_pairs = np.nanmean((cells[:, [d]] + cells[:, others]) / 2, 1)
     per_class = pair_shares(H[0], d)
     return out | {"fraction_matched": match["fraction_matched"], "match_threshold": match["threshold"],
                   "score": estimate(per_class) | {"per_class": [float(v) for v in per_class if np.isfinite(v)]},
                   "floor": estimate(pair_shares(H[0], d, permuted=True)),
-                  "ceiling": estimate(ceiling)}
+                  "ceiling": estimate(ceiling), "ceiling_pairs": estimate(ceiling_pairs)}
 
 
 def _centroids(model, images: torch.Tensor, dom: np.ndarray, cls: np.ndarray, classes: Sequence[int],
@@ -221,8 +228,10 @@ def cka_controls(study, model, untrained, test_domain: str, seed: int = 0) -> di
     perm = [np.mean([_mid_cka(at(tables["test"], t), {p: v[b][pi] for p, v in tables["test"].items()})
                      for pi in (rng.permutation(len(c2)) for _ in range(N_PERM))]) for b in others]
     ceiling = [_mid_cka(at(tables["test"], d), at(tables["train"], d)) for d in range(D)]
+    ceiling_pairs = [(ceiling[t] + ceiling[b]) / 2 for b in others]  # on the score's domain pairs only
     untrained_score = [_mid_cka(at(tables["untrained"], t), at(tables["untrained"], b)) for b in others]
     return {"score": estimate(score), "floor": estimate(perm), "ceiling": estimate(ceiling),
+            "ceiling_pairs": estimate(ceiling_pairs),
             "floor_untrained": estimate(untrained_score), "n_perm": N_PERM}
 
 
@@ -273,8 +282,10 @@ def row_fields(details: Mapping[str, Any], test_domain: str) -> dict[str, Any]:
         n = details["nulls"][name]
         score = (n.get("score") or {}).get("mean")
         row[f"{name}_floor"] = (n.get("floor") or {}).get("mean")
-        row[f"{name}_ceiling"] = (n.get("ceiling") or {}).get("mean")
-        row[f"{name}_norm"], reasons[name] = normalize(score, n.get("floor"), n.get("ceiling"))
+        # normalise by the ceiling on the score's own domain pairs (issue 26); the pooled one is kept beside
+        ceiling = n.get("ceiling_pairs") or n.get("ceiling")
+        row[f"{name}_ceiling"] = (ceiling or {}).get("mean")
+        row[f"{name}_norm"], reasons[name] = normalize(score, n.get("floor"), ceiling)
         if n.get("reason"):
             reasons[name] = n["reason"]
     row["wl"] = details["nulls"]["wl"]["score"]["mean"]
