@@ -158,7 +158,9 @@ def test_rows_carry_the_controls(quickstart):
         assert {"wl", "faithfulness_auc", "sae_l0", "sae_fvu", "sae_dead", "causal_effect_logit",
                 "causal_verdict", "causal_trimmed_fraction"} <= set(m)
         assert 0 <= m["sae_dead"] <= 1 and m["sae_fvu"] >= 0
-        assert set(m["controls"]["cpu_s"]) == {"circuits", "sae", "cka", "causal", "faithfulness"}
+        assert set(m["controls"]["cpu_s"]) == {"circuits", "sae", "cka", "causal", "causal_test", "faithfulness"}
+        # one circuit class: no placebo class exists, the placebo test says so and the matched test decides
+        assert "placebo needs 2" in m["controls"]["causal_test"]["reason"]
     assert (out / "figures" / "sharedness_controls.png").stat().st_size > 5000
     assert any(p.name.startswith("faithfulness_") for p in (out / "figures").iterdir())
 

@@ -1,11 +1,13 @@
 """results.json schema, Spearman bootstrap, verdict rules and the report's wording."""
 import json
+from importlib.resources import files
 
 import numpy as np
 import pytest
 
 from clipmech.analysis import bootstrap as B
 from clipmech.study import report as R
+from clipmech.study.plan import load_plan
 
 
 def _models(c2: dict[str, list[float]], domain="sketch"):
@@ -56,19 +58,23 @@ def test_verdicts_are_the_same_for_five_bootstrap_seeds():
         verdicts.add(tuple((f["verdict"], tuple(e["verdict"] for e in f["evidence"])) for f in res["findings"]))
     assert len(verdicts) == 1
     f1, f2, f3, causal = verdicts.pop()
-    assert causal[0] == "not measured" and f1[0] == f2[0] == f3[0] == "reproduced"
-    assert f2[1][1] == "inconclusive"  # LOD - CG-high: no difference in the data
+    assert causal[0] == "not measured" and f1[0] == f3[0] == "reproduced"
+    assert f2 == ("inconclusive", ("inconclusive",))  # decided by LOD - CG-high: no difference in the data
+    beside = R.build_results(rows)["findings"][1]["beside"]  # LOD - CG-low, also differing in diversity
+    assert len(beside) == 1 and beside[0]["worse"] == "cg_low" and "diversity" in beside[0]["label"]
+    assert beside[0]["verdict"] == "reproduced"
 
 
 def test_holm_is_applied_per_claim_and_reported_raw_and_adjusted():
     res = R.build_results(_per_class_models({"natural_only": 0.1, "lod": 0.4, "cg_low": 0.15, "cg_high": 0.45}))
     f1, f2, f3, _ = res["findings"]
-    for e in f1["evidence"]:  # each must hold: no correction
+    for e in f1["evidence"]:  # each must hold: no correction to reproduce
         assert e["p_adjusted"] == e["p_star"] and e["rule"] == R.RULES["all"]
-    p = [e["p_star"] for e in f2["evidence"]]
-    adj = [e["p_adjusted"] for e in f2["evidence"]]
-    assert adj == pytest.approx(B.holm(p)[0]) and min(adj) == pytest.approx(2 * min(p))
+    q = [1 - e["p_star"] for e in f1["evidence"]]  # one contradicted piece contradicts: Holm on that side
+    assert [e["p_opposite_adjusted"] for e in f1["evidence"]] == pytest.approx(B.holm(q)[0])
+    assert len(f2["evidence"]) == 1 and f2["evidence"][0]["p_adjusted"] == f2["evidence"][0]["p_star"]
     assert [e["p_adjusted"] for e in f3["evidence"]] == pytest.approx(B.holm([e["p_star"] for e in f3["evidence"]])[0])
+    assert res["plan"]["sha256"] == load_plan().sha256 and res["plan"]["status"].startswith("exploratory")
     for e in f1["evidence"] + f2["evidence"]:
         assert {"estimate", "ci_low", "ci_high", "level", "p_star", "p_star_se", "n_models", "n_classes",
                 "rule", "p_adjusted", "verdict", "verdict_unadjusted"} <= set(e)
@@ -97,17 +103,26 @@ def test_combined_verdicts():
     assert R._combine(["not measured", "not measured"], "all") == "not measured"
 
 
-def test_finding3_judges_by_normalized_measure_when_every_row_has_one():
+def test_finding3_judges_by_normalized_measure_when_every_row_has_one(tmp_path):
     rows = _per_class_models({"natural_only": 0.1, "lod": 0.4, "cg_low": 0.15, "cg_high": 0.45})
     for r in rows:
         r["cka_mid_norm"] = -r["cka_mid"]  # normalized sharedness that runs against accuracy
-    res = R.build_results(rows)
+    raw = R.build_results(rows)  # the shipped plan judges the raw measure, normalized beside
+    assert next(e for e in raw["findings"][2]["evidence"] if e["measure"] == "cka_mid")["judged_by"] == "cka_mid"
+    text = (files("clipmech.study") / "plans" / "plan-v1.toml").read_text().replace('variant = "raw"',
+                                                                                   'variant = "normalized"')
+    (tmp_path / "norm.toml").write_text(text)
+    plan = load_plan(tmp_path / "norm.toml")
+    res = R.build_results(rows, plan=plan)
+    assert res["plan"]["status"].startswith("exploratory (judged under")
     cka = next(e for e in res["findings"][2]["evidence"] if e["measure"] == "cka_mid")
     assert cka["judged_by"] == "cka_mid_norm" and cka["rho"] < 0 < cka["raw"]["rho"]
     assert res["correlations"]["cka_mid"]["normalized"]["rho"] == pytest.approx(cka["rho"])
     assert "judged by cka_mid_norm" in R.render_report(res)
+    # the setup-centred rho is computed on the judged (normalized) variant
+    assert res["correlations"]["cka_mid"]["centred"]["measure"] == "cka_mid_norm"
     rows[0]["cka_mid_norm"] = None  # undefined for one row: judge by raw, say so
-    res = R.build_results(rows)
+    res = R.build_results(rows, plan=plan)
     assert next(e for e in res["findings"][2]["evidence"] if e["measure"] == "cka_mid")["judged_by"] == "cka_mid"
 
 
@@ -119,7 +134,7 @@ def test_setup_summary_and_power_report():
     assert s["lod"]["c2_test_acc"]["mean"] == pytest.approx(np.mean(lod))
     assert s["lod"]["c2_test_acc"]["ci_low"] < np.mean(lod) < s["lod"]["c2_test_acc"]["ci_high"]
     pw = R.build_results(rows)["power"]
-    assert set(pw["half_width"]) == {"lod - natural_only", "cg_high - cg_low", "lod - cg_low"}
+    assert set(pw["half_width"]) == {"lod - natural_only", "cg_high - cg_low", "lod - cg_low", "lod - cg_high"}
     assert pw["pilot"]["n_classes"] == [5, 10, 15, 20, 30]
     # more classes, narrower CI (up to Monte-Carlo noise)
     curve = pw["pilot"]["lod - natural_only"]

@@ -97,9 +97,10 @@ def holm(p: Sequence[float], se: Sequence[float] | None = None) -> tuple[list[fl
     return adj.tolist(), adj_se.tolist()
 
 
-def clear_of(p: float, se: float, thresholds: Sequence[float]) -> bool:
-    """Whether p and 1 - p are each more than 2 se away from every threshold."""
-    return all(abs(x - t) > 2 * se for t in thresholds for x in (p, 1.0 - p))
+def clear_of_bounds(p: float, n: int, thresholds: Sequence[float]) -> bool:
+    """Whether no threshold lies in the Monte-Carlo interval (`p_bounds`) of p or of 1 - p."""
+    lo, hi = p_bounds(p, n)
+    return all(not (lo <= t <= hi or 1 - hi <= t <= 1 - lo) for t in thresholds)
 
 
 def adaptive_bootstrap(draw: Callable[[np.random.Generator, int], np.ndarray], n_boot: int = 2000,
@@ -108,9 +109,9 @@ def adaptive_bootstrap(draw: Callable[[np.random.Generator, int], np.ndarray], n
     """Bootstrap statistics drawn until the decision is clear of every threshold it can face.
 
     `draw(rng, B)` returns B resampled statistics (NaN for a resample where the statistic is
-    undefined). Starts with `n_boot` and doubles the total while p* or 1 - p* lies within 2 Monte-Carlo
-    SEs of alpha/(2k) for some k = 1..n_tests (the thresholds Holm's correction over n_tests can use),
-    up to `max_boot` resamples. Returns every drawn statistic. Cost: O(final B) draws.
+    undefined). Starts with `n_boot` and doubles the total while alpha/(2k), for some k = 1..n_tests
+    (the thresholds Holm's correction over n_tests can use), lies inside the exact Monte-Carlo
+    interval (`p_bounds`, the band `decide_family` uses) of p* or 1 - p*, up to `max_boot` resamples. Returns every drawn statistic. Cost: O(final B) draws.
     """
     if n_boot < 1 or max_boot < n_boot:
         raise ValueError(f"need 1 <= n_boot <= max_boot, got n_boot={n_boot}, max_boot={max_boot}")
@@ -119,7 +120,7 @@ def adaptive_bootstrap(draw: Callable[[np.random.Generator, int], np.ndarray], n
     boots = np.asarray(draw(rng, n_boot), dtype=float)
     while boots.size < max_boot:
         finite = boots[np.isfinite(boots)]
-        if finite.size and clear_of(*tail_probability(finite), thresholds):
+        if finite.size and clear_of_bounds(tail_probability(finite)[0], finite.size, thresholds):
             break
         boots = np.concatenate([boots, np.asarray(draw(rng, min(boots.size, max_boot - boots.size)), dtype=float)])
     return boots
@@ -135,16 +136,74 @@ def percentile_ci(boots: np.ndarray, level: float = 0.95) -> tuple[float, float]
     return float(lo), float(hi)
 
 
-def decide_holm(p: float, se: float, p_adj: float, se_adj: float, alpha: float = 0.05) -> str:
-    """The `decide` rule for one test of a Holm family: *reproduced* needs the adjusted p
-    (p_adj + 2 se_adj < alpha/2); *contradicted* is read from the raw opposite tail (a claim that
-    any test suffices is contradicted only when every test is, which needs no correction);
-    *borderline* when either the adjusted p or the raw decision sits within 2 SE of its threshold."""
-    if p_adj + 2 * se_adj < alpha / 2:
-        return REPRODUCED
-    raw = decide(p, se, alpha)
-    if raw == CONTRADICTED:
-        return CONTRADICTED
-    if raw == BORDERLINE or abs(p_adj - alpha / 2) <= 2 * se_adj:
-        return BORDERLINE
-    return INCONCLUSIVE
+# ------------------------------------------------------------------ exact Monte-Carlo bounds (issue 26)
+# Confidence of the Monte-Carlo band around p*: with the +-2 SE band and adaptive doubling from 2000 to
+# 64000 resamples, an effect whose exact p is alpha/2 = 0.025 was called reproduced in 11.9 % of 4000
+# simulated runs; with a 95 % Clopper-Pearson band 9.2 %, with 99 % 2.0 % (an exact p of 0.02 still
+# reproduced in 100 %). Measured with binomial draws in place of resamples.
+MC_LEVEL = 0.99
+
+
+def clopper_pearson(k: float, n: int, level: float = MC_LEVEL) -> tuple[float, float]:
+    """Exact two-sided `level` interval of a binomial proportion from k successes in n trials
+    (k = 0: lower bound 0, upper 1 - ((1 - level)/2)^(1/n)). Cost O(1)."""
+    if n < 1 or not 0 <= k <= n:
+        raise ValueError(f"clopper_pearson needs 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    a = (1 - level) / 2
+    lo = 0.0 if k == 0 else float(stats.beta.ppf(a, k, n - k + 1))
+    hi = 1.0 if k == n else float(stats.beta.ppf(1 - a, k + 1, n - k))
+    return lo, hi
+
+
+def p_bounds(p: float, n: int, level: float = MC_LEVEL) -> tuple[float, float]:
+    """Monte-Carlo interval of a tail probability p* estimated from n resamples: Clopper-Pearson of
+    the count p*·n, rounded outwards (mid-p ties give half counts)."""
+    k = p * n
+    return clopper_pearson(math.floor(k + 1e-9), n, level)[0], clopper_pearson(math.ceil(k - 1e-9), n, level)[1]
+
+
+def format_p(p: float | None, n: int, name: str = "p*") -> str:
+    """p* for a report: "p* < 1/B (99 % Monte-Carlo bound 0.0023)" when no resample fell in the tail
+    (p̂ = 0 is not a probability of 0), else "p* = 0.0123 [0.0101, 0.0148]" with its Clopper-Pearson
+    interval."""
+    if p is None:
+        return f"no {name}"
+    lo, hi = p_bounds(p, n)
+    if p == 0:
+        return f"{name} < 1/{n} ({MC_LEVEL:.0%} Monte-Carlo bound {hi:.4f})"
+    return f"{name} = {p:.4f} [{lo:.4f}, {hi:.4f}]"
+
+
+def decide_family(ps: Sequence[float], ns: Sequence[int], alpha: float = 0.05, correct: str = "none") -> list[str]:
+    """Verdicts of a family of one-sided tests whose expected sign is positive, from each p*
+    (P*(effect <= 0), mid-p) and its number of resamples, with exact Monte-Carlo bands.
+
+    Per test: [lo, hi] = `p_bounds` of p, and of the opposite tail q = 1 - p: [1 - hi, 1 - lo].
+    *reproduced* when the upper bound of p is < alpha/2, *contradicted* when that of q is, else
+    *inconclusive (borderline)* when alpha/2 lies in either interval, else *inconclusive*.
+    `correct` names the side Holm's correction applies to (to both bounds of every test):
+    "reproduce" for claims one test suffices for (any); "contradict" for claims every test must hold
+    for (all: reproduction needs every piece, so no correction there, but one contradicted piece
+    contradicts the claim, so that side is corrected); "both"; "none" for a single test."""
+    if correct not in ("none", "reproduce", "contradict", "both"):
+        raise ValueError(f"correct must be 'none', 'reproduce', 'contradict' or 'both', got {correct!r}")
+    if len(ps) != len(ns):
+        raise ValueError(f"decide_family: {len(ps)} p-values but {len(ns)} resample counts")
+    bounds = np.array([p_bounds(p, n) for p, n in zip(ps, ns)]).reshape(-1, 2)
+    p_lo, p_hi = bounds[:, 0], bounds[:, 1]
+    q_lo, q_hi = 1 - p_hi, 1 - p_lo
+    if correct in ("reproduce", "both"):
+        p_lo, p_hi = np.array(holm(p_lo)[0]), np.array(holm(p_hi)[0])
+    if correct in ("contradict", "both"):
+        q_lo, q_hi = np.array(holm(q_lo)[0]), np.array(holm(q_hi)[0])
+    half, out = alpha / 2, []
+    for i in range(len(ps)):
+        if p_hi[i] < half:
+            out.append(REPRODUCED)
+        elif q_hi[i] < half:
+            out.append(CONTRADICTED)
+        elif p_lo[i] <= half <= p_hi[i] or q_lo[i] <= half <= q_hi[i]:
+            out.append(BORDERLINE)
+        else:
+            out.append(INCONCLUSIVE)
+    return out

@@ -89,12 +89,15 @@ def circuit_nulls(circuits: Circuits, repeats: Circuits, test_domain: str,
     `circuits[d][k]`: the score's circuits; `repeats[d][k]`: circuits of the same cells from other,
     disjoint drawings (same count). Per class k: score = mean over other domains b of
     similarity(C[d*][k], C[b][k]); floor = mean over b and classes k' != k of similarity(C[d*][k],
-    C[b][k']); ceiling = mean over domains d having a repeat of similarity(C[d][k], R[d][k]).
-    Cells without a repeat are skipped and counted. Each is an `estimate` over classes."""
+    C[b][k']); ceiling = mean over domains d having a repeat of similarity(C[d][k], R[d][k]);
+    ceiling_pairs = the same test-retest similarities on the score's domain pairs only: mean over
+    other domains b of the mean of d*'s and b's (so it does not pool domains the score never
+    compares). Cells without a repeat are skipped and counted. Each is an `estimate` over classes;
+    score["per_class"] keeps the score's per-class values (for its class-bootstrap SE)."""
     if test_domain not in circuits:
         raise KeyError(f"no circuits for test domain {test_domain!r}; have {sorted(circuits)}")
     others = [d for d in circuits if d != test_domain]
-    per_class: dict[str, list[float]] = {"score": [], "floor": [], "ceiling": []}
+    per_class: dict[str, list[float]] = {"score": [], "floor": [], "ceiling": [], "ceiling_pairs": []}
     skipped = 0
     classes = list(circuits[test_domain])
     for k in classes:
@@ -102,20 +105,25 @@ def circuit_nulls(circuits: Circuits, repeats: Circuits, test_domain: str,
         per_class["score"].append(_mean([similarity(a, circuits[b][k]) for b in others if k in circuits[b]]))
         per_class["floor"].append(_mean([similarity(a, circuits[b][k2]) for b in others for k2 in circuits[b]
                                          if k2 != k]))
+    retest: dict[tuple[str, Any], float] = {}
     for k in dict.fromkeys(k for d in circuits for k in circuits[d]):
-        vals = []
         for d in circuits:
             if k not in circuits[d]:
                 continue
             if k in repeats.get(d, {}):
-                vals.append(similarity(circuits[d][k], repeats[d][k]))
+                retest[d, k] = similarity(circuits[d][k], repeats[d][k])
             else:
                 skipped += 1
-        per_class["ceiling"].append(_mean(vals))
+        per_class["ceiling"].append(_mean([v for (d, k2), v in retest.items() if k2 == k]))
+    for k in classes:
+        per_class["ceiling_pairs"].append(_mean([(retest[test_domain, k] + retest[b, k]) / 2 for b in others
+                                                 if (test_domain, k) in retest and (b, k) in retest]))
     out = {name: estimate(v) for name, v in per_class.items()}
+    out["score"]["per_class"] = per_class["score"]
     out["ceiling"]["cells_skipped"] = skipped
-    if out["ceiling"]["mean"] is None:
-        out["ceiling"]["reason"] = f"no (domain, class) cell has a second, disjoint drawing set ({skipped} skipped)"
+    for name in ("ceiling", "ceiling_pairs"):
+        if out[name]["mean"] is None:
+            out[name]["reason"] = f"no (domain, class) cell has a second, disjoint drawing set ({skipped} skipped)"
     return out
 
 

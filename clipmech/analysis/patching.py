@@ -68,6 +68,17 @@ def logit_difference(head: Tensor, labels: Tensor | Sequence[int], other: Tensor
     return metric
 
 
+def class_contrastive_logit(head: Tensor, labels: Tensor | Sequence[int], reduce: str = "mean") -> Metric:
+    """Metric: cosine logit of each image's true class minus the mean of its other classes' logits
+    (a circuit for this metric is specific to the class, not to "any image of this kind")."""
+    def metric(embedding: Tensor) -> Tensor:
+        logits = cosine_logits(embedding, head)
+        true = logits.gather(1, _labels(labels, embedding)[:, None])[:, 0]
+        others = (logits.sum(1) - true) / max(1, logits.shape[1] - 1)
+        return _reduce(true - others, reduce)
+    return metric
+
+
 def correct_class_probability(head: Tensor, labels: Tensor | Sequence[int], logit_scale: float = 100.0,
                               reduce: str = "mean") -> Metric:
     """Metric: softmax(logit_scale * cosine logits) at the true class (pass the model's

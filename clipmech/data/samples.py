@@ -8,6 +8,8 @@ image ids may differ from the paper's; the rule is the same).
 """
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from clipmech.data.dataset import DomainDataset
@@ -41,3 +43,39 @@ def distinct_drawings(dataset) -> np.ndarray:
     any other dataset counts every sample."""
     views = getattr(dataset, "view_idx", None)
     return np.ones(len(dataset.class_idx), bool) if views is None else np.asarray(views) == 0
+
+
+def drawing_keys(dataset, rows) -> list[set[tuple]]:
+    """Per dataset row, the keys under which two rows are the same drawing: its style
+    ("style", class, style index) where the dataset marks styles (emoji: every augmented view of a
+    drawing shares it), its source ("source", path) where images are files, and its pixels
+    ("pixels", sha1) where they are in memory (an identical image stored twice). Cost: hashing the
+    in-memory images of `rows`."""
+    styles = getattr(dataset, "style_idx", None)
+    out = []
+    for i in np.asarray(rows, dtype=np.int64).tolist():
+        keys = set()
+        if styles is not None:
+            keys.add(("style", int(dataset.class_idx[i]), int(styles[i])))
+        if dataset.sources is not None:
+            keys.add(("source", dataset.source_key(i)))
+        elif dataset.images is not None:
+            keys.add(("pixels", hashlib.sha1(np.ascontiguousarray(dataset.images[i]).tobytes()).hexdigest()))
+        out.append(keys)
+    return out
+
+
+def check_disjoint_drawings(dataset, discovery_rows, ablation_rows, what: str = "causal test") -> None:
+    """Raise ValueError when a drawing (`drawing_keys`: same style and class, same source file or
+    same pixels) is among both the discovery and the ablation rows of `dataset`: a circuit found on
+    a drawing must not be tested on another view or copy of it. The message names the leaked rows."""
+    seen: dict[tuple, int] = {}
+    for i, keys in zip(np.asarray(discovery_rows).tolist(), drawing_keys(dataset, discovery_rows)):
+        for key in keys:
+            seen.setdefault(key, i)
+    leaks = [(seen[key], j, key) for j, keys in zip(np.asarray(ablation_rows).tolist(), drawing_keys(dataset, ablation_rows))
+             for key in keys if key in seen]
+    if leaks:
+        shown = "; ".join(f"row {a} and row {b} share {k[0]} {k[1:]}" for a, b, k in leaks[:3])
+        raise ValueError(f"{what}: {len({b for _, b, _ in leaks})} ablation drawing(s) also used for discovery ({shown}); discover on "
+                         "other drawings (other styles or files) than those ablated")

@@ -41,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--n-boot", type=int, default=2000,
                    help="bootstrap resamples to start with; doubled near a threshold, up to 64000 (default 2000)")
     r.add_argument("--boot-seed", type=int, default=0, help="bootstrap seed (verdicts do not depend on it)")
+    r.add_argument("--plan", metavar="FILE", default=None,
+                   help="judge under this analysis plan (TOML like clipmech/study/plans/plan-v1.toml) instead of "
+                        "the shipped one; the report is then labelled exploratory")
     r.add_argument("--debug", action="store_true", help="show tracebacks")
     r.set_defaults(func=_report)
 
@@ -120,6 +123,7 @@ def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from clipmech.errors import BadInputError, ConfigError
+    from clipmech.study.plan import load_plan
     from clipmech.study.report import recompute, write_outputs
     from clipmech.utils import read_json
 
@@ -133,9 +137,11 @@ def _report(args: argparse.Namespace) -> int:
     if not isinstance(stored, dict):
         raise BadInputError(f"{path} holds a JSON {type(stored).__name__}, not the results object written by "
                             "`clipmech quickstart` / `experiment analyse`; check the path")
-    results = recompute(stored, n_boot=args.n_boot, boot_seed=args.boot_seed)
+    plan = load_plan(args.plan)
+    results = recompute(stored, n_boot=args.n_boot, boot_seed=args.boot_seed, plan=plan)
     write_outputs(results, args.run_dir)
-    print(f"clipmech report: rewrote {args.run_dir}/report.md and results.json")
+    print(f"clipmech report: rewrote {args.run_dir}/report.md and results.json (plan {plan.sha256}: "
+          f"{results['plan']['status']})")
     for f in results["findings"]:
         print(f"  {f['finding']}: {f['verdict']}")
     return 0

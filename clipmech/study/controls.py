@@ -18,7 +18,10 @@ rows and the untrained checkpoint (identical across the setups of one seed) are 
 - causal test: circuits discovered on the training drawings, ablated on the held-out test drawings.
 - faithfulness: the training-drawing circuits evaluated on the test drawings, mean and resample
   ablation.
-Normalisation uses the class-permuted (CKA: permutation) floor; the untrained floor is reported beside it.
+Normalisation uses the class-permuted (CKA: permutation) floor and the ceiling on the score's own
+domain pairs (`ceiling_pairs`: the test domain's and the other domain's retest values averaged per
+pair; the pooled ceiling over every domain is kept beside); the untrained floor is reported beside,
+with its own class-permuted floor. The placebo causal test: `clipmech.study.causal`.
 """
 from __future__ import annotations
 
@@ -39,9 +42,10 @@ from clipmech.analysis.patching import cache_points
 from clipmech.analysis.sae import evaluate_sae
 from clipmech.analysis.sharing import (match_latents, pair_shares, require_sparse, seed_ceiling,
                                        top_latent_histograms)
-from clipmech.data.samples import distinct_drawings
+from clipmech.data.samples import check_disjoint_drawings, distinct_drawings
 from clipmech.eval.zeroshot import class_prompts_names, embed_images
 from clipmech.models.hooked_clip import HookedCLIP
+from clipmech.study.causal import study_causal_test
 from clipmech.study.circuit_sets import cell_circuits, circuit_cells
 from clipmech.study.report import middle_third
 from clipmech.study.saes import study_sae
@@ -49,7 +53,8 @@ from clipmech.utils import file_hash, state_dict_hash
 
 CONTROL_SCORES = ("node_jaccard", "edge_jaccard", "wl", "feature_sharing", "cka_mid")
 WL_H = 1
-CONTROLS_VERSION = 4  # 2: standardised SAE inputs; 3: circuit sets and SAEs shared; 4: causal verdict with p*
+CONTROLS_VERSION = 5  # 2: standardised SAE inputs; 3: circuit sets and SAEs shared; 4: causal verdict with p*;
+# 5: the placebo causal test (clipmech.study.causal), the untrained class-permuted floor, same-pair ceilings
 N_PERM = 20  # CKA row permutations per domain pair
 
 
@@ -82,7 +87,10 @@ def circuit_controls(study, model, keys: Mapping[str, str], untrained, test_doma
     out = {}
     for name, sim in SIMILARITIES.items():
         res = circuit_nulls(score_c, repeat_c, test_domain, sim)
-        res["floor_untrained"] = circuit_nulls(untrained_c, {}, test_domain, sim)["score"]
+        untrained_nulls = circuit_nulls(untrained_c, {}, test_domain, sim)
+        res["floor_untrained"] = untrained_nulls["score"]
+        # the untrained net's own class-permuted floor: how much of its score is input-independent
+        res["floor_untrained_permuted"] = untrained_nulls["floor"]
         out[name] = res
     return out, repeat_c
 
@@ -96,9 +104,9 @@ def causal_controls(study, model, discovery, test_domain: str) -> dict[str, Any]
     for k, c in discovery.get(test_domain, {}).items():
         rows = np.flatnonzero((ds.domain_idx[idx] == di) & (ds.class_idx[idx] == k))
         held[k] = (images[rows], torch.full((len(rows),), k, dtype=torch.long))
-        train_ids = set(ds.indices(split="train")[c.meta["rows"]].tolist())
-        if train_ids & set(idx[rows].tolist()):
-            raise RuntimeError(f"causal test: class {ds.classes[k]!r} has a held-out drawing among its discovery drawings")
+        # the same drawing (style and class, file or pixels), not the same row: split rows never overlap
+        check_disjoint_drawings(ds, ds.indices(split="train")[c.meta["rows"]], idx[rows],
+                                what=f"causal test, class {ds.classes[k]!r}")
     reference = images[np.flatnonzero(ds.domain_idx[idx] == di)]
     res = matched_causal_test(model, discovery, test_domain, held, _head(study, model), reference=reference)
     res["per_class"] = {ds.classes[int(k)]: v for k, v in res["per_class"].items()}
@@ -160,10 +168,16 @@ def sae_controls(study, model, model_key: str, test_domain: str) -> dict[str, An
         H = [top_latent_histograms(s.encode(test_x), ds.class_idx[idx][rows], ds.domain_idx[idx][rows], c2,
                                    len(ds.domains)) for s in saes]
     d = ds.domains.index(test_domain)
-    ceiling = np.nanmean(seed_ceiling(H[0], H[1], match), 1)
+    cells = seed_ceiling(H[0], H[1], match)  # (C, D)
+    ceiling = np.nanmean(cells, 1)
+    others = [b for b in range(cells.shape[1]) if b != d]
+    with np.errstate(invalid="ignore"):  # a class without any image pair stays NaN and is dropped
+        ceiling_pairs = np.nanmean((cells[:, [d]] + cells[:, others]) / 2, 1)
+    per_class = pair_shares(H[0], d)
     return out | {"fraction_matched": match["fraction_matched"], "match_threshold": match["threshold"],
-                  "score": estimate(pair_shares(H[0], d)), "floor": estimate(pair_shares(H[0], d, permuted=True)),
-                  "ceiling": estimate(ceiling)}
+                  "score": estimate(per_class) | {"per_class": [float(v) for v in per_class if np.isfinite(v)]},
+                  "floor": estimate(pair_shares(H[0], d, permuted=True)),
+                  "ceiling": estimate(ceiling), "ceiling_pairs": estimate(ceiling_pairs)}
 
 
 def _centroids(model, images: torch.Tensor, dom: np.ndarray, cls: np.ndarray, classes: Sequence[int],
@@ -214,8 +228,10 @@ def cka_controls(study, model, untrained, test_domain: str, seed: int = 0) -> di
     perm = [np.mean([_mid_cka(at(tables["test"], t), {p: v[b][pi] for p, v in tables["test"].items()})
                      for pi in (rng.permutation(len(c2)) for _ in range(N_PERM))]) for b in others]
     ceiling = [_mid_cka(at(tables["test"], d), at(tables["train"], d)) for d in range(D)]
+    ceiling_pairs = [(ceiling[t] + ceiling[b]) / 2 for b in others]  # on the score's domain pairs only
     untrained_score = [_mid_cka(at(tables["untrained"], t), at(tables["untrained"], b)) for b in others]
     return {"score": estimate(score), "floor": estimate(perm), "ceiling": estimate(ceiling),
+            "ceiling_pairs": estimate(ceiling_pairs),
             "floor_untrained": estimate(untrained_score), "n_perm": N_PERM}
 
 
@@ -247,11 +263,12 @@ def controls_model(study, run: Mapping[str, Any], model, test_domain: str) -> tu
         nulls["feature_sharing"] = timed("sae", lambda: sae_controls(study, model, keys["model"], test_domain))
         nulls["cka_mid"] = timed("cka", lambda: cka_controls(study, model, untrained, test_domain))
         causal = timed("causal", lambda: causal_controls(study, model, discovery, test_domain))
+        causal_test = timed("causal_test", lambda: study_causal_test(study, model, discovery, test_domain))
         # faithfulness covers every domain, so a model shared by two rows (natural-only) computes it once
         faith = timed("faithfulness", lambda: study.registry.run(
             "faithfulness", {k: v for k, v in key.items() if k not in ("stage", "test_domain")} | {"stage": "faithfulness"},
             lambda: faithfulness_controls(study, model, discovery))[0])
-        return {"nulls": nulls, "causal": causal, "faithfulness": faith, "cpu_s": cpu}
+        return {"nulls": nulls, "causal": causal, "causal_test": causal_test, "faithfulness": faith, "cpu_s": cpu}
 
     details, reused = study.registry.run("controls", key, compute)
     return row_fields(details, test_domain), reused
@@ -265,8 +282,10 @@ def row_fields(details: Mapping[str, Any], test_domain: str) -> dict[str, Any]:
         n = details["nulls"][name]
         score = (n.get("score") or {}).get("mean")
         row[f"{name}_floor"] = (n.get("floor") or {}).get("mean")
-        row[f"{name}_ceiling"] = (n.get("ceiling") or {}).get("mean")
-        row[f"{name}_norm"], reasons[name] = normalize(score, n.get("floor"), n.get("ceiling"))
+        # normalise by the ceiling on the score's own domain pairs (issue 26); the pooled one is kept beside
+        ceiling = n.get("ceiling_pairs") or n.get("ceiling")
+        row[f"{name}_ceiling"] = (ceiling or {}).get("mean")
+        row[f"{name}_norm"], reasons[name] = normalize(score, n.get("floor"), ceiling)
         if n.get("reason"):
             reasons[name] = n["reason"]
     row["wl"] = details["nulls"]["wl"]["score"]["mean"]
@@ -297,9 +316,10 @@ FIGURE_NOTES = {
 def controls_budget(opts) -> float:
     """Planned seconds of one model's controls on an idle 2-core CPU (drives the progress estimate):
     the training-drawing circuits (the test-drawing ones are the circuit stage's, the untrained ones
-    shared by a seed's setups) at ~0.03 s per IG step and cell, the second SAE seed, the rest."""
+    shared by a seed's setups) at ~0.03 s per IG step and cell, the second SAE seed, the placebo
+    causal test (~0.9 s per class: 3 classes took 2.6 s CPU, one thread), the rest."""
     cells = 6 * opts.circuit_classes
-    return 1.3 * cells * 0.03 * opts.circuit_steps + 0.02 * opts.sae_epochs + 5.0
+    return 1.3 * cells * 0.03 * opts.circuit_steps + 0.02 * opts.sae_epochs + 0.9 * opts.circuit_classes + 5.0
 
 
 def draw_controls_figures(models: Sequence[Mapping[str, Any]], fig_dir: Path) -> list[Path]:

@@ -16,7 +16,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from clipmech.analysis import bootstrap as B
+from clipmech.analysis.causal import causal_finding
 from clipmech.study import stats as S
+from clipmech.study.measure_reliability import class_bootstrap_se, disattenuated, reliability
+from clipmech.study.plan import Plan, load_plan
 from clipmech.utils import PathLike, atomic_write_json, atomic_write_text
 
 SCHEMA_VERSION = 2
@@ -52,40 +55,38 @@ def cka_mid(per_layer: Mapping[tuple[str, str], Sequence[float]], test_domain: s
 
 ALPHA = 0.05
 POWER_TARGET = 0.15  # issue 12: 95% CI half-width of each main contrast, pooled over test domains
-MAIN_CONTRASTS = (("lod", "natural_only"), ("cg_high", "cg_low"), ("lod", "cg_low"))
-# Each finding: its contrasts (better, worse) and how they combine into the claim.
-# "all": every piece must hold on its own (no correction); "any": one piece suffices, so Holm's
-# correction over the pieces; finding 3 is judged per measure with Holm over the four measures.
-CONTRAST_FINDINGS = (
-    ("domain diversity helps DG and CG", (("lod", "natural_only"), ("cg_high", "cg_low")), "all"),
-    ("CG can fall below DG", (("lod", "cg_low"), ("lod", "cg_high")), "any"),
-)
+MAIN_CONTRASTS = (("lod", "natural_only"), ("cg_high", "cg_low"), ("lod", "cg_low"), ("lod", "cg_high"))
+# The findings, their contrasts, sides and rules come from the analysis plan (`clipmech.study.plan`).
 SHAREDNESS_FINDING = "sharedness goes with generalization"
 CAUSAL_FINDING = "shared circuit nodes matter causally (matched controls)"
-RULES = {"all": "each contrast must hold on its own (no correction)",
+RULES = {"all": "each contrast must hold on its own (no correction to reproduce); Holm over the contrasts' "
+                "opposite tails to contradict (one contradicted contrast contradicts the claim)",
          "single": "one test, the true-class logit effect (no correction); accuracy and setups reported beside",
          "any": "any contrast suffices: Holm over the finding's contrasts",
-         "holm_measures": "Holm over the four sharedness measures; every measure must hold"}
+         "one": "the first contrast decides (no correction); the others are reported beside, not judged",
+         "holm_measures": "Holm over the four sharedness measures on both tails; every measure must hold"}
+# The side of each rule that Holm's correction applies to (`clipmech.analysis.bootstrap.decide_family`).
+CORRECTED_SIDE = {"all": "contradict", "single": "none", "one": "none", "any": "reproduce", "holm_measures": "both"}
 
 
 def _apply_rule(evidence: list[dict[str, Any]], rule: str, alpha: float = ALPHA) -> None:
-    """Fill each piece's p_adjusted, its SE and verdict under `rule` ("all" or a Holm rule)."""
+    """Fill each piece's Holm-adjusted p* and opposite tail (`p_adjusted`, `p_opposite_adjusted`: the
+    raw values where `rule` does not correct that side), its verdict under `rule`
+    (`clipmech.analysis.bootstrap.decide_family`, exact Monte-Carlo bands) and its unadjusted verdict."""
     measured = [e for e in evidence if e.get("p_star") is not None]
-    if rule in ("all", "single"):
-        for e in measured:
-            e["p_adjusted"], e["p_adjusted_se"] = e["p_star"], e["p_star_se"]
-            e["verdict"] = B.decide(e["p_star"], e["p_star_se"], alpha)
-    elif measured:
-        adj, adj_se = B.holm([e["p_star"] for e in measured], [e["p_star_se"] for e in measured])
-        for e, pa, sa in zip(measured, adj, adj_se):
-            e["p_adjusted"], e["p_adjusted_se"] = pa, sa
-            e["verdict"] = B.decide_holm(e["p_star"], e["p_star_se"], pa, sa, alpha)
+    side = CORRECTED_SIDE[rule]
+    ns = [int(e.get("n_boot_valid") or e["n_boot"]) for e in measured]
+    ps = [e["p_star"] for e in measured]
+    adj_p = B.holm(ps)[0] if side in ("reproduce", "both") else ps
+    adj_q = B.holm([1 - p for p in ps])[0] if side in ("contradict", "both") else [1 - p for p in ps]
+    for e, v, pa, qa, n in zip(measured, B.decide_family(ps, ns, alpha, side), adj_p, adj_q, ns):
+        e["p_adjusted"], e["p_opposite_adjusted"], e["verdict"] = pa, qa, v
+        e["verdict_unadjusted"] = B.decide_family([e["p_star"]], [n], alpha)[0]
+        e["p_text"] = B.format_p(e["p_star"], n)
     for e in evidence:
         e["rule"] = RULES[rule]
-        e["verdict_unadjusted"] = (B.decide(e["p_star"], e["p_star_se"], alpha) if e.get("p_star") is not None
-                                   else None)
         if e.get("p_star") is None:
-            e["p_adjusted"] = e["p_adjusted_se"] = None
+            e["p_adjusted"] = e["p_opposite_adjusted"] = e["verdict_unadjusted"] = None
             e["verdict"] = _no_ci_verdict(e.get("estimate"))
 
 
@@ -120,66 +121,121 @@ def _combine(verdicts: Sequence[str], mode: str) -> str:
     return "not reproduced"
 
 
-def judged_measure(models: Sequence[Mapping[str, Any]], measure: str) -> str:
-    """`{measure}_norm` (sharedness normalized between its floor and ceiling) when every row has a
-    finite one, else the raw `measure`: finding 3 judges by the normalized value when it exists."""
+def judged_measure(models: Sequence[Mapping[str, Any]], measure: str, variant: str = "normalized") -> str:
+    """The variable finding 3 judges for `measure` under the plan's `variant`: "raw" -> `measure`;
+    "normalized" -> `{measure}_norm` (between floor and ceiling) when every row has a finite one,
+    else the raw `measure`."""
+    if variant not in ("raw", "normalized"):
+        raise ValueError(f"sharedness variant must be 'raw' or 'normalized', got {variant!r}")
     key = f"{measure}_norm"
     ok = all(_is_number(m.get(key)) for m in models)
-    return key if models and ok else measure
+    return key if variant == "normalized" and models and ok else measure
 
 
 def correlations_for(models: Sequence[Mapping[str, Any]], n_boot: int = S.DEFAULT_BOOT, seed: int = 0,
-                     max_boot: int = S.MAX_BOOT) -> dict[str, dict[str, Any]]:
+                     max_boot: int = S.MAX_BOOT, variant: str = "normalized") -> dict[str, dict[str, Any]]:
     """Per sharedness measure: the within-domain Spearman correlation with C2 accuracy
-    (`clipmech.study.stats.correlation`), with "centred" (setup-centred) and, when rows carry
-    `{measure}_norm`, "normalized" beside it; "judged_by" names the variable finding 3 uses."""
+    (`clipmech.study.stats.correlation`) of the raw measure, "normalized" beside it when rows carry
+    `{measure}_norm`, and "centred" (setup-centred) on the judged variant; "judged_by" names the
+    variable finding 3 uses (`judged_measure` under the plan's `variant`)."""
     n_tests = len(SHAREDNESS_MEASURES)
     out = {}
     for k in SHAREDNESS_MEASURES:
         c = S.correlation(models, k, n_boot=n_boot, max_boot=max_boot, n_tests=n_tests, seed=seed)
-        c["centred"] = S.correlation(models, k, centred=True, n_boot=n_boot, max_boot=max_boot, seed=seed)
-        judged = judged_measure(models, k)
-        if judged != k:
-            c["normalized"] = S.correlation(models, judged, n_boot=n_boot, max_boot=max_boot, n_tests=n_tests,
+        norm = judged_measure(models, k, "normalized")
+        if norm != k:
+            c["normalized"] = S.correlation(models, norm, n_boot=n_boot, max_boot=max_boot, n_tests=n_tests,
                                             seed=seed)
+        judged = judged_measure(models, k, variant)
+        c["centred"] = S.correlation(models, judged, centred=True, n_boot=n_boot, max_boot=max_boot, seed=seed)
         c["judged_by"] = judged
+        c["reliability"] = measure_reliability(models, k)
+        judged_rho = c.get("normalized", c)["rho"] if judged != k else c["rho"]
+        c["rho_disattenuated"] = disattenuated(judged_rho, c["reliability"]["reliability"])
         out[k] = c
     return out
 
 
+def measure_reliability(models: Sequence[Mapping[str, Any]], measure: str) -> dict[str, Any]:
+    """`clipmech.study.measure_reliability.reliability` of `measure` over the rows, each row's SE from
+    the class bootstrap of its per-class scores (`controls.nulls[measure].score.per_class`); rows
+    without per-class scores count as dropped (reliability None with the reason when fewer than 3)."""
+    scores, ses = [], []
+    for m in models:
+        per = ((((m.get("controls") or {}).get("nulls") or {}).get(measure) or {}).get("score") or {}).get("per_class")
+        scores.append(m.get(measure))
+        ses.append(class_bootstrap_se(per) if per else None)
+    return reliability(scores, ses)
+
+
 def assess_findings(models: Sequence[Mapping[str, Any]], correlations: Mapping[str, Mapping[str, Any]],
                     n_boot: int = S.DEFAULT_BOOT, seed: int = 0, max_boot: int = S.MAX_BOOT,
-                    alpha: float = ALPHA) -> list[dict[str, Any]]:
-    """The paper's three findings, each with its evidence, multiple-comparison rule and verdict.
-
-    1 diversity helps DG (LOD > natural-only) and CG (CG-high > CG-low): both must hold;
-    2 CG can fall below DG (LOD > CG-low or LOD > CG-high): Holm over the two;
-    3 sharedness goes with generalization (rho > 0 per measure): Holm over the four measures,
-      judged by the normalized measure where every row has one (`judged_measure`);
-    then the causal finding (`assess_causal`: shared nodes matter more than matched controls).
-    Verdicts: `clipmech.analysis.bootstrap.decide` / `decide_holm` on the bootstrap tail probability.
-    """
+                    plan: Plan | None = None) -> list[dict[str, Any]]:
+    """The paper's findings as the analysis `plan` (default: the shipped one) defines them, each with
+    its evidence, multiple-comparison rule and verdict: the accuracy findings from their contrasts
+    (rule "all": every contrast, Holm on the contradiction side; "one": the first contrast decides,
+    `beside` contrasts reported with their label), finding 3 (rho > 0 per measure, Holm over the
+    measures on both tails, on the plan's variant, `correlations_for`), then the causal finding
+    (`assess_causal`). Verdicts: `clipmech.analysis.bootstrap.decide_family`."""
+    plan = plan or load_plan()
+    alpha = plan.data["alpha"]
     findings = []
-    for name, pairs, mode in CONTRAST_FINDINGS:
-        n_tests = 1 if mode == "all" else len(pairs)
-        ev = [S.contrast(models, b, w, n_boot=n_boot, max_boot=max_boot, level=1 - alpha, n_tests=n_tests,
-                         seed=seed) for b, w in pairs]
+    for spec in plan.data["findings"]:
+        if spec["rule"] not in ("all", "one", "any"):
+            continue
+        pairs = spec["contrasts"]
+        ev = [S.contrast(models, b, w, metric=spec.get("metric", "c2_test_acc"), n_boot=n_boot, max_boot=max_boot,
+                         level=1 - alpha, n_tests=len(pairs), seed=seed) for b, w in pairs]
         for e in ev:
             e["diff"] = e["estimate"]
-        _apply_rule(ev, mode, alpha)
-        findings.append({"finding": name, "mode": mode, "rule": RULES[mode], "evidence": ev,
-                         "verdict": _combine([e["verdict"] for e in ev], mode)})
+        _apply_rule(ev, spec["rule"], alpha)
+        beside = []
+        for extra in spec.get("beside", []):
+            e = S.contrast(models, *extra["contrast"], metric=spec.get("metric", "c2_test_acc"), n_boot=n_boot,
+                           max_boot=max_boot, level=1 - alpha, seed=seed)
+            _apply_rule([e], "single", alpha)
+            beside.append(e | {"label": extra["label"]})
+        findings.append({"finding": spec["claim"], "id": spec["id"], "side": spec.get("side"), "mode": spec["rule"],
+                         "rule": RULES[spec["rule"]], "evidence": ev, "beside": beside,
+                         "verdict": _combine([e["verdict"] for e in ev], "any" if spec["rule"] == "any" else "all")})
     ev = []
     for k, c in correlations.items():
-        judged = c.get("normalized", c)
-        ev.append({**{f: v for f, v in judged.items() if f not in ("centred",)}, "measure": k,
+        judged = c.get("normalized", c) if c["judged_by"] != k else c
+        ev.append({**{f: v for f, v in judged.items() if f not in ("centred", "normalized")}, "measure": k,
+                   "reliability": c.get("reliability"), "rho_disattenuated": c.get("rho_disattenuated"),
                    "judged_by": c["judged_by"], "raw": {f: c[f] for f in ("rho", "ci_low", "ci_high", "p_star")},
                    "centred": {f: c["centred"].get(f) for f in ("rho", "ci_low", "ci_high", "p_star", "p_star_se")}})
     _apply_rule(ev, "holm_measures", alpha)
     findings.append({"finding": SHAREDNESS_FINDING, "mode": "all", "rule": RULES["holm_measures"], "evidence": ev,
                      "verdict": _combine([e["verdict"] for e in ev], "all")})
-    findings.append(assess_causal(models, n_boot=n_boot, seed=seed, max_boot=max_boot, alpha=alpha))
+    matched = assess_causal(models, n_boot=n_boot, seed=seed, max_boot=max_boot, alpha=alpha)
+    placebo = assess_causal_test(models, plan)
+    findings.append(placebo | {"matched_test": matched} if placebo else matched)
     return findings
+
+
+def assess_causal_test(models: Sequence[Mapping[str, Any]], plan: Plan) -> dict[str, Any] | None:
+    """The causal finding under the plan's placebo rule, from rows carrying `controls.causal_test`
+    (`clipmech.study.causal.study_causal_test`): `clipmech.analysis.causal.causal_finding` on the
+    plan's ablation and outcome decides (sign-flip over classes, side stated); the other ablations
+    and outcomes are reported beside. None when no row carries the test (the matched test decides)."""
+    tests = [t for m in models if (t := (m.get("controls") or {}).get("causal_test")) and t.get("classes")]
+    if not tests:
+        return None
+    spec = plan.finding("causal")
+    alpha, k = plan.data["alpha"], spec.get("min_classes", 8)
+    primary = causal_finding(tests, spec["ablation"], spec["outcome"], alpha, k)
+    beside = [causal_finding(tests, a, o, alpha, k) | {"label": "reported beside, not judged"}
+              for a in [spec["ablation"], *spec.get("ablations_beside", [])]
+              for o in [spec["outcome"], *spec.get("outcomes_beside", [])]
+              if (a, o) != (spec["ablation"], spec["outcome"])]
+    return {"finding": spec["claim"], "id": spec["id"], "side": spec["side"], "mode": "sign_flip",
+            "rule": (f"per class, (shared − controls) − (placebo − controls) averaged over the models ({len(tests)} rows)"
+                     f"; exact one-sided sign-flip test over classes, reproduced when p < α/2"),
+            "evidence": [primary], "beside": beside,
+            "coverage": "classes are the exchangeable units of the sign-flip test; models are averaged within "
+                        "each class, so the p-value covers the choice of classes, not of models or drawings.",
+            "verdict": primary["verdict"]}
 
 
 def assess_causal(models: Sequence[Mapping[str, Any]], n_boot: int = S.DEFAULT_BOOT, seed: int = 0,
@@ -283,7 +339,7 @@ def _is_number(v: Any) -> bool:
 
 def build_results(models: Sequence[Mapping[str, Any]], config: Mapping[str, Any] | None = None,
                   extra: Mapping[str, Any] | None = None, n_boot: int = S.DEFAULT_BOOT, boot_seed: int = 0,
-                  max_boot: int = S.MAX_BOOT) -> dict[str, Any]:
+                  max_boot: int = S.MAX_BOOT, plan: Plan | None = None) -> dict[str, Any]:
     """The results.json object from per-model rows: the one entry point of the quickstart, the
     paper-scale `experiment analyse` and `clipmech report`.
 
@@ -293,28 +349,36 @@ def build_results(models: Sequence[Mapping[str, Any]], config: Mapping[str, Any]
     `{measure}_norm` (judged by finding 3 when every row has it). Adds "correlations" (per measure),
     "findings" (verdicts) and "power" (CI half-widths and pilot curve). `n_boot` resamples to start
     with, doubled while a decision is within 2 Monte-Carlo SEs of its threshold, up to `max_boot`;
-    `boot_seed` seeds them (verdicts do not depend on it but near a threshold). Cost: seconds.
+    `boot_seed` seeds them (verdicts do not depend on it but near a threshold). `plan`: the analysis
+    plan judging the findings (default: the shipped one); results["plan"] records its version, hash
+    and whether the verdicts are confirmatory (`clipmech.study.plan.Plan.status`). Cost: seconds.
     """
+    plan = plan or load_plan()
     models = [dict(m) | {"model_id": S.model_id(m)} for m in models]
-    correlations = correlations_for(models, n_boot=n_boot, seed=boot_seed, max_boot=max_boot)
+    variant = plan.finding("sharedness").get("variant", "normalized")
+    correlations = correlations_for(models, n_boot=n_boot, seed=boot_seed, max_boot=max_boot, variant=variant)
     results = {"schema_version": SCHEMA_VERSION, "config": dict(config or {}), "models": models,
                "correlations": correlations,
-               "findings": assess_findings(models, correlations, n_boot=n_boot, seed=boot_seed, max_boot=max_boot),
+               "findings": assess_findings(models, correlations, n_boot=n_boot, seed=boot_seed, max_boot=max_boot,
+                                           plan=plan),
                "power": power(models, seed=boot_seed),
-               "statistics": {"alpha": ALPHA, "n_boot": n_boot, "max_boot": max_boot, "boot_seed": boot_seed},
+               "plan": plan.record(m["seed"] for m in models),
+               "statistics": {"alpha": plan.data["alpha"], "n_boot": n_boot, "max_boot": max_boot,
+                              "boot_seed": boot_seed, "mc_level": B.MC_LEVEL},
                "extra": dict(extra or {})}
     validate_results(results)
     return results
 
 
-def recompute(results: Mapping[str, Any], n_boot: int = S.DEFAULT_BOOT, boot_seed: int = 0) -> dict[str, Any]:
+def recompute(results: Mapping[str, Any], n_boot: int = S.DEFAULT_BOOT, boot_seed: int = 0,
+              plan: Plan | None = None) -> dict[str, Any]:
     """`build_results` again from a stored results dict's per-model rows, config and extra (no
-    training or analysis): what `clipmech report RUN_DIR` writes. Accepts schema 1 files (their
-    rows get a derived `model_id`)."""
+    training or analysis), under `plan` (default: the shipped one): what `clipmech report RUN_DIR
+    [--plan FILE]` writes. Accepts schema 1 files (their rows get a derived `model_id`)."""
     if not isinstance(results.get("models"), list) or not results["models"]:
         raise ValueError("results.json has no 'models' rows to recompute the statistics from")
     return build_results(results["models"], results.get("config"), results.get("extra"), n_boot=n_boot,
-                         boot_seed=boot_seed)
+                         boot_seed=boot_seed, plan=plan)
 
 
 def _pct(v: float | None) -> str:
@@ -365,9 +429,10 @@ def render_report(results: Mapping[str, Any], figures: Mapping[str, str] | None 
     lines += ["", "## The paper's findings", "",
               "Verdict rule (fixed in advance, `clipmech.analysis.bootstrap.decide`): p* = P*(effect* < 0) + "
               "½ P*(effect* = 0) is the bootstrap probability that the effect does not have the paper's sign, "
-              "SE its Monte-Carlo error. *reproduced* when p* + 2 SE < α/2 (α = 0.05), *contradicted* when "
-              "the opposite tail does the same, *inconclusive (borderline)* when p* is within 2 SE of α/2, "
-              "otherwise *inconclusive*. Resamples are added until every decision is clear of its band (or "
+              "[lo, hi] its exact 99 % Monte-Carlo (Clopper–Pearson) interval. *reproduced* when hi < α/2 "
+              "(α = 0.05), *contradicted* when the opposite tail's hi does the same, *inconclusive (borderline)* "
+              "when α/2 lies in either interval, otherwise *inconclusive*; p̂ = 0 is written \"< 1/B\" with its "
+              "bound. Holm's correction applies to the side each rule names. Resamples are added until every decision is clear of its band (or "
               "the cap is reached), so the verdicts do not depend on the bootstrap seed. The 95% percentile "
               "CI is shown beside. Contrasts: mean over test domains of the mean over seeds and C2 classes; "
               "seeds and classes are resampled independently (one class draw for every model). "
@@ -376,10 +441,18 @@ def render_report(results: Mapping[str, Any], figures: Mapping[str, str] | None 
               "after ablating the circuit nodes shared with other domains minus the drop after ablating "
               "IG-matched controls; mean over test domains, models and classes, models (as clusters) and "
               "classes resampled independently.", ""]
+    plan = results.get("plan")
+    if plan:
+        lines += [f"Analysis plan v{plan['version']} ({plan['source']}, sha256 {plan['sha256']}): verdicts are "
+                  f"**{plan['status']}**.", ""]
     for f in results["findings"]:
-        lines += [f"### {f['finding']}: **{f['verdict']}**", "", f"Rule: {f['rule']}.", ""]
+        side = f" Side: {f['side']}." if f.get("side") else ""
+        lines += [f"### {f['finding']}: **{f['verdict']}**", "", f"Rule: {f['rule']}.{side}", ""]
         lines += [_evidence_line(e) for e in f["evidence"]] + _causal_beside(f)
-        lines += ["", f"*What the CIs cover:* {ci_coverage(f, cfg)}", ""]
+        lines += [_evidence_line(e, f"beside ({e['label']}): ") for e in f.get("beside", [])]
+        if f.get("matched_test"):
+            lines += [_evidence_line(e, "beside (matched test of issue 13): ") for e in f["matched_test"]["evidence"]]
+        lines += ["", f"*What the CIs cover:* {f.get('coverage') or ci_coverage(f, cfg)}", ""]
     lines += _power_lines(results.get("power"))
     lines += ["## Models", "", "| setup | test domain | seed | C1 % | C2 % | " +
               " | ".join(SHAREDNESS_MEASURES) + " |", "|---" * (5 + len(SHAREDNESS_MEASURES)) + "|"]
@@ -397,7 +470,10 @@ def render_report(results: Mapping[str, Any], figures: Mapping[str, str] | None 
              "seeds match its runs (see the configuration above and each run's config.toml).")
     lines += ["", "## Caveats", "", scale,
               "- Correlations are correlational, not causal; the setup-centred ρ shows whether the link "
-              "holds beyond the differences between setups.", ""]
+              "holds beyond the differences between setups.",
+              "- A normalised sharedness above 1 means the score exceeded its ceiling: the ceiling (agreement of "
+              "circuits from disjoint drawings, pooled over every domain) is then not a ceiling for the score's "
+              "domain pairs; `ceiling_pairs` in the controls is the same-pairs ceiling.", ""]
     return "\n".join(lines)
 
 
@@ -405,11 +481,17 @@ def _p(e: Mapping[str, Any]) -> str:
     if e.get("p_star") is None:
         return "no p*"
     adj = "" if e.get("p_adjusted") == e["p_star"] else f", Holm-adjusted {e['p_adjusted']:.4f}"
-    return f"p* = {e['p_star']:.4f} ± {e['p_star_se']:.4f}{adj}, B = {e['n_boot']}"
+    q = 1 - e["p_star"]
+    if e.get("p_opposite_adjusted") is not None and not math.isclose(e["p_opposite_adjusted"], q):
+        adj += f", opposite tail Holm-adjusted {e['p_opposite_adjusted']:.4f}"
+    text = e.get("p_text") or B.format_p(e["p_star"], int(e.get("n_boot_valid") or e["n_boot"]))
+    return f"{text}{adj}, B = {e['n_boot']}"
 
 
 def _evidence_line(e: Mapping[str, Any], label: str = "") -> str:
     """One bullet of a finding: estimate, CI, p*, sizes and verdict (`label` prefixes a causal one)."""
+    if "outcome" in e:
+        return _placebo_line(e, label)
     if "what" in e:
         if e.get("estimate") is None:
             return f"- {label}{e['what']} effect: not measured ({e['reason']}): **{e['verdict']}**"
@@ -423,14 +505,40 @@ def _evidence_line(e: Mapping[str, Any], label: str = "") -> str:
             and e["raw"]["rho"] is not None else ""
         c = e.get("centred") or {}
         centred = "" if c.get("rho") is None else f"; setup-centred ρ = {c['rho']:.2f} {_ci(c, 1.0, 2)}"
+        rel = e.get("reliability") or {}
+        if rel.get("reliability") is not None:
+            centred += (f"; reliability {rel['reliability']:.2f}" + (" (FLAGGED: below 0.5)" if rel["flagged"] else "")
+                        + ("" if e.get("rho_disattenuated") is None else
+                           f", ρ corrected for attenuation {e['rho_disattenuated']:.2f}"))
+        elif rel:
+            centred += f"; reliability n/a ({rel['reason']})"
         return (f"- Spearman ρ({e['measure']}, C2 accuracy) = {rho} {_ci(e, 1.0, 2)},{judged} {_p(e)}, "
                 f"{e['n_models']} models ({e['n']} rows) in {e.get('n_domains', 0)} test domain(s){why}"
                 f"{centred}: **{e['verdict']}**")
     diff = "n/a" if e.get("estimate") is None else f"{100 * e['estimate']:+.1f}"
     classes = f", {e['n_classes']} C2 classes" if e.get("n_classes") else ""
-    return (f"- C2 accuracy {e['better']} − {e['worse']} = {diff} points {_ci(e)}, {_p(e)}, "
+    return (f"- {label}C2 accuracy {e['better']} − {e['worse']} = {diff} points {_ci(e)}, {_p(e)}, "
             f"{e['n_models']} models, {e['n_seeds']} seed(s){classes}, {e['n_domains']} test domain(s): "
             f"**{e['verdict']}**")
+
+
+def _placebo_line(e: Mapping[str, Any], label: str = "") -> str:
+    """One bullet of the placebo causal test (`clipmech.analysis.causal.causal_finding`)."""
+    head = f"- {label}{e['ablation']} ablation, {e['outcome']}: "
+    excluded = ", ".join(f"{n} {why}" for why, n in e["excluded"].items() if n) or "none"
+    if e.get("p") is None:
+        return head + f"not measured (excluded (model, class) pairs: {excluded}): **{e['verdict']}**"
+    strata = "; ".join(f"stratum {z}: {_signed(v['effect'])} ({v['unmatched']} of {v['size']} unmatched)"
+                       for z, v in e["strata"].items())
+    warn = f" ({e['warning']})" if e.get("warning") else ""
+    return (head + f"primary contrast {e['estimate']:+.3f} over {e['n_classes']} classes, sign-flip p = "
+            f"{e['p']:.4f} (side {e['side']}; smallest attainable {e['min_p']:.4f}){warn}; shared − controls "
+            f"{e['shared_minus_controls']:+.3f}, mean randomisation p {e['randomisation_p']:.3f}; by IG stratum "
+            f"(top last): {strata}; excluded (model, class) pairs: {excluded}: **{e['verdict']}**")
+
+
+def _signed(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:+.3f}"
 
 
 def _effect(e: Mapping[str, Any]) -> str:

@@ -1,0 +1,71 @@
+"""The study's causal-test unit (issue 26): drawings in their four roles on the embedded emoji
+data, and the leak guard firing when a discovery drawing is also ablated."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from clipmech.analysis.causal import CausalOptions
+from clipmech.analysis.circuits import Circuit
+from clipmech.study.causal import study_causal_test
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    from clipmech.models import HookedCLIP
+    from clipmech.models.configs import resolve_config
+    from clipmech.study.circuit_sets import circuit_cells
+    from clipmech.study.quickstart import QuickstartOptions, Study, resolve_dataset
+    from clipmech.study.registry import Registry
+
+    tmp = tmp_path_factory.mktemp("causal")
+    opts = QuickstartOptions(out=str(tmp), views=1, max_classes=19, n_c2=15, circuit_classes=2, circuit_steps=1,
+                             progress=False)
+    study = Study(opts, registry=Registry(tmp / "registry"))
+    study.dataset, study.test_domains, study.c2 = resolve_dataset(opts)
+    torch.manual_seed(0)
+    _, cfg = resolve_config("tiny-rn")
+    model = HookedCLIP.from_config(dict(cfg, vision_cfg=dict(cfg["vision_cfg"], image_size=32))).eval()
+    pts = [p for p in model.analysis_points() if not p.endswith("hook_input")]
+    with torch.no_grad():
+        sizes = {p: a.shape[1] for p, a in model.run_with_cache(study.images("test")[:1])[1].items() if p in pts}
+    g = torch.Generator().manual_seed(3)
+    _, repeat = circuit_cells(study)
+    # discovery circuits on the training drawings, random node sets (the unit is about the drawings' roles)
+    discovery = {d: {k: Circuit(pts, {p: torch.rand(n, generator=g) for p, n in sizes.items()},
+                                {p: torch.randperm(n, generator=g)[:max(1, n // 5)].tolist() for p, n in sizes.items()},
+                                [], {"rows": rows.tolist()}) for k, rows in per.items() if len(rows)}
+                 for d, per in repeat.items()}
+    return study, model, discovery
+
+
+def test_study_causal_test_uses_every_held_out_drawing_and_names_classes(setting):
+    study, model, discovery = setting
+    t = study.test_domains[0]
+    res = study_causal_test(study, model, discovery, t, CausalOptions(n_random=3, n_random_small=2, n_strata=2,
+                                                                      n_derangements=1))
+    ds = study.dataset
+    assert set(res["classes"]) | set(res["skipped"]) == {ds.classes[k] for k in discovery[t]}
+    test = ds.indices(split="test")
+    for name, c in res["classes"].items():
+        k = ds.classes.index(name)
+        n = int(((ds.domain_idx[test] == ds.domains.index(t)) & (ds.class_idx[test] == k)
+                 & (ds.view_idx[test] == 0)).sum())
+        assert c["n_images"] == n >= 1 and set(c["primary"]) == {"mean", "resample"}
+    assert res["finding"]["side"].startswith("greater")
+
+
+def test_study_causal_test_refuses_a_leaked_drawing(setting, monkeypatch):
+    study, model, discovery = setting
+    ds, t = study.dataset, study.test_domains[0]
+    k = next(iter(discovery[t]))
+    train, test = ds.indices(split="train"), ds.indices(split="test")
+    leaked = train[discovery[t][k].meta["rows"][0]]
+    held = test[(ds.domain_idx[test] == ds.domains.index(t)) & (ds.class_idx[test] == k)][0]
+    styles = ds.style_idx.copy()
+    styles[held] = styles[leaked]  # the held-out drawing becomes another view of a discovery drawing
+    monkeypatch.setattr(ds, "style_idx", styles)
+    with pytest.raises(ValueError, match="also used for discovery"):
+        study_causal_test(study, model, discovery, t, CausalOptions(n_random=2, n_random_small=1, n_strata=2,
+                                                                   n_derangements=1))
