@@ -230,3 +230,10 @@ class TensorCache:
         atomic_torch_save(value, p)
         atomic_write_json(key, p.with_suffix(".json"))
         return value
+
+
+def warn_renamed(old: str, new: str, stacklevel: int = 3) -> None:
+    """DeprecationWarning that `old` (an argument, value or function) is now `new`; old names keep
+    working for one release."""
+    warnings.warn(f"{old} is deprecated and will be removed in the next release; use {new}",
+                  DeprecationWarning, stacklevel=stacklevel)
