@@ -2,6 +2,7 @@
 ablation vocabulary, one default Riemann rule; the old spellings keep working with a
 DeprecationWarning and give the same numbers."""
 import inspect
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,3 +101,11 @@ def test_resample_ablation_of_circuit_nodes(rn, batch):
     torch.testing.assert_close(emb, donor)
     with pytest.raises(ValueError, match="needs the donor images"):
         AB.ablated_embedding(rn, images, keep, ablation="resample")
+
+
+def test_library_code_never_picks_a_matplotlib_backend():
+    # A notebook owns its backend: only the command-line modules may call matplotlib.use or pyplot.
+    root = Path(__file__).resolve().parents[1] / "clipmech"
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py") if not p.name.startswith("cli")
+                 and ("matplotlib.use(" in p.read_text() or "matplotlib.pyplot" in p.read_text())]
+    assert offenders == []

@@ -255,6 +255,10 @@ def test_save_load_and_draw(tmp_path, circuit):
     torch.testing.assert_close(back.node_scores, circuit.node_scores)
     circuit.draw(tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    from matplotlib.figure import Figure
+    fig = Figure()
+    ax = fig.subplots()
+    assert circuit.draw(ax=ax) is fig and len(ax.collections) == 1  # drawn into the caller's axes
     with pytest.raises(FileNotFoundError, match="missing"):
         C.Circuit.load(tmp_path / "nope")
 

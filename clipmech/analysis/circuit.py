@@ -6,7 +6,6 @@ Ablating a circuit and its faithfulness are in `clipmech.analysis.ablation`; gra
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from torch import Tensor
 from clipmech.analysis.attribution import (RIEMANN_RULE, ig_edge_scores_in, ig_node_scores_in, check_points, component_points,
                                            node_spaces)
 from clipmech.analysis.metrics import Metric
-from clipmech.utils import atomic_torch_save, atomic_write_bytes, atomic_write_json, warn_renamed
+from clipmech.utils import atomic_torch_save, atomic_write_json, save_figure, warn_renamed
 
 __all__ = ["Circuit", "component_points", "discover_circuit", "node_name", "shared_nodes"]
 
@@ -81,16 +80,13 @@ class Circuit:
 
     def draw(self, path: str | Path | None = None, ax=None, max_nodes: int = 40):
         """Layered drawing: one column per point, selected nodes (at most `max_nodes` per column,
-        best on top), edges coloured by sign (red +, blue -) with opacity ~ |score|. Writes a PNG
-        atomically when `path` is given. Returns the matplotlib Figure."""
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        best on top), edges coloured by sign (red +, blue -) with opacity ~ |score|. Draws into `ax`
+        (a matplotlib Axes) or a new Figure built without pyplot (no backend is chosen); writes a
+        PNG atomically when `path` is given. Returns the matplotlib Figure."""
+        from matplotlib.figure import Figure
 
-        fig = None
         if ax is None:
-            fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(self.points)), 6))
-        fig = fig or ax.figure
+            ax = Figure(figsize=(max(6, 0.9 * len(self.points)), 6), layout="constrained").subplots()
         pos = {}
         for x, p in enumerate(self.points):
             shown = self.nodes[p][:max_nodes]
@@ -109,13 +105,9 @@ class Circuit:
         ax.set_yticks([])
         title = " / ".join(str(self.meta[k]) for k in ("domain", "class") if k in self.meta)
         ax.set_title(f"circuit {title}".strip())
-        fig.tight_layout()
         if path is not None:
-            buf = io.BytesIO()
-            fig.savefig(buf, format="png", dpi=120)
-            atomic_write_bytes(buf.getvalue(), path)
-            plt.close(fig)
-        return fig
+            save_figure(ax.figure, path, dpi=120)
+        return ax.figure
 
 
 def _short(point: str) -> str:
