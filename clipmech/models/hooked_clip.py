@@ -469,7 +469,7 @@ class HookedCLIP(HookedRootModule):
             got = (f"{tuple(text.shape)} {text.dtype}") if isinstance(text, Tensor) else type(text).__name__
             raise ValueError(f"text must be integer tokens of shape [B, {self.context_length}], got {got}; "
                              "use model.tokenize(list_of_strings)")
-        if text.numel() and (int(text.min()) < 0 or int(text.max()) >= self.vocab_size):
+        if text.numel() and not text.is_meta and (int(text.min()) < 0 or int(text.max()) >= self.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.vocab_size}) for this model, got "
                              f"[{int(text.min())}, {int(text.max())}]; use model.tokenize(list_of_strings)")
 
