@@ -229,7 +229,7 @@ def ig_row(a) -> list[dict]:
 
     def ours():
         a0 = cache_points(model, zeros, [point])[point]
-        return integrated_gradients(model, images, true_class_logit(head, labels, reduce="sum"), point, baseline=a0,
+        return integrated_gradients(model, images, true_class_logit(head, labels, reduce="sum"), point, ablation=a0,
                                     steps=steps, rule="right", internal_batch_size=per_pass)
 
     def peer():

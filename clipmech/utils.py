@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import errno
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -260,3 +261,18 @@ class TensorCache:
         atomic_torch_save(value, p)
         atomic_write_json(key, p.with_suffix(".json"))
         return value
+
+
+def warn_renamed(old: str, new: str, stacklevel: int = 3) -> None:
+    """DeprecationWarning that `old` (an argument, value or function) is now `new`; old names keep
+    working for one release."""
+    warnings.warn(f"{old} is deprecated and will be removed in the next release; use {new}",
+                  DeprecationWarning, stacklevel=stacklevel)
+
+
+def save_figure(fig: Any, path: PathLike, dpi: int = 130) -> Path:
+    """Write a matplotlib Figure as PNG to `path` atomically (tight bounding box). Works on a
+    `matplotlib.figure.Figure` built without pyplot, so no backend is chosen or changed."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return atomic_write_bytes(buf.getvalue(), path)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from clipmech.analysis import circuit_similarity as S
 from clipmech.analysis.bottleneck_edges import unsplittable_reason
+from clipmech.analysis import attribution as A
 from clipmech.analysis import circuits as C
 from clipmech.analysis import patching as P
 from clipmech.models import HookedCLIP
@@ -181,12 +182,12 @@ def test_calibrated_plan_is_cached_and_exact(rn, batch):
     images, _, _ = batch
     pts = rn.analysis_points()
     u, d = pts[5], pts[6]
-    C._CALIBRATED.clear()
+    A._CALIBRATED.clear()
     ours = C.ig_edge_scores(rn, images, u, d, [0, 2], steps=3, upstream_nodes=[1, 3], calibrate=True)
-    (plan,) = C._CALIBRATED.values()
+    (plan,) = A._CALIBRATED.values()
     assert plan.strategy in C.EDGE_STRATEGIES and set(plan.cost) == {"backward_s", "forward_s", "split_s"}
     C.ig_edge_scores(rn, images, u, d, [0, 2], steps=3, upstream_nodes=[1, 3], calibrate=True)
-    assert list(C._CALIBRATED.values()) == [plan]  # measured once per shape
+    assert list(A._CALIBRATED.values()) == [plan]  # measured once per shape
     naive = C.reference_ig_edge_scores(rn, images, u, d, [0, 2], steps=3)[:, [1, 3]]
     torch.testing.assert_close(ours, naive, rtol=0, atol=1e-6 * float(naive.abs().max()))
 
@@ -233,11 +234,16 @@ def test_edges_are_top_k_by_signed_score(rn, batch, circuit):
     for row, j in zip(mat, circuit.nodes[d]):
         kept = sorted(w for uu, _, dd, jj, w in circuit.edges if (uu, dd, jj) == (u, d, j))
         assert kept == pytest.approx(sorted(row.sort(descending=True).values[:3].tolist()))
-    # top_k = 0: the same nodes and scores, no edge IG; a negative top_k is an error
+    # edges=False: the same nodes and scores, no edge IG; its old spelling top_k=0 still works with a
+    # DeprecationWarning; a negative top_k is an error
     pts = [p for p in circuit.points if "layer" in p][-2:]
-    nodes_only = C.discover_circuit(rn, images, batch[2], batch[1], points=pts, steps=2, top_k=0)
+    nodes_only = C.discover_circuit(rn, images, batch[2], batch[1], points=pts, steps=2, edges=False)
     assert nodes_only.edges == [] and all(nodes_only.nodes[p] == circuit.nodes[p] for p in pts)
-    with pytest.raises(ValueError, match="top_k must be >= 0"):
+    assert nodes_only.meta["top_k"] == 0
+    with pytest.warns(DeprecationWarning, match="edges=False"):
+        old = C.discover_circuit(rn, images, batch[2], batch[1], points=pts, steps=2, top_k=0)
+    assert old.edges == [] and old.nodes == nodes_only.nodes
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
         C.discover_circuit(rn, images, batch[2], batch[1], points=pts, top_k=-1)
 
 
@@ -249,6 +255,10 @@ def test_save_load_and_draw(tmp_path, circuit):
     torch.testing.assert_close(back.node_scores, circuit.node_scores)
     circuit.draw(tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    from matplotlib.figure import Figure
+    fig = Figure()
+    ax = fig.subplots()
+    assert circuit.draw(ax=ax) is fig and len(ax.collections) == 1  # drawn into the caller's axes
     with pytest.raises(FileNotFoundError, match="missing"):
         C.Circuit.load(tmp_path / "nope")
 
@@ -350,8 +360,8 @@ def test_sae_nodes(rn, batch):
 
     a = P.cache_points(rn, images, [point])[point]
     ident = C.NodeSpace(point, a, Identity())
-    base = C._node_scores(rn, images, labels, head, C.NodeSpace(point, a), 2)
-    torch.testing.assert_close(C._node_scores(rn, images, labels, head, ident, 2), base)
+    base = A.ig_node_scores_in(rn, images, labels, head, C.NodeSpace(point, a), 2)
+    torch.testing.assert_close(A.ig_node_scores_in(rn, images, labels, head, ident, 2), base)
     lin = C.NodeSpace(point, a, Linear())
     torch.testing.assert_close(lin.activation(lin.clean), a)  # decode(encode) + error = clean
     circuit = C.discover_circuit(rn, images, labels, head, points=[point, "visual.layer3.0.hook_out"], steps=2,

@@ -54,7 +54,7 @@ def test_metrics_match_hand_computation():
 def test_activation_patch_matches_hand_patching(rn, batch, granularity, units):
     images, other, head, labels = batch
     metric = P.true_class_logit(head, labels)
-    got = P.activation_patch(rn, images, metric, LAYER, granularity=granularity, mode="resample", source=other,
+    got = P.activation_patch(rn, images, metric, LAYER, granularity=granularity, ablation="resample", source=other,
                              units=units, batch_units=2)
     src = P.cache_points(rn, other, [LAYER])[LAYER]
     clean = _metric_with_patch(rn, images, metric, LAYER, lambda t, hook: None)
@@ -78,8 +78,8 @@ def test_zero_and_mean_ablation_of_heads(batch):
     images, other, head, labels = batch
     point = "visual.blocks.1.attn.hook_z"
     metric = P.true_class_logit(head, labels)
-    zero = P.activation_patch(vit, images, metric, point, granularity="head", mode="zero")
-    mean = P.activation_patch(vit, images, metric, point, granularity="head", mode="mean", reference=other)
+    zero = P.activation_patch(vit, images, metric, point, granularity="head", ablation="zero")
+    mean = P.activation_patch(vit, images, metric, point, granularity="head", ablation="mean", reference=other)
     ref = P.cache_points(vit, other, [point])[point].mean(0)
     clean = _metric_with_patch(vit, images, metric, point, lambda t, hook: None)
     for h in range(2):
@@ -105,7 +105,7 @@ def test_attribution_patching_is_exact_for_a_linear_metric(rn, batch):
     metric = lambda e: (e @ w).mean()  # noqa: E731
     last = rn.analysis_points()[-1]
     attr = P.attribution_patch(rn, other, images, metric, points=[last, LAYER])
-    exact = P.activation_patch(rn, images, metric, last, granularity="channel", mode="resample", source=other)
+    exact = P.activation_patch(rn, images, metric, last, granularity="channel", ablation="resample", source=other)
     torch.testing.assert_close(attr[last], exact, rtol=1e-8, atol=1e-12)
     assert attr[LAYER].shape == (128,)
     point = P.attribution_patch(rn, other, images, metric, points=[LAYER], granularity="point")[LAYER]
@@ -119,7 +119,7 @@ def test_ig_matches_captum_layer_ig(rn, batch, rule, method):
 
     images, other, head, labels = batch
     metric = P.true_class_logit(head, labels, reduce="sum")
-    ours = P.integrated_gradients(rn, images, metric, LAYER, baseline="corrupt", corrupt=other, steps=6, rule=rule)
+    ours = P.integrated_gradients(rn, images, metric, LAYER, ablation="resample", source=other, steps=6, rule=rule)
 
     def per_image(x):
         logits = P.cosine_logits(rn.encode_image(x), head)  # captum stacks the steps into the batch
@@ -133,9 +133,9 @@ def test_ig_matches_captum_layer_ig(rn, batch, rule, method):
 def test_ig_completeness_against_exact_patching(rn, batch):
     images, other, head, labels = batch
     metric = P.true_class_logit(head, labels)
-    ig = P.integrated_gradients(rn, images, metric, LAYER, baseline="corrupt", corrupt=other, steps=24,
+    ig = P.integrated_gradients(rn, images, metric, LAYER, ablation="resample", source=other, steps=24,
                                 rule="midpoint", granularity="point", internal_batch_size=12)
-    exact = P.activation_patch(rn, images, metric, LAYER, granularity="point", mode="resample", source=other)
+    exact = P.activation_patch(rn, images, metric, LAYER, granularity="point", ablation="resample", source=other)
     # IG from a0 to a sums to metric(a) - metric(a0) = -(effect of patching a0 in).
     assert float(ig) == pytest.approx(-float(exact), rel=1e-2)  # midpoint rule: O(1/steps^2) error
 

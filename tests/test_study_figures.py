@@ -58,3 +58,79 @@ def test_cka_heatmaps_umap_scatter(tmp_path):
     corr = {"cka_mid": {"rho": 0.5, "ci_low": -1.0, "ci_high": 1.0, "n": 3},
             "edge_jaccard": {"rho": None, "reason": "a variable is constant across models", "n": 3}}
     _png(F.sharedness_scatter(pts, corr, tmp_path / "scatter.png"))
+
+
+# ------------------------------------------------------------------- legibility at the quickstart's scale
+SETUPS = ["natural_only", "lod", "cg_low", "cg_high"]
+DOMAINS = ["clipart", "flat", "painting", "quickdraw", "real", "sketch"]
+RN50_POINTS = (["visual.hook_act1", "visual.hook_act2", "visual.hook_act3", "visual.hook_avgpool"]
+               + [f"visual.layer{s}.{i}.hook_out" for s, n in zip(range(1, 5), (3, 4, 6, 3)) for i in range(n)]
+               + ["visual.attnpool.hook_out"])
+
+
+def _models(rng):
+    """The quickstart's models: 4 setups x 2 test domains x 3 seeds, with controls and faithfulness."""
+    models = []
+    for setup in SETUPS:
+        for test in ("clipart", "painting"):
+            for seed in range(3):
+                null = lambda: {k: {"mean": float(v)} for k, v in zip(("score", "floor", "ceiling", "floor_untrained"),
+                                                                       rng.uniform(0, 1, 4))}  # noqa: E731
+                faith = {d: {how: {"f_mean": list(rng.normal(0.5, 1.5, 7))} for how in ("mean", "resample")}
+                         for d in DOMAINS}
+                models.append({"setup": setup, "test_domain": test, "seed": seed, "run_id": f"{setup}-{test}-s{seed}",
+                               "controls": {"nulls": {s: null() for s in SCORES},
+                                            "faithfulness": {"sizes": [1, 2, 5, 10, 20, 50, 100], "domains": faith}}})
+    return models
+
+
+SCORES = ("node_jaccard", "edge_jaccard", "wl", "feature_sharing", "cka_mid")
+
+
+def test_every_study_figure_is_legible_at_the_quickstarts_scale():
+    rng = np.random.default_rng(0)
+    models = _models(rng)
+    acc = {s: {d: list(rng.uniform(0, 1, 3)) for d in ("clipart", "painting")} for s in SETUPS}
+    pairs = [(a, b) for i, a in enumerate(DOMAINS) for b in DOMAINS[i + 1:]]
+    m = rng.uniform(0, 1, (6, 6))
+    figures = {
+        "fig2": F.grouped_bars(acc),
+        "epochs": F.accuracy_over_epochs({s: rng.uniform(0, 1, (3, 11)) for s in SETUPS}),
+        "cka": F.cka_per_layer({p: list(rng.uniform(0, 1, len(RN50_POINTS))) for p in pairs}, RN50_POINTS, "clipart"),
+        "jaccard": F.jaccard_heatmaps(m, m, DOMAINS),
+        "sharing": F.feature_sharing_matrix(m, DOMAINS),
+        "umap": F.umap_by_domain(rng.normal(size=(600, 2)), np.repeat(np.arange(6), 100), DOMAINS),
+        "scatter": F.sharedness_scatter(
+            {s: [(float(x), float(y), SETUPS[i % 4]) for i, (x, y) in enumerate(rng.uniform(0, 1, (24, 2)))]
+             for s in SCORES}, {s: {"rho": 0.1, "ci_low": -0.3, "ci_high": 0.5, "n": 24} for s in SCORES}),
+        "controls": F.sharedness_controls(models, SCORES),
+        "faithfulness": F.faithfulness_curves(models),
+    }
+    for name, fig in figures.items():
+        assert F.legibility_problems(fig) == [], name
+
+
+def test_legibility_check_boundaries():
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(2, 2))
+    ax = fig.subplots()
+    ax.set_xticks(range(12), [f"a long label {i}" for i in range(12)])
+    problems = F.legibility_problems(fig)
+    assert any("overlap" in p and "'a long label 0' and 'a long label 1'" in p for p in problems)
+    fig = Figure(figsize=(3, 3))
+    ax = fig.subplots()
+    ax.set_xticks([0, 1], ["x", "y"], fontsize=F.MIN_FONT_PT)
+    ax.set_yticks([0, 1], ["p", "q"], fontsize=F.MIN_FONT_PT)
+    ax.text(0.5, 0.5, "exactly the minimum", fontsize=F.MIN_FONT_PT)
+    assert F.legibility_problems(fig) == []
+    ax.text(0.1, 0.9, "too small", fontsize=F.MIN_FONT_PT - 0.1)
+    assert F.legibility_problems(fig) == [f"text 'too small' at {F.MIN_FONT_PT - 0.1:g} pt < 7 pt"]
+
+
+def test_figures_draw_into_a_given_figure_or_write_a_file(tmp_path):
+    from matplotlib.figure import Figure
+    models = _models(np.random.default_rng(1))[:6]
+    fig = Figure()
+    assert F.faithfulness_curves(models, fig=fig) is fig and len(fig.axes) == 2 * 3
+    path = F.sharedness_controls(models, SCORES, tmp_path / "controls.png")
+    _png(path)

@@ -9,7 +9,7 @@ import torch
 from clipmech.analysis import controls as K
 from clipmech.analysis.circuit_similarity import node_jaccard
 from clipmech.analysis.circuits import Circuit
-from clipmech.analysis.patching import class_contrastive_logit
+from clipmech.analysis.metrics import class_contrastive_logit
 from clipmech.study import measure_reliability as M
 
 

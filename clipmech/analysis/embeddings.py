@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from clipmech.utils import PathLike, atomic_write_bytes
+from clipmech.utils import PathLike, save_figure
 
 
 def _check(emb: Any, domain_idx: Any, class_idx: Any | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -60,18 +60,18 @@ def umap_2d(emb: Any, seed: int = 42, densmap: bool = True, n_neighbors: int = 1
         torch.set_num_threads(threads)
 
 
-def plot_umap(emb: Any, domain_idx: Any, domains: Sequence[str], path: PathLike, exclude: str | None = None,
-              per_domain: int | None = 2000, seed: int = 42, densmap: bool = True, title: str = "") -> dict:
-    """UMAP scatter coloured by domain written atomically as PNG to `path`.
+def plot_umap(emb: Any, domain_idx: Any, domains: Sequence[str], path: PathLike | None = None,
+              exclude: str | None = None, per_domain: int | None = 2000, seed: int = 42, densmap: bool = True,
+              title: str = "", ax: Any = None) -> dict:
+    """UMAP scatter coloured by domain, drawn into `ax` (a matplotlib Axes) or a new Figure built
+    without pyplot (no backend is chosen), written atomically as PNG to `path` when given.
 
     exclude: a domain name left out *before* fitting (the paper's 'without quickdraw' panel).
-    Returns {"path", "n_points", "domains", "excluded", "seed", "densmap"}.
+    Returns {"path" (None when not written), "n_points", "domains", "excluded", "seed", "densmap"};
+    the drawing is `ax` (or `ax.figure`) when you pass one.
     """
-    import matplotlib
-    matplotlib.use("Agg")
-    import io
-
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
 
     E, d, _ = _check(emb, domain_idx)
     if exclude is not None:
@@ -82,19 +82,18 @@ def plot_umap(emb: Any, domain_idx: Any, domains: Sequence[str], path: PathLike,
         E, d = E[keep_mask], d[keep_mask]
     idx = subsample_per_domain(d, per_domain, seed)
     xy = umap_2d(E[idx], seed=seed, densmap=densmap)
-    fig, ax = plt.subplots(figsize=(6, 5), dpi=120)
-    cmap = plt.get_cmap("tab10")
+    if ax is None:
+        ax = Figure(figsize=(6, 5), dpi=120).subplots()
+    cmap = colormaps["tab10"]
     for k in np.unique(d[idx]):
         m = d[idx] == k
         ax.scatter(xy[m, 0], xy[m, 1], s=6, alpha=0.7, color=cmap(int(k) % 10), label=domains[int(k)])
     ax.set_xticks([]), ax.set_yticks([])
     ax.legend(markerscale=3, fontsize=8, loc="best")
     ax.set_title(title or ("UMAP" + (" (densMAP)" if densmap else "") + (f" without {exclude}" if exclude else "")))
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(buf.getvalue(), path)
-    return {"path": str(Path(path)), "n_points": int(len(idx)), "domains": [domains[int(k)] for k in np.unique(d[idx])],
+    if path is not None:
+        save_figure(ax.figure, path, dpi=120)
+    return {"path": None if path is None else str(Path(path)), "n_points": int(len(idx)), "domains": [domains[int(k)] for k in np.unique(d[idx])],
             "excluded": exclude, "seed": seed, "densmap": densmap}
 
 

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["HookedCLIP", "PRESETS", "create_open_clip", "resolve_config"]
+__all__ = ["ClipActivationCache", "HookedCLIP", "PRESETS", "create_open_clip", "resolve_config"]
 
 
 def __getattr__(name: str) -> Any:
     if name == "HookedCLIP":
         from clipmech.models.hooked_clip import HookedCLIP
         return HookedCLIP
+    if name == "ClipActivationCache":
+        from clipmech.models.activation_cache import ClipActivationCache
+        return ClipActivationCache
     if name in ("PRESETS", "create_open_clip", "resolve_config"):
         from clipmech.models import configs
         return getattr(configs, name)

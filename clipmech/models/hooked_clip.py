@@ -26,6 +26,9 @@ HookPoint, in firing order. Layouts: conv maps [B,C,H,W]; tokens [B,T,D]; per-he
           hook_resid_mid, ln2.hook_normalized, mlp.hook_pre, mlp.hook_post, hook_mlp_out, hook_resid_post
   both    hook_image_embed, hook_image_embed_normalized, hook_text_embed, hook_text_embed_normalized
 
+`run_with_cache` returns a `ClipActivationCache` (clipmech.models.activation_cache), a dict with
+batch slicing, `to`, `remove_batch_dim` and stacking; docs/hooks.md lists every point with its shape.
+
 Attention uses `F.scaled_dot_product_attention` unless a hook sits on the pattern point, in which
 case softmax(q k^T / sqrt(d)) is materialised so it can be read or rewritten.
 """
@@ -48,6 +51,7 @@ from torch import Tensor, nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from clipmech.models.activation_cache import MODEL_LANGUAGE_MODEL_ONLY, ClipActivationCache, language_model_only
 from clipmech.models.checkpoints import checkpoint_state, load_state_strict
 from clipmech.models.configs import create_open_clip, resolve_config
 from clipmech.utils import atomic_torch_save, read_checkpoint, unknown_name_error
@@ -99,20 +103,22 @@ def _is_hooked(hp: HookPoint) -> bool:
                 or "forward" in hp.__dict__)
 
 
-def _store(cache: dict[str, Tensor], name: str, x: Tensor) -> Tensor:
-    cache[name] = x.detach()
+def _store(cache: dict[str, Tensor], name: str, device: torch.device | None, x: Tensor) -> Tensor:
+    cache[name] = x.detach() if device is None else x.detach().to(device)
     return x
 
 
 @contextlib.contextmanager
-def _fast_cache(points: Sequence[HookPoint], cache: dict[str, Tensor]):
+def _fast_cache(points: Sequence[HookPoint], cache: dict[str, Tensor], device: torch.device | None = None):
     """Cache the values of hook points that carry no hooks by swapping in a storing identity
     `forward`: a module without hooks takes torch's fast call path, whereas a TransformerLens caching
     hook costs a registration, a hooked call and a wrapper per point (1.5-1.7x a plain forward when
-    every point of a ViT is cached). The instance attributes are removed on every exit path."""
+    every point of a ViT is cached). Each value is moved to `device` as it is produced, so a GPU run
+    cached to the CPU never holds all of them on the GPU. The instance attributes are removed on
+    every exit path."""
     try:
         for hp in points:
-            hp.forward = functools.partial(_store, cache, hp.name)
+            hp.forward = functools.partial(_store, cache, hp.name, device)
         yield cache
     finally:
         for hp in points:
@@ -459,7 +465,7 @@ class HookedCLIP(HookedRootModule):
             got = (f"{tuple(text.shape)} {text.dtype}") if isinstance(text, Tensor) else type(text).__name__
             raise ValueError(f"text must be integer tokens of shape [B, {self.context_length}], got {got}; "
                              "use model.tokenize(list_of_strings)")
-        if text.numel() and (int(text.min()) < 0 or int(text.max()) >= self.vocab_size):
+        if text.numel() and not text.is_meta and (int(text.min()) < 0 or int(text.max()) >= self.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.vocab_size}) for this model, got "
                              f"[{int(text.min())}, {int(text.max())}]; use model.tokenize(list_of_strings)")
 
@@ -557,45 +563,68 @@ class HookedCLIP(HookedRootModule):
 
     # ---- TransformerLens entry points, with name checking ----
 
+    def __getattr__(self, name: str) -> Any:
+        if name in MODEL_LANGUAGE_MODEL_ONLY:
+            raise language_model_only("HookedCLIP", name)
+        return super().__getattr__(name)
+
     def _check_names(self, names: Iterable[str | Callable]) -> None:
         for n in names:
             if isinstance(n, str):
                 self._table[n]  # raises KeyError with close names
 
     def run_with_cache(self, *args: Any, names_filter: NamesFilter = None, stop_at: str | None = None,
-                       **kwargs: Any) -> tuple[Any, dict[str, Tensor]]:
-        """(output, cache) for forward(image=, text=, stop_at=), caching hook points selected by
-        `names_filter` (None = all, a name, a list of names or a predicate). Memory: the cached
+                       device: str | torch.device | None = None, remove_batch_dim: bool = False,
+                       return_cache_object: bool = True, **kwargs: Any) -> tuple[Any, ClipActivationCache]:
+        """(output, cache) for forward(image=, text=, stop_at=): `cache` a `ClipActivationCache`
+        {hook name: activation}, forward order, of the hook points selected by `names_filter` (None
+        = all, a name, a list of names or a predicate), each moved to `device` as it is produced;
+        `remove_batch_dim` (a batch of one) drops the batch axis; `return_cache_object=False` gives
+        a plain dict. Points without hooks are cached on a fast path that costs about a plain
+        forward; points carrying hooks are cached after their hooks ran. Memory: the cached
         tensors; filter to what you need."""
-        if kwargs.get("incl_bwd"):
+        if kwargs.pop("incl_bwd", False):
             raise ValueError("incl_bwd needs a scalar model output; use run_with_hooks(bwd_hooks=..., "
                              "reset_hooks_end=False), call backward on your metric, then model.reset_hooks()")
-        if isinstance(names_filter, str):
-            self._check_names([names_filter])
-        elif isinstance(names_filter, (list, tuple)):
-            self._check_names(names_filter)
-            names_filter = list(names_filter)
-        if set(kwargs) - {"image", "text"}:  # device, pos_slice, remove_batch_dim, ...: TransformerLens' own path
-            return super().run_with_cache(*args, names_filter=names_filter, stop_at=stop_at, **kwargs)
-        if names_filter is None:
-            selected = list(self._table.values())
-        elif isinstance(names_filter, str):
-            selected = [self._table[names_filter]]
-        elif isinstance(names_filter, list):
-            wanted = set(names_filter)
-            selected = [hp for name, hp in self._table.items() if name in wanted]
-        else:
-            selected = [hp for name, hp in self._table.items() if names_filter(name)]
+        unsupported = sorted(set(kwargs) - {"image", "text"})
+        if unsupported:
+            hint = (" (pos_slice indexes a language model's token positions; index the cached tensors instead)"
+                    if "pos_slice" in unsupported else "")
+            raise ValueError(f"run_with_cache got unsupported keyword(s) {unsupported}{hint}; supported: image, "
+                             "text, names_filter, stop_at, device, remove_batch_dim, return_cache_object")
+        inputs = [x for x in (*args[:2], kwargs.get("image"), kwargs.get("text")) if isinstance(x, Tensor)]
+        if remove_batch_dim and any(len(x) != 1 for x in inputs):
+            raise ValueError(f"remove_batch_dim needs a batch of 1, got {[len(x) for x in inputs]}; run the batch "
+                             "and index the cache (cache[i]) instead")
+        selected = self._selected(names_filter)
         # Points that already carry hooks keep TransformerLens' caching hook, so their cached value is
         # the one after those hooks ran; the others are cached on the fast path.
         hooked = [hp.name for hp in selected if _is_hooked(hp)]
-        cache: dict[str, Tensor] = {}
-        with _fast_cache([hp for hp in selected if hp.name not in hooked], cache):
-            if not hooked:
-                return self(*args, stop_at=stop_at, **kwargs), cache
-            out, slow = super().run_with_cache(*args, names_filter=hooked, stop_at=stop_at, **kwargs)
-        cache.update(slow)
-        return out, {name: cache[name] for name in self._table if name in cache}
+        device = torch.device(device) if device is not None else None
+        found: dict[str, Tensor] = {}
+        with _fast_cache([hp for hp in selected if hp.name not in hooked], found, device):
+            if hooked:
+                out, slow = super().run_with_cache(*args, names_filter=hooked, stop_at=stop_at, device=device,
+                                                   **kwargs)
+                found.update(slow)
+            else:
+                out = self(*args, stop_at=stop_at, **kwargs)
+        cache = ClipActivationCache((name, found[name]) for name in self._table if name in found)
+        if remove_batch_dim:
+            cache = cache.remove_batch_dim()
+        return out, cache if return_cache_object else dict(cache)
+
+    def _selected(self, names_filter: NamesFilter) -> list[HookPoint]:
+        """The hook points `names_filter` selects (names are checked: a typo raises KeyError)."""
+        if names_filter is None:
+            return list(self._table.values())
+        if isinstance(names_filter, str):
+            return [self._table[names_filter]]
+        if isinstance(names_filter, (list, tuple)):
+            self._check_names(names_filter)
+            wanted = set(names_filter)
+            return [hp for name, hp in self._table.items() if name in wanted]
+        return [hp for name, hp in self._table.items() if names_filter(name)]
 
     def run_with_hooks(self, *args: Any, fwd_hooks: list = [], bwd_hooks: list = [], **kwargs: Any) -> Any:
         """forward(...) with temporary hooks [(name_or_predicate, fn(tensor, hook) -> tensor|None)];

@@ -309,9 +309,9 @@ FIGURE_NOTES = {
     "sharedness_controls.png": "Each sharedness score of every model (o) with its floor (v, class-permuted; CKA: "
                                "row-permuted), ceiling (^, disjoint drawings; feature sharing: second SAE seed) "
                                "and the untrained model's score (x); the band spans floor to ceiling.",
-    "faithfulness_*.png": "Per model: faithfulness f(x) of the training-drawing circuits on held-out drawings when "
-                          "only the top x of nodes per point is kept, per domain (solid: mean, dashed: resample "
-                          "ablation).",
+    "faithfulness.png": "One panel per model: faithfulness f(x) of the training-drawing circuits on held-out "
+                        "drawings when only the top x of nodes per point is kept, per domain (solid: mean, dashed: "
+                        "resample ablation).",
 }
 def controls_budget(opts) -> float:
     """Planned seconds of one model's controls on an idle 2-core CPU (drives the progress estimate):
@@ -323,46 +323,9 @@ def controls_budget(opts) -> float:
 
 
 def draw_controls_figures(models: Sequence[Mapping[str, Any]], fig_dir: Path) -> list[Path]:
-    """`sharedness_controls.png` (each score per model with its floor-ceiling band) and, per model,
-    `faithfulness_<run_id>_<test_domain>.png` (mean f(x) per domain, mean and resample ablation)."""
-    from matplotlib.figure import Figure
-
-    from clipmech.study.figures import OKABE_ITO, _save
-    paths = []
-    fig = Figure(figsize=(3.2 * len(CONTROL_SCORES), 3.4))
-    labels = [f"{m['setup']}\n{m['test_domain']} s{m['seed']}" for m in models]
-    for ax, name in zip(fig.subplots(1, len(CONTROL_SCORES)), CONTROL_SCORES):
-        for i, m in enumerate(models):
-            n = m["controls"]["nulls"][name]
-            lo, hi = (n.get("floor") or {}).get("mean"), (n.get("ceiling") or {}).get("mean")
-            if lo is not None and hi is not None:
-                ax.fill_between([i - 0.3, i + 0.3], [lo, lo], [hi, hi], color=OKABE_ITO[1], alpha=0.3, lw=0)
-            for v, style in ((lo, "v"), (hi, "^"), ((n.get("floor_untrained") or {}).get("mean"), "x")):
-                if v is not None:
-                    ax.plot(i, v, style, color="0.4", ms=5)
-            score = (n.get("score") or {}).get("mean")
-            if score is not None:
-                ax.plot(i, score, "o", color=OKABE_ITO[4], ms=6)
-        ax.set_xticks(range(len(models)), labels, fontsize=5, rotation=90)
-        ax.set_title(name, fontsize=9)
-    fig.axes[0].set_ylabel("score (o); floor v, ceiling ^, untrained x")
-    fig.tight_layout()
-    paths.append(_save(fig, fig_dir / "sharedness_controls.png"))
-    for m in models:
-        fig = Figure(figsize=(5, 3.4))
-        ax = fig.subplots()
-        for j, (d, per) in enumerate(m["controls"]["faithfulness"]["domains"].items()):
-            for how, style in (("mean", "-"), ("resample", "--")):
-                f = per[how]["f_mean"]
-                if f is not None:
-                    x = [0.0] + [s / 100 for s in m["controls"]["faithfulness"]["sizes"]]
-                    ax.plot(x, [0.0] + f, style, color=OKABE_ITO[j % len(OKABE_ITO)], lw=2 if d == m["test_domain"] else 1,
-                            label=f"{d} ({how})" if how == "mean" or d == m["test_domain"] else None)
-        ax.axhline(1, color="0.5", lw=0.5)
-        ax.set_xlabel("fraction of nodes kept per point")
-        ax.set_ylabel("faithfulness f(x)")
-        ax.set_title(f"{m['run_id']} on {m['test_domain']}: solid mean, dashed resample ablation", fontsize=8)
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        paths.append(_save(fig, fig_dir / f"faithfulness_{m['run_id']}_{m['test_domain']}.png"))
-    return paths
+    """`sharedness_controls.png` (each score per model with its floor-ceiling band) and
+    `faithfulness.png` (small multiples: mean f(x) per domain of every model, mean and resample
+    ablation)."""
+    from clipmech.study.figures import faithfulness_curves, sharedness_controls
+    return [sharedness_controls(models, CONTROL_SCORES, fig_dir / "sharedness_controls.png"),
+            faithfulness_curves(models, fig_dir / "faithfulness.png")]
