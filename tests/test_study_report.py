@@ -7,7 +7,7 @@ import pytest
 
 from clipmech.analysis import bootstrap as B
 from clipmech.study import report as R
-from clipmech.study.plan import load_plan
+from clipmech.study.analysis_plan import load_plan
 
 
 def _models(c2: dict[str, list[float]], domain="sketch"):

@@ -123,7 +123,7 @@ def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from clipmech.errors import BadInputError, ConfigError
-    from clipmech.study.plan import load_plan
+    from clipmech.study.analysis_plan import load_plan
     from clipmech.study.report import recompute, write_outputs
     from clipmech.utils import read_json
 

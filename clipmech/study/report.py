@@ -19,7 +19,7 @@ from clipmech.analysis import bootstrap as B
 from clipmech.analysis.causal import causal_finding
 from clipmech.study import stats as S
 from clipmech.study.measure_reliability import class_bootstrap_se, disattenuated, reliability
-from clipmech.study.plan import Plan, load_plan
+from clipmech.study.analysis_plan import Plan, load_plan
 from clipmech.utils import PathLike, atomic_write_json, atomic_write_text
 
 SCHEMA_VERSION = 2
@@ -56,7 +56,7 @@ def cka_mid(per_layer: Mapping[tuple[str, str], Sequence[float]], test_domain: s
 ALPHA = 0.05
 POWER_TARGET = 0.15  # issue 12: 95% CI half-width of each main contrast, pooled over test domains
 MAIN_CONTRASTS = (("lod", "natural_only"), ("cg_high", "cg_low"), ("lod", "cg_low"), ("lod", "cg_high"))
-# The findings, their contrasts, sides and rules come from the analysis plan (`clipmech.study.plan`).
+# The findings, their contrasts, sides and rules come from the analysis plan (`clipmech.study.analysis_plan`).
 SHAREDNESS_FINDING = "sharedness goes with generalization"
 CAUSAL_FINDING = "shared circuit nodes matter causally (matched controls)"
 RULES = {"all": "each contrast must hold on its own (no correction to reproduce); Holm over the contrasts' "
@@ -351,7 +351,7 @@ def build_results(models: Sequence[Mapping[str, Any]], config: Mapping[str, Any]
     with, doubled while a decision is within 2 Monte-Carlo SEs of its threshold, up to `max_boot`;
     `boot_seed` seeds them (verdicts do not depend on it but near a threshold). `plan`: the analysis
     plan judging the findings (default: the shipped one); results["plan"] records its version, hash
-    and whether the verdicts are confirmatory (`clipmech.study.plan.Plan.status`). Cost: seconds.
+    and whether the verdicts are confirmatory (`clipmech.study.analysis_plan.Plan.status`). Cost: seconds.
     """
     plan = plan or load_plan()
     models = [dict(m) | {"model_id": S.model_id(m)} for m in models]

@@ -9,7 +9,7 @@ from importlib.resources import files
 import pytest
 
 from clipmech.study import report as R
-from clipmech.study.plan import load_plan
+from clipmech.study.analysis_plan import load_plan
 
 SHIPPED = files("clipmech.study") / "plans" / "plan-v1.toml"
 
