@@ -78,6 +78,9 @@ class AnalysisOptions:
     precision: str = "fp32"  # extraction: fp32 | bf16 | fp16; attributions are always fp32
     device: str = "auto"  # auto (cuda when present) | cpu | cuda
     paper_compat: bool = False  # the paper code's quirks (see the module docstring); OR'd with the run's
+    # The controls unit holds both splits' preprocessed images in memory (clipmech.study.plan.ImageStore):
+    # fine up to ~100k images at 64 px, not for all of DomainNet at 224 px (~350 GB) until it streams them.
+    controls: bool = True
 
     def preset(self):
         """The per-run plan's Preset (clipmech.study.plan) for the stages both paths share (the controls)."""
@@ -88,7 +91,7 @@ class AnalysisOptions:
 
     def key(self) -> dict[str, Any]:
         """The options results depend on (not batch size, workers, shard size or device)."""
-        skip = {"batch_size", "workers", "shard_rows", "device"}
+        skip = {"batch_size", "workers", "shard_rows", "device", "controls"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip} | {"v": ANALYSIS_VERSION}
 
 
@@ -374,8 +377,9 @@ def plan_units(ctx: RunContext, out: str | Path, run_id: str, with_umap: bool,
     units["sae"] = unit("sae", unit_sae, run_dir, ctx.opts, shard_root)
     units["embeddings"] = unit("embeddings", unit_embeddings, run_dir, ctx.opts, shard_root, with_umap,
                                umap=with_umap)
-    units["controls"] = unit("controls", unit_controls, run_dir, ctx.opts, str(out), list(test_domains),
-                             test_domains=list(test_domains))
+    if ctx.opts.controls:
+        units["controls"] = unit("controls", unit_controls, run_dir, ctx.opts, str(out), list(test_domains),
+                                 test_domains=list(test_domains))
     return units
 
 
@@ -386,7 +390,7 @@ def collect(units: Mapping[str, Unit], c2: Sequence[str]) -> dict[str, Any]:
     per_class = [unit_result(u) for name, u in units.items() if name.startswith("circuits/")]
     return {"cka": unit_result(units["cka"]), "circuits": mean_circuit_matrices(per_class, c2),
             "sharing": unit_result(units["sae"]), "embeddings": unit_result(units["embeddings"]),
-            "controls": unit_result(units["controls"])}
+            "controls": unit_result(units["controls"]) if "controls" in units else {}}
 
 
 # ------------------------------------------------------------------------------------ rows
@@ -423,7 +427,7 @@ def model_rows(ctx: RunContext, setup: str, seed: int, test_domains: Sequence[st
                      "run_id": run_id, "model": ctx.cfg["model"]["name"], "image_size": ctx.source.image_size,
                      "classes": list(ctx.source.dataset.classes), "c2_classes": ctx.source.c2,
                      "checkpoint_hash": ctx.checkpoint_hash, "paper_compat": ctx.paper_compat,
-                     "mixture_paper_compat": bool(ctx.cfg["analysis"]["paper_compat"]), **controls[d]})
+                     "mixture_paper_compat": bool(ctx.cfg["analysis"]["paper_compat"]), **controls.get(d, {})})
     return rows, curves
 
 

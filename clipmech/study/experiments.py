@@ -333,8 +333,11 @@ def _write_study(exp: Mapping[str, Any], src: Mapping[str, Any], runs: Sequence[
     fm = measures[figure_run["id"]]
     Q.draw_figures(results, grid, {"cka": fm["cka"], "circuits": fm["circuits"], "sharing": fm["sharing"],
                                    "emb": fm["embeddings"]}, spec, ctx.source.dataset.domains, dest / "figures")
-    draw_controls_figures(results["models"], dest / "figures")
-    write_outputs(results, dest, {f"figures/{k}": v for k, v in (Q.FIGURE_NOTES | CONTROLS_FIGURES).items()})
+    notes = dict(Q.FIGURE_NOTES)
+    if opts.controls:
+        draw_controls_figures(results["models"], dest / "figures")
+        notes |= CONTROLS_FIGURES
+    write_outputs(results, dest, {f"figures/{k}": v for k, v in notes.items()})
     return results
 
 
