@@ -86,7 +86,11 @@ def _check(results, out):
             assert m[f"{k}_floor"] is not None and m[f"{k}_ceiling"] is not None and f"{k}_norm" in m, k
         assert m["cka_mid"] is None and m["null_reasons"]["cka_mid"].startswith("C2 rows 4 < 8")
         assert m["cka_mid_norm"] is None and "C2 rows 4 < 8" in m["controls"]["norm_reasons"]["cka_mid"]
-        assert m["faithfulness_auc"] is not None and m["causal_effect_logit"] is not None
+        # faithfulness is measured; a 1-epoch model's logit barely moves under ablation, so its curve may be
+        # undefined (|m(model) - m(empty)| < eps), which the row counts instead of reporting a number
+        faith = m["controls"]["faithfulness"]
+        assert faith["domains"]["clipart"] and (m["faithfulness_auc"] is not None or faith["skipped"] > 0)
+        assert m["causal_effect_logit"] is not None
         assert m["causal_verdict"] not in ("not measured", "no CI (one class)")  # measured over the 4 C2 classes
         assert m["paper_compat"] is False and m["mixture_paper_compat"] is False
     assert results["config"]["analysis"]["paper_compat"] is False
