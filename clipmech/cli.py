@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for area in _AREAS:
         area.register(sub)
+    # Train, then evaluate: composed here because train/ sits below eval/ and never imports it.
+    sub.choices["train"].set_defaults(after_train=eval_cli.evaluate_after_train)
     return parser
 
 

@@ -103,6 +103,50 @@ def test_package_import_graph_has_no_circle():
     assert cycle is None, "import circle: " + " -> ".join(cycle)
 
 
+# Data flows one way: each area imports only areas below it.
+LAYERS = ("data", "models", "train", "eval", "analysis", "study", "view", "cli")
+BASE = ("launch", "locks", "utils", "errors")  # below every area; import no area
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """'a -> b' for every import of a higher area from a lower one, or of an area from a base module.
+    The package root (`clipmech/__init__`: the version and a convenience re-export) is exempt both ways."""
+    def area(mod: str) -> str:
+        return mod.split(".")[1] if "." in mod else ""
+
+    bad = []
+    for mod, edges in sorted(graph.items()):
+        a = area(mod)
+        for target in sorted(edges):
+            b = area(target)
+            if not a or not b or a == b or b in BASE:
+                continue
+            if a in BASE or LAYERS.index(b) > LAYERS.index(a):
+                bad.append(f"{mod} -> {target}")
+    return bad
+
+
+def test_layering_finder_flags_an_upward_import(tmp_path):
+    pkg = tmp_path / "clipmech"
+    for area in ("data", "eval", "locks"):
+        (pkg / area).mkdir(parents=True)
+        (pkg / area / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("from clipmech.eval import x\n")  # the root is exempt
+    (pkg / "eval" / "a.py").write_text("from clipmech.data import d\nfrom clipmech.locks import l\n")
+    assert layer_violations(import_graph(pkg)) == []
+    (pkg / "data" / "b.py").write_text("def f():\n    from clipmech.eval import a\n")
+    (pkg / "locks" / "c.py").write_text("import clipmech.data\n")
+    assert layer_violations(import_graph(pkg)) == ["clipmech.data.b -> clipmech.eval.a",
+                                                   "clipmech.locks.c -> clipmech.data"]
+
+
+def test_package_imports_follow_the_layering():
+    """data -> models -> train -> eval -> analysis -> study -> view -> cli, launch / locks / utils below
+    all: e.g. the trainer never calls the evaluator (the CLI composes "train, then evaluate")."""
+    bad = layer_violations(import_graph(ROOT / PACKAGE))
+    assert not bad, "imports against the layering: " + "; ".join(bad)
+
+
 # ------------------------------------------------------------------------------- declared imports
 def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()

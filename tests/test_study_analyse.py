@@ -133,3 +133,19 @@ def test_paper_compat_reaches_cka_and_circuits_and_is_recorded(untrained_run, tm
     off = [(a, b) for a in range(6) for b in range(6) if a != b]
     assert all(circ1["edge"][a][b] != circ0["edge"][a][b] for a, b in off if circ0["edge"][a][b] < 1)
     assert any(circ1["wl_h2"][a][b] != circ0["wl_h2"][a][b] for a, b in off)
+
+
+def test_analyze_circuits_and_the_study_give_identical_node_jaccard(untrained_run, tmp_path):
+    """One definition of a class's domain x domain node similarity: `clipmech analyze circuits RUN` and the
+    study's circuit unit agree exactly for the same model, class and images (2 per cell, seed 42)."""
+    import json
+
+    from clipmech.cli import main
+    opts = A.AnalysisOptions(circuit_images=2, circuit_steps=2, device="cpu")
+    study = A.unit_circuits(str(untrained_run), opts, "apple")
+    assert main(["analyze", "circuits", str(untrained_run), "--classes", "apple", "--n-images", "2", "--steps", "2",
+                 "--device", "cpu", "--no-faithfulness", "--out", str(tmp_path)]) == 0
+    sims = json.loads((tmp_path / "circuits_epoch1" / "similarity.json").read_text())
+    assert sims["domains"] == study["domains"]
+    assert sims["node_jaccard"]["mean"] == study["node"]
+    assert sims["edge_jaccard"]["mean"] == study["edge"]

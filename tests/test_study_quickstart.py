@@ -182,3 +182,27 @@ def test_circuits_and_saes_are_computed_once_per_weights(quickstart):
     assert len(sets) == 2 * len(models) + len(untrained)
     assert len(list((out / "registry" / "sae_model").glob("*.json"))) == 2 * len(models)
     assert len(list((out / "registry" / "sae_files").glob("*.pt"))) == 2 * len(models)
+
+
+def test_dataset_folder_gets_the_same_rules_scaled_to_its_classes(tmp_path):
+    """`clipmech quickstart --dataset ROOT`: test domains clipart and painting, C2 = the paper's classes
+    the folder holds then the smallest sha256(name), n_c2 capped so 4 C1 classes stay; too few classes
+    is one clear error."""
+    from dataclasses import replace
+
+    from clipmech.data.domainnet import DOMAINS
+    from clipmech.data.synthetic import write_fake_domainnet
+    from clipmech.study.quickstart import MIN_CLASSES, QuickstartOptions, extend_c2, resolve_dataset
+    classes = ["axe", "banana", "cat", "dog", "eye", "fish", "hat", "key", "owl", "tree"]
+    root = write_fake_domainnet(tmp_path / "dn", {(d, c, s): 1 for d in DOMAINS for c in classes
+                                                  for s in ("train", "test")}, size=4)
+    ds, domains, c2 = resolve_dataset(QuickstartOptions(dataset=str(root)))
+    assert domains == ["clipart", "painting"]
+    assert len(c2) == len(classes) - 4 and c2[:2] == ["axe", "banana"]  # the paper's C2 first
+    assert c2 == extend_c2(["axe", "banana"], ds.classes, len(classes) - 4) and len(ds.classes) == len(classes)
+    _, _, c2 = resolve_dataset(QuickstartOptions(dataset=str(root), n_c2=3))
+    assert c2 == ["axe", "banana", extend_c2([], [c for c in classes if c not in ("axe", "banana")], 1)[0]]
+    small = write_fake_domainnet(tmp_path / "small", {(d, c, s): 1 for d in DOMAINS for c in classes[:MIN_CLASSES - 1]
+                                                      for s in ("train", "test")}, size=4)
+    with pytest.raises(ValueError, match=f"has {MIN_CLASSES - 1} classes; the quickstart needs at least {MIN_CLASSES}"):
+        resolve_dataset(replace(QuickstartOptions(), dataset=str(small)))

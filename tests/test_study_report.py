@@ -162,7 +162,7 @@ def test_validate_results_names_the_problem(tmp_path):
     with pytest.raises(ValueError, match=r"models\[0\].c2_test_acc = 1.5.*models\[1\] lacks \['edge_jaccard'\]"):
         R.validate_results(loaded)
     with pytest.raises(ValueError, match="missing top-level key 'correlations'"):
-        R.validate_results({"schema_version": 2, "models": []})
+        R.validate_results({"schema_version": R.SCHEMA_VERSION, "models": []})
     assert "What the CIs cover" in md and "## Power" in md
 
 

@@ -3,7 +3,7 @@
 One forward pass per batch caches every requested point (names_filter) and stops at the last one
 (stop_at), so nothing past the deepest needed layer is computed. Each (model weights, dataset content,
 sample indices, point, pooling, transform) is one TensorCache entry: CKA, embeddings, SAE and sharing
-all read the same files instead of re-encoding the images (paper.md §12, "no caching between scripts").
+all read the same files instead of re-encoding the images (docs/methods.md#paper-code-quirks).
 
 At dataset scale `write_shards` streams instead: a DataLoader (workers, batches) feeds the model and
 every point's pooled rows go to on-disk shards (clipmech.analysis.sae.ShardWriter) in a folder named
@@ -69,6 +69,13 @@ def state_fingerprint(model: torch.nn.Module) -> str:
 def image_points(model) -> list[str]:
     """Hook points of the image pathway in forward order (visual.* and hook_image_embed*)."""
     return [n for n in model.hook_names() if n.startswith("visual.") or n.startswith("hook_image_embed")]
+
+
+def inner_points(points: Sequence[str]) -> list[str]:
+    """`points` (e.g. `model.analysis_points()` or a circuit's) without the input: the pixels are
+    the same for every model, so CKA, node similarity and faithfulness skip them
+    (docs/methods.md#analysis-points)."""
+    return [p for p in points if not p.endswith("hook_input")]
 
 
 @torch.no_grad()

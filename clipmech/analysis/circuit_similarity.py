@@ -1,9 +1,9 @@
-"""Similarity of circuits across domains (paper §8.5-8.6): node Jaccard per point, edge Jaccard, the
+"""Similarity of circuits across domains (docs/methods.md#circuits): node Jaccard per point, edge Jaccard, the
 Weisfeiler-Lehman subtree kernel, and bootstrap confidence intervals over images.
 
 Our own code: the WL kernel is ~30 lines here, and graph libraries (grakel, networkx) would be a
 dependency for one function. Node labels are the node names ('point/index'), as in the paper; a
-node's neighbourhood is its successors (out-edges) only, as in the paper's code (paper.md §8.6).
+node's neighbourhood is its successors (out-edges) only, as in the paper's code (docs/methods.md#circuits).
 `h` is the true iteration count: the paper's score named "h2" runs h = 3 (`wl_scores` with
 paper_compat=True reproduces that naming).
 """
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from clipmech.analysis.activations import inner_points
 from clipmech.analysis.bootstrap import bootstrap_ci, percentile_ci
 from clipmech.analysis.circuits import Circuit, discover_circuit
 
@@ -36,6 +37,13 @@ def node_jaccard(a: Circuit, b: Circuit, points: Sequence[str] | None = None) ->
         if p not in a.nodes or p not in b.nodes:
             raise KeyError(f"point {p!r} is not in both circuits")
     return {p: jaccard(set(a.nodes[p]), set(b.nodes[p])) for p in points}
+
+
+def mean_node_jaccard(a: Circuit, b: Circuit, points: Sequence[str] | None = None) -> float:
+    """The study's node similarity of two circuits: `node_jaccard` averaged over `points` (default:
+    their common points except the input, docs/methods.md#circuits). Every analysis path uses this one."""
+    points = inner_points([p for p in a.points if p in b.points]) if points is None else points
+    return float(np.mean(list(node_jaccard(a, b, points).values())))
 
 
 def edge_jaccard(a: Circuit, b: Circuit) -> float:
@@ -79,7 +87,8 @@ def wl_kernel(a: Circuit, b: Circuit, h: int = 2, normalize: bool = True) -> flo
     return k / norm
 
 
-# The paper's script names its WL scores by a flag whose "h2" runs 3 iterations (paper.md §8.6, §12).
+# The paper's script names its WL scores by a flag whose "h2" runs 3 iterations
+# (docs/methods.md#paper-code-quirks).
 PAPER_WL_ITERATIONS = {1: 1, 2: 3, 3: 3}
 
 

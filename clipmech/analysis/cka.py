@@ -2,7 +2,7 @@
 
 Own code rather than a library: torch-cka is linear/minibatch only, recomputes the second model's
 Gram for every layer pair and returns NaN for batches of <= 3 rows; anatome has no minibatching and no
-RBF kernel; neither gives bootstrap intervals or permutation baselines (ecosystem.md §7).
+RBF kernel; neither gives bootstrap intervals or permutation baselines.
 
 Every HSIC here is written as a Frobenius inner product of *centered* Gram matrices,
 HSIC(K, L) = <C(K), C(L)> / norm(n), with
@@ -568,7 +568,7 @@ def domain_cka(features: Mapping[str, Any], class_idx: Any, domain_idx: Any, dom
     features: point name -> (N, d) pooled activations of the same N images (see activations.py).
     class_idx, domain_idx: (N,) ints; domains: names indexed by domain_idx.
     class_subsets: e.g. {"all": [...], "C1": [...], "C2": [...]} of class indices.
-    mode: "centroid" (paper §8.3: rows = class means per domain, matched by class) or "image"
+    mode: "centroid" (docs/methods.md#cka: rows = class means per domain, matched by class) or "image"
     (rows = images paired by `pair_rows`). Classes missing from either domain are dropped and counted.
     Bootstrap: classes resampled with replacement n_boot times; CI = estimate +- z * bootstrap SE.
     Permutation baseline: n_perm shuffles of the second domain's rows (mean and 95th percentile).
@@ -576,7 +576,8 @@ def domain_cka(features: Mapping[str, Any], class_idx: Any, domain_idx: Any, dom
     n = 459 class centroids about 0.2 s (linear) / 1 s (RBF) on 2 CPU cores. progress: a tqdm bar over points.
     class_list_domain: None (default: every pair uses the classes present in both its domains), or
     a domain whose class list restricts the "all" and "C1" subsets of EVERY pair — the paper code's
-    quirk (a leftover loop variable: painting, paper.md §8.3, §12); `paper_compat` passes "painting".
+    quirk (a leftover loop variable: painting, docs/methods.md#paper-code-quirks); `paper_compat` passes
+    "painting".
     Guard rails: a (subset, pair) with fewer than `min_rows` rows (or 2 classes) is not computed but
     listed in "skipped" with the reason; a point whose CI leaves CKA's range is kept unclipped and
     flagged in "unreliable" (None when fine) with the reason.
@@ -625,7 +626,7 @@ def domain_cka(features: Mapping[str, Any], class_idx: Any, domain_idx: Any, dom
                 rows_a, rows_b, row_class = pair_rows(class_idx, domain_idx, a, b, shared)
             n = len(row_class)
             if n < min_rows or len(shared) < 2:
-                out["skipped"].append({"subset": subset, "pair": key, "reason":
+                out["skipped"].append({"subset": subset, "pair": key, "n_rows": n, "reason":
                                        f"only {n} rows from {len(shared)} shared classes (need >= {min_rows} rows "
                                        "and 2 classes); a CKA on fewer rows is noise"})
                 continue

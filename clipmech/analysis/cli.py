@@ -94,9 +94,9 @@ def _one_writer(name: str, func):
     different analyses run in parallel."""
     def run(args: argparse.Namespace) -> int:
         from clipmech.locks import unit_lock
-        if args.run_dir and not (Path(args.run_dir) / "config.toml").is_file():
-            raise FileNotFoundError(f"{Path(args.run_dir) / 'config.toml'} not found; "
-                                    f"is {args.run_dir} a clipmech run directory?")
+        from clipmech.train.run_dir import require_run_dir
+        if args.run_dir:
+            require_run_dir(args.run_dir)
         out = Path(args.out) if args.out else Path(args.run_dir) / RESULTS if args.run_dir else None
         if out is None:  # load_source names what is missing
             return func(args)
@@ -165,7 +165,8 @@ def run_cka(args: argparse.Namespace) -> int:
 
     ctx = _Context(args)
     paper_compat = bool(args.paper_compat or ctx.source.paper_compat)
-    points = [p for p in ctx.model.analysis_points() if p != "visual.hook_input"]  # paper: no pixels
+    from clipmech.analysis.activations import inner_points
+    points = inner_points(ctx.model.analysis_points())
     feats = ctx.features(points)
     ds, rows = ctx.dataset, ctx.indices
     subsets = {k: v for k, v in ctx.subsets.items() if v}

@@ -1,7 +1,7 @@
 """`clipmech analyze circuits|patching`: causal analyses of a trained run or of any CLIP.
 
 The model is a clipmech run (RUN_DIR), --model NAME --pretrained TAG_OR_PATH, or --hf PATH (with
---dataset and --out). circuits: one circuit per (domain, class) of the test split (paper §8.4, cached
+--dataset and --out). circuits: one circuit per (domain, class) of the test split (docs/methods.md#circuits, cached
 and resumable), node / edge Jaccard and WL similarity matrices over domains (mean over classes,
 bootstrap CIs over classes), heatmaps, a circuit drawing, cross-domain faithfulness, and the
 de-confounded causal test of the paper's claim on the test domain's C2 classes
@@ -75,8 +75,6 @@ class _Run:
         import torch
 
         from clipmech.analysis.source import load_source
-        from clipmech.eval.templates import get_templates
-        from clipmech.eval.zeroshot import class_prompts_names
         from clipmech.utils import unknown_name_error
 
         src = load_source(args)
@@ -96,8 +94,7 @@ class _Run:
         if not self.classes:
             raise ValueError("no classes to analyse: the dataset has none; pass --classes")
         self.test_domain = src.test_domain
-        templates = get_templates(src.templates, ds.name)
-        self.head = self.model.zero_shot_head(class_prompts_names(ds), templates).to(self.device)
+        self.head = src.head(self.model).to(self.device)
         self.n_images, self.seed = args.n_images, args.seed
         self.split = None if args.split == "all" else args.split
         self.out = src.out
@@ -209,12 +206,13 @@ def run_circuits(args: argparse.Namespace) -> int:
     domains = [d for d in run.domains if circuits[d]]
     first = next(iter(circuits[domains[0]].values()))
     first.draw(out / "circuit.png")
-    points = [p for p in first.points if not p.endswith("hook_input")]
+    from clipmech.analysis.activations import inner_points
+    points = inner_points(first.points)
     subsets = {"all": run.classes, "C2": [k for k in run.classes if k in run.c2],
                "C1": [k for k in run.classes if k not in run.c2]}
     sims: dict[str, Any] = {"domains": domains, "classes": run.classes, "skipped": skipped, "paper_compat": paper_compat,
                             "subsets": {name: len(ks) for name, ks in subsets.items()}}
-    measures = {"node_jaccard": lambda a, b: float(np.mean([S.node_jaccard(a, b, points)[p] for p in points])),
+    measures = {"node_jaccard": lambda a, b: S.mean_node_jaccard(a, b, points),
                 "edge_jaccard": S.edge_jaccard,
                 "wl_h2": lambda a, b: S.wl_scores(a, b, (2,), paper_compat)["wl_h2"]}
     for name, fn in measures.items():
@@ -454,7 +452,8 @@ def run_patching(args: argparse.Namespace) -> int:
         from clipmech.utils import unknown_name_error
         raise unknown_name_error("source domain", args.source_domain, run.dataset.domains)
     out = run.out / f"patching_{run.label}"
-    points = [p for p in run.model.analysis_points() if not p.endswith("hook_input")]
+    from clipmech.analysis.activations import inner_points
+    points = inner_points(run.model.analysis_points())
     rows, pooled = [], {"exact": [], "attribution": [], "ig": []}
     pairs = [(d, k) for d, k in run.pairs() if d != args.source_domain]
     for d, k in tqdm(pairs, desc="patching (domain, class)", unit="pair"):

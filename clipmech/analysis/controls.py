@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from clipmech.analysis.activations import inner_points
 from clipmech.analysis.bootstrap import adaptive_bootstrap, decide, tail_probability
 from clipmech.analysis.circuit_similarity import mean_with_ci
 from clipmech.analysis.circuits import Circuit, ablated_embedding, ablation_values, shared_nodes
@@ -200,7 +201,7 @@ def matched_causal_test(model, discovery: Circuits, test_domain: str, held_out: 
     if not mine:
         raise KeyError(f"no discovery circuits for test domain {test_domain!r}; have {sorted(discovery)}")
     first = next(iter(mine.values()))
-    points = [p for p in first.points if not p.endswith("hook_input")] if points is None else list(points)
+    points = inner_points(first.points) if points is None else list(points)
     sizes = {p: len(first.node_scores[p]) for p in points}
     fill = ablation_values(model, reference, points, ablation)
     rng = np.random.default_rng(seed)

@@ -1,4 +1,4 @@
-"""Embedding-space pictures (UMAP) and quantitative domain-separation scores (paper.md §8.2, §13).
+"""Embedding-space pictures (UMAP) and quantitative domain-separation scores (docs/methods.md#embeddings).
 
 UMAP comes from umap-learn and the scores from scikit-learn; this module only chooses seeded settings,
 subsamples reproducibly, and reports scores overall and class-conditionally (the paper had none).

@@ -15,7 +15,7 @@ from typing import Sequence
 
 from clipmech.analysis.circuits import Circuit
 
-CKA_CLASS_LIST_DOMAIN = "painting"  # the leftover loop variable of the paper's CKA script (paper.md §8.3, §12)
+CKA_CLASS_LIST_DOMAIN = "painting"  # the paper CKA script's leftover loop variable (docs/methods.md#paper-code-quirks)
 
 
 def cka_class_list_domain(domains: Sequence[str], paper_compat: bool) -> str | None:
@@ -24,7 +24,7 @@ def cka_class_list_domain(domains: Sequence[str], paper_compat: bool) -> str | N
 
 
 def wraparound_edges(circuit: Circuit, top_k: int = 3) -> Circuit:
-    """`circuit` plus the edges the paper's edge routine adds with verbose off (paper.md §12): its
+    """`circuit` plus the edges the paper's edge routine adds with verbose off (docs/methods.md#paper-code-quirks): its
     layer loop starts at index 0 and pairs the LAST point (attnpool) as upstream with the FIRST
     (input) as downstream. The input does not depend on attnpool, so every such edge score is 0 and
     the top-k by signed score is a tie: resolved, as clipmech's stable sort does, to the first

@@ -3,14 +3,14 @@
 Own code rather than a library: SAELens pins TransformerLens < 4 (and the house rules exclude it),
 dictionary_learning pins nnsight < 0.4, saev only handles open_clip ViTs. The model is ~40 lines.
 
-Architecture (paper.md §8.7, Discover-then-Name lineage): x -> (x - b_pre) @ W_enc + b_enc -> ReLU
+Architecture (docs/methods.md#sae, Discover-then-Name lineage): x -> (x - b_pre) @ W_enc + b_enc -> ReLU
 -> z (optionally only the top-k kept) -> z @ W_dec + b_pre, with unit-norm decoder rows and the
 pre-encoder bias b_pre tied to the decoder bias. Loss (the paper's): squared error AVERAGED over the d
 input features + l1 * |z|_1, both averaged over the batch (the L1 term is dropped in the top-k variant,
 whose sparsity is fixed by k). Summing the error over features instead makes the same coefficient d
 times weaker and the SAE dense (L0 91-122 of 256 on 64-d embeddings). Default l1 = 1e-4 * 1024 / d
 (`paper_l1`): the paper's strength per input dimension at width d. Init: Kaiming-uniform encoder and
-decoder (decoder rows then unit-normalised), b_pre = 0 (paper §8.7).
+decoder (decoder rows then unit-normalised), b_pre = 0 (docs/methods.md#sae).
 
 Input standardisation (our addition, on by default in `train_sae`): the SAE sees (x - mean) / scale,
 mean and scale (root mean squared distance from the mean) from the training data, stored as buffers
@@ -201,7 +201,7 @@ def train_sae(data: ActivationShards | torch.Tensor, n_latents: int, k: int | No
     """Train an SAE with Adam on streamed activations; returns (sae, per-epoch history).
 
     l1_coef None = paper_l1(d) (recorded in the SAE's config and in every history row). b_pre starts
-    at zero (paper §8.7) and is learned. Decoder rows are renormalised after every step. `standardize`:
+    at zero (docs/methods.md#sae) and is learned. Decoder rows are renormalised after every step. `standardize`:
     inputs centred and scaled by the data's mean and RMS distance from it (see module doc; one extra pass).
     Cost: epochs * N * d * n_latents * ~6 flops.
     """

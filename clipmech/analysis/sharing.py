@@ -1,4 +1,4 @@
-"""SAE feature sharing between domains (paper.md §8.8, Algorithms 1-2) and concept naming (§8.9).
+"""SAE feature sharing between domains (Algorithms 1-2) and concept naming (docs/methods.md#feature-sharing).
 
 Alg. 1: for each class k and domain d, a histogram over latents counting how often each latent is
 among the `top` (20) largest *positive* codes of an image of (k, d).
@@ -195,7 +195,7 @@ def dataset_vocabulary(dataset) -> list[str]:
 
 def read_vocabulary(path) -> list[str]:
     """A concept vocabulary file: one word (or phrase) per line, blank lines and duplicates dropped,
-    order kept (the paper: CLIP-Dissect's 20k English words, paper.md §8.9)."""
+    order kept (the paper: CLIP-Dissect's 20k English words, docs/methods.md#feature-sharing)."""
     from pathlib import Path
     path = Path(path)
     if not path.is_file():

@@ -6,17 +6,23 @@
 
 `add_source_arguments` adds these options to a subcommand; `load_source` turns them into a
 `Source`: the model, the dataset, the held-out classes (C2) and test domain, the zero-shot
-templates, the output folder and a content key of the weights for activation caches. A run brings
-its own C2 classes, test domain and templates; any other model gets the dataset's defaults.
+templates, the preprocessing (image size), the output folder and a content key of the weights for
+activation caches. A run brings its own C2 classes, test domain and templates
+(`source_from_run`, which also serves the per-run analysis units); any other model gets the
+dataset's defaults. `Source` is the one answer to "what is analysed" for every analysis path.
 """
 from __future__ import annotations
 
 import argparse
 import shlex
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+if TYPE_CHECKING:  # clipmech.utils imports torch; `clipmech --help` must not
+    from clipmech.utils import PathLike
 
 RESULTS = "analysis"  # results folder inside a run directory
 
@@ -40,22 +46,77 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
 
 @dataclass
 class Source:
-    """A model to analyse and the data around it (see the module docstring)."""
-    model: Any  # HookedCLIP, on CPU in eval mode
-    model_key: str  # content key of the weights: activation caches are keyed by it
+    """What is analysed: a model and the data around it (see the module docstring). The one object
+    every analysis path reads: `clipmech analyze`, the per-run analysis units and the quickstart."""
+    model_key: str  # content key of the weights: activation caches and unit keys use it
     dataset: Any  # clipmech.data.DomainDataset
-    c2: list[str]  # held-out classes: the run's, else the dataset's default
+    c2: list[str]  # held-out classes, as the dataset spells them: the run's, else the dataset's default
     test_domain: str | None
-    templates: Any  # a clipmech.eval.templates.get_templates spec
-    out: Path
+    templates: list[str]  # zero-shot templates, resolved (clipmech.eval.templates.get_templates)
+    out: Path | None  # results folder (None where the caller places results itself)
     epoch: int | None  # the run's checkpoint epoch; None for other models
     meta: dict[str, Any]  # what was analysed, recorded in every result file
+    loader: Callable[[], Any] = field(repr=False, compare=False)  # -> HookedCLIP (CPU)
+    config: dict[str, Any] | None = None  # the run's resolved config; None for other models
+    checkpoint: Path | None = None  # the analysed checkpoint file of a run
     paper_compat: bool = False  # the run config's [analysis] paper_compat (False for other models)
+
+    @cached_property
+    def model(self):
+        """The HookedCLIP, loaded on first use, on CPU in eval mode."""
+        return self.loader().eval()
 
     @property
     def label(self) -> str:
         """Names per-checkpoint result folders: `epoch3` for a run, `pretrained` otherwise."""
         return f"epoch{self.epoch}" if self.epoch is not None else "pretrained"
+
+    @property
+    def image_size(self) -> int:
+        return self.model.image_size
+
+    @property
+    def preprocessing(self) -> str:
+        """The image preprocessing every analysis applies (resize, crop, normalisation)."""
+        from clipmech.eval.zeroshot import eval_transform_description
+        return eval_transform_description(self.image_size)
+
+    @property
+    def c2_idx(self) -> list[int]:
+        return [self.dataset.classes.index(c) for c in self.c2]
+
+    @property
+    def untrained_checkpoint(self) -> Path | None:
+        """A run's epoch_0.pt (the untrained model the controls use as a floor), else None."""
+        if self.checkpoint is None:
+            return None
+        file = self.checkpoint.parent / "epoch_0.pt"
+        return file if file.is_file() else None
+
+    def head(self, model=None):
+        """The zero-shot class head [K, d] of `model` (default: the source's) over the dataset's classes."""
+        import torch
+
+        from clipmech.eval.zeroshot import class_prompts_names
+        with torch.no_grad():
+            return (model or self.model).zero_shot_head(class_prompts_names(self.dataset), self.templates)
+
+    def with_classes(self, classes: Sequence[str]) -> "Source":
+        """The same source on a subset of the dataset's classes; ValueError when it drops a C2 class."""
+        missing = [c for c in self.c2 if c not in classes]
+        if missing:
+            raise ValueError(f"the class subset leaves out the C2 classes {missing}; keep them")
+        return replace(self, dataset=self.dataset.select_classes(list(classes)))
+
+
+def c2_names(dataset, names: Sequence[str] | None, where: str) -> list[str]:
+    """`names` (else the dataset's default C2) as the dataset spells them; ValueError naming `where`
+    when there are none or one is unknown."""
+    names = list(names or dataset.default_test_classes or [])
+    if not names:
+        raise ValueError(f"{where}: no C2 classes ([mixture] test_classes unset and dataset {dataset.name!r} "
+                         "has no default)")
+    return [dataset.classes[dataset.class_index(c)] for c in names]
 
 
 def load_source(args: argparse.Namespace) -> Source:
@@ -68,43 +129,59 @@ def load_source(args: argparse.Namespace) -> Source:
     if args.pretrained and not args.model:
         raise ValueError("--pretrained needs --model NAME (e.g. --model RN50 --pretrained openai)")
     if args.run_dir:
-        return _from_run(args)
+        source = source_from_run(args.run_dir, epoch=args.checkpoint, dataset=args.dataset,
+                                 verify=getattr(args, "verify", None))
+        return replace(source, out=Path(args.out) if args.out else Path(args.run_dir) / RESULTS)
     if not external:
         raise ValueError("nothing to analyse: give RUN_DIR, --model NAME --pretrained TAG_OR_PATH, or --hf PATH")
-    return _from_model(args)
+    source = _from_model(args)
+    source.model  # noqa: B018 -- load now: a bad tag or file is reported before any work
+    return source
 
 
-def _from_run(args: argparse.Namespace) -> Source:
+def source_from_run(run_dir: PathLike, epoch: int | None = None, dataset: str | None = None,
+                    verify: str | None = None, finished: bool = False) -> Source:
+    """A training run as a Source: its checkpoint `epoch` (None: the last saved; `finished`: the
+    config's last epoch, refused while training is unfinished), its dataset (or `dataset`), C2
+    classes, test domain and templates from its config.toml. The model loads on first use and is
+    checked against the config's image size. Cost: reading the config, hashing the checkpoint,
+    opening the dataset."""
     from clipmech.data import load_dataset
-    from clipmech.eval.zeroshot import checkpoints
+    from clipmech.eval.templates import get_templates
+    from clipmech.models.configs import model_config
     from clipmech.models.hooked_clip import HookedCLIP
-    from clipmech.train.config import load_config
+    from clipmech.train.run_dir import checkpoint, final_checkpoint, run_config
     from clipmech.utils import file_hash
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "config.toml").is_file():
-        raise FileNotFoundError(f"{run_dir / 'config.toml'} not found; is {run_dir} a clipmech run directory?")
-    cfg = load_config(run_dir / "config.toml")
-    found = dict(checkpoints(run_dir))
-    if not found:
-        raise FileNotFoundError(f"no epoch_N.pt checkpoints in {run_dir}; train first (clipmech train)")
-    epoch = max(found) if args.checkpoint is None else args.checkpoint
-    if epoch not in found:
-        raise FileNotFoundError(f"{run_dir}/epoch_{epoch}.pt not found; available epochs: {sorted(found)}")
-    ds = load_dataset(args.dataset or str(cfg["data"]["dataset"]),
-                      verify=getattr(args, "verify", None) or cfg["data"]["verify"])
-    return Source(model=HookedCLIP.from_checkpoint(found[epoch]).eval(), model_key=f"file:{file_hash(found[epoch])}",
-                  dataset=ds, c2=list(cfg["mixture"]["test_classes"] or ds.default_test_classes or []),
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
+    if finished:
+        file = final_checkpoint(run_dir, cfg)
+        epoch = int(cfg["train"]["epochs"])
+    else:
+        epoch, file = checkpoint(run_dir, epoch)
+    want = model_config(cfg)[1]["vision_cfg"]["image_size"]
+
+    def load():
+        model = HookedCLIP.from_checkpoint(file)
+        if model.image_size != want:
+            raise ValueError(f"{file} takes {model.image_size} px images but {run_dir}/config.toml says {want}; "
+                             "the checkpoint does not belong to this config")
+        return model
+
+    ds = load_dataset(dataset or str(cfg["data"]["dataset"]), verify=verify or cfg["data"]["verify"])
+    return Source(model_key=f"file:{file_hash(file)}", dataset=ds, c2=c2_names(ds, cfg["mixture"]["test_classes"],
+                                                                                 str(run_dir)),
                   test_domain=cfg["mixture"]["test_domain"] or ds.default_test_domain,
-                  templates=cfg["eval"]["templates"], out=Path(args.out) if args.out else run_dir / RESULTS,
-                  epoch=epoch, meta={"run_dir": str(run_dir), "checkpoint": str(found[epoch]), "epoch": epoch},
-                  paper_compat=bool(cfg["analysis"]["paper_compat"]))
+                  templates=get_templates(cfg["eval"]["templates"], ds.name), out=None, epoch=epoch,
+                  meta={"run_dir": str(run_dir), "checkpoint": str(file), "epoch": epoch}, loader=load, config=cfg,
+                  checkpoint=file, paper_compat=bool(cfg["analysis"]["paper_compat"]))
 
 
 def _from_model(args: argparse.Namespace) -> Source:
     from clipmech.data import load_dataset
+    from clipmech.eval.templates import get_templates
     from clipmech.models.hooked_clip import HookedCLIP
-    from clipmech.models.pretrained import OPENAI_MEAN_STD as OPENAI
     from clipmech.utils import hash_obj
 
     flag = "--model" if args.model else "--hf"
@@ -114,20 +191,27 @@ def _from_model(args: argparse.Namespace) -> Source:
         if not value:
             raise ValueError(f"{flag} needs {option} (e.g. --dataset emoji --out runs/my-model)")
     if args.model:
-        model = HookedCLIP.from_pretrained(args.model, args.pretrained)
         meta = {"model": args.model, "pretrained": str(args.pretrained)}
         key = {"open_clip": args.model, "weights": _weights_key(args.pretrained)}
+        load = lambda: _warn_other_normalisation(  # noqa: E731
+            HookedCLIP.from_pretrained(args.model, args.pretrained), meta)
     else:
-        model = HookedCLIP.from_hf(args.hf)
         meta, key = {"hf": str(args.hf)}, {"hf": _weights_key(args.hf)}
+        load = lambda: _warn_other_normalisation(HookedCLIP.from_hf(args.hf), meta)  # noqa: E731
+    ds = load_dataset(args.dataset, verify=getattr(args, "verify", None) or "none")
+    return Source(model_key=f"model:{hash_obj(key)}", dataset=ds, c2=list(ds.default_test_classes or []),
+                  test_domain=ds.default_test_domain, templates=get_templates("auto", ds.name), out=Path(args.out),
+                  epoch=None, meta=meta, loader=load)
+
+
+def _warn_other_normalisation(model, meta: dict[str, Any]):
+    """`model`, after warning when its training normalisation differs from the OpenAI one the analyses use."""
+    from clipmech.models.pretrained import OPENAI_MEAN_STD as OPENAI
     if model.preprocess_cfg and (tuple(model.preprocess_cfg["mean"]), tuple(model.preprocess_cfg["std"])) != OPENAI:
         warnings.warn(f"{meta} was trained with mean {model.preprocess_cfg['mean']} / std "
                       f"{model.preprocess_cfg['std']}, but the analyses normalise images with OpenAI's; "
-                      "activations are shifted accordingly", RuntimeWarning, stacklevel=2)
-    ds = load_dataset(args.dataset, verify=getattr(args, "verify", None) or "none")
-    return Source(model=model.eval(), model_key=f"model:{hash_obj(key)}", dataset=ds,
-                  c2=list(ds.default_test_classes or []), test_domain=ds.default_test_domain, templates="auto",
-                  out=Path(args.out), epoch=None, meta=meta)
+                      "activations are shifted accordingly", RuntimeWarning, stacklevel=3)
+    return model
 
 
 def _weights_key(where: str | None) -> Any:

@@ -57,7 +57,7 @@ ASSET_NAME = "emoji_domains.npz"
 DOMAINS = ["clipart", "flat", "painting", "quickdraw", "real", "sketch"]
 OBJECT_CATEGORIES = ["Animals & Nature", "Food & Drink", "Travel & Places", "Objects", "Activities"]
 DEFAULT_TEST_DOMAIN = "quickdraw"
-# The paper's 15 C2 classes (paper.md §3.2); the emoji default C2 set takes those that exist as
+# The paper's 15 C2 classes (docs/methods.md#data); the emoji default C2 set takes those that exist as
 # emoji class names (exact CLDR name) and fills up to 15 with the classes of smallest sha256(name).
 PAPER_C2 = ["aircraft carrier", "axe", "banana", "barn", "bed", "candle", "lion", "mountain",
             "necklace", "penguin", "pizza", "saxophone", "television", "tractor", "traffic light"]

@@ -1,4 +1,4 @@
-"""Synthetic captions for domain datasets (paper.md §3.4).
+"""Synthetic captions for domain datasets (docs/methods.md#data).
 
 One caption per image from 6 templates; the domain term is drawn from the generic terms
 {image, picture} plus two domain-specific terms, so about half the captions name the domain; the

@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     caps = sub.add_parser(
         "imagenet-captions", help="ImageNet-Captions JSON + ImageNet train folder -> base TSV",
-        description="Write the paper's base TSV (caption = title; tags; description, paper.md §3.3) and a "
+        description="Write the paper's base TSV (caption = title; tags; description, docs/methods.md#data) and a "
                     "deterministic train/val split: an entry is validation iff int(sha256(file name)[:8], 16) < "
                     "FRACTION * 2**32, so the split does not depend on the JSON's order or on which entries are "
                     "present. The paper's own split file is not public; this documented rule replaces it.")

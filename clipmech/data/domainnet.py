@@ -3,7 +3,7 @@
 Split-list lines are `domain/class/file [label]` relative to ROOT. Class names are the class folder
 names with '_' -> ' '; class ids follow the case-insensitive alphabetical order of the folder names
 (DomainNet's official labels 0-344; labels in the lists are checked against it). The test split
-doubles as validation (paper.md §3.1). A domain may lack classes (painting has 344).
+doubles as validation (docs/methods.md#data). A domain may lack classes (painting has 344).
 
 Bad input: a missing domain folder or split list raises FileNotFoundError naming the path; a list
 entry whose file is missing (and, with verify="header", a file PIL cannot identify; with
@@ -21,9 +21,9 @@ import numpy as np
 from clipmech.data.dataset import VERIFY, DomainDataset, check_image
 
 DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
-TRIM_ORDER = ("real", "quickdraw", "painting", "sketch", "infograph", "clipart")  # paper.md §4
+TRIM_ORDER = ("real", "quickdraw", "painting", "sketch", "infograph", "clipart")  # docs/methods.md#mixtures
 C2_CLASSES = ["aircraft carrier", "axe", "banana", "barn", "bed", "candle", "lion", "mountain", "necklace",
-              "penguin", "pizza", "saxophone", "television", "tractor", "traffic light"]  # paper.md §3.2
+              "penguin", "pizza", "saxophone", "television", "tractor", "traffic light"]  # docs/methods.md#data
 _VERIFY_ALIASES = {"exists": "none", "open": "header"}  # the names of earlier versions
 
 

@@ -1,4 +1,4 @@
-"""ImageNet-Captions -> the base TSV of the paper's training sets (paper.md §3.3, §5).
+"""ImageNet-Captions -> the base TSV of the paper's training sets (docs/methods.md#data, #index-files).
 
 Input: the ImageNet-Captions JSON (a list of {"filename", "wnid", "title", "tags": [...],
 "description"}) and an ImageNet train folder (ROOT/train/<wnid>/<filename> or ROOT/<wnid>/<filename>).

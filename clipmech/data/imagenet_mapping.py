@@ -1,4 +1,5 @@
-"""The paper's ImageNet-1k <-> DomainNet class mapping and ImageNet class names (paper.md §3.2, §4, §6).
+"""The paper's ImageNet-1k <-> DomainNet class mapping and ImageNet class names
+(docs/methods.md#data, #mixtures, #training).
 
 `in_to_dn_mapping.json` (shipped under data/assets/paper/, MIT, notice beside it) maps each of the 345
 DomainNet class names to the ImageNet-1k class indices that depict it, or null: 182 DomainNet classes
@@ -40,7 +41,7 @@ def in_sketch_templates() -> list[str]:
 
 
 def merged_labels(domainnet_classes: list[str]) -> tuple[list[int], list[int]]:
-    """The supervised baseline's label merge (paper.md §6): 1000 + len(domainnet_classes) classes
+    """The supervised baseline's label merge (docs/methods.md#training): 1000 + len(domainnet_classes) classes
     (1345 on DomainNet).
 
     Returns (imagenet_label, domainnet_label): ImageNet class k -> 1000 + j when the mapping links k

@@ -1,4 +1,4 @@
-"""ImageNet-Sketch for the paper's sketch add / mix mixtures (paper.md §3.4, §4 "ImageNet-Sketch variants").
+"""ImageNet-Sketch for the paper's sketch add / mix mixtures (docs/methods.md#mixtures).
 
 Captions: one `random.Random(seed)` stream over all images in ImageFolder order (sorted WordNet-id
 folders, sorted files); per image a template drawn uniformly from the paper's 21 (`in_sketch_templates()`,
@@ -124,7 +124,7 @@ def with_in_sketches(m: Mixture, lines: Sequence[str], info: dict, keep: str | N
         raise unknown_name_error("ImageNet-Sketch keep variant", keep, list(KEEP))
     if setup not in allowed:
         raise ValueError(f"the ImageNet-Sketch {'mix' if keep else 'add'} variant applies to setups {allowed}, "
-                         f"not {setup!r} (paper.md §4)")
+                         f"not {setup!r} (docs/methods.md#mixtures)")
     if m.extra_lines:
         raise ValueError(f"mixture {m.id} already has {len(m.extra_lines)} extra lines")
     if not lines:

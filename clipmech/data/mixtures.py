@@ -1,4 +1,4 @@
-"""The paper's training mixtures (paper.md §4) for any DomainDataset.
+"""The paper's training mixtures (docs/methods.md#mixtures) for any DomainDataset.
 
 For a test domain d* with held-out classes C2 (C1 = the rest):
 
@@ -117,7 +117,7 @@ class Mixture:
         return self.dataset.counts(indices=self.indices)
 
     def filename(self) -> str:
-        """The paper's TSV name (paper.md §5): dn-captions-{train|val}-{ID}.tsv without a base,
+        """The paper's TSV name (docs/methods.md#index-files): dn-captions-{train|val}-{ID}.tsv without a base,
         {cc3m|cc12m}-train-{ID}.tsv when the base TSV's file name starts with cc3m / cc12m, and
         combined-captions-{train|val}-{ID}.tsv with any other base (e.g. ImageNet-Captions)."""
         split = "val" if self.split == "test" else "train"
@@ -217,7 +217,7 @@ def build_mixture(dataset: DomainDataset, setup: str, test_domain: str | None = 
                   domains: str | None = None, aligned: bool = False, split: str = "train", seed: int = 42,
                   base: str | Path | None = None, subsample: bool = True,
                   templates: Sequence[str] | None = None, paper_compat: bool = False) -> Mixture:
-    """Build one mixture of paper.md §4 (see module docstring). split='val' (or 'test') gives the
+    """Build one mixture of docs/methods.md#mixtures (see module docstring). split='val' (or 'test') gives the
     validation mixture: same filters on the test split, never subsampled. paper_compat: allow-p
     quotas with the paper code's float ceil (`allow_p_quota`); recorded in the manifest. Raises ValueError on
     bad parameters and RuntimeError if a sanity check fails. Cost: O(N) numpy + captions.

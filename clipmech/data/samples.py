@@ -1,4 +1,4 @@
-"""Per-(domain, class) image samples for the paper's circuit analysis (paper.md §8.4).
+"""Per-(domain, class) image samples for the paper's circuit analysis (docs/methods.md#circuits).
 
 The paper draws each (domain, class) batch from ONE shuffle of the whole test split seeded 42: the
 first n images of that cell in the shuffled order. A cell's sample therefore does not depend on which

@@ -1,4 +1,4 @@
-"""TSV export in open_clip_train's CSV format (paper.md §5) and base-TSV reading.
+"""TSV export in open_clip_train's CSV format (docs/methods.md#index-files) and base-TSV reading.
 
 Format: tab-separated, header `filepath\\ttitle`, one `<absolute image path>\\t<caption>` line per
 sample; `open_clip_train.data.CsvDataset(path, transform, "filepath", "title")` reads it. Files are

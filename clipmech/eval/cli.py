@@ -26,14 +26,19 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def evaluate_after_train(run_dir) -> None:
+    """`clipmech train`'s closing step ([eval] after_train): zero-shot evaluation of every checkpoint."""
+    from clipmech.eval.zeroshot import evaluate_run
+    path = evaluate_run(run_dir)
+    print(f"clipmech train: zero-shot evaluation of every checkpoint -> {path}")
+
+
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from clipmech.eval.zeroshot import evaluate_run
     from clipmech.locks import unit_lock
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "config.toml").is_file():
-        raise FileNotFoundError(f"{run_dir / 'config.toml'} not found; is {run_dir} a clipmech run directory?")
+    from clipmech.train.run_dir import require_run_dir
+    run_dir = require_run_dir(args.run_dir)
     precision = "fp16" if args.fp16 else None  # None: the run config's [eval] precision
     with unit_lock(run_dir / "eval", "eval", recursive=True):
         path = evaluate_run(run_dir, dataset=args.dataset, templates=args.templates, batch_size=args.batch_size,

@@ -1,4 +1,4 @@
-"""ImageNet-1k zero-shot top-1 of every checkpoint (paper.md §7 "imagenet-val total"), optionally fp16.
+"""ImageNet-1k zero-shot top-1 of every checkpoint (docs/methods.md#evaluation "imagenet-val total"), optionally fp16.
 
 Layout read: the ImageNet val folder as torchvision's ImageFolder expects it, ROOT/{wnid}/*.JPEG (or
 ROOT/val/{wnid}/*), 1000 WordNet-id folders whose sorted order is the ImageNet class order. Prompts:
@@ -19,7 +19,8 @@ import torch
 from clipmech.data.dataset import DomainDataset
 from clipmech.data.imagenet_mapping import wnid_folders
 from clipmech.eval.templates import OPENAI_TEMPLATES
-from clipmech.eval.zeroshot import checkpoints, encode_dataset, precision_dtype
+from clipmech.eval.zeroshot import encode_dataset, precision_dtype
+from clipmech.train.run_dir import checkpoints
 from clipmech.utils import TensorCache, atomic_write_json, file_hash, hash_obj
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -92,12 +93,10 @@ def evaluate_run_imagenet(run_dir: str | Path, root: str | Path, precision: str 
     {"precision", "n_images", "results": {epoch: top1}}. Features and heads are cached under
     RUN_DIR/eval/cache. Raises ValueError for a supervised run (its head is DomainNet's)."""
     from clipmech.models.hooked_clip import HookedCLIP
-    from clipmech.train.config import load_config
+    from clipmech.train.run_dir import run_config
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.toml").is_file():
-        raise FileNotFoundError(f"{run_dir / 'config.toml'} not found; is {run_dir} a clipmech run directory?")
-    if load_config(run_dir / "config.toml")["train"]["objective"] != "clip":
+    if run_config(run_dir)["train"]["objective"] != "clip":
         raise ValueError(f"{run_dir} is a supervised run; ImageNet zero-shot needs a CLIP text tower")
     found = checkpoints(run_dir)
     if not found:

@@ -1,7 +1,7 @@
 """Prompt-template sets for zero-shot classification (format strings with one "{}").
 
-DOMAINNET_TEMPLATES: the paper's 86 (paper.md §7) = open_clip's 80 OpenAI ImageNet templates + 6
-domain templates. EMOJI_TEMPLATES: the caption forms of the synthetic captions (paper.md §3.4)
+DOMAINNET_TEMPLATES: the paper's 86 (docs/methods.md#evaluation) = open_clip's 80 OpenAI ImageNet templates + 6
+domain templates. EMOJI_TEMPLATES: the caption forms of the synthetic captions (docs/methods.md#data)
 with the generic terms, plus "<term> of a {}" for every domain term of the emoji domains.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Zero-shot DG/CG evaluation: per domain x {C1, C2} accuracy of every checkpoint of a run.
 
 Prediction = argmax cosine between the L2-normalised image embedding and the class embeddings of a
-template ensemble (HookedCLIP.zero_shot_head), over all classes of the dataset (paper.md §7).
+template ensemble (HookedCLIP.zero_shot_head), over all classes of the dataset (docs/methods.md#evaluation).
 Image features and class heads are cached on disk (clipmech.utils.TensorCache) under a key holding
 the checkpoint's content hash, the dataset's content hash, the evaluated indices and the transform,
 so a re-evaluation is near-free and a changed checkpoint never hits a stale entry.
@@ -9,7 +9,6 @@ so a re-evaluation is near-free and a changed checkpoint never hits a stale entr
 from __future__ import annotations
 
 import functools
-import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -199,16 +198,6 @@ def zero_shot(model, dataset, indices: np.ndarray | None = None, classnames: Seq
     return {"metrics": flat, "details": details}
 
 
-def checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """(epoch, path) of every epoch_N.pt in `run_dir`, by epoch."""
-    found = []
-    for p in Path(run_dir).glob("epoch_*.pt"):
-        m = re.fullmatch(r"epoch_(\d+)\.pt", p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
 def evaluate_run(run_dir: str | Path, dataset=None, templates: str | list[str] | None = None,
                  cache_dir: str | Path | None = None, batch_size: int | None = None,
                  device: str | None = None, verify: str | None = None, precision: str | None = None) -> Path:
@@ -227,12 +216,9 @@ def evaluate_run(run_dir: str | Path, dataset=None, templates: str | list[str] |
     results.json.
     """
     from clipmech.models.configs import model_config
-    from clipmech.train.config import load_config
+    from clipmech.train.run_dir import checkpoints, run_config
     run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.toml"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} not found; is {run_dir} a clipmech run directory?")
-    cfg = load_config(cfg_path)
+    cfg = run_config(run_dir)
     precision = precision or cfg["eval"]["precision"]
     dtype = precision_dtype(precision)
     found = checkpoints(run_dir)
@@ -264,7 +250,7 @@ def evaluate_run(run_dir: str | Path, dataset=None, templates: str | list[str] |
                 {"checkpoint": key, "dataset": ds_hash, "kind": "supervised_logits",
                  "indices": hash_obj(indices), "transform": eval_transform_description(image_size),
                  **({"precision": precision} if precision != "fp32" else {})},
-                # the last C logits: a merged 1000 + C head (paper.md §6) or a plain C head
+                # the last C logits: a merged 1000 + C head (docs/methods.md#training) or a plain C head
                 lambda: encode_dataset(lambda x: load()(x.to(dtype))[:, -len(dataset.classes):], dataset, indices,
                                        image_size, batch_size, device))
         else:

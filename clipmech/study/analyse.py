@@ -1,6 +1,7 @@
 """The mechanistic analysis of one trained run, at any scale, from the run's own configuration.
 
-`RunContext(run_dir, options)` reads RUN_DIR/config.toml: the model and image size come from the
+`RunContext(run_dir, options)` is the run's Source (clipmech.analysis.source.source_from_run, which
+reads RUN_DIR/config.toml) with the options: the model and image size come from the
 checkpoint and config, the dataset (and so its classes), the C2 classes ([mixture] test_classes or
 the dataset's default) and the templates ([eval] templates) from the config; nothing falls back to
 the quickstart's defaults. `AnalysisOptions` (an experiment file's [analysis] table) only sets how
@@ -17,6 +18,9 @@ The analysis is split into idempotent units (clipmech.launch), each a module-lev
                  classes (streamed centroids)
     sae          SAE on the train embeddings (streamed), feature sharing on the C2 test images
     embeddings   domain separation (and UMAP) of a per-domain sample of test embeddings
+    controls     the per-run plan's controls stage (clipmech.study.plan / .controls), the same the
+                 quickstart runs: floors, ceilings, normalised scores, the untrained model,
+                 faithfulness, the causal test
 
 `model_rows` turns the finished units and the run's zero-shot evaluation into the study's model rows
 (clipmech.study.report schema), one per test domain the run serves; their sharedness measures are
@@ -30,7 +34,7 @@ records it as `mixture_paper_compat`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -41,12 +45,12 @@ import torch
 from clipmech.analysis.cka import MIN_ROWS
 from clipmech.checks import check_device, check_keys, check_typed
 from clipmech.launch import LaunchOptions, Unit, run_units
-from clipmech.utils import file_hash, hash_obj, read_json
+from clipmech.utils import hash_obj, read_json
 
 EMBED_POINT = "hook_image_embed_normalized"
 ANALYSIS_VERSION = 2  # 2: circuits on cell_samples images with WL, CKA for all / C2 / C1
 CIRCUIT_SCOPES = ("c2", "all")
-CIRCUIT_SEED = 42  # the paper's one shuffle of the test split (paper.md §8.4)
+CIRCUIT_SEED = 42  # the paper's one shuffle of the test split (docs/methods.md#circuits)
 MIN_ROWS_UNBIASED = 4  # the unbiased CKA estimator is undefined on fewer rows (clipmech.analysis.cka)
 
 
@@ -75,10 +79,20 @@ class AnalysisOptions:
     precision: str = "fp32"  # extraction: fp32 | bf16 | fp16; attributions are always fp32
     device: str = "auto"  # auto (cuda when present) | cpu | cuda
     paper_compat: bool = False  # the paper code's quirks (see the module docstring); OR'd with the run's
+    # The controls unit holds both splits' preprocessed images in memory (clipmech.study.plan.ImageStore):
+    # fine up to ~100k images at 64 px, not for all of DomainNet at 224 px (~350 GB) until it streams them.
+    controls: bool = True
+
+    def preset(self):
+        """The per-run plan's Preset (clipmech.study.plan) for the stages both paths share (the controls)."""
+        from clipmech.study.plan import Preset
+        return Preset(circuit_steps=self.circuit_steps, circuit_classes=self.circuit_classes,
+                      sae_expansion=self.sae_expansion, sae_epochs=self.sae_epochs, cka_boot=self.cka_boot,
+                      n_templates=self.n_templates, cka_min_rows=self.cka_min_rows)
 
     def key(self) -> dict[str, Any]:
         """The options results depend on (not batch size, workers, shard size or device)."""
-        skip = {"batch_size", "workers", "shard_rows", "device"}
+        skip = {"batch_size", "workers", "shard_rows", "device", "controls"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip} | {"v": ANALYSIS_VERSION}
 
 
@@ -113,28 +127,27 @@ def check_device_here(opts: AnalysisOptions) -> None:
 
 
 class RunContext:
-    """A trained run as the analysis sees it: its config, final checkpoint, dataset, C2, templates."""
+    """A trained run as the analysis units see it: its Source (clipmech.analysis.source: config,
+    final checkpoint, dataset, C2, templates) and the AnalysisOptions that say how much to analyse."""
 
     def __init__(self, run_dir: str | Path, opts: AnalysisOptions):
-        from clipmech.train.config import load_config
+        from clipmech.analysis.source import source_from_run
         self.run_dir, self.opts = Path(run_dir), opts
-        cfg_path = self.run_dir / "config.toml"
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"{cfg_path} not found; is {self.run_dir} a trained clipmech run?")
-        self.cfg = load_config(cfg_path)
-        self.checkpoint = self.run_dir / f"epoch_{self.cfg['train']['epochs']}.pt"
-        if not self.checkpoint.is_file():
-            raise FileNotFoundError(f"{self.checkpoint} is missing; the run has not finished training")
+        source = source_from_run(self.run_dir, finished=True, verify="none")
+        if opts.classes is not None:
+            source = source.with_classes(opts.classes)
+        self.source = replace(source, templates=source.templates[: opts.n_templates])
+        self.cfg, self.checkpoint = source.config, source.checkpoint
 
     @property
     def paper_compat(self) -> bool:
         """The paper code's quirks in this run's analysis: [analysis] paper_compat of the options or
         of the run's own config (as `clipmech analyze` does)."""
-        return bool(self.opts.paper_compat or self.cfg["analysis"]["paper_compat"])
+        return bool(self.opts.paper_compat or self.source.paper_compat)
 
     @cached_property
     def checkpoint_hash(self) -> str:
-        return file_hash(self.checkpoint)
+        return self.source.model_key.removeprefix("file:")
 
     @cached_property
     def device(self) -> str:
@@ -142,74 +155,31 @@ class RunContext:
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.opts.device
 
-    @cached_property
-    def model(self):
-        from clipmech.models.hooked_clip import HookedCLIP
-        from clipmech.train.trainer import model_config
-        model = HookedCLIP.from_checkpoint(self.checkpoint).eval()
-        want = model_config(self.cfg)[1]["vision_cfg"]["image_size"]
-        if model.image_size != want:
-            raise ValueError(f"{self.checkpoint} takes {model.image_size} px images but {self.run_dir}/config.toml "
-                             f"says {want}; the checkpoint does not belong to this config")
-        return model
-
-    @property
-    def image_size(self) -> int:
-        return self.model.image_size
-
-    @cached_property
-    def dataset(self):
-        from clipmech.data import load_dataset
-        ds = load_dataset(str(self.cfg["data"]["dataset"]))
-        if self.opts.classes is not None:
-            missing = [c for c in self.c2_of(ds) if c not in self.opts.classes]
-            if missing:
-                raise ValueError(f"[analysis] classes leaves out the run's C2 classes {missing}")
-            ds = ds.select_classes(list(self.opts.classes))
-        return ds
-
-    def c2_of(self, ds) -> list[str]:
-        c2 = self.cfg["mixture"]["test_classes"] or ds.default_test_classes
-        if not c2:
-            raise ValueError(f"{self.run_dir}: no C2 classes ([mixture] test_classes unset and dataset "
-                             f"{ds.name!r} has no default)")
-        return [ds.classes[ds.class_index(c)] for c in c2]
-
-    @cached_property
-    def c2(self) -> list[str]:
-        return self.c2_of(self.dataset)
-
-    @property
-    def c2_idx(self) -> list[int]:
-        return [self.dataset.classes.index(c) for c in self.c2]
-
-    def templates(self) -> list[str]:
-        from clipmech.eval.templates import get_templates
-        return get_templates(self.cfg["eval"]["templates"], self.dataset.name)[: self.opts.n_templates]
-
     def points(self) -> list[str]:
-        """Analysis points for CKA and node similarity: [analysis] points, else all but the input (§8.1)."""
+        """Analysis points for CKA and node similarity: [analysis] points, else all but the input
+        (docs/methods.md#analysis-points)."""
         if self.opts.points:
             return list(self.opts.points)
-        return [p for p in self.model.analysis_points() if p != "visual.hook_input"]
+        from clipmech.analysis.activations import inner_points
+        return inner_points(self.source.model.analysis_points())
 
     def rows(self, split: str) -> np.ndarray:
         """Dataset rows of `split`, at most images_per_cell per (domain, class), in dataset order."""
-        idx = self.dataset.indices(split=split)
-        return _cap_per_cell(idx, self.dataset, self.opts.images_per_cell)
+        idx = self.source.dataset.indices(split=split)
+        return _cap_per_cell(idx, self.source.dataset, self.opts.images_per_cell)
 
     def shards(self, split: str, root: str | Path):
         """The split's activation shards (written once; later calls reuse the folder)."""
         from clipmech.analysis.activations import write_shards
         points = self.points() + [EMBED_POINT] if split == "test" else [EMBED_POINT]
-        return write_shards(self.model, self.dataset, self.rows(split), points, root, self.checkpoint_hash,
-                            batch_size=self.opts.batch_size, num_workers=self.opts.workers, device=self.device,
+        return write_shards(self.source.model, self.source.dataset, self.rows(split), points, root,
+                            self.checkpoint_hash, batch_size=self.opts.batch_size, num_workers=self.opts.workers, device=self.device,
                             precision=self.opts.precision, shard_rows=self.opts.shard_rows)
 
     def unit_key(self, unit: str) -> dict[str, Any]:
         """Everything a unit's result depends on (its output folder is named by this key's hash)."""
-        return {"unit": unit, "checkpoint": self.checkpoint_hash, "dataset": self.dataset.content_hash(),
-                "c2": self.c2, "templates": self.templates(), "options": self.opts.key(),
+        return {"unit": unit, "checkpoint": self.checkpoint_hash, "dataset": self.source.dataset.content_hash(),
+                "c2": self.source.c2, "templates": self.source.templates, "options": self.opts.key(),
                 "paper_compat": self.paper_compat}
 
 
@@ -230,22 +200,22 @@ def unit_extract(run_dir: str, opts: AnalysisOptions, shard_root: str) -> dict[s
     ctx = RunContext(run_dir, opts)
     test, train = ctx.shards("test", shard_root), ctx.shards("train", shard_root)
     return {"test": str(test.folder), "train": str(train.folder), "n_test": len(test), "n_train": len(train),
-            "points": test.points, "image_size": ctx.image_size, "device": ctx.device}
+            "points": test.points, "image_size": ctx.source.image_size, "device": ctx.device}
 
 
 def unit_cka(run_dir: str, opts: AnalysisOptions, shard_root: str) -> dict[str, Any]:
     """Linear, unbiased, class-centroid CKA between every domain pair per point, for the all / C2 / C1
-    classes (paper §8.3; the rows use C2), from streamed centroids of the test shards. paper_compat:
+    classes (docs/methods.md#cka; the rows use C2), from streamed centroids of the test shards. paper_compat:
     all / C1 rows from painting's class list. Returns domain_cka's dict + "paper_compat"."""
     from clipmech.analysis.activations import cell_means
     from clipmech.analysis.cka import domain_cka
     from clipmech.analysis.paper_compat import cka_class_list_domain
     ctx = RunContext(run_dir, opts)
-    ds, points = ctx.dataset, ctx.points()
+    ds, points = ctx.source.dataset, ctx.points()
     means, cells = cell_means(ctx.shards("test", shard_root), points, ds.class_idx, ds.domain_idx,
                               len(ds.domains), len(ds.classes))
-    subsets = {"all": list(range(len(ds.classes))), "C2": ctx.c2_idx,
-               "C1": [k for k in range(len(ds.classes)) if k not in ctx.c2_idx]}
+    subsets = {"all": list(range(len(ds.classes))), "C2": ctx.source.c2_idx,
+               "C1": [k for k in range(len(ds.classes)) if k not in ctx.source.c2_idx]}
     out = domain_cka(means, cells[:, 1], cells[:, 0], ds.domains, subsets, mode="centroid", kernels=("linear",),
                      n_boot=opts.cka_boot, n_perm=0, min_rows=opts.cka_min_rows,
                      class_list_domain=cka_class_list_domain(ds.domains, ctx.paper_compat))
@@ -258,7 +228,7 @@ def unit_sae(run_dir: str, opts: AnalysisOptions, shard_root: str) -> dict[str, 
     from clipmech.analysis.sae import evaluate_sae, train_sae
     from clipmech.analysis.sharing import feature_sharing, top_latent_histograms
     ctx = RunContext(run_dir, opts)
-    ds, c2 = ctx.dataset, np.asarray(ctx.c2_idx)
+    ds, c2 = ctx.source.dataset, np.asarray(ctx.source.c2_idx)
     train = ctx.shards("train", shard_root).shards(EMBED_POINT)
     sae, history = train_sae(train, n_latents=opts.sae_expansion * train.dim, epochs=opts.sae_epochs,
                              batch_size=opts.sae_batch_size, seed=0, device=ctx.device)
@@ -269,11 +239,11 @@ def unit_sae(run_dir: str, opts: AnalysisOptions, shard_root: str) -> dict[str, 
             if keep.any():
                 r = rows[keep]
                 h = top_latent_histograms(sae.encode(xs[EMBED_POINT][torch.from_numpy(keep)]), ds.class_idx[r],
-                                          ds.domain_idx[r], ctx.c2_idx, len(ds.domains))
+                                          ds.domain_idx[r], ctx.source.c2_idx, len(ds.domains))
                 H = h if H is None else H + h
     if H is None:
-        raise ValueError(f"{run_dir}: the test split holds no image of the C2 classes {ctx.c2}")
-    out = feature_sharing(H, ds.domains, class_names=ctx.c2)
+        raise ValueError(f"{run_dir}: the test split holds no image of the C2 classes {ctx.source.c2}")
+    out = feature_sharing(H, ds.domains, class_names=ctx.source.c2)
     out.pop("per_class")
     return out | {"sae": evaluate_sae(sae, train), "sae_last_epoch": history[-1]}
 
@@ -284,7 +254,7 @@ def unit_embeddings(run_dir: str, opts: AnalysisOptions, shard_root: str, with_u
     from clipmech.analysis.embeddings import separation_scores, subsample_per_domain, umap_2d
     ctx = RunContext(run_dir, opts)
     shards = ctx.shards("test", shard_root)
-    dom_all = ctx.dataset.domain_idx[shards.indices]
+    dom_all = ctx.source.dataset.domain_idx[shards.indices]
     pick = set(subsample_per_domain(dom_all, opts.embedding_images).tolist())
     parts, start = [], 0
     for rows, xs in shards.iter_batches([EMBED_POINT]):
@@ -293,7 +263,7 @@ def unit_embeddings(run_dir: str, opts: AnalysisOptions, shard_root: str, with_u
         start += len(rows)
     emb = torch.cat(parts).numpy()
     dom = dom_all[sorted(pick)]
-    out = {"separation": separation_scores(emb, dom, ctx.dataset.domains)["overall"], "n": int(len(emb))}
+    out = {"separation": separation_scores(emb, dom, ctx.source.dataset.domains)["overall"], "n": int(len(emb))}
     if with_umap:
         out["umap"] = np.asarray(umap_2d(emb)).tolist()
         out["domain_idx"] = dom.tolist()
@@ -305,16 +275,16 @@ CIRCUIT_MEASURES = ("node", "edge", "wl_h2")
 
 def circuit_pair_matrices(circuits: Mapping[str, Any], domains: Sequence[str], points: Sequence[str],
                           paper_compat: bool) -> dict[str, list[list[float | None]]]:
-    """{"node": mean node Jaccard over `points` (§8.5), "edge": edge Jaccard (§8.6), "wl_h2": WL
-    score "h2" (§8.6; paper_compat: 3 iterations)} as [D, D] lists, None where a domain has no circuit."""
-    from clipmech.analysis.circuit_similarity import edge_jaccard, node_jaccard, wl_scores
+    """{"node": mean node Jaccard over `points`, "edge": edge Jaccard, "wl_h2": WL score "h2" (paper_compat:
+    3 iterations)} as [D, D] lists, None where a domain has no circuit (docs/methods.md#circuits)."""
+    from clipmech.analysis.circuit_similarity import edge_jaccard, mean_node_jaccard, wl_scores
     D = len(domains)
     out: dict[str, list[list[float | None]]] = {m: [[None] * D for _ in range(D)] for m in CIRCUIT_MEASURES}
     for a, da in enumerate(domains):
         for b, db in enumerate(domains):
             if da in circuits and db in circuits:
                 ca, cb = circuits[da], circuits[db]
-                out["node"][a][b] = float(np.mean(list(node_jaccard(ca, cb, points).values())))
+                out["node"][a][b] = mean_node_jaccard(ca, cb, points)
                 out["edge"][a][b] = edge_jaccard(ca, cb)
                 out["wl_h2"][a][b] = wl_scores(ca, cb, (2,), paper_compat)["wl_h2"]
     return out
@@ -329,18 +299,16 @@ def unit_circuits(run_dir: str, opts: AnalysisOptions, class_name: str) -> dict[
     from clipmech.analysis.circuits import discover_circuit
     from clipmech.analysis.paper_compat import wraparound_edges
     from clipmech.data.samples import cell_samples
-    from clipmech.eval.zeroshot import class_prompts_names
     ctx = RunContext(run_dir, opts)
-    ds, model = ctx.dataset, ctx.model.to(ctx.device)
+    ds, model = ctx.source.dataset, ctx.source.model.to(ctx.device)
     k = ds.class_index(class_name)
-    with torch.no_grad():
-        head = model.zero_shot_head(class_prompts_names(ds), ctx.templates())
+    head = ctx.source.head(model)
     cells = cell_samples(ds, opts.circuit_images, "test", CIRCUIT_SEED)
     circuits = {}
     for d in ds.domains:
         rows = cells.get((d, ds.classes[k]))
         if rows is not None:
-            images = torch.cat(list(image_batches(ds, rows, ctx.image_size, opts.batch_size, opts.workers)))
+            images = torch.cat(list(image_batches(ds, rows, ctx.source.image_size, opts.batch_size, opts.workers)))
             labels = torch.full((len(rows),), k, dtype=torch.long, device=ctx.device)
             circuits[d] = discover_circuit(model, images.to(ctx.device), labels, head, steps=opts.circuit_steps)
             if ctx.paper_compat:
@@ -353,8 +321,8 @@ def unit_circuits(run_dir: str, opts: AnalysisOptions, class_name: str) -> dict[
 def circuit_classes(ctx: RunContext) -> list[str]:
     """The classes that get circuits: the C2 classes, then with circuit_scope "all" every other class
     in dataset order (the paper: all classes, C2 first); the first `circuit_classes` (all when None)."""
-    rest = [c for c in ctx.dataset.classes if c not in ctx.c2] if ctx.opts.circuit_scope == "all" else []
-    return (ctx.c2 + rest)[: ctx.opts.circuit_classes]
+    rest = [c for c in ctx.source.dataset.classes if c not in ctx.source.c2] if ctx.opts.circuit_scope == "all" else []
+    return (ctx.source.c2 + rest)[: ctx.opts.circuit_classes]
 
 
 def _class_mean(per_class: Sequence[Mapping[str, Any]], kind: str) -> list[list[float | None]]:
@@ -380,13 +348,30 @@ def mean_circuit_matrices(per_class: Sequence[Mapping[str, Any]], c2: Sequence[s
     return out | {m: out["subsets"]["C2"][m] for m in CIRCUIT_MEASURES}
 
 
+def unit_controls(run_dir: str, opts: AnalysisOptions, out: str, test_domains: Sequence[str]) -> dict[str, Any]:
+    """The per-run plan's controls stage (clipmech.study.controls.controls_model: floors, ceilings,
+    normalised scores, the untrained model, faithfulness, the causal test) for each test domain the
+    run serves: {domain: model-row fields}. Its registry and preprocessed images live under OUT
+    (shared by the runs of one image size). Cost: the circuits of the first `circuit_classes` C2
+    classes on test and training drawings (twice: trained and untrained weights), two SAEs, the rest small."""
+    from clipmech.study.controls import controls_model
+    from clipmech.study.plan import ImageStore, RunAnalysis
+    from clipmech.study.registry import Registry
+    ctx = RunContext(run_dir, opts)
+    ra = RunAnalysis(ctx.source, opts.preset(), Registry(Path(out) / "registry"),
+                     ImageStore(ctx.source.dataset, ctx.source.image_size, Path(out) / "cache"))
+    return {d: controls_model(ra, d)[0] for d in test_domains}
+
+
 # ------------------------------------------------------------------------------------ plan
 FIRST_STAGE = ("extract", "circuits")  # need nothing but the checkpoint; the rest read the shards
 
 
-def plan_units(ctx: RunContext, out: str | Path, run_id: str, with_umap: bool) -> dict[str, Unit]:
+def plan_units(ctx: RunContext, out: str | Path, run_id: str, with_umap: bool,
+               test_domains: Sequence[str]) -> dict[str, Unit]:
     """The run's analysis units {name: Unit}: "extract", "circuits/<class>" per circuit class, "cka",
-    "sae", "embeddings". Unit folders are OUT/units/<run_id>/<name>-<hash of unit_key>, shards go to
+    "sae", "embeddings", "controls" (for `test_domains`). Unit folders are
+    OUT/units/<run_id>/<name>-<hash of unit_key>, shards go to
     OUT/shards/<content hash>. GPU jobs unless the options say device "cpu"."""
     out = Path(out)
     gpus = 0 if ctx.opts.device == "cpu" else 1
@@ -405,16 +390,20 @@ def plan_units(ctx: RunContext, out: str | Path, run_id: str, with_umap: bool) -
     units["sae"] = unit("sae", unit_sae, run_dir, ctx.opts, shard_root)
     units["embeddings"] = unit("embeddings", unit_embeddings, run_dir, ctx.opts, shard_root, with_umap,
                                umap=with_umap)
+    if ctx.opts.controls:
+        units["controls"] = unit("controls", unit_controls, run_dir, ctx.opts, str(out), list(test_domains),
+                                 test_domains=list(test_domains))
     return units
 
 
 def collect(units: Mapping[str, Unit], c2: Sequence[str]) -> dict[str, Any]:
-    """{"cka", "circuits" (class means, `mean_circuit_matrices`), "sharing", "embeddings"} from a
+    """{"cka", "circuits" (class means, `mean_circuit_matrices`), "sharing", "embeddings", "controls"} from a
     run's finished units; `c2` = the run's C2 classes."""
     from clipmech.launch import unit_result
     per_class = [unit_result(u) for name, u in units.items() if name.startswith("circuits/")]
     return {"cka": unit_result(units["cka"]), "circuits": mean_circuit_matrices(per_class, c2),
-            "sharing": unit_result(units["sae"]), "embeddings": unit_result(units["embeddings"])}
+            "sharing": unit_result(units["sae"]), "embeddings": unit_result(units["embeddings"]),
+            "controls": unit_result(units["controls"]) if "controls" in units else {}}
 
 
 # ------------------------------------------------------------------------------------ rows
@@ -433,27 +422,26 @@ def run_metrics(run_dir: str | Path) -> dict[str, dict[str, Any]]:
 
 def model_rows(ctx: RunContext, setup: str, seed: int, test_domains: Sequence[str], run_id: str,
                cka: Mapping[str, Any], circuits: Mapping[str, Any], sharing: Mapping[str, Any],
-               embeddings: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict[str, dict[int, float]]]:
+               embeddings: Mapping[str, Any], controls: Mapping[str, Any]
+               ) -> tuple[list[dict[str, Any]], dict[str, dict[int, float]]]:
     """(study model rows, {test domain: {epoch: C2 accuracy}}) of one run: one row per test domain,
     with the measures of clipmech.study.report (C2 means) plus the run's model, image size, classes,
     `paper_compat` (the analysis's) and `mixture_paper_compat` (the run config's: its allow-p quotas)."""
-    from clipmech.study.quickstart import _final_metrics, _mean_vs_others, cka_pairs
-    from clipmech.study.report import cka_mid
+    from clipmech.study.plan import row_measures
+    from clipmech.study.quickstart import _final_metrics
     metrics = run_metrics(ctx.run_dir)
-    domains = ctx.dataset.domains
+    domains = ctx.source.dataset.domains
     rows, curves = [], {}
     for d in test_domains:
         accuracy, curve = _final_metrics(metrics, d)
         curves[d] = dict(zip(sorted(map(int, metrics)), curve))
         rows.append({"setup": setup, "seed": seed, "test_domain": d, **accuracy,
-                     "cka_mid": cka_mid(cka_pairs(dict(cka)), d),
-                     "node_jaccard": _mean_vs_others(circuits["node"], domains, d),
-                     "edge_jaccard": _mean_vs_others(circuits["edge"], domains, d),
-                     "feature_sharing": sharing["score"][d], "embedding_separation": embeddings["separation"],
-                     "run_id": run_id, "model": ctx.cfg["model"]["name"], "image_size": ctx.image_size,
-                     "classes": list(ctx.dataset.classes), "c2_classes": ctx.c2,
+                     **row_measures(domains, d, cka, circuits["node"], circuits["edge"], sharing,
+                                    embeddings["separation"]),
+                     "run_id": run_id, "model": ctx.cfg["model"]["name"], "image_size": ctx.source.image_size,
+                     "classes": list(ctx.source.dataset.classes), "c2_classes": ctx.source.c2,
                      "checkpoint_hash": ctx.checkpoint_hash, "paper_compat": ctx.paper_compat,
-                     "mixture_paper_compat": bool(ctx.cfg["analysis"]["paper_compat"])})
+                     "mixture_paper_compat": bool(ctx.cfg["analysis"]["paper_compat"]), **controls.get(d, {})})
     return rows, curves
 
 
@@ -463,13 +451,13 @@ def analyse_run(run_dir: str | Path, opts: AnalysisOptions, out: str | Path, lau
     domain (default: the run's [mixture] test_domain). Units and shards go under OUT; finished units
     are reused. Cost: one image pass over the run's test and train splits, then the units."""
     ctx = RunContext(run_dir, opts)
-    domains = list(test_domains or [ctx.cfg["mixture"]["test_domain"] or ctx.dataset.default_test_domain])
+    domains = list(test_domains or [ctx.cfg["mixture"]["test_domain"] or ctx.source.dataset.default_test_domain])
     run_id = ctx.run_dir.name
-    units = plan_units(ctx, out, run_id, with_umap)
+    units = plan_units(ctx, out, run_id, with_umap, domains)
     first = [u for n, u in units.items() if n.split("/")[0] in FIRST_STAGE]
     run_units(first, launch, stage=f"{run_id} extract+circuits")
-    run_units([u for u in units.values() if u not in first], launch, stage=f"{run_id} cka+sae+embeddings")
-    m = collect(units, ctx.c2)
+    run_units([u for u in units.values() if u not in first], launch, stage=f"{run_id} cka+sae+embeddings+controls")
+    m = collect(units, ctx.source.c2)
     rows, _ = model_rows(ctx, ctx.cfg["mixture"]["setup"], int(ctx.cfg["train"]["seed"]), domains, run_id,
-                         m["cka"], m["circuits"], m["sharing"], m["embeddings"])
+                         m["cka"], m["circuits"], m["sharing"], m["embeddings"], m["controls"])
     return rows

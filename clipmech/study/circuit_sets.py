@@ -1,4 +1,6 @@
-"""Per-(domain, class) circuits of one model on one drawing selection, computed once per study.
+"""Per-(domain, class) circuits of one model on one drawing selection, computed once per registry.
+
+`study` below is a clipmech.study.plan.RunAnalysis (the model's Source, Preset, registry and images).
 
 The circuit stage's score, the controls' ceilings (a second, disjoint drawing set), the untrained
 floor, the causal test and the faithfulness curves all need circuits of the same cells; a circuit
@@ -23,7 +25,6 @@ import torch
 
 from clipmech.analysis.circuits import Circuit, discover_circuit
 from clipmech.data.samples import cell_samples, distinct_drawings
-from clipmech.eval.zeroshot import class_prompts_names
 from clipmech.utils import hash_obj
 
 Cells = Mapping[str, Mapping[int, np.ndarray]]  # {domain: {class index: rows into study.images(split)}}
@@ -37,7 +38,7 @@ def circuit_cells(study) -> tuple[dict[str, dict[int, np.ndarray]], dict[str, di
     ds = study.dataset
     test, train = ds.indices(split="test"), ds.indices(split="train")
     distinct = distinct_drawings(ds)[train]
-    samples = cell_samples(ds, n=50, split="test", seed=42)  # paper.md §8.4: one seeded shuffle, 50 per cell
+    samples = cell_samples(ds, n=50, split="test", seed=42)  # docs/methods.md#circuits: one seeded shuffle, 50 per cell
     classes = [ds.classes.index(c) for c in study.c2][: study.opts.circuit_classes]
     test_cells: dict[str, dict[int, np.ndarray]] = {d: {} for d in ds.domains}
     repeat_cells: dict[str, dict[int, np.ndarray]] = {d: {} for d in ds.domains}
@@ -67,8 +68,7 @@ def cell_circuits(study, model, model_key: str, cells: Cells, split: str) -> tup
 
     def compute() -> dict[str, dict[str, str]]:
         images = study.images(split)
-        with torch.no_grad():
-            head = model.zero_shot_head(class_prompts_names(study.dataset), study.templates())
+        head = study.source.head(model)
         index: dict[str, dict[str, str]] = {}
         for di, (d, per) in enumerate(cells.items()):
             for k, rows in per.items():

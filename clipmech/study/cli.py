@@ -26,6 +26,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no stage progress display")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--model", default=None, help="model preset or open_clip config (default: tiny-rn)")
+    p.add_argument("--dataset", default=None, metavar="ROOT",
+                   help="a DomainNet-layout folder instead of the embedded emoji domains: the same preset, "
+                        "test domains clipart and painting where present, C2 = the paper's classes it holds "
+                        "(extended by the smallest sha256 of the name), sizes capped to its classes")
     # Every other QuickstartOptions field as a hidden flag (--epochs, --max-classes, ...): reduced
     # runs for tests and smoke checks, not part of the user-facing interface.
     for name, ftype in _TUNABLE.items():
@@ -98,9 +102,9 @@ def _quickstart(args: argparse.Namespace) -> int:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     test_domains = tuple(args.test_domains) if args.test_domains else None
     if args.full:
-        test_domains = test_domains or full_test_domains(opts.dataset)
+        test_domains = test_domains or full_test_domains(args.dataset or opts.dataset)
     changes = {"test_domains": test_domains, "seeds": args.seeds or opts.seeds}
-    for name in ("model", *_TUNABLE):
+    for name in ("model", "dataset", *_TUNABLE):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     from clipmech.locks import unit_lock

@@ -1,6 +1,8 @@
-"""The quickstart's sharedness controls (issue 13), per model: floors, ceilings and normalised values of
-every sharedness score, faithfulness over circuit sizes, sparse-SAE metrics and the de-confounded
-causal test. Composes clipmech.analysis.controls / .circuits / .sharing / .sae / .cka.
+"""The sharedness controls of the per-run analysis plan (clipmech.study.plan), per model: floors,
+ceilings and normalised values of every sharedness score, faithfulness over circuit sizes,
+sparse-SAE metrics and the de-confounded causal test (docs/methods.md#controls). The quickstart and
+`experiment analyse` both run `controls_model` on a `RunAnalysis`. Composes
+clipmech.analysis.controls / .circuits / .sharing / .sae / .cka.
 
 The unit is a distinct drawing (emoji: training views of one drawing never count twice; only view 0
 is used). Drawing sets per (domain, class) cell (`clipmech.study.circuit_sets.circuit_cells`): the
@@ -32,9 +34,9 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from clipmech.analysis.activations import pool
+from clipmech.analysis.activations import inner_points, pool
 from clipmech.analysis.cka import cka
-from clipmech.analysis.circuit_similarity import edge_jaccard, node_jaccard, wl_kernel
+from clipmech.analysis.circuit_similarity import edge_jaccard, mean_node_jaccard, wl_kernel
 from clipmech.analysis.circuits import (FAITHFULNESS_SIZES, Circuit, ablation_values, faithfulness_curve,
                                         resample_values)
 from clipmech.analysis.controls import circuit_nulls, estimate, matched_causal_test, normalize
@@ -43,7 +45,7 @@ from clipmech.analysis.sae import evaluate_sae
 from clipmech.analysis.sharing import (match_latents, pair_shares, require_sparse, seed_ceiling,
                                        top_latent_histograms)
 from clipmech.data.samples import check_disjoint_drawings, distinct_drawings
-from clipmech.eval.zeroshot import class_prompts_names, embed_images
+from clipmech.eval.zeroshot import embed_images
 from clipmech.models.hooked_clip import HookedCLIP
 from clipmech.study.causal import study_causal_test
 from clipmech.study.circuit_sets import cell_circuits, circuit_cells
@@ -58,21 +60,11 @@ CONTROLS_VERSION = 5  # 2: standardised SAE inputs; 3: circuit sets and SAEs sha
 N_PERM = 20  # CKA row permutations per domain pair
 
 
-def _points(model) -> list[str]:
-    return [p for p in model.analysis_points() if p != "visual.hook_input"]
-
-
 SIMILARITIES: dict[str, Callable[[Circuit, Circuit], float]] = {
-    "node_jaccard": lambda a, b: float(np.mean(list(node_jaccard(a, b, [p for p in a.points
-                                                                        if p != "visual.hook_input"]).values()))),
+    "node_jaccard": mean_node_jaccard,
     "edge_jaccard": edge_jaccard,
     "wl": lambda a, b: wl_kernel(a, b, h=WL_H),
 }
-
-
-def _head(study, model) -> torch.Tensor:
-    with torch.no_grad():
-        return model.zero_shot_head(class_prompts_names(study.dataset), study.templates())
 
 
 # ------------------------------------------------------------------------------------ parts
@@ -108,7 +100,7 @@ def causal_controls(study, model, discovery, test_domain: str) -> dict[str, Any]
         check_disjoint_drawings(ds, ds.indices(split="train")[c.meta["rows"]], idx[rows],
                                 what=f"causal test, class {ds.classes[k]!r}")
     reference = images[np.flatnonzero(ds.domain_idx[idx] == di)]
-    res = matched_causal_test(model, discovery, test_domain, held, _head(study, model), reference=reference)
+    res = matched_causal_test(model, discovery, test_domain, held, study.source.head(model), reference=reference)
     res["per_class"] = {ds.classes[int(k)]: v for k, v in res["per_class"].items()}
     return res
 
@@ -118,13 +110,13 @@ def faithfulness_controls(study, model, discovery, seed: int = 0) -> dict[str, A
     over classes, bootstrap CI), mean and resample ablation."""
     ds, images = study.dataset, study.images("test")
     idx = ds.indices(split="test")
-    head = _head(study, model)
+    head = study.source.head(model)
     rng = np.random.default_rng(seed)
     out: dict[str, Any] = {"skipped": 0, "domains": {}, "sizes": list(FAITHFULNESS_SIZES)}
     for d, per in discovery.items():
         di = ds.domains.index(d)
         in_domain = np.flatnonzero(ds.domain_idx[idx] == di)
-        points = [p for p in next(iter(per.values())).points if not p.endswith("hook_input")] if per else []
+        points = inner_points(next(iter(per.values())).points) if per else []
         mean_fill = ablation_values(model, images[in_domain], points, "mean") if per else None
         curves: dict[str, list] = {"mean": [], "resample": []}
         for k, circuit in per.items():
@@ -183,7 +175,8 @@ def sae_controls(study, model, model_key: str, test_domain: str) -> dict[str, An
 def _centroids(model, images: torch.Tensor, dom: np.ndarray, cls: np.ndarray, classes: Sequence[int],
                n_domains: int) -> dict[str, np.ndarray]:
     """{point: [D, K, C]} class centroids of mean-pooled activations (NaN where a cell is empty)."""
-    acts = {p: pool(a, "mean").double().numpy() for p, a in cache_points(model, images, _points(model)).items()}
+    acts = {p: pool(a, "mean").double().numpy()
+            for p, a in cache_points(model, images, inner_points(model.analysis_points())).items()}
     out = {}
     for p, a in acts.items():
         c = np.full((n_domains, len(classes), a.shape[1]), np.nan)
@@ -212,6 +205,8 @@ def cka_controls(study, model, untrained, test_domain: str, seed: int = 0) -> di
     ceiling (test vs training-drawing centroids of each domain)."""
     ds = study.dataset
     c2 = [ds.classes.index(c) for c in study.c2]
+    if len(c2) < study.opts.cka_min_rows:  # the score itself is not computed on so few rows (plan.cka_measure)
+        return {"reason": f"C2 rows {len(c2)} < {study.opts.cka_min_rows}: too few C2 classes for a centroid CKA"}
     D, t = len(ds.domains), ds.domains.index(test_domain)
     tables = {}
     for name, m, split in (("test", model, "test"), ("train", model, "train"), ("untrained", untrained, "test")):
@@ -236,15 +231,17 @@ def cka_controls(study, model, untrained, test_domain: str, seed: int = 0) -> di
 
 
 # ------------------------------------------------------------------------------------ composition
-def controls_model(study, run: Mapping[str, Any], model, test_domain: str) -> tuple[dict[str, Any], bool]:
-    """All controls of one model on `test_domain`, cached in the study registry. Returns (model-row
-    fields, reused): `<score>_floor/_ceiling/_norm` for CONTROL_SCORES, `wl`, `faithfulness_auc`,
-    `sae_l0/_fvu/_dead`, `causal_*`, and `controls` (details: CIs, reasons, untrained floors,
-    curves, CPU seconds per part)."""
-    epoch0 = Path(run["run_dir"]) / "epoch_0.pt"
-    if not epoch0.is_file():
-        raise FileNotFoundError(f"{epoch0} missing: the untrained floor needs the epoch-0 checkpoint")
-    key = {"stage": "controls", "checkpoint": run["checkpoint_hash"], "untrained": file_hash(epoch0),
+def controls_model(study, test_domain: str) -> tuple[dict[str, Any], bool]:
+    """All controls of one model (`study`: a clipmech.study.plan.RunAnalysis) on `test_domain`, stored in
+    its registry. Returns (model-row fields, reused): `<score>_floor/_ceiling/_norm` for CONTROL_SCORES,
+    `wl`, `faithfulness_auc`, `sae_l0/_fvu/_dead`, `causal_*`, and `controls` (details: CIs, reasons,
+    untrained floors, curves, CPU seconds per part). Needs the run's untrained checkpoint (epoch_0.pt)."""
+    epoch0 = study.source.untrained_checkpoint
+    if epoch0 is None:
+        raise FileNotFoundError(f"no epoch_0.pt beside {study.source.checkpoint}: the untrained floor needs the "
+                                "epoch-0 checkpoint")
+    model = study.model
+    key = {"stage": "controls", "checkpoint": study.checkpoint_hash, "untrained": file_hash(epoch0),
            "dataset": study.dataset.content_hash(), "c2": study.c2, "test_domain": test_domain,
            **study.opts.analysis_key(), "controls_version": CONTROLS_VERSION}
 
@@ -258,7 +255,7 @@ def controls_model(study, run: Mapping[str, Any], model, test_domain: str) -> tu
             cpu[name] = round(time.process_time() - t, 2)
             return value
 
-        keys = {"model": run["checkpoint_hash"], "untrained": state_dict_hash(untrained.state_dict())}
+        keys = {"model": study.checkpoint_hash, "untrained": state_dict_hash(untrained.state_dict())}
         nulls, discovery = timed("circuits", lambda: circuit_controls(study, model, keys, untrained, test_domain))
         nulls["feature_sharing"] = timed("sae", lambda: sae_controls(study, model, keys["model"], test_domain))
         nulls["cka_mid"] = timed("cka", lambda: cka_controls(study, model, untrained, test_domain))

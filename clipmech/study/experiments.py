@@ -296,15 +296,16 @@ def analyse_experiment(path: PathLike, out: PathLike = "runs/experiments", data:
     plans = {}
     for r in runs:
         r["ctx"] = A.RunContext(r["run_dir"], opts)
-        plans[r["id"]] = A.plan_units(r["ctx"], dest, r["id"], with_umap=r is figure_run)
+        plans[r["id"]] = A.plan_units(r["ctx"], dest, r["id"], with_umap=r is figure_run,
+                                      test_domains=r["test_domains"])
     first = [u for p in plans.values() for n, u in p.items() if n.split("/")[0] in A.FIRST_STAGE]
     second = [u for p in plans.values() for n, u in p.items() if n.split("/")[0] not in A.FIRST_STAGE]
     name = exp["experiment"]["name"]
     run_units(first, launch_opts, stage=f"{name} extract+circuits", dry_run=dry_run)
-    run_units(second, launch_opts, stage=f"{name} cka+sae+embeddings", dry_run=dry_run)
+    run_units(second, launch_opts, stage=f"{name} cka+sae+embeddings+controls", dry_run=dry_run)
     if dry_run:
         return None
-    measures = {r["id"]: A.collect(plans[r["id"]], r["ctx"].c2) for r in runs}
+    measures = {r["id"]: A.collect(plans[r["id"]], r["ctx"].source.c2) for r in runs}
     return _write_study(exp, src, runs, measures, figure_run, opts, dest)
 
 
@@ -337,13 +338,16 @@ def _write_study(exp: Mapping[str, Any], src: Mapping[str, Any], runs: Sequence[
 
     from clipmech.study import analyse as A
     from clipmech.study import quickstart as Q
+    from clipmech.study.controls import FIGURE_NOTES as CONTROLS_FIGURES
+    from clipmech.study.controls import draw_controls_figures
+    from clipmech.study.provenance import provenance
     from clipmech.study.report import build_results, write_outputs
 
     rows, curves = [], {}
     for r in runs:
         m = measures[r["id"]]
         got, c = A.model_rows(r["ctx"], r["setup"], r["seed"], r["test_domains"], r["id"], m["cka"],
-                              m["circuits"], m["sharing"], m["embeddings"])
+                              m["circuits"], m["sharing"], m["embeddings"], m["controls"])
         rows += got
         for d, curve in c.items():
             curves.setdefault(d, {}).setdefault(r["setup"], []).append(curve)
@@ -355,13 +359,18 @@ def _write_study(exp: Mapping[str, Any], src: Mapping[str, Any], runs: Sequence[
               "image_sizes": sorted({row["image_size"] for row in rows}), "epochs": epochs, "curve_points": points,
               "c2_classes": rows[0]["c2_classes"], "test_domains": sorted({row["test_domain"] for row in rows})}
     circuits = {r["id"]: measures[r["id"]]["circuits"]["subsets"] for r in runs}  # all / C2 / C1, as the paper
-    results = build_results(rows, config=config, extra={"runs": [r["id"] for r in runs], "circuits": circuits})
     ctx = figure_run["ctx"]
+    results = build_results(rows, config=config, extra={"runs": [r["id"] for r in runs], "circuits": circuits},
+                            provenance=provenance(ctx.source.dataset, ctx.device))
     spec = Q.ModelSpec(figure_run["setup"], figure_run["seed"], figure_run["test_domains"][0])
     fm = measures[figure_run["id"]]
     Q.draw_figures(results, grid, {"cka": fm["cka"], "circuits": fm["circuits"], "sharing": fm["sharing"],
-                                   "emb": fm["embeddings"]}, spec, ctx.dataset.domains, dest / "figures")
-    write_outputs(results, dest, {f"figures/{k}": v for k, v in Q.FIGURE_NOTES.items()})
+                                   "emb": fm["embeddings"]}, spec, ctx.source.dataset.domains, dest / "figures")
+    notes = dict(Q.FIGURE_NOTES)
+    if opts.controls:
+        draw_controls_figures(results["models"], dest / "figures")
+        notes |= CONTROLS_FIGURES
+    write_outputs(results, dest, {f"figures/{k}": v for k, v in notes.items()})
     return results
 
 

@@ -8,9 +8,11 @@ DG/CG zero-shot accuracy (`clipmech.eval`), and per model runs domain CKA per an
 embedding separation (`clipmech.analysis.embeddings`). It then relates every sharedness measure to
 C2 accuracy across all models and writes figures, `results.json` and `report.md`.
 
-This module only composes library functions; every primitive lives in its own package. Each stage
-is stored in a `Registry` keyed by its inputs (config, checkpoint hash, dataset hash), so a rerun
-skips finished work and a changed option recomputes only what depends on it.
+Training and evaluation are the quickstart's own; the per-model analysis is the per-run analysis
+plan (`clipmech.study.plan`: CKA, circuits, SAE, embeddings, controls) under the quickstart's preset,
+the same stages `clipmech experiment analyse` runs. Each stage is stored in a `Registry` keyed by its
+inputs (config, checkpoint hash, dataset hash), so a rerun skips finished work and a changed option
+recomputes only what depends on it. `--dataset ROOT` runs the same preset on a DomainNet-layout folder.
 """
 from __future__ import annotations
 
@@ -18,47 +20,40 @@ import hashlib
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from clipmech.analysis.activations import pool
-from clipmech.analysis.circuit_similarity import edge_jaccard, node_jaccard
-from clipmech.analysis.cka import domain_cka
-from clipmech.analysis.embeddings import separation_scores, umap_2d
-from clipmech.analysis.patching import cache_points
-from clipmech.analysis.sae import evaluate_sae
-from clipmech.analysis.sharing import feature_sharing, top_latent_histograms
+from clipmech.analysis.source import Source
 from clipmech.data import load_dataset
 from clipmech.data.mixtures import build_mixture
 from clipmech.data.samples import distinct_drawings
 from clipmech.eval.templates import get_templates
-from clipmech.eval.zeroshot import (class_prompts_names, embed_images, eval_images, eval_transform_description,
-                                    group_metrics)
+from clipmech.eval.zeroshot import class_prompts_names, embed_images, group_metrics
 from clipmech.models.hooked_clip import HookedCLIP
 from clipmech.study import figures as F
-from clipmech.study.circuit_sets import cell_circuits, circuit_cells
 from clipmech.study.controls import FIGURE_NOTES as CONTROLS_FIGURES
-from clipmech.study.controls import controls_budget, controls_model, draw_controls_figures
+from clipmech.study.circuit_sets import cell_circuits, circuit_cells
+from clipmech.study.controls import controls_budget, draw_controls_figures
 from clipmech.study.explanations import PER_FIGURE, ImageSet, explain_nodes, select_circuit_nodes
+from clipmech.study.plan import STAGE_VERSION, ImageStore, Preset, RunAnalysis, cka_pairs, row_measures
+from clipmech.study.plan import stages as plan_stages
 from clipmech.study.progress import Progress
+from clipmech.study.provenance import provenance
 from clipmech.study.registry import Registry
-from clipmech.study.saes import study_sae
-from clipmech.study.report import MAIN_SETUPS, SHAREDNESS_MEASURES, build_results, cka_mid, setup_summary, write_outputs
+from clipmech.study.report import MAIN_SETUPS, SHAREDNESS_MEASURES, build_results, setup_summary, write_outputs
 from clipmech.train.trainer import train
-from clipmech.utils import TensorCache, file_hash, hash_obj, unknown_name_error
-
-# Bump when a stage's computation changes so stored results are not reused across versions.
-STAGE_VERSION = 3  # 3: sparse, standardised SAEs (issue 13)
+from clipmech.utils import file_hash, hash_obj, unknown_name_error
 
 # The quickstart's default test domains. Not the emoji dataset's default (quickdraw, the domain with
 # the largest DG gap): on quickdraw a 10-minute tiny CLIP gets 0-1 of the 15 held-out-class images
 # right in every setup (measured: C2 0.0-6.7 %, C1 1-20 %), so nothing can be compared. On clipart
 # and painting the same budget gives C2 accuracies of 7-60 % that differ between setups.
-QUICKSTART_TEST_DOMAINS = {"emoji": ("clipart", "painting")}
+QUICKSTART_TEST_DOMAINS = ("clipart", "painting")  # on any dataset that has them (`default_test_domains`)
+MIN_CLASSES = 8  # 4 C2 + 4 C1: the fewest classes the setups and the statistics can work with
 
 
 @dataclass(frozen=True)
@@ -73,7 +68,7 @@ class QuickstartOptions:
     dataset: str = "emoji"
     views: int = 4  # emoji only: training views per drawing (builder default 16); with < 4 views the
     # mixtures' deterministic trimming empties whole domains and LOD / CG-high coincide (checked below)
-    test_domains: tuple[str, ...] | None = None  # None: QUICKSTART_TEST_DOMAINS, else the dataset's default
+    test_domains: tuple[str, ...] | None = None  # None: `default_test_domains`
     seeds: int = 3  # training seeds per setup; the statistics resample them (issue 12: power)
     setups: tuple[str, ...] = MAIN_SETUPS
     model: str = "tiny-rn"  # the paper used RN50; tiny-vit trains ~2x faster per step but learns far less
@@ -115,11 +110,11 @@ class QuickstartOptions:
             raise ConfigError(f"quickstart option setups = {self.setups!r}; choose from {', '.join(SETUPS)}")
         return self
 
-    def analysis_key(self) -> dict[str, Any]:
-        """The options analyses depend on (training options enter through the checkpoint hash)."""
-        return {"circuit_steps": self.circuit_steps, "circuit_classes": self.circuit_classes,
-                "sae_expansion": self.sae_expansion, "sae_epochs": self.sae_epochs, "cka_boot": self.cka_boot,
-                "n_templates": self.n_templates, "version": STAGE_VERSION}
+    def preset(self) -> Preset:
+        """The per-run analysis plan's settings (clipmech.study.plan.Preset) these options choose."""
+        return Preset(circuit_steps=self.circuit_steps, circuit_classes=self.circuit_classes,
+                      sae_expansion=self.sae_expansion, sae_epochs=self.sae_epochs, cka_boot=self.cka_boot,
+                      n_templates=self.n_templates)
 
 
 # Types and ranges of the scalar options (clipmech.train.config.SCHEMA notation).
@@ -150,54 +145,67 @@ class ModelSpec:
 
 @dataclass
 class Study:
-    """State shared by the stages of one quickstart run."""
+    """State shared by the stages of one quickstart run: the dataset, test domains and C2 classes, the
+    registry, and the preprocessed images every model reuses (`clipmech.study.plan.ImageStore`)."""
 
     opts: QuickstartOptions
     dataset: Any = None
     test_domains: list[str] = field(default_factory=list)
     c2: list[str] = field(default_factory=list)
     registry: Registry | None = None
-    _images: dict[str, torch.Tensor] = field(default_factory=dict)
+    store: ImageStore | None = None
 
     @property
     def out(self) -> Path:
         return Path(self.opts.out)
 
     def images(self, split: str) -> torch.Tensor:
-        """Preprocessed images of a split, float32 [N, 3, S, S] in `dataset.indices(split)` order.
-
-        clipmech.eval.zeroshot.eval_images is computed once per (dataset, split, size) and kept on
-        disk (TensorCache) and in memory: every stage and model reuses the same tensor.
-        """
-        if split not in self._images:
-            idx = self.dataset.indices(split=split)
-            self._images[split] = self._image_cache().get_or_compute(
-                self._image_key(split), lambda: eval_images(self.dataset, idx, self.opts.image_size))
-        return self._images[split]
-
-    def images_cached(self, split: str) -> bool:
-        """Whether `images(split)` will be read from the on-disk cache."""
-        return split in self._images or self._image_cache().path(self._image_key(split)).exists()
-
-    def _image_cache(self):
-        return TensorCache(self.out / "cache")
-
-    def _image_key(self, split: str) -> dict[str, Any]:
-        return {"dataset": self.dataset.content_hash(), "split": split,
-                "n": int(len(self.dataset.indices(split=split))), "transform": eval_transform_description(self.opts.image_size)}
+        """Preprocessed images of a split, float32 [N, 3, S, S] in `dataset.indices(split)` order."""
+        return self.store.images(split)
 
     def templates(self) -> list[str]:
         """The zero-shot templates: the first `n_templates` of the dataset's template set."""
         return get_templates("auto", self.dataset.name)[: self.opts.n_templates]
 
+    def run_analysis(self, run: dict[str, Any], test_domain: str | None) -> RunAnalysis:
+        """The per-run analysis plan's view of one trained model (its final checkpoint) under the
+        quickstart's preset."""
+        source = Source(model_key=f"file:{run['checkpoint_hash']}", dataset=self.dataset, c2=list(self.c2),
+                        test_domain=test_domain, templates=self.templates(), out=None, epoch=self.opts.epochs,
+                        meta={"run_dir": run["run_dir"], "checkpoint": run["checkpoint"]},
+                        loader=lambda: HookedCLIP.from_checkpoint(run["checkpoint"]),
+                        checkpoint=Path(run["checkpoint"]))
+        return RunAnalysis(source, self.opts.preset(), self.registry, self.store)
+
+
+def default_test_domains(ds) -> list[str]:
+    """QUICKSTART_TEST_DOMAINS present in `ds`, else its default test domain, else its first
+    non-natural domain."""
+    found = [d for d in QUICKSTART_TEST_DOMAINS if d in ds.domains]
+    return found or [ds.default_test_domain or next(d for d in ds.domains if d != ds.natural_domain)]
+
+
+def scaled_to_data(opts: QuickstartOptions, n_classes: int) -> QuickstartOptions:
+    """`opts` with `n_c2` and `max_classes` capped to what a dataset of `n_classes` classes holds
+    (at least 4 C1 classes stay); ValueError when it has fewer than MIN_CLASSES classes."""
+    if n_classes < MIN_CLASSES:
+        raise ValueError(f"dataset {opts.dataset!r} has {n_classes} classes; the quickstart needs at least "
+                         f"{MIN_CLASSES} (4 held-out C2 + 4 C1)")
+    n_c2 = min(opts.n_c2, n_classes - 4)
+    max_classes = None if opts.max_classes is None else min(opts.max_classes, n_classes)
+    return replace(opts, n_c2=n_c2, max_classes=max_classes)
+
 
 def resolve_dataset(opts: QuickstartOptions) -> tuple[Any, list[str], list[str]]:
-    """(dataset, test domains, C2 class names); applies `max_classes` by keeping C2 first."""
+    """(dataset, test domains, C2 class names); applies `max_classes` by keeping C2 first. On a dataset
+    other than the embedded emoji one, `n_c2` and `max_classes` are capped to its classes (`scaled_to_data`)."""
     ds = load_dataset(opts.dataset, **({"views": opts.views} if opts.dataset == "emoji" else {}))
+    if opts.dataset != "emoji":
+        opts = scaled_to_data(opts, len(ds.classes))
     c2 = extend_c2(list(ds.default_test_classes or []), ds.classes, opts.n_c2)
     if not c2:
         raise ValueError(f"dataset {opts.dataset!r} defines no default C2 classes; the quickstart needs them")
-    domains = list(opts.test_domains or QUICKSTART_TEST_DOMAINS.get(opts.dataset, [ds.default_test_domain]))
+    domains = list(opts.test_domains or default_test_domains(ds))
     for d in domains:
         if d not in ds.domains:
             raise unknown_name_error("test domain", d, ds.domains)
@@ -422,104 +430,21 @@ def drawings_per_cell(study: Study) -> str:
     return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
-def load_model(run: dict[str, Any]):
-    """The HookedCLIP of a run's final checkpoint (CPU, eval mode)."""
-    return HookedCLIP.from_checkpoint(run["checkpoint"]).eval()
-
-
-def _test_split(study: Study) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(indices, class_idx, domain_idx) of the test split (every domain, every class)."""
-    idx = study.dataset.indices(split="test")
-    return idx, study.dataset.class_idx[idx], study.dataset.domain_idx[idx]
-
-
 def _c2_idx(study: Study) -> list[int]:
     return [study.dataset.classes.index(c) for c in study.c2]
 
 
-def _points(model) -> list[str]:
-    """Analysis points for CKA and node similarity: all but the input (paper §8.1)."""
-    return [p for p in model.analysis_points() if p != "visual.hook_input"]
-
-
-def pooled_activations(model, images: torch.Tensor, points: Sequence[str], batch_size: int = 512
-                       ) -> dict[str, torch.Tensor]:
-    """{point: [N, C]} mean-pooled activations (clipmech.analysis.activations.pool: spatial mean of
-    conv maps, token mean of sequences) of already preprocessed `images`.
-
-    clipmech.analysis.activations.extract_activations would re-load and re-preprocess the images
-    for every model; the study preprocesses them once (`Study.images`) and feeds the tensor through
-    clipmech.analysis.patching.cache_points instead.
-    """
-    chunks: dict[str, list[torch.Tensor]] = {p: [] for p in points}
-    for i in range(0, len(images), batch_size):
-        for p, act in cache_points(model, images[i:i + batch_size], points).items():
-            chunks[p].append(pool(act, "mean"))
-    return {p: torch.cat(v) for p, v in chunks.items()}
-
-
-def cka_model(study: Study, run: dict[str, Any], model) -> tuple[dict[str, Any], bool]:
-    """Linear, unbiased, class-centroid CKA between every domain pair at every analysis point.
-
-    Rows = C2 class centroids of spatially mean-pooled test-split activations (paper §8.3).
-    Returns clipmech.analysis.cka.domain_cka's JSON-able dict.
-    """
-    key = {"stage": "cka", "checkpoint": run["checkpoint_hash"], "dataset": study.dataset.content_hash(),
-           "c2": study.c2, **study.opts.analysis_key()}
-
-    def compute() -> dict:
-        idx, cls, dom = _test_split(study)
-        feats = pooled_activations(model, study.images("test"), _points(model))
-        return domain_cka(feats, cls, dom, study.dataset.domains, {"C2": _c2_idx(study)}, mode="centroid",
-                          kernels=("linear",), n_boot=study.opts.cka_boot, n_perm=0)
-
-    return study.registry.run("cka", key, compute)
-
-
-def cka_pairs(cka_result: dict[str, Any], subset: str = "C2") -> dict[tuple[str, str], list[float]]:
-    """{(a, b): linear CKA per point} from a domain_cka result; pairs with an undefined value are dropped."""
-    out = {}
-    for pair, res in cka_result["results"][subset]["linear"].items():
-        if all(v is not None for v in res["cka"]):
-            a, b = pair.split("|")
-            out[(a, b)] = res["cka"]
-    return out
-
-
-def circuits_model(study: Study, run: dict[str, Any], model) -> tuple[dict[str, Any], bool]:
-    """Per-(domain, class) circuits on up to 50 test images per cell (`circuit_sets.circuit_cells`)
-    for the first `circuit_classes` C2 classes (stored once, reused by the controls); node Jaccard
-    (mean over points except the input, paper §8.5) and edge Jaccard (§8.6) between domains,
-    averaged over classes. Returns {"domains", "classes", "node": [D, D], "edge": [D, D]}."""
-    ds = study.dataset
-    test_cells, _ = circuit_cells(study)
-    circuits, reused = cell_circuits(study, model, run["checkpoint_hash"], test_cells, "test")
-    points = _points(model)
-    D = len(ds.domains)
-    node, edge = [[None] * D for _ in range(D)], [[None] * D for _ in range(D)]
-    for a, da in enumerate(ds.domains):
-        for b, db in enumerate(ds.domains):
-            shared = [k for k in circuits[da] if k in circuits[db]]
-            if shared:
-                node[a][b] = float(np.mean([np.mean(list(node_jaccard(circuits[da][k], circuits[db][k],
-                                                                      points).values())) for k in shared]))
-                edge[a][b] = float(np.mean([edge_jaccard(circuits[da][k], circuits[db][k]) for k in shared]))
-    classes = _c2_idx(study)[: study.opts.circuit_classes]
-    return {"domains": ds.domains, "classes": [ds.classes[k] for k in classes], "node": node, "edge": edge}, reused
-
-
-def node_figures(study: Study, run: dict[str, Any], model, test_domain: str, fig_dir: Path,
-                 per_domain: int = 8) -> dict[str, str]:
+def node_figures(ra: RunAnalysis, test_domain: str, fig_dir: Path, out: Path, per_domain: int = 8) -> dict[str, str]:
     """The report's node figures (issue 29): the top PER_FIGURE shared and test-domain-only nodes of
-    the model's C2 circuits on `test_domain` (the stored circuit set, `circuits_model`), labelled with
+    the model's C2 circuits on `test_domain` (the stored circuit set of the per-run plan), labelled with
     the study's class names in its templates, explained on up to `per_domain` C2 test images per
     domain, top examples among 2 x `per_domain` test images per domain -> fig_dir/explain/
     (explanations.json, thumbs, nodes_<group>.png). Returns {figure path: note}; empty when no
     other domain has circuits. Cost: one segment forward per node over the sample and one forward
     over the pool."""
-    ds = study.dataset
-    test_cells, _ = circuit_cells(study)
-    circuits, _ = cell_circuits(study, model, run["checkpoint_hash"], test_cells, "test")
+    ds, model = ra.dataset, ra.model
+    test_cells, _ = circuit_cells(ra)
+    circuits, _ = cell_circuits(ra, model, ra.checkpoint_hash, test_cells, "test")
     classes = sorted(circuits.get(test_domain, {}))
     if not classes or sum(1 for per in circuits.values() if per) < 2:
         return {}
@@ -533,12 +458,12 @@ def node_figures(study: Study, run: dict[str, Any], model, test_domain: str, fig
                                 for d in range(len(ds.domains))])
     names = class_prompts_names(ds)
     with torch.no_grad():
-        words = model.zero_shot_head(names, study.templates())
+        words = model.zero_shot_head(names, ra.templates())
     present, labels = np.unique(cls[sample], return_inverse=True)
-    images = study.images("test")
+    images = ra.images("test")
     pool_set = ImageSet(images[pool_rows], dom[pool_rows], sources=[ds.source_key(int(i)) for i in test[pool_rows]],
                         classes=[ds.classes[int(k)] for k in cls[pool_rows]])
-    meta = {"test_domain": test_domain, "circuits": found, "model": run["checkpoint_hash"],
+    meta = {"test_domain": test_domain, "circuits": found, "model": ra.checkpoint_hash,
             "vocabulary": {"source": "the study's class names", "n_words": len(names), "dropped": 0}}
     _, paths = explain_nodes(model, nodes, ImageSet(images[sample], dom[sample], torch.as_tensor(labels)),
                              words[torch.as_tensor(present)], pool_set, ds.domains, names, words,
@@ -549,58 +474,7 @@ def node_figures(study: Study, run: dict[str, Any], model, test_domain: str, fig
                        "activation and ablation effect on the true-class logit (docs/explain.md).",
              "test_domain_only": f"As nodes_shared, for the nodes of the {test_domain} C2 circuits in no other "
                                  "domain's circuit."}
-    return {str(p.relative_to(study.out)): notes.get(p.stem.removeprefix("nodes_"), "") for p in paths}
-
-
-def _mean_vs_others(matrix: Sequence[Sequence[float | None]], domains: Sequence[str], d: str) -> float:
-    """Mean of row `d` over the other domains (the paper's score(d*)); raises when undefined."""
-    i = list(domains).index(d)
-    vals = [matrix[i][j] for j in range(len(domains)) if j != i and matrix[i][j] is not None
-            and math.isfinite(matrix[i][j])]
-    if not vals:
-        raise ValueError(f"no similarity between test domain {d!r} and any other domain was computed")
-    return float(np.mean(vals))
-
-
-def sae_sharing_model(study: Study, run: dict[str, Any], model) -> tuple[dict[str, Any], bool]:
-    """SAE on the L2-normalised image embeddings of the train split (all domains), then the paper's
-    Alg. 1-2 feature sharing over the C2 test images. Returns feature_sharing's dict + SAE metrics."""
-    key = {"stage": "sae", "checkpoint": run["checkpoint_hash"], "dataset": study.dataset.content_hash(),
-           "c2": study.c2, **study.opts.analysis_key()}
-
-    def compute() -> dict:
-        ds = study.dataset
-        train_x = embed_images(model, study.images("train"))
-        sae, info, _ = study_sae(study, run["checkpoint_hash"], train_x, seed=0)
-        test = ds.indices(split="test")
-        rows = np.flatnonzero(np.isin(ds.class_idx[test], _c2_idx(study)))
-        with torch.no_grad():
-            codes = sae.encode(embed_images(model, study.images("test")[rows]))
-        H = top_latent_histograms(codes, ds.class_idx[test][rows], ds.domain_idx[test][rows], _c2_idx(study),
-                                  len(ds.domains))
-        out = feature_sharing(H, ds.domains, class_names=study.c2)
-        out.pop("per_class")
-        return out | {"sae": evaluate_sae(sae, train_x), "sae_last_epoch": info["last_epoch"]}
-
-    return study.registry.run("sae", key, compute)
-
-
-def embeddings_model(study: Study, run: dict[str, Any], model, with_umap: bool) -> tuple[dict[str, Any], bool]:
-    """Domain separation of the normalised test embeddings (clipmech.analysis.embeddings.separation_scores:
-    silhouette, cross-validated domain-probe accuracy), and 2-D UMAP coordinates if asked."""
-    key = {"stage": "embeddings", "checkpoint": run["checkpoint_hash"], "dataset": study.dataset.content_hash(),
-           "umap": with_umap, **study.opts.analysis_key()}
-
-    def compute() -> dict:
-        _, _, dom = _test_split(study)
-        emb = embed_images(model, study.images("test")).numpy()
-        out = {"separation": separation_scores(emb, dom, study.dataset.domains)["overall"]}
-        if with_umap:
-            out["umap"] = np.asarray(umap_2d(emb)).tolist()
-            out["domain_idx"] = dom.tolist()
-        return out
-
-    return study.registry.run("embeddings", key, compute)
+    return {str(p.relative_to(out)): notes.get(p.stem.removeprefix("nodes_"), "") for p in paths}
 
 
 # ------------------------------------------------------------------------------------ the study
@@ -659,10 +533,11 @@ def run_quickstart(opts: QuickstartOptions) -> dict[str, Any]:
     opts.validate()
     study = Study(opts, registry=Registry(Path(opts.out) / "registry"))
     study.dataset, study.test_domains, study.c2 = resolve_dataset(opts)
+    study.store = ImageStore(study.dataset, opts.image_size, study.out / "cache")
     specs = model_specs(opts, study.test_domains)
     progress = Progress(plan_budgets(opts, specs, study.dataset), enabled=opts.progress)
     with progress.stage("load data") as h:
-        h.reused = study.images_cached("test") and study.images_cached("train")
+        h.reused = study.store.cached("test") and study.store.cached("train")
         study.images("test"), study.images("train")
 
     runs: dict[str, dict[str, Any]] = {}
@@ -679,41 +554,32 @@ def run_quickstart(opts: QuickstartOptions) -> dict[str, Any]:
     figure_spec = next((s for s in specs if s.setup == "cg_high"), specs[0])
     for spec in specs:
         run = runs[spec.run_id]
-        model = load_model(run)
+        ra = study.run_analysis(run, spec.test_domain)
         tag = f"{spec.run_id} on {spec.test_domain}"
-        with progress.stage(f"CKA {tag}") as h:
-            cka_res, h.reused = cka_model(study, run, model)
-        with progress.stage(f"circuits {tag}") as h:
-            circ, h.reused = circuits_model(study, run, model)
-        with progress.stage(f"SAE {tag}") as h:
-            share, h.reused = sae_sharing_model(study, run, model)
-        with progress.stage(f"embeddings {tag}") as h:
-            emb, h.reused = embeddings_model(study, run, model, with_umap=spec == figure_spec)
-        with progress.stage(f"controls {tag}") as h:  # issue 13: floors, ceilings, causal test, faithfulness
-            ctrl, h.reused = controls_model(study, run, model, spec.test_domain)
+        got = {}
+        for stage, name, fn in plan_stages(ra, spec.test_domain, with_umap=spec == figure_spec):
+            with progress.stage(f"{stage} {tag}") as h:
+                got[name], h.reused = fn()
         accuracy, curve = _final_metrics(metrics[spec.run_id], spec.test_domain)
-        domains = study.dataset.domains
-        rows.append({"setup": spec.setup, "seed": spec.seed, "test_domain": spec.test_domain, **accuracy,
-                     "cka_mid": cka_mid(cka_pairs(cka_res), spec.test_domain),
-                     "node_jaccard": _mean_vs_others(circ["node"], domains, spec.test_domain),
-                     "edge_jaccard": _mean_vs_others(circ["edge"], domains, spec.test_domain),
-                     "feature_sharing": share["score"][spec.test_domain],
-                     "embedding_separation": emb["separation"], "run_id": spec.run_id, "model_id": spec.run_id,
-                     "mixture_id": run["mixture_id"], "n_train": run["n_train"], **ctrl})
+        measures = row_measures(study.dataset.domains, spec.test_domain, got["cka"], got["circuits"]["node"],
+                                got["circuits"]["edge"], got["sharing"], got["emb"]["separation"])
+        rows.append({"setup": spec.setup, "seed": spec.seed, "test_domain": spec.test_domain, **accuracy, **measures,
+                     "run_id": spec.run_id, "model_id": spec.run_id, "mixture_id": run["mixture_id"],
+                     "n_train": run["n_train"], **got["controls"]})
         curves.setdefault(spec.test_domain, {}).setdefault(spec.setup, []).append(curve)
-        per_model[(spec.run_id, spec.test_domain)] = {"cka": cka_res, "circuits": circ, "sharing": share, "emb": emb}
+        per_model[(spec.run_id, spec.test_domain)] = {k: got[k] for k in ("cka", "circuits", "sharing", "emb")}
 
     with progress.stage("figures and report"):
         config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items() if k != "progress"}
         results = build_results(rows, config=config | {"test_domains": study.test_domains, "c2_classes": study.c2,
                                                        "c2_drawings_per_cell": drawings_per_cell(study)},
-                                extra={"wall_time_s": None})
+                                extra={"wall_time_s": None}, provenance=provenance(study.dataset, "cpu"))
         fig_dir = study.out / "figures"
         draw_figures(results, curves, per_model[(figure_spec.run_id, figure_spec.test_domain)], figure_spec,
                      study.dataset.domains, fig_dir)
         draw_controls_figures(results["models"], fig_dir)  # issue 13
-        node_notes = node_figures(study, runs[figure_spec.run_id], load_model(runs[figure_spec.run_id]),
-                                  figure_spec.test_domain, fig_dir)  # issue 29
+        node_notes = node_figures(study.run_analysis(runs[figure_spec.run_id], figure_spec.test_domain),
+                                  figure_spec.test_domain, fig_dir, study.out)  # issue 29
         results["extra"]["wall_time_s"] = round(time.perf_counter() - t0, 1)
     results["extra"]["stages"] = progress.timings()
     results["extra"]["cpu_time_s"] = round(time.process_time() - c0, 1)
@@ -740,8 +606,9 @@ def draw_figures(results: dict[str, Any], curves: dict[str, dict[str, list[list[
                            title=f"C2 accuracy on {fig_spec.test_domain} during training",
                            epochs=curve_epochs(results["config"]["epochs"], results["config"]["curve_points"]))
     cka_res = fig_model["cka"]
-    F.cka_per_layer(cka_pairs(cka_res), cka_res["points"], fig_spec.test_domain, fig_dir / "cka_per_layer.png",
-                    title=f"Domain CKA per layer, {fig_spec.run_id} (C2 class centroids)")
+    if cka_pairs(cka_res):  # else every pair had too few C2 rows: the report says so
+        F.cka_per_layer(cka_pairs(cka_res), cka_res["points"], fig_spec.test_domain, fig_dir / "cka_per_layer.png",
+                        title=f"Domain CKA per layer, {fig_spec.run_id} (C2 class centroids)")
     circ = fig_model["circuits"]
     F.jaccard_heatmaps(np.array(circ["node"], dtype=float), np.array(circ["edge"], dtype=float), domains,
                        fig_dir / "circuit_jaccard.png", title=f"Circuit overlap between domains, {fig_spec.run_id}")
@@ -751,7 +618,8 @@ def draw_figures(results: dict[str, Any], curves: dict[str, dict[str, list[list[
     share = np.array([[np.nan if v is None else v for v in row] for row in fig_model["sharing"]["matrix"]])
     F.feature_sharing_matrix(share, domains, fig_dir / "feature_sharing.png",
                              title=f"SAE feature sharing on C2 classes, {fig_spec.run_id}")
-    points = {k: [(m[k], m["c2_test_acc"], m["setup"]) for m in models] for k in SHAREDNESS_MEASURES}
+    points = {k: [(m[k], m["c2_test_acc"], m["setup"]) for m in models if m[k] is not None]
+              for k in SHAREDNESS_MEASURES}
     F.sharedness_scatter(points, results["correlations"], fig_dir / "sharedness_vs_c2.png")
 
 

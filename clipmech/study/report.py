@@ -22,7 +22,7 @@ from clipmech.study.measure_reliability import class_bootstrap_se, disattenuated
 from clipmech.study.analysis_plan import Plan, load_plan
 from clipmech.utils import PathLike, atomic_write_json, atomic_write_text
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: nullable sharedness measures with null_reasons, provenance block
 SHAREDNESS_MEASURES = ("cka_mid", "node_jaccard", "edge_jaccard", "feature_sharing")
 ACCURACY_FIELDS = ("c1_test_acc", "c2_test_acc")
 MODEL_FIELDS = ("setup", "seed", "test_domain", "model_id") + ACCURACY_FIELDS + SHAREDNESS_MEASURES
@@ -315,8 +315,11 @@ def validate_results(results: Mapping[str, Any]) -> None:
             if not _is_number(m[f]) or not 0.0 <= m[f] <= 1.0:
                 problems.append(f"models[{i}].{f} = {m[f]!r} is not an accuracy in [0, 1]")
         for f in SHAREDNESS_MEASURES:
+            if m[f] is None and (m.get("null_reasons") or {}).get(f):
+                continue  # not computable, and the row says why
             if not _is_number(m[f]) or not -1.0 <= m[f] <= 1.0:
-                problems.append(f"models[{i}].{f} = {m[f]!r} is not a finite number in [-1, 1]")
+                problems.append(f"models[{i}].{f} = {m[f]!r} is not a finite number in [-1, 1] (a null needs "
+                                "its reason in null_reasons)")
     for measure in SHAREDNESS_MEASURES:
         c = results["correlations"].get(measure)
         if c is None:
@@ -329,6 +332,8 @@ def validate_results(results: Mapping[str, Any]) -> None:
             problems.append(f"correlations[{measure!r}]: rho is None without a 'reason'")
         if c.get("ci_low") is not None and not c["ci_low"] <= c["ci_high"]:
             problems.append(f"correlations[{measure!r}]: ci_low > ci_high")
+    if not isinstance(results.get("provenance", {}), dict):
+        problems.append("'provenance' must be an object (docs/results_schema.md)")
     if problems:
         raise ValueError(f"results.json does not match schema version {SCHEMA_VERSION}: " + "; ".join(problems))
 
@@ -339,7 +344,8 @@ def _is_number(v: Any) -> bool:
 
 def build_results(models: Sequence[Mapping[str, Any]], config: Mapping[str, Any] | None = None,
                   extra: Mapping[str, Any] | None = None, n_boot: int = S.DEFAULT_BOOT, boot_seed: int = 0,
-                  max_boot: int = S.MAX_BOOT, plan: Plan | None = None) -> dict[str, Any]:
+                  max_boot: int = S.MAX_BOOT, plan: Plan | None = None,
+                  provenance: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The results.json object from per-model rows: the one entry point of the quickstart, the
     paper-scale `experiment analyse` and `clipmech report`.
 
@@ -351,13 +357,16 @@ def build_results(models: Sequence[Mapping[str, Any]], config: Mapping[str, Any]
     with, doubled while a decision is within 2 Monte-Carlo SEs of its threshold, up to `max_boot`;
     `boot_seed` seeds them (verdicts do not depend on it but near a threshold). `plan`: the analysis
     plan judging the findings (default: the shipped one); results["plan"] records its version, hash
-    and whether the verdicts are confirmatory (`clipmech.study.analysis_plan.Plan.status`). Cost: seconds.
+    and whether the verdicts are confirmatory (`clipmech.study.analysis_plan.Plan.status`).
+    `provenance`: clipmech.study.provenance's block ({} when unknown). Cost: seconds. Schema:
+    docs/results_schema.md.
     """
     plan = plan or load_plan()
     models = [dict(m) | {"model_id": S.model_id(m)} for m in models]
     variant = plan.finding("sharedness").get("variant", "normalized")
     correlations = correlations_for(models, n_boot=n_boot, seed=boot_seed, max_boot=max_boot, variant=variant)
-    results = {"schema_version": SCHEMA_VERSION, "config": dict(config or {}), "models": models,
+    results = {"schema_version": SCHEMA_VERSION, "provenance": dict(provenance or {}),
+               "config": dict(config or {}), "models": models,
                "correlations": correlations,
                "findings": assess_findings(models, correlations, n_boot=n_boot, seed=boot_seed, max_boot=max_boot,
                                            plan=plan),
@@ -378,7 +387,7 @@ def recompute(results: Mapping[str, Any], n_boot: int = S.DEFAULT_BOOT, boot_see
     if not isinstance(results.get("models"), list) or not results["models"]:
         raise ValueError("results.json has no 'models' rows to recompute the statistics from")
     return build_results(results["models"], results.get("config"), results.get("extra"), n_boot=n_boot,
-                         boot_seed=boot_seed, plan=plan)
+                         boot_seed=boot_seed, plan=plan, provenance=results.get("provenance"))
 
 
 def _pct(v: float | None) -> str:
@@ -459,7 +468,8 @@ def render_report(results: Mapping[str, Any], figures: Mapping[str, str] | None 
     for m in results["models"]:
         lines.append(f"| {m['setup']} | {m['test_domain']} | {m['seed']} | {_pct(m['c1_test_acc'])} | "
                      f"{_pct(m['c2_test_acc'])} | " +
-                     " | ".join(f"{m[k]:.3f}" for k in SHAREDNESS_MEASURES) + " |")
+                     " | ".join("n/a" if m[k] is None else f"{m[k]:.3f}" for k in SHAREDNESS_MEASURES) + " |")
+    lines += _null_lines(results["models"])
     if figures:
         lines += ["", "## Figures", ""]
         lines += [f"- `{name}`: {desc}" for name, desc in figures.items()]
@@ -475,6 +485,19 @@ def render_report(results: Mapping[str, Any], figures: Mapping[str, str] | None 
               "circuits from disjoint drawings, pooled over every domain) is then not a ceiling for the score's "
               "domain pairs; `ceiling_pairs` in the controls is the same-pairs ceiling.", ""]
     return "\n".join(lines)
+
+
+def _null_lines(models: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per (measure, reason) that left a field null in some rows, with the rows it hit."""
+    hits: dict[tuple[str, str], list[str]] = {}
+    for m in models:
+        for field, reason in (m.get("null_reasons") or {}).items():
+            hits.setdefault((field, reason), []).append(f"{m['setup']}/{m['test_domain']}/s{m['seed']}")
+    if not hits:
+        return []
+    return ["", "Not computed (null in results.json; the other measures are unaffected):", ""] + [
+        f"- `{field}` in {len(rows)} row(s) ({', '.join(rows[:4])}{' ...' if len(rows) > 4 else ''}): {reason}"
+        for (field, reason), rows in hits.items()]
 
 
 def _p(e: Mapping[str, Any]) -> str:

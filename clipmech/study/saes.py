@@ -3,7 +3,7 @@ seed) and stored beside the registry (`<registry>/sae_files/`), so the SAE stage
 controls (seeds 0 and 1, the seed ceiling of feature sharing) use the same SAEs.
 
 Training budget. The paper trains 200 epochs over >= 9.36M vectors at batch 2048 and lr 1e-4
-(paper.md §8.7), about 900k Adam steps; the quickstart has 2,612 training embeddings (64-d). Its
+(docs/methods.md#sae), about 900k Adam steps; the quickstart has 2,612 training embeddings (64-d). Its
 earlier budget (30 epochs at batch 256, lr 1e-3: 310 steps) left the SAEs unconverged: FVU
 0.088-0.137 and L0 27-31 on the 3-seed default run, and almost no latent (0-0.8 %) reappeared
 under another SAE seed (decoder cosine >= 0.7), so feature sharing's seed ceiling was ~0 and the

@@ -55,7 +55,6 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clipmech.eval.zeroshot import evaluate_run
     from clipmech.locks import unit_lock
     from clipmech.train.config import RESUMABLE_CHANGES, ConfigError, config_difference, load_config
     from clipmech.train.trainer import train
@@ -79,8 +78,9 @@ def run(args: argparse.Namespace) -> int:
     with lock or contextlib.nullcontext():
         run_dir = train(cfg, resume=args.resume)
         print(f"clipmech train: finished; run directory {run_dir}")
-        # Under torchrun every process gets here; one evaluates, still holding the run's lock.
-        if cfg["eval"]["after_train"] and lock is not None:
-            path = evaluate_run(run_dir)
-            print(f"clipmech train: zero-shot evaluation of every checkpoint -> {path}")
+        # Under torchrun every process gets here; one evaluates, still holding the run's lock. The
+        # evaluation comes from the CLI layer (clipmech.cli sets `after_train`): train/ does not import eval/.
+        after = getattr(args, "after_train", None)
+        if cfg["eval"]["after_train"] and lock is not None and after is not None:
+            after(run_dir)
     return 0

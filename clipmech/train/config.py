@@ -66,7 +66,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "gamma": 0.1,
     },
     "train": {
-        "objective": "clip",        # clip | supervised (image tower + linear head, paper.md §6)
+        "objective": "clip",        # clip | supervised (image tower + linear head, docs/methods.md#training)
         "epochs": 32,
         "batch_size": 128,          # per process, per micro-batch
         "accum_freq": 1,            # micro-batches per optimizer step; all used as negatives

@@ -22,7 +22,7 @@ from clipmech.data.dataset import UnreadableImageError
 
 OPENAI_MEAN = open_clip.OPENAI_DATASET_MEAN
 OPENAI_STD = open_clip.OPENAI_DATASET_STD
-CROP_SCALE = (0.9, 1.0)  # paper.md §6
+CROP_SCALE = (0.9, 1.0)  # docs/methods.md#training
 CROP_RATIO = (3 / 4, 4 / 3)
 
 

@@ -1,4 +1,4 @@
-"""Supervised baseline (paper.md §6): a randomly initialised CLIP image tower -> ReLU -> Linear head.
+"""Supervised baseline (docs/methods.md#training): a randomly initialised CLIP image tower -> ReLU -> Linear head.
 
 Trained by clipmech.train.train with `[train] objective = "supervised"` on the same mixtures;
 `PAPER_RECIPE` holds the paper's optimiser settings. Labels (`supervised_labels`): with base /
