@@ -101,7 +101,7 @@ class Circuit:
         xs, ys = zip(*pos.values()) if pos else ((), ())
         ax.scatter(xs, ys, s=12, color="black", zorder=3)
         ax.set_xticks(range(len(self.points)))
-        ax.set_xticklabels([_short(p) for p in self.points], rotation=60, ha="right", fontsize=7)
+        ax.set_xticklabels([short_point(p) for p in self.points], rotation=60, ha="right", fontsize=7)
         ax.set_yticks([])
         title = " / ".join(str(self.meta[k]) for k in ("domain", "class") if k in self.meta)
         ax.set_title(f"circuit {title}".strip())
@@ -110,8 +110,9 @@ class Circuit:
         return ax.figure
 
 
-def _short(point: str) -> str:
-    return point.replace("visual.", "").replace("hook_", "")
+def short_point(point: str) -> str:
+    """'visual.layer2.0.hook_out' -> 'layer2.0': a hook point's name as figure labels show it."""
+    return point.removeprefix("visual.").replace(".hook_out", "").replace("hook_", "")
 
 
 def discover_circuit(model, images: Tensor, labels: Tensor | None, head: Tensor | None, *,

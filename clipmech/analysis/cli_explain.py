@@ -173,7 +173,7 @@ def _save_npz(arrays: dict[str, Any], path: Path) -> None:
 
 def _saliency_pngs(s: _Setup, rows: np.ndarray, arrays: dict[str, Any], out: Path) -> list[str]:
     """One PNG per image: the image, then each map as an overlay; returns paths relative to `out`."""
-    from clipmech.study.explanations import overlay, thumbnail, write_image
+    from clipmech.analysis.explanations import overlay, thumbnail, write_image
 
     names = [k for k in ("input_ig", "grad_cam", "node_ig") if k in arrays]
     paths = []
@@ -210,11 +210,11 @@ def vocabulary(s: _Setup, vocab: str | None) -> tuple[list[str], dict[str, Any]]
 
 def circuit_nodes(s: _Setup, limit: int) -> tuple[list, dict[str, Any]]:
     """The nodes to explain from the circuits `analyze circuits` wrote for this model
-    (`study.explanations.select_circuit_nodes`) and what was read; names the command when none."""
+    (`analysis.explanations.select_circuit_nodes`) and what was read; names the command when none."""
     import json
 
     from clipmech.analysis.circuits import Circuit
-    from clipmech.study.explanations import select_circuit_nodes
+    from clipmech.analysis.explanations import select_circuit_nodes
 
     src, ds = s.source, s.dataset
     folder = src.out / f"circuits_{src.label}" / "circuits"
@@ -237,7 +237,7 @@ def circuit_nodes(s: _Setup, limit: int) -> tuple[list, dict[str, Any]]:
 
 
 def run_explain(args: argparse.Namespace) -> int:
-    from clipmech.study.explanations import ImageSet, explain_nodes
+    from clipmech.analysis.explanations import ImageSet, explain_nodes
 
     s = _Setup(args)
     words, vocab_info = vocabulary(s, args.vocab)

@@ -444,36 +444,3 @@ def faithfulness_curves(models: Sequence[Mapping[str, Any]], path: PathLike | No
     fig.supylabel("faithfulness f(x)" + (f", axis clipped to [{lo:g}, {hi:g}]" if clipped else ""), fontsize=8)
     fig.suptitle(title, fontsize=10)
     return _finish(fig, path)
-
-
-def node_explanations(nodes: Sequence[Mapping], thumbnails: Mapping[str, Mapping[str, np.ndarray]],
-                      domains: Sequence[str], path: PathLike, title: str = "") -> Path:
-    """One row per node: its name, its labels with the fraction of its effect each explains (chance
-    and ceiling beside them), then per domain its top example (uint8 [S, S, 3], overlaid by the
-    node's activation map) with the node's mean activation / ablation effect there. `nodes` are
-    entries of explanations.json (docs/explain.md); `thumbnails[node][domain]` the pictures."""
-    if not nodes:
-        raise ValueError("no nodes to draw; explain some first (clipmech analyze explain)")
-    cols = 1 + len(domains)
-    fig = Figure(figsize=(2.6 + 1.25 * len(domains), 1.35 * len(nodes) + 0.5))
-    axes = fig.subplots(len(nodes), cols, squeeze=False, gridspec_kw={"width_ratios": [2.4] + [1] * len(domains)})
-    for r, node in enumerate(nodes):
-        text = [_short_layer(node["point"]) + f"/{node['index']}"]
-        text += [f"{x['word'][:18]}: {x['fraction']:.0%}" for x in node["labels"]]
-        text.append(f"chance {node['chance']:.0%}, ceiling {node['ceiling']:.0%}")
-        axes[r, 0].text(0, 0.5, "\n".join(text), va="center", fontsize=7, family="monospace")
-        axes[r, 0].axis("off")
-        for c, d in enumerate(domains, start=1):
-            ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            img = thumbnails.get(node["node"], {}).get(d)
-            if img is not None:
-                ax.imshow(img)
-            stats_d = node["domains"].get(d)
-            if stats_d is not None:
-                ax.set_xlabel(f"act {stats_d['mean_activation']:.2g}\nabl {stats_d['ablation_effect']:+.2g}", fontsize=7)
-            if r == 0:
-                ax.set_title(d, fontsize=8)
-    fig.suptitle(title or "circuit nodes: labels (share of the node's effect explained) and top examples", fontsize=9)
-    return _save(fig, path)

@@ -38,7 +38,7 @@ from clipmech.study import figures as F
 from clipmech.study.controls import FIGURE_NOTES as CONTROLS_FIGURES
 from clipmech.study.circuit_sets import cell_circuits, circuit_cells
 from clipmech.study.controls import controls_budget, draw_controls_figures
-from clipmech.study.explanations import PER_FIGURE, ImageSet, explain_nodes, select_circuit_nodes
+from clipmech.analysis.explanations import PER_FIGURE, ImageSet, explain_nodes, select_circuit_nodes
 from clipmech.study.plan import STAGE_VERSION, ImageStore, Preset, RunAnalysis, cka_pairs, row_measures
 from clipmech.study.plan import stages as plan_stages
 from clipmech.study.progress import Progress

@@ -17,12 +17,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from matplotlib.figure import Figure
+
 from clipmech.analysis import explain as X
 from clipmech.analysis import saliency as S
-from clipmech.analysis.circuits import ablation_values, shared_nodes
-from clipmech.analysis.patching import cache_points
-from clipmech.study.figures import node_explanations
-from clipmech.utils import atomic_write_bytes, atomic_write_json
+from clipmech.analysis.ablation import ablation_values
+from clipmech.analysis.attribution import cache_points
+from clipmech.analysis.circuit import shared_nodes, short_point
+from clipmech.utils import PathLike, atomic_write_bytes, atomic_write_json, save_figure
 
 FORMAT = "clipmech.explanations/1"
 PER_FIGURE = 5  # nodes per figure: the report shows the top 5 of each group
@@ -157,3 +159,36 @@ def write_image(pixels: np.ndarray, path: Path, min_height: int = 128) -> Path:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return atomic_write_bytes(buf.getvalue(), path)
+
+
+def node_explanations(nodes: Sequence[Mapping], thumbnails: Mapping[str, Mapping[str, np.ndarray]],
+                      domains: Sequence[str], path: PathLike, title: str = "") -> Path:
+    """One row per node: its name, its labels with the fraction of its effect each explains (chance
+    and ceiling beside them), then per domain its top example (uint8 [S, S, 3], overlaid by the
+    node's activation map) with the node's mean activation / ablation effect there. `nodes` are
+    entries of explanations.json (docs/explain.md); `thumbnails[node][domain]` the pictures."""
+    if not nodes:
+        raise ValueError("no nodes to draw; explain some first (clipmech analyze explain)")
+    cols = 1 + len(domains)
+    fig = Figure(figsize=(2.6 + 1.25 * len(domains), 1.35 * len(nodes) + 0.5))
+    axes = fig.subplots(len(nodes), cols, squeeze=False, gridspec_kw={"width_ratios": [2.4] + [1] * len(domains)})
+    for r, node in enumerate(nodes):
+        text = [short_point(node["point"]) + f"/{node['index']}"]
+        text += [f"{x['word'][:18]}: {x['fraction']:.0%}" for x in node["labels"]]
+        text.append(f"chance {node['chance']:.0%}, ceiling {node['ceiling']:.0%}")
+        axes[r, 0].text(0, 0.5, "\n".join(text), va="center", fontsize=7, family="monospace")
+        axes[r, 0].axis("off")
+        for c, d in enumerate(domains, start=1):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            img = thumbnails.get(node["node"], {}).get(d)
+            if img is not None:
+                ax.imshow(img)
+            stats_d = node["domains"].get(d)
+            if stats_d is not None:
+                ax.set_xlabel(f"act {stats_d['mean_activation']:.2g}\nabl {stats_d['ablation_effect']:+.2g}", fontsize=7)
+            if r == 0:
+                ax.set_title(d, fontsize=8)
+    fig.suptitle(title or "circuit nodes: labels (share of the node's effect explained) and top examples", fontsize=9)
+    return save_figure(fig, path, 130)
