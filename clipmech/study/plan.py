@@ -53,7 +53,8 @@ class Preset:
     sized for its 10-minute budget; docs/methods.md gives the paper's values."""
 
     circuit_steps: int = 10  # IG Riemann steps (paper: 10)
-    circuit_classes: int | None = 5  # first C2 classes with a circuit per domain; None: all (paper: 15)
+    circuit_classes: int | None = 8  # first C2 classes with a circuit per domain; None: all (paper: 15);
+    # 8 is the analysis plan's min_classes for the causal test (docs/causal-test.md)
     sae_expansion: int = 4  # latents = expansion x embedding width (paper: 4)
     sae_epochs: int = 100  # at batch 256, lr 3e-3 (clipmech.study.saes: what converges in the budget)
     cka_boot: int = 50  # bootstrap resamples of the CKA CIs

@@ -91,7 +91,9 @@ class QuickstartOptions:
     # drawings (view 0, not the augmented views) join the test split's: 2 distinct drawings per cell.
     c2_both_splits: bool = True
     circuit_steps: int = 10  # IG Riemann steps for circuits (paper: 10)
-    circuit_classes: int = 5  # C2 classes with a circuit per domain (paper: all 15)
+    # C2 classes with a circuit per domain (paper: all 15). 8: the analysis plan's causal test needs >= 8
+    # classes (an exact sign-flip test over n classes cannot give p below 2^-n; 5 classes: 1/32 > alpha/2)
+    circuit_classes: int = 8
     sae_expansion: int = 4  # latents = expansion x embedding width (paper: 4)
     sae_epochs: int = 100  # at batch 256, lr 3e-3 (clipmech.study.saes: what converges in the budget)
     cka_boot: int = 50
