@@ -23,7 +23,9 @@ def _parser():
 def run_dir(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     save_config(load_config({"model": {"name": "tiny-rn", "image_size": 32}}), run / "config.toml")
-    model = HookedCLIP.from_config({**HookedCLIP.from_config("tiny-rn").cfg})
+    cfg = HookedCLIP.from_config("tiny-rn").cfg
+    # the checkpoint matches its config's 32 px, as a trained run's does (the source refuses a mismatch)
+    model = HookedCLIP.from_config({**cfg, "vision_cfg": {**cfg["vision_cfg"], "image_size": 32}})
     torch.save({"epoch": 0, "name": "tiny-rn", "state_dict": model.state_dict(), "model_cfg": model.cfg},
                run / "epoch_0.pt")
     return run
