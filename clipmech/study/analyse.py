@@ -103,7 +103,7 @@ OPTION_TYPES = {"points": ("list[str]?", None), "classes": ("list[str]?", None),
                 "sae_batch_size": ("int", ">=1"), "cka_boot": ("int", ">=0"), "cka_min_rows": ("int", f">={MIN_ROWS_UNBIASED}"),
                 "n_templates": ("int?", ">=1"), "embedding_images": ("int", ">=1"), "batch_size": ("int", ">=1"),
                 "workers": ("int", ">=0"), "shard_rows": ("int", ">=1"), "precision": ("str", ("fp32", "bf16", "fp16")),
-                "device": ("str", None), "paper_compat": ("bool", None)}
+                "device": ("str", None), "paper_compat": ("bool", None), "controls": ("bool", None)}
 
 
 def analysis_options(table: Mapping[str, Any], **overrides: Any) -> AnalysisOptions:
@@ -445,6 +445,11 @@ def model_rows(ctx: RunContext, setup: str, seed: int, test_domains: Sequence[st
     return rows, curves
 
 
+def stage_label(units: Sequence[Unit]) -> str:
+    """"cka+controls+embeddings+sae": the kinds of units a stage runs, for its progress lines."""
+    return "+".join(sorted({u.name.split("/")[-1] for u in units}))
+
+
 def analyse_run(run_dir: str | Path, opts: AnalysisOptions, out: str | Path, launch: LaunchOptions = LaunchOptions(),
                 test_domains: Sequence[str] | None = None, with_umap: bool = False) -> list[dict[str, Any]]:
     """Analyse one trained run (every unit, through `launch`) and return its model rows, one per test
@@ -456,7 +461,8 @@ def analyse_run(run_dir: str | Path, opts: AnalysisOptions, out: str | Path, lau
     units = plan_units(ctx, out, run_id, with_umap, domains)
     first = [u for n, u in units.items() if n.split("/")[0] in FIRST_STAGE]
     run_units(first, launch, stage=f"{run_id} extract+circuits")
-    run_units([u for u in units.values() if u not in first], launch, stage=f"{run_id} cka+sae+embeddings+controls")
+    rest = [u for u in units.values() if u not in first]
+    run_units(rest, launch, stage=f"{run_id} {stage_label(rest)}")
     m = collect(units, ctx.source.c2)
     rows, _ = model_rows(ctx, ctx.cfg["mixture"]["setup"], int(ctx.cfg["train"]["seed"]), domains, run_id,
                          m["cka"], m["circuits"], m["sharing"], m["embeddings"], m["controls"])

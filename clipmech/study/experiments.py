@@ -302,7 +302,7 @@ def analyse_experiment(path: PathLike, out: PathLike = "runs/experiments", data:
     second = [u for p in plans.values() for n, u in p.items() if n.split("/")[0] not in A.FIRST_STAGE]
     name = exp["experiment"]["name"]
     run_units(first, launch_opts, stage=f"{name} extract+circuits", dry_run=dry_run)
-    run_units(second, launch_opts, stage=f"{name} cka+sae+embeddings+controls", dry_run=dry_run)
+    run_units(second, launch_opts, stage=f"{name} {A.stage_label(second)}", dry_run=dry_run)
     if dry_run:
         return None
     measures = {r["id"]: A.collect(plans[r["id"]], r["ctx"].source.c2) for r in runs}
