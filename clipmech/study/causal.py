@@ -29,7 +29,7 @@ from clipmech.eval.zeroshot import class_prompts_names
 def _node_scores(model, images: torch.Tensor, k: int, head: torch.Tensor, steps: int) -> dict[str, torch.Tensor]:
     """IG node scores {point: [C]} of class k on `images` (node IG only, no edges)."""
     labels = torch.full((len(images),), k, dtype=torch.long)
-    return discover_circuit(model, images, labels, head, steps=steps, top_k=0).node_scores
+    return discover_circuit(model, images, labels, head, steps=steps, edges=False).node_scores
 
 
 def study_causal_test(study, model, discovery: Mapping[str, Mapping[int, Circuit]], test_domain: str,
