@@ -16,6 +16,7 @@ def setting(tmp_path_factory):
     from clipmech.models import HookedCLIP
     from clipmech.models.configs import resolve_config
     from clipmech.study.circuit_sets import circuit_cells
+    from clipmech.study.plan import ImageStore
     from clipmech.study.quickstart import QuickstartOptions, Study, resolve_dataset
     from clipmech.study.registry import Registry
 
@@ -24,6 +25,7 @@ def setting(tmp_path_factory):
                              progress=False)
     study = Study(opts, registry=Registry(tmp / "registry"))
     study.dataset, study.test_domains, study.c2 = resolve_dataset(opts)
+    study.store = ImageStore(study.dataset, opts.image_size, tmp / "cache")
     torch.manual_seed(0)
     _, cfg = resolve_config("tiny-rn")
     model = HookedCLIP.from_config(dict(cfg, vision_cfg=dict(cfg["vision_cfg"], image_size=32))).eval()

@@ -162,7 +162,9 @@ def test_rows_carry_the_controls(quickstart):
         # one circuit class: no placebo class exists, the placebo test says so and the matched test decides
         assert "placebo needs 2" in m["controls"]["causal_test"]["reason"]
     assert (out / "figures" / "sharedness_controls.png").stat().st_size > 5000
-    assert any(p.name.startswith("faithfulness_") for p in (out / "figures").iterdir())
+    # one faithfulness figure for all models (not one per model and domain)
+    assert (out / "figures" / "faithfulness.png").stat().st_size > 5000
+    assert not any(p.name.startswith("faithfulness_") for p in (out / "figures").iterdir())
 
 
 def test_circuits_and_saes_are_computed_once_per_weights(quickstart):
