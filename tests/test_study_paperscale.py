@@ -125,11 +125,24 @@ def test_local_study_from_each_runs_own_config(setup, capsys):
 
 
 def test_slurm_launcher_through_submitit_local_executor(setup):
+    """Training and every analysis stage go through submitit job arrays (its local executor, which starts
+    every array task at once); the analysis is cut to one circuit class and no controls, which the local
+    test above covers, so the launcher is what this test measures."""
     pytest.importorskip("submitit", reason="--launcher slurm needs the [slurm] extra (submitit)")
     root, data = setup
     out = root / "slurm"
-    _check(_study(root, data, out, "--launcher", "slurm", "--submitit-cluster", "local"), out)
-    assert any((out / "tinymech" / "submitit").iterdir()) and any((out / "tiny" / "submitit").iterdir())
+    (root / "mech_slurm.toml").write_text(ANALYSIS + "circuit_classes = 1\ncontrols = false\n")
+    common = ["--data", f"domainnet={data}", "--out", str(out), "--launcher", "slurm", "--submitit-cluster", "local"]
+    assert main(["experiment", "run", str(root / "tiny.toml"), *common]) == 0
+    assert main(["experiment", "analyse", str(root / "mech_slurm.toml"), *common]) == 0
+    models = json.loads((out / "tinymech" / "results.json").read_text())["models"]
+    assert sorted(m["setup"] for m in models) == ["cg_high", "lod"]
+    for m in models:
+        assert m["image_size"] == 64 and m["c2_classes"] == C2
+        assert -1 <= m["node_jaccard"] <= 1 and -1 <= m["feature_sharing"] <= 1
+        assert "causal_effect_logit" not in m  # controls = false: not measured, not invented
+    jobs = {p.parents[2].name for p in out.rglob("submitit/*/*_submitted.pkl")}
+    assert jobs == {"tiny", "tinymech"}
 
 
 def test_unknown_analysis_key_names_the_valid_ones(setup, tmp_path, capsys):
