@@ -71,6 +71,10 @@ def test_standardised_mean_difference_hand_computed_and_its_limit():
     scores = {"p": torch.tensor([0.0, 1, 2, 3]), "q": 1000 * torch.tensor([0.0, 1, 2, 3])}
     assert K.set_balance({"p": [0, 3]}, [{"p": [1, 2]}], scores) == pytest.approx(0.0)
     assert K.set_balance({"p": [1, 2], "q": [1, 2]}, [{"p": [0, 3], "q": [0, 3]}], scores) == pytest.approx(0.0)
+    # a one-node set against controls that all drew the same other node: infinite SMD -> None (unbalanced),
+    # found in the default quickstart, where it used to stop the whole run; the same node -> 0
+    assert K.set_balance({"p": [0]}, [{"p": [1]}, {"p": [1]}], scores) is None
+    assert K.set_balance({"p": [1]}, [{"p": [1]}, {"p": [1]}], scores) == 0.0
 
 
 # ------------------------------------------------------------------------------------ inference
@@ -198,7 +202,7 @@ def test_causal_test_runs_end_to_end_and_counts(tiny):
             used = [p for p in c["placebo"] if p is not None]
             want = e["effect"] - np.mean([p[how]["logit"]["effect"] for p in used]) if used else None
             assert c["primary"][how]["logit"] == (pytest.approx(want) if used else None)
-        assert c["balanced"] == (c["max_abs_smd"] <= 0.1)
+        assert c["balanced"] == (c["max_abs_smd"] is not None and c["max_abs_smd"] <= 0.1)
     finding = K.causal_finding([res], ablation="resample", outcome="margin")
     assert finding["n_classes"] + sum(finding["excluded"].values()) == len(res["classes"])
 

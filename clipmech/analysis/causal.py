@@ -178,9 +178,11 @@ def standardized_mean_difference(a: Sequence[float], b: Sequence[float]) -> floa
 
 
 def set_balance(target: Mapping[str, Sequence[int]], controls: Sequence[Mapping[str, Sequence[int]]],
-                scores: Mapping[str, Tensor | np.ndarray]) -> float:
+                scores: Mapping[str, Tensor | np.ndarray]) -> float | None:
     """SMD of `scores` (z-scored within each point over all its nodes, so points are comparable)
-    between the target's nodes and the pooled nodes of all control sets."""
+    between the target's nodes and the pooled nodes of all control sets; None when it is infinite
+    (both groups constant with different means, e.g. a one-node placebo set whose stratum offers one
+    other node): such a set is not balanced, and the class is excluded and counted as unbalanced."""
     z = {}
     for p in target:
         s = np.asarray(scores[p], dtype=float)
@@ -188,6 +190,9 @@ def set_balance(target: Mapping[str, Sequence[int]], controls: Sequence[Mapping[
         z[p] = (s - s.mean()) / (sd if sd > 0 else 1.0)
     a = [z[p][i] for p, v in target.items() for i in v]
     b = [z[p][i] for c in controls for p, v in c.items() for i in v]
+    a_arr, b_arr = np.asarray(a), np.asarray(b)
+    if a_arr.size and b_arr.size and np.ptp(a_arr) == 0 and np.ptp(b_arr) == 0 and a_arr[0] != b_arr[0]:
+        return None
     return standardized_mean_difference(a, b)
 
 
@@ -291,7 +296,7 @@ def class_causal_effects(model, circuits: Circuits, test_domain: str, k: Any, im
                          points: Sequence[str], opts: CausalOptions = CausalOptions(),
                          rng: np.random.Generator | None = None) -> dict[str, Any]:
     """The causal effects of class k (module doc) under every ablation of `fills` ({"mean": fill,
-    "resample": fill}): {"n_images", "shared": {"size", "unmatched", "balance_smd", ablation:
+    "resample": fill}): {"n_images", "shared": {"size", "unmatched", "balance_smd" (None: infinite), ablation:
     {outcome: {...}}}, "strata": [per stratum: {"size", "unmatched", ablation: effects}], "placebo":
     [per placebo class: same as shared, or None when empty], "balanced", and per ablation and
     outcome "primary" = shared effect - mean placebo effect (None without a placebo node)}.
@@ -335,8 +340,9 @@ def class_causal_effects(model, circuits: Circuits, test_domain: str, k: Any, im
     smds = [shared["balance_smd"]] + [p["balance_smd"] for p in used]
     out: dict[str, Any] = {"n_images": len(images), "shared": shared, "strata": strata, "placebo": placebo,
                            "n_placebo_empty": len(placebo) - len(used),
-                           "balanced": bool(all(abs(v) <= opts.balance_limit for v in smds)),
-                           "max_abs_smd": float(max(abs(v) for v in smds)), "primary": {}}
+                           "balanced": bool(all(v is not None and abs(v) <= opts.balance_limit for v in smds)),
+                           "max_abs_smd": None if None in smds else float(max(abs(v) for v in smds)),
+                           "primary": {}}
     for how in fills:
         out["primary"][how] = {o: (shared[how][o]["effect"] - float(np.mean([p[how][o]["effect"] for p in used]))
                                    if used else None) for o in OUTCOMES}
