@@ -231,3 +231,22 @@ def test_leak_guard_fires_on_a_leaked_drawing_and_passes_disjoint_ones():
     with pytest.raises(ValueError, match="source"):
         check_disjoint_drawings(files, [0], [3])
     check_disjoint_drawings(files, [0], [4])
+
+
+def test_balance_summary_counts_every_pair_and_its_boundaries():
+    """Known answer over 2 models x 2 classes: an SMD exactly at the limit is within it, a None (infinite)
+    SMD is counted, and the per-stratum effects average every pair, balanced or not."""
+    def cls(smd, placebo, balanced, effects):
+        return {"balanced": balanced, "shared": {"balance_smd": smd}, "placebo": [placebo, None],
+                "strata": [{"stratum": z, "mean": {"logit": {"effect": e}}} for z, e in enumerate(effects)]}
+    models = [{"classes": {"a": cls(0.1, {"balance_smd": -0.2}, True, [0.0, 1.0]),
+                           "b": cls(0.5, {"balance_smd": None}, False, [0.2, 3.0])}},
+              {"classes": {"a": cls(-0.3, {"balance_smd": 0.4}, False, [0.4, 2.0]),
+                           "b": cls(None, None, False, [0.6])}}]
+    b = K.balance_summary(models, "mean", "logit", limit=0.1)
+    assert (b["n_pairs"], b["n_balanced"], b["infinite"]) == (4, 1, 2)
+    assert b["shared_smd_quartiles"] == pytest.approx(list(np.percentile([0.1, 0.5, -0.3], [25, 50, 75])))
+    assert b["shared_positive"] == pytest.approx(2 / 3) and b["shared_within_limit"] == pytest.approx(1 / 3)
+    assert b["placebo_abs_smd_median"] == pytest.approx(0.3)
+    assert b["strata_all_pairs"] == {0: {"effect": pytest.approx(0.3), "n": 4}, 1: {"effect": pytest.approx(2.0), "n": 3}}
+    assert K.balance_summary([], "mean", "logit")["shared_smd_quartiles"] is None

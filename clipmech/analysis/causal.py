@@ -349,6 +349,42 @@ def class_causal_effects(model, circuits: Circuits, test_domain: str, k: Any, im
     return out
 
 
+def balance_summary(models: Sequence[Mapping[str, Any]], ablation: str = "mean", outcome: str = "logit",
+                    limit: float = BALANCE_LIMIT) -> dict[str, Any]:
+    """The balance check over every (model, class) pair of several models' `causal_test` results,
+    balanced or not (descriptive: `causal_finding` uses only the balanced pairs). Returns the pair
+    counts, quartiles of the shared set's signed SMD (positive: shared nodes have higher independent
+    IG than their matched controls) with the share above 0 and within `limit`, the median |SMD| of the
+    placebo sets, infinite SMDs counted, and the shared - controls effect per IG stratum over all
+    pairs (top stratum last; exploratory, since unbalanced pairs are included)."""
+    shared, placebo, n_pairs, n_balanced, infinite = [], [], 0, 0, 0
+    strata: dict[int, list[float]] = {}
+    for res in models:
+        for c in res["classes"].values():
+            n_pairs += 1
+            n_balanced += bool(c["balanced"])
+            if "balance_smd" not in c["shared"]:  # a result written before the balance check: nothing to add
+                continue
+            smd = c["shared"]["balance_smd"]
+            infinite += smd is None
+            shared += [] if smd is None else [smd]
+            for pl in c["placebo"]:
+                if pl is not None and "balance_smd" in pl:
+                    infinite += pl["balance_smd"] is None
+                    placebo += [] if pl["balance_smd"] is None else [abs(pl["balance_smd"])]
+            for row in c["strata"]:
+                if ablation in row:
+                    strata.setdefault(row["stratum"], []).append(row[ablation][outcome]["effect"])
+    sh = np.asarray(shared, dtype=float)
+    quart = (lambda a: [float(q) for q in np.percentile(a, [25, 50, 75])] if a.size else None)
+    return {"ablation": ablation, "outcome": outcome, "limit": limit, "n_pairs": n_pairs, "n_balanced": n_balanced,
+            "infinite": infinite, "shared_smd_quartiles": quart(sh),
+            "shared_positive": float((sh > 0).mean()) if sh.size else None,
+            "shared_within_limit": float((np.abs(sh) <= limit).mean()) if sh.size else None,
+            "placebo_abs_smd_median": float(np.median(placebo)) if placebo else None,
+            "strata_all_pairs": {z: {"effect": float(np.mean(v)), "n": len(v)} for z, v in sorted(strata.items())}}
+
+
 def causal_test(model, circuits: Circuits, test_domain: str, held_out: Mapping[Any, tuple[Tensor, Tensor]],
                 head: Tensor, *, match_scores: Mapping[Any, Mapping[str, Tensor]],
                 balance_scores: Mapping[Any, Mapping[str, Tensor]], fills: Mapping[Any, Mapping[str, Mapping[str, Tensor]]],

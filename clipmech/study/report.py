@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from clipmech.analysis import bootstrap as B
-from clipmech.analysis.causal import causal_finding
+from clipmech.analysis.causal import BALANCE_LIMIT, balance_summary, causal_finding
 from clipmech.study import stats as S
 from clipmech.study.measure_reliability import class_bootstrap_se, disattenuated, reliability
 from clipmech.study.analysis_plan import Plan, load_plan
@@ -233,6 +233,7 @@ def assess_causal_test(models: Sequence[Mapping[str, Any]], plan: Plan) -> dict[
             "rule": (f"per class, (shared − controls) − (placebo − controls) averaged over the models ({len(tests)} rows)"
                      f"; exact one-sided sign-flip test over classes, reproduced when p < α/2"),
             "evidence": [primary], "beside": beside,
+            "balance": balance_summary(tests, spec["ablation"], spec["outcome"], spec.get("balance_limit", BALANCE_LIMIT)),
             "coverage": "classes are the exchangeable units of the sign-flip test; models are averaged within "
                         "each class, so the p-value covers the choice of classes, not of models or drawings.",
             "verdict": primary["verdict"]}
@@ -459,6 +460,7 @@ def render_report(results: Mapping[str, Any], figures: Mapping[str, str] | None 
         lines += [f"### {f['finding']}: **{f['verdict']}**", "", f"Rule: {f['rule']}.{side}", ""]
         lines += [_evidence_line(e) for e in f["evidence"]] + _causal_beside(f)
         lines += [_evidence_line(e, f"beside ({e['label']}): ") for e in f.get("beside", [])]
+        lines += _balance_lines(f.get("balance"))
         if f.get("matched_test"):
             lines += [_evidence_line(e, "beside (matched test of issue 13): ") for e in f["matched_test"]["evidence"]]
         lines += ["", f"*What the CIs cover:* {f.get('coverage') or ci_coverage(f, cfg)}", ""]
@@ -558,6 +560,23 @@ def _placebo_line(e: Mapping[str, Any], label: str = "") -> str:
             f"{e['p']:.4f} (side {e['side']}; smallest attainable {e['min_p']:.4f}){warn}; shared − controls "
             f"{e['shared_minus_controls']:+.3f}, mean randomisation p {e['randomisation_p']:.3f}; by IG stratum "
             f"(top last): {strata}; excluded (model, class) pairs: {excluded}: **{e['verdict']}**")
+
+
+def _balance_lines(b: Mapping[str, Any] | None) -> list[str]:
+    """The causal test's balance check over all (model, class) pairs (`balance_summary`)."""
+    if not b or not b["n_pairs"]:
+        return []
+    q = b["shared_smd_quartiles"]
+    quart = "n/a" if q is None else f"{q[1]:+.2f} (quartiles {q[0]:+.2f}, {q[2]:+.2f})"
+    share = (lambda v: "n/a" if v is None else f"{100 * v:.0f} %")
+    strata = "; ".join(f"stratum {z}: {v['effect']:+.3f} (n = {v['n']})" for z, v in b["strata_all_pairs"].items())
+    placebo = "n/a" if b["placebo_abs_smd_median"] is None else f"{b['placebo_abs_smd_median']:.2f}"
+    return ["", f"Balance check ({b['ablation']} ablation, {b['outcome']}; |SMD| of independent IG ≤ {b['limit']}): "
+            f"{b['n_balanced']} of {b['n_pairs']} (model, class) pairs balanced; shared set SMD median {quart}, "
+            f"positive in {share(b['shared_positive'])}, within the limit in {share(b['shared_within_limit'])} "
+            f"(positive: the shared nodes have higher IG on independent drawings than their matched controls); "
+            f"placebo sets' median |SMD| {placebo}; {b['infinite']} infinite SMD(s) counted as unbalanced.",
+            f"Shared − controls by IG stratum over all pairs, balanced or not (exploratory; top last): {strata or 'n/a'}."]
 
 
 def _signed(v: float | None) -> str:
