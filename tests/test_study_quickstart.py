@@ -208,3 +208,19 @@ def test_dataset_folder_gets_the_same_rules_scaled_to_its_classes(tmp_path):
                                                       for s in ("train", "test")}, size=4)
     with pytest.raises(ValueError, match=f"has {MIN_CLASSES - 1} classes; the quickstart needs at least {MIN_CLASSES}"):
         resolve_dataset(replace(QuickstartOptions(), dataset=str(small)))
+
+
+def test_node_explanations_name_their_model_so_the_viewer_shows_them(quickstart, tmp_path):
+    """The report's node figures come from one CG-high model; its explanations.json names that row's model,
+    so `clipmech view` puts the nodes on the model's page (it found none before the id was written)."""
+    import shutil
+
+    from clipmech.view.site import build_site
+    out, _ = quickstart
+    meta = json.loads((out / "figures" / "explain" / "explanations.json").read_text())["meta"]
+    models = json.loads((out / "results.json").read_text())["models"]
+    row = next(m for m in models if m["model_id"] == meta["model_id"])
+    assert row["setup"] == "cg_high" and row["test_domain"] == meta["test_domain"]
+    study = tmp_path / "study"
+    shutil.copytree(out, study, ignore=shutil.ignore_patterns("cache", "runs", "view"))
+    assert build_site(study).explained_models == 1

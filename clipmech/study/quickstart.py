@@ -436,14 +436,16 @@ def _c2_idx(study: Study) -> list[int]:
     return [study.dataset.classes.index(c) for c in study.c2]
 
 
-def node_figures(ra: RunAnalysis, test_domain: str, fig_dir: Path, out: Path, per_domain: int = 8) -> dict[str, str]:
+def node_figures(ra: RunAnalysis, test_domain: str, fig_dir: Path, out: Path, per_domain: int = 8,
+                 model_id: str | None = None) -> dict[str, str]:
     """The report's node figures (issue 29): the top PER_FIGURE shared and test-domain-only nodes of
     the model's C2 circuits on `test_domain` (the stored circuit set of the per-run plan), labelled with
     the study's class names in its templates, explained on up to `per_domain` C2 test images per
     domain, top examples among 2 x `per_domain` test images per domain -> fig_dir/explain/
     (explanations.json, thumbs, nodes_<group>.png). Returns {figure path: note}; empty when no
-    other domain has circuits. Cost: one segment forward per node over the sample and one forward
-    over the pool."""
+    other domain has circuits. `model_id` (the results row's model) goes into the file's meta, so
+    `clipmech view` puts the nodes on that model's page. Cost: one segment forward per node over the
+    sample and one forward over the pool."""
     ds, model = ra.dataset, ra.model
     test_cells, _ = circuit_cells(ra)
     circuits, _ = cell_circuits(ra, model, ra.checkpoint_hash, test_cells, "test")
@@ -465,7 +467,7 @@ def node_figures(ra: RunAnalysis, test_domain: str, fig_dir: Path, out: Path, pe
     images = ra.images("test")
     pool_set = ImageSet(images[pool_rows], dom[pool_rows], sources=[ds.source_key(int(i)) for i in test[pool_rows]],
                         classes=[ds.classes[int(k)] for k in cls[pool_rows]])
-    meta = {"test_domain": test_domain, "circuits": found, "model": ra.checkpoint_hash,
+    meta = {"model_id": model_id, "test_domain": test_domain, "circuits": found, "model": ra.checkpoint_hash,
             "vocabulary": {"source": "the study's class names", "n_words": len(names), "dropped": 0}}
     _, paths = explain_nodes(model, nodes, ImageSet(images[sample], dom[sample], torch.as_tensor(labels)),
                              words[torch.as_tensor(present)], pool_set, ds.domains, names, words,
@@ -581,7 +583,8 @@ def run_quickstart(opts: QuickstartOptions) -> dict[str, Any]:
                      study.dataset.domains, fig_dir)
         draw_controls_figures(results["models"], fig_dir)  # issue 13
         node_notes = node_figures(study.run_analysis(runs[figure_spec.run_id], figure_spec.test_domain),
-                                  figure_spec.test_domain, fig_dir, study.out)  # issue 29
+                                  figure_spec.test_domain, fig_dir, study.out,
+                                  model_id=figure_spec.run_id)  # issue 29
         results["extra"]["wall_time_s"] = round(time.perf_counter() - t0, 1)
     results["extra"]["stages"] = progress.timings()
     results["extra"]["cpu_time_s"] = round(time.process_time() - c0, 1)
