@@ -286,7 +286,8 @@ def _cached_circuit(run: "_Run", args: argparse.Namespace, path: Path, settings:
     if sample is None:
         return None
     c = discover_circuit(run.model, *sample, run.head, steps=args.steps, node_fraction=args.node_fraction,
-                         top_k=top_k, meta={**settings, "images_used": len(sample[0])})
+                         edges=top_k > 0, top_k=max(top_k, 1),
+                         meta={**settings, "images_used": len(sample[0])})
     if run.paper_compat and top_k:
         c = wraparound_edges(c, top_k)
     c.save(path)
