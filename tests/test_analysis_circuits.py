@@ -8,7 +8,9 @@ import torch.nn.functional as F
 
 from clipmech.analysis import circuit_similarity as S
 from clipmech.analysis.bottleneck_edges import unsplittable_reason
+from clipmech.analysis import ablation as AB
 from clipmech.analysis import attribution as A
+from clipmech.analysis import circuit as CI
 from clipmech.analysis import circuits as C
 from clipmech.analysis import patching as P
 from clipmech.models import HookedCLIP
@@ -416,3 +418,77 @@ def test_faithfulness_at_one_point_matches_hand_ablation(rn, batch, circuit):
     assert res["faithfulness"] == pytest.approx((kept - empty) / (full - empty))
     with pytest.raises(ValueError, match="not points of the circuit"):
         C.faithfulness(rn, circuit, images, labels, head, points=["visual.layer9.hook_out"])
+
+
+# ----------------------------------------------------------------- batched discovery and ablation
+@pytest.mark.parametrize("arch", ["rn", "vit"])
+@pytest.mark.parametrize("max_images", [1, 2, 3, 64])  # chunks that split a batch, end on its edge, hold all
+def test_discover_circuits_equals_one_discover_circuit_per_batch(request, batch, arch, max_images):
+    model = request.getfixturevalue(arch)
+    images, head, _ = batch
+    batches = [(images[:1], torch.tensor([1])), (images[1:3], torch.tensor([2, 2])), (images[2:], torch.tensor([0]))]
+    metas = [{"cell": i} for i in range(3)]
+    grouped = CI.discover_circuits(model, batches, head, steps=2, metas=metas, max_images=max_images)
+    for (imgs, labels), meta, got in zip(batches, metas, grouped):
+        want = C.discover_circuit(model, imgs, labels, head, steps=2, meta=meta)
+        assert got.nodes == want.nodes and got.meta == want.meta
+        for p in want.points:
+            torch.testing.assert_close(got.node_scores[p], want.node_scores[p], rtol=1e-10, atol=1e-12)
+        assert [e[:4] for e in got.edges] == [e[:4] for e in want.edges]
+        torch.testing.assert_close(torch.tensor([e[4] for e in got.edges]), torch.tensor([e[4] for e in want.edges]),
+                                   rtol=1e-10, atol=1e-12)
+    nodes_only = CI.discover_circuits(model, batches, head, steps=2, edges=False, max_images=max_images)
+    assert [c.nodes for c in nodes_only] == [c.nodes for c in grouped] and all(not c.edges for c in nodes_only)
+
+
+def test_discover_circuits_checks_its_inputs(rn, batch):
+    images, head, labels = batch
+    assert CI.discover_circuits(rn, [], head) == []
+    with pytest.raises(ValueError, match="2 metas for 1 batches"):
+        CI.discover_circuits(rn, [(images, labels)], head, metas=[{}, {}])
+    with pytest.raises(ValueError, match="node_fraction must be in"):
+        CI.discover_circuits(rn, [(images, labels)], head, node_fraction=0)
+    space = A.node_spaces(rn, images, [rn.analysis_points()[2]])[rn.analysis_points()[2]]
+    with pytest.raises(ValueError, match=r"labels shape \(2,\) does not match 3 images"):
+        A.ig_node_scores_grouped(rn, images, labels[:2], head, space, 2, [[0, 1, 2]])
+
+
+@pytest.mark.parametrize("arch", ["rn", "vit"])
+@pytest.mark.parametrize("how,batch_size", [("mean", 256), ("mean", 2), ("resample", 4), ("resample", 1)])
+def test_ablated_embeddings_equal_one_ablated_embedding_per_setting(request, batch, arch, how, batch_size):
+    """Settings stacked into forwards of `batch_size` images (2: one setting per forward with 3 images;
+    4: one; 1: fewer images than a setting holds) give each setting's own ablated embedding."""
+    model = request.getfixturevalue(arch)
+    images, _, _ = batch
+    points = model.analysis_points()[1:4]
+    gen = torch.Generator().manual_seed(5)
+    fill = C.ablation_values(model, images.flip(0), points, how)
+    n = {p: fill[p].shape[-1] for p in points}
+    keep = {p: torch.rand(4, n[p], generator=gen) < 0.5 for p in points}
+    keep = {p: torch.cat([m[:3], torch.ones(1, n[p], dtype=torch.bool)]) for p, m in keep.items()}  # last: keep all
+    got = AB.ablated_embeddings(model, images, keep, fill, batch=batch_size)
+    assert got.shape[:2] == (4, len(images))
+    for s in range(4):
+        want = C.ablated_embedding(model, images, {p: keep[p][s] for p in points}, fill=fill)
+        torch.testing.assert_close(got[s], want, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        clean = model.encode_image(images)
+    torch.testing.assert_close(got[3], clean, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="same number of settings"):
+        AB.ablated_embeddings(model, images, {points[0]: keep[points[0]], points[1]: keep[points[1]][:2]}, fill)
+
+
+def test_faithfulness_curve_matches_its_definition_setting_by_setting(rn, batch, circuit):
+    """f(x) = (m(C_x) - m(empty)) / (m(N) - m(empty)), each m from its own ablated forward."""
+    images, head, labels = batch
+    points = [p for p in circuit.points if not p.endswith("hook_input")]
+    fill = C.ablation_values(rn, images, points, "zero")  # a random net's mean ablation barely moves m
+    metric = lambda e: float(P.cosine_logits(e, head).gather(1, labels[:, None]).mean())  # noqa: E731
+    m = {x: metric(C.ablated_embedding(rn, images, C.top_fraction_masks(circuit, x, points), fill=fill))
+         for x in C.FAITHFULNESS_SIZES}
+    empty = metric(C.ablated_embedding(rn, images, {p: ~k for p, k in C.top_fraction_masks(circuit, 100, points).items()},
+                                       fill=fill))
+    got = C.faithfulness_curve(rn, circuit, images, labels, head, fill=fill)
+    want = [(m[x] - empty) / (m[100] - empty) for x in C.FAITHFULNESS_SIZES]
+    assert got["f"][-1] == pytest.approx(1.0)
+    assert got["f"] == pytest.approx(want, rel=1e-9, abs=1e-12)

@@ -44,9 +44,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from clipmech.analysis.circuits import Circuit, NodeSpace
+from clipmech.analysis.ablation import ablated_embeddings
+from clipmech.analysis.circuit import Circuit
 from clipmech.analysis.controls import score_strata
-from clipmech.analysis.patching import check_points, cosine_logits
+from clipmech.analysis.patching import cosine_logits
 
 Circuits = Mapping[str, Mapping[Any, Circuit]]  # circuits[domain][class]
 NodeSet = dict[str, list[int]]  # {point: node indices}
@@ -247,38 +248,15 @@ def set_ablation_outcomes(model, images: Tensor, labels: Tensor, head: Tensor, s
     `fill[p]`: node values of one example [..., C] (mean ablation, `ablation_values`) or of one donor
     per image [B, ..., C] (resample ablation, `resample_values`). Sets are batched: one forward holds
     about `batch` images. Cost: len(sets) * len(images) image forwards."""
-    points = list(n_nodes)
-    check_points(model, points)
     labels = torch.as_tensor(labels).long()
-    n_img = len(images)
-    per = max(1, batch // max(1, n_img))
-    out = []
-    for start in range(0, len(sets), per):
-        chunk = sets[start:start + per]
-        keep = {}
-        for p in points:
-            m = torch.ones(len(chunk), n_nodes[p], dtype=torch.bool)
-            for r, s in enumerate(chunk):
-                m[r, list(s.get(p, []))] = False
-            keep[p] = m.repeat_interleave(n_img, 0)  # [sets * images, C], set-major
-
-        def hook(t: Tensor, hook) -> Tensor:
-            space = NodeSpace(hook.name, t.detach())
-            nodes = space.nodes(t)
-            mask = keep[hook.name].to(t.device).view(len(t), *([1] * (nodes.ndim - 2)), nodes.shape[-1])
-            f = fill[hook.name].to(t)
-            if f.ndim == nodes.ndim:  # one donor per image: tile over the sets of the chunk
-                f = f.repeat(len(chunk), *([1] * (f.ndim - 1)))
-            return space.activation(torch.where(mask, nodes, f))
-
-        embed: list[Tensor] = []
-        with torch.no_grad():
-            model.run_with_hooks(image=images.repeat(len(chunk), *([1] * (images.ndim - 1))),
-                                 fwd_hooks=[(p, hook) for p in points] +
-                                 [("hook_image_embed", lambda t, hook: embed.append(t))])
-        res = _outcomes(cosine_logits(embed[-1], head).cpu().double(), labels.repeat(len(chunk)))
-        out.append(res.view(len(chunk), n_img, 3).mean(1).numpy())
-    return np.concatenate(out, 0)
+    keep = {}
+    for p, n in n_nodes.items():
+        keep[p] = torch.ones(len(sets), n, dtype=torch.bool)
+        for r, s in enumerate(sets):
+            keep[p][r, list(s.get(p, []))] = False
+    emb = ablated_embeddings(model, images, keep, fill, batch)  # [sets, images, D]
+    res = _outcomes(cosine_logits(emb.flatten(0, 1), head).cpu().double(), labels.repeat(len(sets)))
+    return res.view(len(sets), len(images), 3).mean(1).numpy()
 
 
 def _set_effect(drops: np.ndarray) -> dict[str, Any]:

@@ -15,12 +15,12 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from clipmech.analysis.attribution import (RIEMANN_RULE, ig_edge_scores_in, ig_node_scores_in, check_points, component_points,
-                                           node_spaces)
+from clipmech.analysis.attribution import (RIEMANN_RULE, check_points, component_points, ig_edge_scores_in,
+                                           ig_node_scores_grouped, ig_node_scores_in, node_spaces)
 from clipmech.analysis.metrics import Metric
 from clipmech.utils import atomic_torch_save, atomic_write_json, save_figure, warn_renamed
 
-__all__ = ["Circuit", "component_points", "discover_circuit", "node_name", "shared_nodes"]
+__all__ = ["Circuit", "component_points", "discover_circuit", "discover_circuits", "node_name", "shared_nodes"]
 
 
 def node_name(point: str, index: int) -> str:
@@ -133,8 +133,60 @@ def discover_circuit(model, images: Tensor, labels: Tensor | None, head: Tensor 
     selected nodes only (one segment forward, then a VJP per selected downstream node, a JVP per
     selected upstream node or the bottleneck split, whichever the cost model finds cheapest).
     `edges=False`: nodes only, no edge IG (about half the cost on tiny-rn; what node ablations
-    need); `top_k=0`, its former spelling, is deprecated.
+    need); `top_k=0`, its former spelling, is deprecated. Many small batches: `discover_circuits`.
     """
+    points, edges = _circuit_args(model, points, node_fraction, edges, top_k)
+    spaces = node_spaces(model, images, points, saes)
+    scores = {p: ig_node_scores_in(model, images, labels, head, spaces[p], steps, metric=metric, rule=rule)
+              for p in points}
+    info = {"n_images": len(images), "steps": steps, "node_fraction": node_fraction, "top_k": top_k if edges else 0,
+            "saes": sorted(saes or {})}
+    if rule != RIEMANN_RULE:
+        info["rule"] = rule
+    if metric is not None:
+        info["metric"] = getattr(metric, "__qualname__", type(metric).__name__)
+    return _assemble(model, images, spaces, scores, node_fraction, edges, top_k, steps, rule, strategy, calibrate,
+                     {**info, **(meta or {})})
+
+
+def discover_circuits(model, batches: Sequence[tuple[Tensor, Tensor]], head: Tensor, *,
+                      points: Sequence[str] | None = None, node_fraction: float = 0.1, edges: bool = True,
+                      top_k: int = 3, steps: int = 10, rule: str = RIEMANN_RULE, strategy: str | None = None,
+                      calibrate: bool = False, metas: Sequence[dict[str, Any] | None] | None = None,
+                      max_images: int = 64) -> list[Circuit]:
+    """`discover_circuit` (default metric, no SAE) of each (images, labels) batch, with the node IG of
+    all batches run together (`ig_node_scores_grouped`: the same scores up to float summation
+    order), `max_images` images per forward + backward. Edges stay one IG per batch and pair, as
+    they depend on the batch's own nodes. For the study's many one- or two-image (domain, class)
+    cells this is ~2-3x faster than a loop over `discover_circuit`."""
+    points, edges = _circuit_args(model, points, node_fraction, edges, top_k)
+    metas = list(metas) if metas is not None else [None] * len(batches)
+    if len(metas) != len(batches):
+        raise ValueError(f"{len(metas)} metas for {len(batches)} batches")
+    if not batches:
+        return []
+    images = torch.cat([b[0] for b in batches])
+    labels = torch.cat([torch.as_tensor(b[1]).long() for b in batches])
+    bounds = torch.cumsum(torch.tensor([0] + [len(b[0]) for b in batches]), 0).tolist()
+    groups = [range(bounds[i], bounds[i + 1]) for i in range(len(batches))]
+    spaces = node_spaces(model, images, points)
+    scores = {p: ig_node_scores_grouped(model, images, labels, head, spaces[p], steps, groups, rule=rule,
+                                        max_images=max_images) for p in points}
+    out = []
+    for i, (rows, meta) in enumerate(zip(groups, metas)):
+        info = {"n_images": len(rows), "steps": steps, "node_fraction": node_fraction,
+                "top_k": top_k if edges else 0, "saes": []}
+        if rule != RIEMANN_RULE:
+            info["rule"] = rule
+        out.append(_assemble(model, batches[i][0], {p: s.select(rows) for p, s in spaces.items()},
+                             {p: scores[p][i] for p in points}, node_fraction, edges, top_k, steps, rule, strategy,
+                             calibrate, {**info, **(meta or {})}))
+    return out
+
+
+def _circuit_args(model, points: Sequence[str] | None, node_fraction: float, edges: bool, top_k: int
+                  ) -> tuple[list[str], bool]:
+    """(points, edges) after checking `discover_circuit`'s arguments."""
     if top_k == 0:
         warn_renamed("discover_circuit(top_k=0)", "edges=False")
         edges = False
@@ -147,10 +199,16 @@ def discover_circuit(model, images: Tensor, labels: Tensor | None, head: Tensor 
         raise ValueError(f"circuit points must be distinct and in forward order; got {points}")
     if not 0 < node_fraction <= 1:
         raise ValueError(f"node_fraction must be in (0, 1], got {node_fraction}")
-    spaces = node_spaces(model, images, points, saes)
-    scores, nodes = {}, {}
+    return points, edges
+
+
+def _assemble(model, images: Tensor, spaces: Mapping[str, Any], scores: Mapping[str, Tensor], node_fraction: float,
+              edges: bool, top_k: int, steps: int, rule: str, strategy: str | None, calibrate: bool,
+              info: dict[str, Any]) -> Circuit:
+    """The circuit from node scores: top nodes per point, then (with `edges`) the edge IG per pair."""
+    points = list(scores)
+    nodes = {}
     for p in points:
-        scores[p] = ig_node_scores_in(model, images, labels, head, spaces[p], steps, metric=metric, rule=rule)
         k = math.ceil(node_fraction * len(scores[p]))
         nodes[p] = [int(i) for i in torch.argsort(scores[p], descending=True, stable=True)[:k]]
     found = []
@@ -161,13 +219,7 @@ def discover_circuit(model, images: Tensor, labels: Tensor | None, head: Tensor 
             for col in torch.argsort(row, descending=True, stable=True)[:top_k]:
                 found.append((u, nodes[u][int(col)], d, j, float(row[col])))
     # top_k 0 marks a nodes-only circuit in its meta, as circuit files written before `edges` do.
-    info = {"n_images": len(images), "steps": steps, "node_fraction": node_fraction, "top_k": top_k if edges else 0,
-            "saes": sorted(saes or {})}
-    if rule != RIEMANN_RULE:
-        info["rule"] = rule
-    if metric is not None:
-        info["metric"] = getattr(metric, "__qualname__", type(metric).__name__)
-    return Circuit(points, {p: s.cpu() for p, s in scores.items()}, nodes, found, {**info, **(meta or {})})
+    return Circuit(points, {p: s.cpu() for p, s in scores.items()}, nodes, found, info)
 
 
 # ----------------------------------------------------------------------------- shared nodes

@@ -23,7 +23,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from clipmech.analysis.circuits import Circuit, discover_circuit
+from clipmech.analysis.circuit import Circuit, discover_circuits
 from clipmech.data.samples import cell_samples, distinct_drawings
 from clipmech.utils import hash_obj
 
@@ -57,9 +57,9 @@ def cell_circuits(study, model, model_key: str, cells: Cells, split: str) -> tup
     """({domain: {class: Circuit}}, reused): every domain of `cells`, a circuit for each cell with
     rows; meta {"split", "rows", "class" (name), "domain"} (what `clipmech view` labels them by).
 
-    `model_key` identifies the weights (a checkpoint hash). Cost on a miss: one `discover_circuit`
-    per cell (len(points) node IGs and one edge IG per consecutive pair, `study.opts.circuit_steps`
-    steps); on a hit: loading the circuit files.
+    `model_key` identifies the weights (a checkpoint hash). Cost on a miss: `discover_circuits` over
+    the cells (the node IGs of all cells batched, one edge IG per cell and consecutive pair,
+    `study.opts.circuit_steps` steps); on a hit: loading the circuit files.
     """
     key = {"stage": "circuit_set", "model": model_key, "dataset": study.dataset.content_hash(), "split": split,
            "rows": {d: {str(k): np.asarray(r).tolist() for k, r in per.items() if len(r)} for d, per in cells.items()},
@@ -69,15 +69,14 @@ def cell_circuits(study, model, model_key: str, cells: Cells, split: str) -> tup
     def compute() -> dict[str, dict[str, str]]:
         images = study.images(split)
         head = study.source.head(model)
+        todo = [(di, d, k, rows) for di, (d, per) in enumerate(cells.items()) for k, rows in per.items() if len(rows)]
+        found = discover_circuits(model, [(images[rows], torch.full((len(rows),), k, dtype=torch.long))
+                                          for _, _, k, rows in todo], head, steps=study.opts.circuit_steps,
+                                  metas=[{"split": split, "rows": np.asarray(rows).tolist(),
+                                          "class": study.dataset.classes[k], "domain": d} for _, d, k, rows in todo])
         index: dict[str, dict[str, str]] = {}
-        for di, (d, per) in enumerate(cells.items()):
-            for k, rows in per.items():
-                if len(rows):
-                    c = discover_circuit(model, images[rows], torch.full((len(rows),), k, dtype=torch.long), head,
-                                         steps=study.opts.circuit_steps,
-                                         meta={"split": split, "rows": np.asarray(rows).tolist(),
-                                               "class": study.dataset.classes[k], "domain": d})
-                    index.setdefault(d, {})[str(k)] = c.save(folder / f"{di}_{k}").name
+        for (di, d, k, _), c in zip(todo, found):
+            index.setdefault(d, {})[str(k)] = c.save(folder / f"{di}_{k}").name
         return index
 
     index, reused = study.registry.run("circuit_set", key, compute)
