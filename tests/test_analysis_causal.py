@@ -205,6 +205,10 @@ def test_causal_test_runs_end_to_end_and_counts(tiny):
         assert c["balanced"] == (c["max_abs_smd"] is not None and c["max_abs_smd"] <= 0.1)
     finding = K.causal_finding([res], ablation="resample", outcome="margin")
     assert finding["n_classes"] + sum(finding["excluded"].values()) == len(res["classes"])
+    null = K.balance_summary([res], "resample", "margin")["randomisation_all_pairs"]
+    ranks = [c["shared"]["resample"]["margin"]["randomisation"]["p"] for c in res["classes"].values()]
+    assert null["n"] == len(res["classes"]) and null["n_null"] == [5]
+    assert null["median_p"] == pytest.approx(np.median(ranks)) and min(ranks) >= 1 / 6  # rank p >= 1 / (n + 1)
 
 
 # ------------------------------------------------------------------------------------ leak guard
@@ -250,3 +254,18 @@ def test_balance_summary_counts_every_pair_and_its_boundaries():
     assert b["placebo_abs_smd_median"] == pytest.approx(0.3)
     assert b["strata_all_pairs"] == {0: {"effect": pytest.approx(0.3), "n": 4}, 1: {"effect": pytest.approx(2.0), "n": 3}}
     assert K.balance_summary([], "mean", "logit")["shared_smd_quartiles"] is None
+
+
+def test_balance_summary_randomisation_null_over_all_pairs_and_its_boundary():
+    """Rank p exactly 0.05 counts as <= 0.05; pairs without the ablation add no rank; unbalanced pairs count."""
+    def cls(p, balanced, n=200, ablation="mean"):
+        shared = {"balance_smd": 0.0, ablation: {"logit": {"randomisation": {"p": p, "n": n, "rank": 1}}}}
+        return {"balanced": balanced, "shared": shared, "placebo": [], "strata": []}
+    models = [{"classes": {"a": cls(0.05, True), "b": cls(0.0501, False), "c": cls(0.9, False, n=50)}},
+              {"classes": {"a": cls(0.004, False), "b": cls(0.01, True, ablation="resample")}}]
+    r = K.balance_summary(models, "mean", "logit")["randomisation_all_pairs"]
+    assert r["n"] == 4 and r["n_null"] == [50, 200]
+    assert r["median_p"] == pytest.approx(np.median([0.05, 0.0501, 0.9, 0.004]))
+    assert r["share_p_le_0.05"] == pytest.approx(2 / 4)
+    empty = K.balance_summary([], "mean", "logit")["randomisation_all_pairs"]
+    assert empty == {"n": 0, "median_p": None, "share_p_le_0.05": None, "n_null": []}

@@ -201,3 +201,14 @@ def test_causal_finding_verdicts_zero_boundary_and_old_rows():
     text = R.render_report(R.build_results(rows))
     assert "logit effect (shared − matched-control drop) = +0.0" in text and "| natural_only | 3 |" in text
     assert "9 trained models as clusters" in text
+
+
+def test_report_states_the_randomisation_null_beside_the_balance_check():
+    b = {"ablation": "mean", "outcome": "logit", "limit": 0.1, "n_pairs": 4, "n_balanced": 1, "infinite": 0,
+         "shared_smd_quartiles": [0.1, 0.2, 0.3], "shared_positive": 1.0, "shared_within_limit": 0.25,
+         "placebo_abs_smd_median": 0.4, "strata_all_pairs": {0: {"effect": 0.01, "n": 4}},
+         "randomisation_all_pairs": {"n": 4, "median_p": 0.0274, "share_p_le_0.05": 0.75, "n_null": [200]}}
+    text = "\n".join(R._balance_lines(b))
+    assert "ranked among its 200 matched random sets" in text and "median 0.027; p ≤ 0.05 in 75 % of 4 pairs" in text
+    old = {k: v for k, v in b.items() if k != "randomisation_all_pairs"}  # results written before the null line
+    assert "Randomisation null" not in "\n".join(R._balance_lines(old)) and "Balance check" in "\n".join(R._balance_lines(old))

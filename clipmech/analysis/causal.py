@@ -334,8 +334,11 @@ def balance_summary(models: Sequence[Mapping[str, Any]], ablation: str = "mean",
     counts, quartiles of the shared set's signed SMD (positive: shared nodes have higher independent
     IG than their matched controls) with the share above 0 and within `limit`, the median |SMD| of the
     placebo sets, infinite SMDs counted, and the shared - controls effect per IG stratum over all
-    pairs (top stratum last; exploratory, since unbalanced pairs are included)."""
-    shared, placebo, n_pairs, n_balanced, infinite = [], [], 0, 0, 0
+    pairs (top stratum last; exploratory, since unbalanced pairs are included), and the randomisation
+    null over all pairs: the median one-sided rank p of the shared set's drop among its matched random
+    sets and the share of pairs with rank p <= 0.05 (side: the shared set's drop larger)."""
+    shared, placebo, rank_p, n_pairs, n_balanced, infinite = [], [], [], 0, 0, 0
+    n_null: set[int] = set()
     strata: dict[int, list[float]] = {}
     for res in models:
         for c in res["classes"].values():
@@ -344,6 +347,10 @@ def balance_summary(models: Sequence[Mapping[str, Any]], ablation: str = "mean",
             if "balance_smd" not in c["shared"]:  # a result written before the balance check: nothing to add
                 continue
             smd = c["shared"]["balance_smd"]
+            if ablation in c["shared"]:
+                rank = c["shared"][ablation][outcome]["randomisation"]
+                rank_p.append(rank["p"])
+                n_null.add(rank["n"])
             infinite += smd is None
             shared += [] if smd is None else [smd]
             for pl in c["placebo"]:
@@ -360,7 +367,10 @@ def balance_summary(models: Sequence[Mapping[str, Any]], ablation: str = "mean",
             "shared_positive": float((sh > 0).mean()) if sh.size else None,
             "shared_within_limit": float((np.abs(sh) <= limit).mean()) if sh.size else None,
             "placebo_abs_smd_median": float(np.median(placebo)) if placebo else None,
-            "strata_all_pairs": {z: {"effect": float(np.mean(v)), "n": len(v)} for z, v in sorted(strata.items())}}
+            "strata_all_pairs": {z: {"effect": float(np.mean(v)), "n": len(v)} for z, v in sorted(strata.items())},
+            "randomisation_all_pairs": {"n": len(rank_p), "median_p": float(np.median(rank_p)) if rank_p else None,
+                                        "share_p_le_0.05": float(np.mean(np.asarray(rank_p) <= 0.05)) if rank_p else None,
+                                        "n_null": sorted(n_null)}}
 
 
 def causal_test(model, circuits: Circuits, test_domain: str, held_out: Mapping[Any, tuple[Tensor, Tensor]],

@@ -571,12 +571,23 @@ def _balance_lines(b: Mapping[str, Any] | None) -> list[str]:
     share = (lambda v: "n/a" if v is None else f"{100 * v:.0f} %")
     strata = "; ".join(f"stratum {z}: {v['effect']:+.3f} (n = {v['n']})" for z, v in b["strata_all_pairs"].items())
     placebo = "n/a" if b["placebo_abs_smd_median"] is None else f"{b['placebo_abs_smd_median']:.2f}"
-    return ["", f"Balance check ({b['ablation']} ablation, {b['outcome']}; |SMD| of independent IG ≤ {b['limit']}): "
+    return (["", f"Balance check ({b['ablation']} ablation, {b['outcome']}; |SMD| of independent IG ≤ {b['limit']}): "
             f"{b['n_balanced']} of {b['n_pairs']} (model, class) pairs balanced; shared set SMD median {quart}, "
             f"positive in {share(b['shared_positive'])}, within the limit in {share(b['shared_within_limit'])} "
             f"(positive: the shared nodes have higher IG on independent drawings than their matched controls); "
             f"placebo sets' median |SMD| {placebo}; {b['infinite']} infinite SMD(s) counted as unbalanced.",
             f"Shared − controls by IG stratum over all pairs, balanced or not (exploratory; top last): {strata or 'n/a'}."]
+            + _randomisation_line(b.get("randomisation_all_pairs")))
+
+
+def _randomisation_line(r: Mapping[str, Any] | None) -> list[str]:
+    """The randomisation null over all pairs (`balance_summary`); nothing for results written before it."""
+    if not r or not r["n"]:
+        return []
+    sets = "/".join(str(n) for n in r["n_null"])
+    return [f"Randomisation null over all pairs, balanced or not (exploratory): the shared set's drop ranked among "
+            f"its {sets} matched random sets gives a one-sided rank p (side: the shared drop larger) with median "
+            f"{r['median_p']:.3f}; p ≤ 0.05 in {100 * r['share_p_le_0.05']:.0f} % of {r['n']} pairs."]
 
 
 def _signed(v: float | None) -> str:
