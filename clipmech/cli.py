@@ -1,8 +1,10 @@
 """The `clipmech` command line.
 
 Each area registers its own subcommands through a `register(subparsers)` function so this file
-stays a table of contents; heavy imports happen inside the handlers. The area modules are plain
-imports: one that fails to import fails the command, it never silently drops subcommands.
+stays a table of contents; heavy imports happen inside the handlers, and the packages re-export
+lazily, so `import clipmech.cli` and `clipmech --help` load no torch (0.07-0.10 s instead of 3.0-3.6 s; a test
+checks). The area modules are plain imports: one that fails to import fails the command, it never
+silently drops subcommands.
 `run_guarded` is the one error boundary: an ordinary fault ends in one line on stderr and an exit
 code (below), never a traceback; `--debug` (before or after the subcommand) shows the traceback instead.
 

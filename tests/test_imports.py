@@ -5,8 +5,11 @@ from __future__ import annotations
 import ast
 import importlib.metadata as md
 import re
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -145,6 +148,28 @@ def test_package_imports_follow_the_layering():
     all: e.g. the trainer never calls the evaluator (the CLI composes "train, then evaluate")."""
     bad = layer_violations(import_graph(ROOT / PACKAGE))
     assert not bad, "imports against the layering: " + "; ".join(bad)
+
+
+def test_the_command_line_imports_no_torch_until_a_command_needs_it():
+    """`import clipmech.cli` and `clipmech --help` stay light: the packages re-export lazily (PEP 562),
+    and every re-export still resolves to the object of its module."""
+    code = ("import sys, clipmech.cli; heavy = sorted({'torch', 'open_clip', 'transformer_lens'} & set(sys.modules)); "
+            "print(heavy); import clipmech.data as d, clipmech.eval as e, clipmech.train as t; "
+            "from clipmech.data.mixtures import build_mixture; from clipmech.eval.zeroshot import zero_shot; "
+            "from clipmech.train.trainer import train; "
+            "assert (d.build_mixture, e.zero_shot, t.train) == (build_mixture, zero_shot, train); "
+            "assert all(getattr(m, n) is not None for m in (d, e, t) for n in m.__all__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines()[0] == "[]"
+    helped = subprocess.run([sys.executable, "-c", "import sys; sys.argv = ['clipmech', '--help']\n"
+                             "import clipmech.cli\ntry:\n    clipmech.cli.main()\nexcept SystemExit as e:\n"
+                             "    assert e.code == 0, e.code\nprint('torch' in sys.modules)"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert helped.returncode == 0 and helped.stdout.strip().endswith("False"), helped.stdout[-500:] + helped.stderr[-2000:]
+    import clipmech.data as d
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        d.nope  # noqa: B018
 
 
 # ------------------------------------------------------------------------------- declared imports

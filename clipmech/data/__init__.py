@@ -8,16 +8,33 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from clipmech.data.captions import make_captions
-from clipmech.data.dataset import DomainDataset
-from clipmech.data.domainnet import DomainNet, SkippedSamplesWarning
-from clipmech.data.mixtures import SETUPS, Mixture, build_mixture
+if TYPE_CHECKING:
+    from clipmech.data.dataset import DomainDataset
 
 EMBEDDED = ("emoji",)
 
 
-def load_dataset(name_or_root: str | Path, verify: str = "none", **kwargs) -> DomainDataset:
+def __getattr__(name: str) -> Any:
+    # Lazy re-exports (PEP 562): `clipmech --help` imports this package for its CLI module and must not
+    # pull in numpy and PIL (and through them torch) before a command needs them.
+    if name == "make_captions":
+        from clipmech.data.captions import make_captions
+        return make_captions
+    if name == "DomainDataset":
+        from clipmech.data.dataset import DomainDataset
+        return DomainDataset
+    if name in ("DomainNet", "SkippedSamplesWarning"):
+        from clipmech.data import domainnet
+        return getattr(domainnet, name)
+    if name in ("SETUPS", "Mixture", "build_mixture"):
+        from clipmech.data import mixtures
+        return getattr(mixtures, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def load_dataset(name_or_root: str | Path, verify: str = "none", **kwargs) -> "DomainDataset":
     """'emoji' -> the embedded dataset (offline; in memory, so `verify` has nothing to check);
     otherwise a DomainNet root folder whose files are checked as `verify` says (none | header |
     decode, see DomainNet); kwargs go to the loader."""
@@ -28,6 +45,7 @@ def load_dataset(name_or_root: str | Path, verify: str = "none", **kwargs) -> Do
     if not root.is_dir():
         raise FileNotFoundError(f"{name_or_root!r} is neither an embedded dataset {EMBEDDED} nor a folder; "
                                 "pass 'emoji' or a DomainNet root (ROOT/{domain}/{class}/..., ROOT/{domain}_train.txt)")
+    from clipmech.data.domainnet import DomainNet
     return DomainNet(root, verify=verify, **kwargs)
 
 
