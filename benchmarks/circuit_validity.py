@@ -26,7 +26,7 @@ import torch
 from clipmech.analysis.discovery import METHODS
 from clipmech.analysis.planted import MOTIFS, evaluate_planted
 from clipmech.data.emoji import load_emoji
-from clipmech.eval.zeroshot import eval_images
+from clipmech.data.preprocess import eval_images
 from clipmech.models import HookedCLIP
 from clipmech.study.circuit_validity import quickstart_validity
 

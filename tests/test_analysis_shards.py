@@ -25,7 +25,7 @@ def tiny():
 
 
 def test_eval_preprocess_matches_eval_images(tiny):
-    from clipmech.eval.zeroshot import eval_images
+    from clipmech.data.preprocess import eval_images
     _, ds = tiny
     got = torch.stack([EvalPreprocess(32)(ds.load_image(i)) for i in range(3)])
     assert torch.equal(got, eval_images(ds, [0, 1, 2], 32))

@@ -6,7 +6,7 @@ from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 from PIL import Image
 
 from clipmech.eval.imagenet import evaluate_run_imagenet, imagenet_scores, imagenet_top1, imagenet_val
-from clipmech.eval.zeroshot import eval_images
+from clipmech.data.preprocess import eval_images
 from clipmech.models import HookedCLIP
 
 IMAGES = {0: 2, 7: 1, 500: 2, 999: 1}

@@ -9,7 +9,8 @@ import torch
 from test_train_synthetic import synthetic_dataset, synthetic_mixture
 
 from clipmech.eval.templates import DOMAINNET_TEMPLATES, EMOJI_TEMPLATES, get_templates
-from clipmech.eval.zeroshot import classification_metrics, eval_images, evaluate_run, zero_shot
+from clipmech.data.preprocess import eval_images
+from clipmech.eval.zeroshot import classification_metrics, evaluate_run, zero_shot
 from clipmech.models.hooked_clip import HookedCLIP
 from clipmech.train import train
 from clipmech.utils import file_hash

@@ -48,7 +48,8 @@ def data(tmp_path_factory):
 
 
 def test_labels_and_end_to_end_training_and_evaluation(data, tmp_path):
-    from clipmech.eval.zeroshot import eval_images, evaluate_run
+    from clipmech.data.preprocess import eval_images
+    from clipmech.eval.zeroshot import evaluate_run
     from clipmech.train.trainer import train
 
     root, dn = data

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from clipmech.data.dataset import DomainDataset
-from clipmech.train.data import OPENAI_MEAN, OPENAI_STD, MixtureView, ResumableBatchSampler, crop_params
+from clipmech.data.preprocess import OPENAI_MEAN, OPENAI_STD
+from clipmech.train.data import MixtureView, ResumableBatchSampler, crop_params
 
 CLASSES = ["red square", "green square", "blue square", "yellow bar", "cyan bar", "magenta dot"]
 DOMAINS = ["real", "sketch", "clipart"]

@@ -153,7 +153,7 @@ class EvalPreprocess:
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as TF
 
-        from clipmech.train.data import normalize
+        from clipmech.data.preprocess import normalize
         x = TF.resize(TF.pil_to_tensor(img.convert("RGB")), self.image_size, InterpolationMode.BICUBIC, antialias=True)
         return normalize(TF.center_crop(x, [self.image_size, self.image_size]))
 

@@ -115,14 +115,14 @@ class _Run:
         """(images [n, 3, S, S], labels [n] as rows of the zero-shot head) of dataset rows `idx`."""
         import torch
 
-        from clipmech.eval.zeroshot import eval_images
+        from clipmech.data.preprocess import eval_images
 
         images = eval_images(self.dataset, idx, self.model.image_size).to(self.device)
         return images, torch.as_tensor(self.dataset.class_idx[idx], device=self.device)
 
     def reference(self, domain: str, n: int = 200):
         """Up to `n` random images of `domain` over all classes (the mean-ablation reference)."""
-        from clipmech.eval.zeroshot import eval_images
+        from clipmech.data.preprocess import eval_images
 
         idx = self.dataset.indices(split=self.split, domains=[domain])
         idx = np.sort(np.random.default_rng(self.seed).permutation(idx)[:n])

@@ -112,7 +112,7 @@ class _Setup:
         return head, torch.as_tensor(labels, device=self.device)
 
     def images(self, rows: np.ndarray):
-        from clipmech.eval.zeroshot import eval_images
+        from clipmech.data.preprocess import eval_images
         return eval_images(self.dataset, rows, self.model.image_size).to(self.device)
 
 

@@ -24,6 +24,7 @@ from clipmech.analysis import saliency as S
 from clipmech.analysis.ablation import ablation_values
 from clipmech.analysis.attribution import cache_points
 from clipmech.analysis.circuit import shared_nodes, short_point
+from clipmech.data.preprocess import denormalize
 from clipmech.utils import PathLike, atomic_write_bytes, atomic_write_json, save_figure
 
 FORMAT = "clipmech.explanations/1"
@@ -131,9 +132,7 @@ def draw_node_figures(doc: Mapping[str, Any], folder: Path, domains: Sequence[st
 # ---------------------------------------------------------------------------------------- images
 def thumbnail(image: Tensor) -> np.ndarray:
     """uint8 [S, S, 3] of a normalised image tensor [3, S, S] (OpenAI normalisation undone)."""
-    from clipmech.models.pretrained import OPENAI_MEAN_STD
-    mean, std = (torch.tensor(v).view(3, 1, 1) for v in OPENAI_MEAN_STD)
-    rgb = (image.detach().float().cpu() * std + mean).clamp(0, 1)
+    rgb = denormalize(image)
     return (rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 

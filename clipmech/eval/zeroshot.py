@@ -17,7 +17,7 @@ import torch
 
 from clipmech.data.dataset import UnreadableImageError, report_unreadable
 from clipmech.eval.templates import get_templates
-from clipmech.train.data import image_tensor, normalize
+from clipmech.data.preprocess import eval_images, eval_transform_description
 from clipmech.utils import TensorCache, atomic_write_json, file_hash, hash_obj
 
 GROUPS = ("C1", "C2")
@@ -31,31 +31,6 @@ def precision_dtype(precision: str) -> torch.dtype:
         from clipmech.utils import unknown_name_error
         raise unknown_name_error("evaluation precision", precision, PRECISIONS)
     return torch.float16 if precision == "fp16" else torch.float32
-
-
-def eval_transform_description(image_size: int) -> str:
-    """Names the evaluation preprocessing; part of every feature-cache key."""
-    return f"resize{image_size}-bicubic-centercrop{image_size}-openai-mean-std"
-
-
-def eval_images(dataset, indices: Sequence[int], image_size: int, skip_unreadable: bool = False) -> torch.Tensor:
-    """float32 [len(indices), 3, S, S]: resize (short side) + centre crop + OpenAI normalisation.
-
-    An unreadable image raises UnreadableImageError, or with `skip_unreadable` becomes an all-NaN
-    image that `encode_dataset` turns into an all-NaN feature row (counted by `group_metrics`)."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as TF
-    out = []
-    for i in indices:
-        try:
-            img = TF.resize(image_tensor(dataset, int(i)), image_size, InterpolationMode.BICUBIC, antialias=True)
-        except UnreadableImageError:
-            if not skip_unreadable:
-                raise
-            out.append(torch.full((3, image_size, image_size), float("nan")))
-            continue
-        out.append(normalize(TF.center_crop(img, [image_size, image_size])))
-    return torch.stack(out)
 
 
 @torch.no_grad()

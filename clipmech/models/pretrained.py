@@ -26,12 +26,13 @@ import open_clip
 import torch
 from torch import nn
 
+from clipmech.data.preprocess import OPENAI_MEAN, OPENAI_STD
 from clipmech.errors import BadInputError, CheckpointError
 from clipmech.models.checkpoints import checkpoint_state, load_state_strict
 from clipmech.models.configs import PRESETS, create_open_clip
 from clipmech.utils import check_checkpoint_file, read_checkpoint, unknown_name_error
 
-OPENAI_MEAN_STD = (open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
+OPENAI_MEAN_STD = (OPENAI_MEAN, OPENAI_STD)
 
 
 def load_open_clip(name: str | None, pretrained: str | os.PathLike | None,

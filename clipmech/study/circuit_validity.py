@@ -26,7 +26,8 @@ from clipmech.analysis.edge_ablation import ABLATIONS, EDGE_FRACTIONS, Segment, 
 from clipmech.analysis.engine_adapter import true_class_logit
 from clipmech.analysis.planted import planted_points
 from clipmech.eval.templates import get_templates
-from clipmech.eval.zeroshot import class_prompts_names, eval_images
+from clipmech.data.preprocess import eval_images
+from clipmech.eval.zeroshot import class_prompts_names
 from clipmech.models import HookedCLIP
 from clipmech.study.quickstart import QuickstartOptions, resolve_dataset
 

@@ -35,7 +35,8 @@ from clipmech.analysis.patching import cache_points
 from clipmech.analysis.sae import evaluate_sae
 from clipmech.analysis.sharing import feature_sharing, top_latent_histograms
 from clipmech.analysis.source import Source
-from clipmech.eval.zeroshot import embed_images, eval_images, eval_transform_description
+from clipmech.data.preprocess import eval_images, eval_transform_description
+from clipmech.eval.zeroshot import embed_images
 from clipmech.study.circuit_sets import cell_circuits, circuit_cells
 from clipmech.study.controls import controls_model
 from clipmech.study.registry import Registry

@@ -19,9 +19,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from clipmech.data.dataset import UnreadableImageError
+from clipmech.data.preprocess import image_tensor, normalize
 
-OPENAI_MEAN = open_clip.OPENAI_DATASET_MEAN
-OPENAI_STD = open_clip.OPENAI_DATASET_STD
 CROP_SCALE = (0.9, 1.0)  # docs/methods.md#training
 CROP_RATIO = (3 / 4, 4 / 3)
 
@@ -48,21 +47,6 @@ def crop_params(height: int, width: int, g: torch.Generator, scale=CROP_SCALE, r
     elif width / height > ratio[1]:
         w = int(round(height * ratio[1]))
     return (height - h) // 2, (width - w) // 2, h, w
-
-
-def normalize(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., 3, H, W] -> float32 normalised with OpenAI mean/std."""
-    x = images_uint8.float().div_(255)
-    mean = torch.tensor(OPENAI_MEAN).view(3, 1, 1)
-    std = torch.tensor(OPENAI_STD).view(3, 1, 1)
-    return (x - mean) / std
-
-
-def image_tensor(dataset, index: int) -> torch.Tensor:
-    """uint8 [3, H, W] of dataset image `index` (in-memory array or file)."""
-    if getattr(dataset, "images", None) is not None:
-        return torch.from_numpy(np.array(dataset.images[index])).permute(2, 0, 1)  # copy: arrays may be read-only
-    return TF.pil_to_tensor(dataset.load_image(index).convert("RGB"))
 
 
 class MixtureView(Dataset):
