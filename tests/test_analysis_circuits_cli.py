@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from clipmech.analysis import cli_causal
+from clipmech.data import samples
 from clipmech.models import HookedCLIP
 from clipmech.train.config import load_config, save_config
 
@@ -101,14 +102,14 @@ def test_causal_cells_split_is_disjoint_seeded_per_cell_and_skips_small_cells():
     split = ["test"] * 6 + ["test"] * 4 + ["train"] * 2
     ds = DomainDataset("toy", ["a", "b"], ["x", "y"], dom, cls, split, images=np.zeros((12, 4, 4, 3), np.uint8),
                        natural_domain="a")
-    assert cli_causal.discovery_mode(ds, "auto") == "split" and cli_causal.discovery_mode(ds, "train") == "train"
-    cells, skipped = cli_causal.causal_cells(ds, ["a", "b"], ["x", "y"], "split", n_max=50, seed=3)
+    assert samples.discovery_mode(ds, "auto") == "split" and samples.discovery_mode(ds, "train") == "train"
+    cells, skipped = samples.causal_cells(ds, ["a", "b"], ["x", "y"], "split", n_max=50, seed=3)
     assert skipped == ["a/y", "b/y"] and set(cells) == {("a", "x"), ("b", "x")}
     (disc, held), (disc_b, held_b) = cells["a", "x"], cells["b", "x"]
     assert (len(disc), len(held), len(disc_b), len(held_b)) == (3, 2, 2, 2)  # ceil / floor halves
     assert sorted(np.concatenate([disc, held])) == [0, 1, 2, 3, 4] and set(ds.split[disc_b]) == {"test"}
-    alone, _ = cli_causal.causal_cells(ds, ["a"], ["x"], "split", n_max=50, seed=3)
+    alone, _ = samples.causal_cells(ds, ["a"], ["x"], "split", n_max=50, seed=3)
     assert all((alone["a", "x"][i] == cells["a", "x"][i]).all() for i in range(2))  # independent of other cells
-    assert len(cli_causal.causal_cells(ds, ["a"], ["x"], "split", n_max=1, seed=3)[0]["a", "x"][0]) == 1
-    train, skipped = cli_causal.causal_cells(ds, ["a", "b"], ["x"], "train", n_max=50, seed=3)
+    assert len(samples.causal_cells(ds, ["a"], ["x"], "split", n_max=1, seed=3)[0]["a", "x"][0]) == 1
+    train, skipped = samples.causal_cells(ds, ["a", "b"], ["x"], "train", n_max=50, seed=3)
     assert skipped == ["a/x"] and set(ds.split[train["b", "x"][0]]) == {"train"}

@@ -295,56 +295,13 @@ def _cached_circuit(run: "_Run", args: argparse.Namespace, path: Path, settings:
 
 
 # --------------------------------------------------------------------------------------- causal test
-DISCOVERY = {"train": ("distinct training-split drawings", "the test-split drawings"),
-             "split": ("a seeded half of each (domain, class) cell's test images", "the other half")}
-
-
-def discovery_mode(dataset, choice: str) -> str:
-    """--discovery resolved: 'auto' is 'train' for a dataset of augmented drawings (it marks views,
-    `view_idx`: emoji, whose test split holds one drawing per cell), else 'split'."""
-    if choice != "auto":
-        return choice
-    return "train" if getattr(dataset, "view_idx", None) is not None else "split"
-
-
-def causal_cells(dataset, domains: list[str], classes: list[str], mode: str, n_max: int, seed: int
-                 ) -> tuple[dict[tuple[str, str], tuple[np.ndarray, np.ndarray]], list[str]]:
-    """{(domain, class): (discovery rows, held-out rows)} of `dataset`, disjoint, and the skipped cells.
-
-    Distinct drawings only (views other than 0 never count). mode 'train': discovery = up to `n_max`
-    training-split drawings, held out = the cell's test drawings; 'split': the cell's test images
-    shuffled (seeded per cell by `seed`, domain and class, so a cell's split does not depend on what
-    else is analysed), discovery = the first ceil(n/2) (at most `n_max`), held out = the other
-    floor(n/2); cells with < 2 test images are skipped. Cells without discovery rows are skipped."""
-    from clipmech.data.samples import distinct_drawings
-
-    distinct = distinct_drawings(dataset)
-    cells, skipped = {}, []
-    for d in domains:
-        for k in classes:
-            rng = np.random.default_rng([seed, dataset.domains.index(d), dataset.classes.index(k)])
-            test, train = (idx[distinct[idx]] for idx in (dataset.indices(split=s, domains=[d], classes=[k])
-                                                         for s in ("test", "train")))
-            if mode == "train":
-                disc, held = rng.permutation(train)[:n_max], test
-            elif len(test) < 2:
-                disc = held = test[:0]
-            else:
-                perm = rng.permutation(test)
-                disc, held = perm[: len(perm) - len(perm) // 2][:n_max], perm[len(perm) - len(perm) // 2:]
-            if len(disc):
-                cells[d, k] = (np.sort(disc), np.sort(held))
-            else:
-                skipped.append(f"{d}/{k}")
-    return cells, skipped
-
-
 def _causal_test(run: "_Run", args: argparse.Namespace, out: Path, settings: dict) -> None:
     """The de-confounded causal test (module doc) on the test domain's C2 classes: its circuits,
     causal_ablation.json, the printed summary and causal_ablation.png."""
     from tqdm import tqdm
 
     from clipmech.analysis.controls import matched_causal_test
+    from clipmech.data.samples import DISCOVERY, causal_cells, discovery_mode
     from clipmech.utils import atomic_write_json
 
     for name in ("causal_ablation.json", "causal_ablation.png"):  # never leave a previous run's result beside
