@@ -89,9 +89,35 @@ def test_circuits_end_to_end_on_two_domains_and_two_classes(run_dir, capsys):
         assert c["effect_logit"] == pytest.approx(c["drop_shared"][1] - c["drop_control"][1])
     assert causal["verdict"]["verdict"] in ("reproduced", "contradicted", "inconclusive", "inconclusive (borderline)",
                                             "no CI (one class)", "not measured")
-    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("causal test on"))
+    printed = capsys.readouterr().out.splitlines()
+    line = next(x for x in printed if x.startswith("causal test on"))
     assert "discovered on distinct training-split drawings, ablated on the test-split drawings" in line
     assert "of shared nodes trimmed" in line and f"verdict: {causal['verdict']['verdict']}" in line
+    # the study's placebo test on the same circuits and held-out drawings (one swap of the two classes)
+    placebo = json.loads((out / "causal_placebo.json").read_text())
+    assert len(placebo["classes"]) == 2 and placebo["derangements"] == [list(reversed(list(placebo["classes"])))]
+    f = placebo["finding"]
+    assert f["n_classes"] + sum(f["excluded"].values()) == 2
+    for k, c in placebo["classes"].items():  # every held-out drawing of the class, the default null and strata
+        assert c["n_images"] == len(causal["rows"][k]["held_out"])
+        assert c["shared"]["mean"]["logit"]["randomisation"]["n"] == 200 and len(c["strata"]) == 4
+    placebo_line = next(x for x in printed if x.startswith("placebo causal test on"))
+    assert f": {f['verdict']} (one model" in placebo_line and f"{f['excluded']['unbalanced']} unbalanced" in placebo_line
+
+
+def test_placebo_causal_test_with_one_class_is_skipped_and_says_why(run_dir, capsys):
+    from clipmech.data import load_dataset
+    ds = load_dataset("emoji")
+    out = run_dir / "analysis" / "circuits_epoch0"
+    (out / "causal_placebo.json").parent.mkdir(parents=True, exist_ok=True)
+    (out / "causal_placebo.json").write_text("{}")  # a previous run's result must not stay beside
+    args = _parser().parse_args(["analyze", "circuits", str(run_dir), "--domains", ds.default_test_domain, "flat",
+                                 "--classes", ds.default_test_classes[0], "--n-images", "1", "--steps", "1",
+                                 "--split", "all", "--n-draws", "1", "--no-faithfulness"])
+    assert args.func(args) == 0
+    # one class: no donor of another class, so no class is ready
+    assert "placebo causal test skipped: 0 class(es) with held-out, matching" in capsys.readouterr().out
+    assert not (out / "causal_placebo.json").exists()
 
 
 def test_causal_cells_split_is_disjoint_seeded_per_cell_and_skips_small_cells():

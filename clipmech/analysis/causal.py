@@ -44,8 +44,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from clipmech.analysis.ablation import ablated_embeddings
-from clipmech.analysis.circuit import Circuit
+from clipmech.analysis.ablation import ablated_embeddings, ablation_values, resample_values
+from clipmech.analysis.circuit import Circuit, discover_circuits
 from clipmech.analysis.controls import score_strata
 from clipmech.analysis.patching import cosine_logits
 
@@ -425,6 +425,37 @@ def causal_test(model, circuits: Circuits, test_domain: str, held_out: Mapping[A
 
 
 # -------------------------------------------------------------------------------------- over models
+def causal_test_from_drawings(model, circuits: Circuits, test_domain: str,
+                              held_out: Mapping[Any, tuple[Tensor, Tensor]], matching: Mapping[Any, Tensor],
+                              donors: Mapping[Any, Tensor], reference: Tensor, head: Tensor, *, steps: int = 10,
+                              points: Sequence[str] | None = None,
+                              opts: CausalOptions = CausalOptions()) -> dict[str, Any]:
+    """`causal_test` from the drawings of each role (the study and `clipmech analyze circuits` both
+    call it): `held_out[k]` = (images, labels) ablated and used for balance; `matching[k]`: class k's
+    drawings of the other domains (matching IG; neither discovery nor ablated); `donors[k]`: one
+    test-domain drawing of another class per held-out image (resample ablation); `reference`:
+    test-domain images of every class (mean ablation). The node IG (`steps` steps) of matching and
+    balance drawings of every class runs in one grouped IG (`discover_circuits`, edges=False).
+    Cost: that IG plus `causal_test`'s set ablations."""
+    points = (list(points) if points is not None else
+              [p for p in next(iter(circuits[test_domain].values())).points if not p.endswith("hook_input")])
+    classes = [k for k in held_out if k in matching and len(matching[k]) and len(held_out[k][0])]
+    batches = []
+    for k in classes:
+        label = int(held_out[k][1][0])
+        batches += [(matching[k], torch.full((len(matching[k]),), label, dtype=torch.long)),
+                    (held_out[k][0], held_out[k][1].long())]
+    found = discover_circuits(model, batches, head, steps=steps, edges=False)
+    match = {k: found[2 * i].node_scores for i, k in enumerate(classes)}
+    balance = {k: found[2 * i + 1].node_scores for i, k in enumerate(classes)}
+    mean = ablation_values(model, reference, points, "mean") if "mean" in opts.ablations else None
+    fills = {k: ({"mean": mean} if mean is not None else {}) |
+             ({"resample": resample_values(model, donors[k], points)} if "resample" in opts.ablations else {})
+             for k in classes}
+    return causal_test(model, circuits, test_domain, {k: held_out[k] for k in classes}, head, match_scores=match,
+                       balance_scores=balance, fills=fills, points=points, opts=opts)
+
+
 def causal_finding(models: Sequence[Mapping[str, Any]], ablation: str = "mean", outcome: str = "logit",
                    alpha: float = 0.05, min_classes: int = MIN_CLASSES) -> dict[str, Any]:
     """The causal finding from several models' `causal_test` results: per class, the primary contrast

@@ -20,9 +20,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from clipmech.analysis.causal import CausalOptions, causal_finding, causal_test
-from clipmech.analysis.ablation import ablation_values, resample_values
-from clipmech.analysis.circuit import Circuit, discover_circuits
+from clipmech.analysis.causal import CausalOptions, causal_finding, causal_test_from_drawings
+from clipmech.analysis.circuit import Circuit
 from clipmech.data.samples import check_disjoint_drawings, distinct_drawings
 from clipmech.eval.zeroshot import class_prompts_names
 
@@ -33,8 +32,8 @@ def study_causal_test(study, model, discovery: Mapping[str, Mapping[int, Circuit
     gives `dataset`, `images(split)`, `templates()` and `opts.circuit_steps`; `discovery[d][k]`
     circuits carry meta["rows"] (rows into the training split). Returns `causal_test`'s result with
     class names as keys, plus "finding" (`causal_finding` of this one model, for a quick look; the
-    study's verdict averages classes over models). Cost: per class two node-IG batches (all classes'
-    in one grouped IG, `discover_circuits`) and the set ablations of `CausalOptions`."""
+    study's verdict averages classes over models). Cost: `causal_test_from_drawings` (one grouped
+    node IG, then the set ablations of `CausalOptions`)."""
     ds = study.dataset
     test_idx, train_idx = ds.indices(split="test"), ds.indices(split="train")
     images = study.images("test")
@@ -44,9 +43,7 @@ def study_causal_test(study, model, discovery: Mapping[str, Mapping[int, Circuit
     with torch.no_grad():
         head = model.zero_shot_head(class_prompts_names(ds), study.templates())
     points = None
-    held, match, balance, fills = {}, {}, {}, {}
-    ig_rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    mean_fill = None
+    held, matching, donor_images = {}, {}, {}
     skipped: dict[str, str] = {}
     rng = np.random.default_rng(opts.seed)
     for k, circuit in discovery.get(test_domain, {}).items():
@@ -64,25 +61,13 @@ def study_causal_test(study, model, discovery: Mapping[str, Mapping[int, Circuit
             skipped[ds.classes[k]] = "no " + ", no ".join(missing) + " drawing"
             continue
         held[k] = (images[rows], torch.full((len(rows),), k, dtype=torch.long))
-        ig_rows[k] = (others, rows)
-        fills[k] = {}
-        if "mean" in opts.ablations:  # the same test-domain mean for every class: computed once
-            mean_fill = mean_fill or ablation_values(model, images[in_t], points, "mean")
-            fills[k]["mean"] = mean_fill
-        if "resample" in opts.ablations:
-            fills[k]["resample"] = resample_values(model, images[rng.choice(donors, len(rows))], points)
+        matching[k] = images[others]
+        donor_images[k] = images[rng.choice(donors, len(rows))]
     if len(held) < 2:  # placebos come from other classes: nothing to test (the report falls back, says why)
         return {"classes": {}, "skipped": skipped, "derangements": [],
                 "reason": f"{len(held)} class(es) with held-out, matching and donor drawings; the placebo needs 2"}
-    # node IG of class k (no edges): matching on the other domains' drawings, balance on the held-out ones;
-    # every class's two batches in one grouped IG
-    found = discover_circuits(model, [(images[r], torch.full((len(r),), k, dtype=torch.long))
-                                      for k, pair in ig_rows.items() for r in pair], head,
-                              steps=study.opts.circuit_steps, edges=False)
-    for i, k in enumerate(ig_rows):
-        match[k], balance[k] = found[2 * i].node_scores, found[2 * i + 1].node_scores
-    res = causal_test(model, discovery, test_domain, held, head, match_scores=match, balance_scores=balance,
-                      fills=fills, points=points, opts=opts)
+    res = causal_test_from_drawings(model, discovery, test_domain, held, matching, donor_images, images[in_t], head,
+                                    steps=study.opts.circuit_steps, points=points, opts=opts)
     names = {str(k): ds.classes[k] for k in held}
     res["classes"] = {names[k]: v for k, v in res["classes"].items()}
     res["skipped"] = {names.get(k, k): v for k, v in res["skipped"].items()} | skipped
