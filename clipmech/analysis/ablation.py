@@ -48,32 +48,21 @@ def ablated_embedding(model, images: Tensor, keep: Mapping[str, Tensor], *, abla
         raise ValueError("ablation 'resample' needs the donor images: reference=<one donor per image>")
     if fill is None:
         fill = ablation_values(model, images if reference is None else reference, points, ablation, saes)
-
-    def hook(t: Tensor, hook) -> Tensor:
-        p = hook.name
-        space = NodeSpace(p, t.detach(), saes.get(p))
-        mask = keep[p].to(t.device)
-        if mask.shape != (space.n_nodes,):
-            raise ValueError(f"keep mask for {p!r} has shape {tuple(mask.shape)}, expected ({space.n_nodes},)")
-        return space.activation(torch.where(mask, space.nodes(t), fill[p]))
-
-    embed: list[Tensor] = []
-    with torch.no_grad():
-        model.run_with_hooks(image=images, fwd_hooks=[(p, hook) for p in points] +
-                             [("hook_image_embed", lambda t, hook: embed.append(t))])
-    return embed[-1]
+    return ablated_embeddings(model, images, {p: m[None] for p, m in keep.items()}, fill, saes=saes)[0]
 
 
 def ablated_embeddings(model, images: Tensor, keep: Mapping[str, Tensor], fill: Mapping[str, Tensor],
-                       batch: int = 256) -> Tensor:
+                       batch: int = 256, saes: Mapping[str, Any] | None = None) -> Tensor:
     """Unnormalised embeddings [S, B, D] of `images` under S ablations at once: at every point p of
     `keep` ({p: bool [S, C]}), setting s keeps the nodes where keep[p][s] is True and replaces the
     rest by `fill[p]` (one example [..., C], mean or zero ablation; or one donor per image
-    [B, ..., C], resample ablation; `ablation_values`). Why batched: the study's cells hold one or
-    two images, so one forward per setting is mostly per-call overhead; the settings are stacked
-    into forwards of about `batch` images. Cost: S * B image forwards."""
+    [B, ..., C], resample ablation; `ablation_values`); `saes` {p: sae} makes p's nodes SAE latents.
+    Why batched: the study's cells hold one or two images, so one forward per setting is mostly
+    per-call overhead; the settings are stacked into forwards of about `batch` images. Cost: S * B
+    image forwards."""
     points = list(keep)
     check_points(model, points)
+    saes = dict(saes or {})
     n_set = {len(m) for m in keep.values()}
     if len(n_set) != 1:
         raise ValueError(f"keep masks of every point need the same number of settings; got {sorted(n_set)}")
@@ -85,12 +74,12 @@ def ablated_embeddings(model, images: Tensor, keep: Mapping[str, Tensor], fill: 
         reps = len(next(iter(chunk.values()))) // n_img
 
         def hook(t: Tensor, hook) -> Tensor:
-            space = NodeSpace(hook.name, t.detach())
+            space = NodeSpace(hook.name, t.detach(), saes.get(hook.name))
             nodes = space.nodes(t)
-            mask = chunk[hook.name].to(t.device)
-            if mask.shape[-1] != nodes.shape[-1]:
-                raise ValueError(f"keep mask for {hook.name!r} has {mask.shape[-1]} nodes, expected {nodes.shape[-1]}")
-            mask = mask.view(len(t), *([1] * (nodes.ndim - 2)), nodes.shape[-1])
+            if keep[hook.name].shape[1:] != (space.n_nodes,):
+                raise ValueError(f"keep mask for {hook.name!r} has shape {tuple(keep[hook.name].shape[1:])}, "
+                                 f"expected ({space.n_nodes},)")
+            mask = chunk[hook.name].to(t.device).view(len(t), *([1] * (nodes.ndim - 2)), nodes.shape[-1])
             f = fill[hook.name].to(t)
             if f.ndim == nodes.ndim:  # one donor per image: tile over the settings of the chunk
                 f = f.repeat(reps, *([1] * (f.ndim - 1)))

@@ -343,6 +343,13 @@ def _check_consecutive(model, upstream: str, downstream: str) -> None:
 def ig_node_scores_in(model, images: Tensor, labels: Tensor | None, head: Tensor | None, space: NodeSpace, steps: int,
                  internal_batch_size: int | None = None, *, metric: Metric | None = None,
                  rule: str = RIEMANN_RULE) -> Tensor:
+    return _node_ig_per_image(model, images, labels, head, space, steps, internal_batch_size, metric, rule).mean(0).abs()
+
+
+def _node_ig_per_image(model, images: Tensor, labels: Tensor | None, head: Tensor | None, space: NodeSpace,
+                       steps: int, internal_batch_size: int | None, metric: Metric | None, rule: str) -> Tensor:
+    """[B, C]: each image's sum over positions of g ⊙ (0 - a), g the mean path gradient of the metric
+    (default: the summed true-class logit). The node score is |mean over images| of this."""
     run = segment_fn(model, space.point, images)
     if metric is None:
         if labels is None or head is None:
@@ -362,7 +369,7 @@ def ig_node_scores_in(model, images: Tensor, labels: Tensor | None, head: Tensor
     z = space.clean
     g = mean_gradient_along_path(lambda x: summed_metric(run(space.activation(x))), z, torch.zeros_like(z),
                                  riemann_alphas(steps, rule), internal_batch_size)
-    return _position_sum(g * (0 - z)).mean(0).abs().detach()
+    return _position_sum(g * (0 - z)).detach()
 
 
 def ig_node_scores_grouped(model, images: Tensor, labels: Tensor, head: Tensor, space: NodeSpace, steps: int,
@@ -382,19 +389,9 @@ def ig_node_scores_grouped(model, images: Tensor, labels: Tensor, head: Tensor, 
     labels = torch.as_tensor(labels, device=images.device).long()
     if labels.shape != (len(images),):
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match {len(images)} images")
-    per_image = torch.zeros(len(images), space.n_nodes, dtype=space.clean.dtype)
-    alphas = riemann_alphas(steps, rule)
-    for start in range(0, len(images), max_images):
-        rows = slice(start, start + max_images)
-        run = segment_fn(model, space.point, images[rows])
-        lab = labels[rows]
-
-        def summed_metric(emb: Tensor, lab: Tensor = lab) -> Tensor:
-            return evaluate_metric(true_class_logit(head, lab.repeat(len(emb) // len(lab)), reduce="sum"), emb)
-
-        z = space.clean[rows]
-        g = mean_gradient_along_path(lambda x: summed_metric(run(space.activation(x))), z, torch.zeros_like(z), alphas)
-        per_image[rows] = _position_sum(g * (0 - z)).detach().cpu()
+    chunks = [range(start, min(start + max_images, len(images))) for start in range(0, len(images), max_images)]
+    per_image = torch.cat([_node_ig_per_image(model, images[r.start:r.stop], labels[r.start:r.stop], head,
+                                              space.select(r), steps, None, None, rule).cpu() for r in chunks])
     return [per_image[torch.as_tensor([int(i) for i in rows], dtype=torch.long)].mean(0).abs() for rows in groups]
 
 

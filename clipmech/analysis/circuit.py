@@ -139,10 +139,7 @@ def discover_circuit(model, images: Tensor, labels: Tensor | None, head: Tensor 
     spaces = node_spaces(model, images, points, saes)
     scores = {p: ig_node_scores_in(model, images, labels, head, spaces[p], steps, metric=metric, rule=rule)
               for p in points}
-    info = {"n_images": len(images), "steps": steps, "node_fraction": node_fraction, "top_k": top_k if edges else 0,
-            "saes": sorted(saes or {})}
-    if rule != RIEMANN_RULE:
-        info["rule"] = rule
+    info = {"saes": sorted(saes or {})}
     if metric is not None:
         info["metric"] = getattr(metric, "__qualname__", type(metric).__name__)
     return _assemble(model, images, spaces, scores, node_fraction, edges, top_k, steps, rule, strategy, calibrate,
@@ -174,13 +171,9 @@ def discover_circuits(model, batches: Sequence[tuple[Tensor, Tensor]], head: Ten
                                         max_images=max_images) for p in points}
     out = []
     for i, (rows, meta) in enumerate(zip(groups, metas)):
-        info = {"n_images": len(rows), "steps": steps, "node_fraction": node_fraction,
-                "top_k": top_k if edges else 0, "saes": []}
-        if rule != RIEMANN_RULE:
-            info["rule"] = rule
         out.append(_assemble(model, batches[i][0], {p: s.select(rows) for p, s in spaces.items()},
                              {p: scores[p][i] for p in points}, node_fraction, edges, top_k, steps, rule, strategy,
-                             calibrate, {**info, **(meta or {})}))
+                             calibrate, {"saes": [], **(meta or {})}))
     return out
 
 
@@ -204,8 +197,9 @@ def _circuit_args(model, points: Sequence[str] | None, node_fraction: float, edg
 
 def _assemble(model, images: Tensor, spaces: Mapping[str, Any], scores: Mapping[str, Tensor], node_fraction: float,
               edges: bool, top_k: int, steps: int, rule: str, strategy: str | None, calibrate: bool,
-              info: dict[str, Any]) -> Circuit:
-    """The circuit from node scores: top nodes per point, then (with `edges`) the edge IG per pair."""
+              extra: dict[str, Any]) -> Circuit:
+    """The circuit from node scores: top nodes per point, then (with `edges`) the edge IG per pair;
+    its meta holds the discovery settings, then `extra` (SAEs, metric, the caller's meta)."""
     points = list(scores)
     nodes = {}
     for p in points:
@@ -219,7 +213,10 @@ def _assemble(model, images: Tensor, spaces: Mapping[str, Any], scores: Mapping[
             for col in torch.argsort(row, descending=True, stable=True)[:top_k]:
                 found.append((u, nodes[u][int(col)], d, j, float(row[col])))
     # top_k 0 marks a nodes-only circuit in its meta, as circuit files written before `edges` do.
-    return Circuit(points, {p: s.cpu() for p, s in scores.items()}, nodes, found, info)
+    info = {"n_images": len(images), "steps": steps, "node_fraction": node_fraction, "top_k": top_k if edges else 0}
+    if rule != RIEMANN_RULE:
+        info["rule"] = rule
+    return Circuit(points, {p: s.cpu() for p, s in scores.items()}, nodes, found, {**info, **extra})
 
 
 # ----------------------------------------------------------------------------- shared nodes

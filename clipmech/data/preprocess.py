@@ -18,26 +18,25 @@ OPENAI_MEAN = open_clip.OPENAI_DATASET_MEAN
 OPENAI_STD = open_clip.OPENAI_DATASET_STD
 
 
+def _mean_std() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor(OPENAI_MEAN).view(3, 1, 1), torch.tensor(OPENAI_STD).view(3, 1, 1)
+
+
 def normalize(images_uint8: torch.Tensor) -> torch.Tensor:
     """uint8 [..., 3, H, W] -> float32 normalised with OpenAI mean/std."""
-    x = images_uint8.float().div_(255)
-    mean = torch.tensor(OPENAI_MEAN).view(3, 1, 1)
-    std = torch.tensor(OPENAI_STD).view(3, 1, 1)
-    return (x - mean) / std
+    mean, std = _mean_std()
+    return (images_uint8.float().div_(255) - mean) / std
 
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:
     """float [..., 3, H, W] in [0, 1]: the OpenAI normalisation undone and clipped (for display)."""
-    mean = torch.tensor(OPENAI_MEAN).view(3, 1, 1)
-    std = torch.tensor(OPENAI_STD).view(3, 1, 1)
+    mean, std = _mean_std()
     return (images.detach().float().cpu() * std + mean).clamp(0, 1)
 
 
 def black_image() -> torch.Tensor:
     """[1, 3, 1, 1]: pixel value 0 after the OpenAI normalisation (an input-IG baseline)."""
-    mean = torch.tensor(OPENAI_MEAN).view(3, 1, 1)
-    std = torch.tensor(OPENAI_STD).view(3, 1, 1)
-    return (-mean / std)[None]
+    return normalize(torch.zeros(1, 3, 1, 1, dtype=torch.uint8))
 
 
 def image_tensor(dataset, index: int) -> torch.Tensor:
