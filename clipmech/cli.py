@@ -63,6 +63,7 @@ _RESUME_HINTS = {
     "train": "rerun the same command with --resume to continue from the last saved step",
     "quickstart": "rerun the same quickstart command: finished stages are reused and an interrupted "
                   "training run continues from its last saved step",
+    "interpolation": "rerun the same interpolation command: finished models and stages are reused",
     "experiment": "rerun the same experiment command: finished runs are skipped, interrupted ones resume",
 }
 

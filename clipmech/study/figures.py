@@ -444,3 +444,66 @@ def faithfulness_curves(models: Sequence[Mapping[str, Any]], path: PathLike | No
     fig.supylabel("faithfulness f(x)" + (f", axis clipped to [{lo:g}, {hi:g}]" if clipped else ""), fontsize=8)
     fig.suptitle(title, fontsize=10)
     return _finish(fig, path)
+
+
+def added_domains_panels(panels: Mapping[str, Mapping[str, Any]], path: PathLike | None = None,
+                         title: str = "Domain interpolation", fig: Figure | None = None) -> Path | Figure:
+    """One panel per quantity against the number of domains added to CG-low (Fig. 3 analogue).
+
+    `panels[name]` = {"ylabel", "scale" (100 for accuracies in [0, 1], else 1), "points": [(n_added,
+    value, label)] one per model, "by_k": {k: (mean, ci_low, ci_high)}, "slope": (estimate, low, high)
+    or None, "endpoints": {label: mean} drawn as dashed lines}. Each model is a dot (jittered), each
+    number added its bootstrap mean and 95 % CI.
+    """
+    names = list(panels)
+    if not names:
+        raise ValueError("added_domains_panels: no panels given")
+    fig = _figure(fig, figsize=(3.8 * len(names) + 1.8, 3.8), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(names)))
+    rng = np.random.default_rng(0)  # jitter only
+    for ax, name in zip(axes, names):
+        p, scale = panels[name], panels[name].get("scale", 1.0)
+        pts = np.array([(k, v) for k, v, _ in p["points"]], dtype=float).reshape(-1, 2)
+        ax.scatter(pts[:, 0] + rng.uniform(-0.12, 0.12, len(pts)), scale * pts[:, 1], s=10, color="0.55",
+                   label="one model")
+        ks = sorted(p["by_k"])
+        mean, low, high = (np.array([p["by_k"][k][i] for k in ks], dtype=float) * scale for i in range(3))
+        ax.errorbar(ks, mean, yerr=[mean - low, high - mean], color=OKABE_ITO[3], marker="o", capsize=3,
+                    label="mean, 95% CI")
+        for i, (label, value) in enumerate(p.get("endpoints", {}).items()):
+            ax.axhline(scale * value, ls="--", lw=1, color=OKABE_ITO[(i + 4) % len(OKABE_ITO)],
+                       label=SETUP_LABELS.get(label, label.replace("_", " ")))
+        sub = p.get("slope")
+        ax.set_title(name if sub is None else f"{name}\nslope {scale * sub[0]:+.2f} / domain "
+                     f"[{scale * sub[1]:+.2f}, {scale * sub[2]:+.2f}]", fontsize=8)
+        ax.set_xticks(ks)
+        ax.set_xlabel("domains added to CG-low")
+        ax.set_ylabel(p["ylabel"])
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle(title)
+    return _finish(fig, path)
+
+
+def coefficient_forest(coefs: Mapping[str, Mapping[str, Mapping[str, float]]], terms: Sequence[str],
+                       path: PathLike | None = None, xlabel: str = "change in C2 accuracy per SD (points)",
+                       title: str = "Mixed-model coefficients", fig: Figure | None = None) -> Path | Figure:
+    """Estimates and CIs of `terms` per measure: `coefs[measure][term]` = {"estimate", "ci_low",
+    "ci_high"} in accuracy units ([0, 1], drawn in points). One row per (measure, term)."""
+    rows = [(m, t) for m in coefs for t in terms if t in coefs[m]]
+    if not rows:
+        raise ValueError("coefficient_forest: no coefficients given")
+    fig = _figure(fig, figsize=(6.5, 0.42 * len(rows) + 1.4), layout="constrained")
+    ax = fig.subplots()
+    for y, (m, t) in enumerate(rows):
+        c = coefs[m][t]
+        ax.errorbar(100 * c["estimate"], y, xerr=[[100 * (c["estimate"] - c["ci_low"])],
+                                                  [100 * (c["ci_high"] - c["estimate"])]],
+                    color=OKABE_ITO[terms.index(t) % len(OKABE_ITO)], marker=MARKERS[terms.index(t)], capsize=3)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(rows)), [f"{m}: {t}" for m, t in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    return _finish(fig, path)

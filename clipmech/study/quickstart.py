@@ -137,12 +137,23 @@ class ModelSpec:
     setup: str
     seed: int
     test_domain: str
+    domains: str | None = None  # included domain initials (`build_mixture(domains=)`); None: the setup's own
+    epochs: int | None = None  # None: the options' epochs (a steps-matched model trains longer)
+    label: str | None = None  # the results row's "setup" (default: `setup`)
+
+    @property
+    def name(self) -> str:
+        """The row's setup label: `label`, else `setup`."""
+        return self.label or self.setup
 
     @property
     def run_id(self) -> str:
-        if self.setup == "natural_only":
+        if self.setup == "natural_only" and self.label is None:
             return f"natural_only-s{self.seed}"
-        return f"{self.setup}-{self.test_domain}-s{self.seed}"
+        return f"{self.name}-{self.test_domain}-s{self.seed}"
+
+    def train_epochs(self, opts: "QuickstartOptions") -> int:
+        return self.epochs or opts.epochs
 
 
 @dataclass
@@ -277,13 +288,14 @@ def _train_config(opts: QuickstartOptions, spec: ModelSpec, c2: Sequence[str], r
     return {
         "model": {"name": opts.model, "image_size": opts.image_size},
         "data": {"dataset": opts.dataset},
-        "mixture": {"setup": spec.setup, "test_domain": _mixture_test_domain(spec), "test_classes": list(c2)},
+        "mixture": {"setup": spec.setup, "test_domain": _mixture_test_domain(spec), "test_classes": list(c2),
+                    **({"domains": spec.domains} if spec.domains else {})},
         "optim": {"lr": opts.lr},
         "schedule": {"warmup": 50},
-        "train": {"epochs": opts.epochs, "batch_size": opts.batch_size, "seed": spec.seed, "out": str(run_dir),
-                  "tensorboard": False, "progress": False,
+        "train": {"epochs": spec.train_epochs(opts), "batch_size": opts.batch_size, "seed": spec.seed,
+                  "out": str(run_dir), "tensorboard": False, "progress": False,
                   # only the checkpoints the accuracy curve reads (each tiny-rn checkpoint is ~18 MB)
-                  "save_epochs": curve_epochs(opts.epochs, opts.curve_points)},
+                  "save_epochs": curve_epochs(spec.train_epochs(opts), opts.curve_points)},
         "eval": {"templates": "auto"},
     }
 
@@ -303,7 +315,7 @@ def _train_run(dataset, c2: Sequence[str], spec: ModelSpec, cfg: dict[str, Any])
     """Train one model from its config (resuming an interrupted run); the registry record."""
     run_dir = Path(cfg["train"]["out"])
     mixture = build_mixture(dataset, spec.setup, test_domain=_mixture_test_domain(spec), test_classes=list(c2),
-                            split="train", seed=42)
+                            domains=spec.domains, split="train", seed=42)
     t0, c0 = time.perf_counter(), time.process_time()
     train(cfg, mixture=mixture, resume=(run_dir / "latest.pt").is_file())
     ckpt = run_dir / f"epoch_{cfg['train']['epochs']}.pt"
@@ -373,7 +385,7 @@ def evaluate_model(study: Study, run: dict[str, Any], spec: ModelSpec) -> tuple[
     `c2_both_splits`, "{d}/C2_unseen/..." adds C2 metrics over every drawing of a domain d the run
     never trained on (`unseen_c2_rows`).
     """
-    epochs = curve_epochs(study.opts.epochs, study.opts.curve_points)
+    epochs = curve_epochs(spec.train_epochs(study.opts), study.opts.curve_points)
     ckpts = {e: Path(run["run_dir"]) / f"epoch_{e}.pt" for e in epochs}
     key = {"stage": "evaluate", "checkpoints": {e: file_hash(p) for e, p in ckpts.items()},
            "dataset": study.dataset.content_hash(), "c2": study.c2, "templates": study.templates(),
@@ -528,22 +540,25 @@ def check_distinct_mixtures(specs: Sequence[ModelSpec], runs: dict[str, dict[str
             seen[h] = s.setup
 
 
-def run_quickstart(opts: QuickstartOptions) -> dict[str, Any]:
-    """Run (or resume) the whole study; writes DIR/results.json, DIR/report.md, DIR/figures/*.png.
-
-    Returns the results dict. Raises RuntimeError naming the stage whose library piece is missing.
-    """
-    t0, c0 = time.perf_counter(), time.process_time()
+def open_study(opts: QuickstartOptions, test_domains: Sequence[str] | None = None) -> Study:
+    """The validated options' dataset, test domains (`test_domains` overrides the options'), C2 classes,
+    registry and image store under `opts.out`."""
     opts.validate()
     study = Study(opts, registry=Registry(Path(opts.out) / "registry"))
     study.dataset, study.test_domains, study.c2 = resolve_dataset(opts)
+    if test_domains is not None:
+        study.test_domains = list(test_domains)
     study.store = ImageStore(study.dataset, opts.image_size, study.out / "cache")
-    specs = model_specs(opts, study.test_domains)
-    progress = Progress(plan_budgets(opts, specs, study.dataset), enabled=opts.progress)
+    return study
+
+
+def train_and_evaluate(study: Study, specs: Sequence[ModelSpec], progress: Progress
+                       ) -> tuple[dict[str, dict[str, Any]], dict[str, dict]]:
+    """Load the images, train (or reuse) and evaluate every distinct model of `specs`:
+    ({run_id: train record}, {run_id: evaluate_model metrics})."""
     with progress.stage("load data") as h:
         h.reused = study.store.cached("test") and study.store.cached("train")
         study.images("test"), study.images("train")
-
     runs: dict[str, dict[str, Any]] = {}
     metrics: dict[str, dict] = {}
     with progress.stage("train") as h:
@@ -552,10 +567,16 @@ def run_quickstart(opts: QuickstartOptions) -> dict[str, Any]:
     for spec in dict((s.run_id, s) for s in specs).values():
         with progress.stage(f"evaluate {spec.run_id}") as h:
             metrics[spec.run_id], h.reused = evaluate_model(study, runs[spec.run_id], spec)
+    return runs, metrics
 
-    check_distinct_mixtures(specs, runs)
+
+def analyse_models(study: Study, specs: Sequence[ModelSpec], runs: dict[str, dict[str, Any]],
+                   metrics: dict[str, dict], progress: Progress, figure_spec: ModelSpec
+                   ) -> tuple[list[dict[str, Any]], dict[str, dict[str, list]], dict[tuple[str, str], dict]]:
+    """Run the per-run analysis plan on every (model, test domain) of `specs`: (results rows, C2 accuracy
+    curves {test domain: {setup: [curve per seed]}}, {(run_id, test domain): stage results}). UMAP only
+    for `figure_spec`. Cost: about 14 s per row on 2 cores at the default preset."""
     rows, curves, per_model = [], {}, {}
-    figure_spec = next((s for s in specs if s.setup == "cg_high"), specs[0])
     for spec in specs:
         run = runs[spec.run_id]
         ra = study.run_analysis(run, spec.test_domain)
@@ -567,11 +588,27 @@ def run_quickstart(opts: QuickstartOptions) -> dict[str, Any]:
         accuracy, curve = _final_metrics(metrics[spec.run_id], spec.test_domain)
         measures = row_measures(study.dataset.domains, spec.test_domain, got["cka"], got["circuits"]["node"],
                                 got["circuits"]["edge"], got["sharing"], got["emb"]["separation"])
-        rows.append({"setup": spec.setup, "seed": spec.seed, "test_domain": spec.test_domain, **accuracy, **measures,
+        rows.append({"setup": spec.name, "seed": spec.seed, "test_domain": spec.test_domain, **accuracy, **measures,
                      "run_id": spec.run_id, "model_id": spec.run_id, "mixture_id": run["mixture_id"],
                      "n_train": run["n_train"], **got["controls"]})
-        curves.setdefault(spec.test_domain, {}).setdefault(spec.setup, []).append(curve)
+        curves.setdefault(spec.test_domain, {}).setdefault(spec.name, []).append(curve)
         per_model[(spec.run_id, spec.test_domain)] = {k: got[k] for k in ("cka", "circuits", "sharing", "emb")}
+    return rows, curves, per_model
+
+
+def run_quickstart(opts: QuickstartOptions) -> dict[str, Any]:
+    """Run (or resume) the whole study; writes DIR/results.json, DIR/report.md, DIR/figures/*.png.
+
+    Returns the results dict. Raises RuntimeError naming the stage whose library piece is missing.
+    """
+    t0, c0 = time.perf_counter(), time.process_time()
+    study = open_study(opts)
+    specs = model_specs(opts, study.test_domains)
+    progress = Progress(plan_budgets(opts, specs, study.dataset), enabled=opts.progress)
+    runs, metrics = train_and_evaluate(study, specs, progress)
+    check_distinct_mixtures(specs, runs)
+    figure_spec = next((s for s in specs if s.setup == "cg_high"), specs[0])
+    rows, curves, per_model = analyse_models(study, specs, runs, metrics, progress, figure_spec)
 
     with progress.stage("figures and report"):
         config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items() if k != "progress"}
