@@ -218,3 +218,23 @@ def test_interpolation_refuses_one_seed_and_a_natural_test_domain(dn, tmp_path, 
     assert "the natural domain 'real' cannot be a test domain" in capsys.readouterr().err
     assert main(["interpolation", "--dataset", str(dn), "--out", str(tmp_path / "c"), *TINY]) == 1
     assert "names no default test domain" in capsys.readouterr().err
+
+
+def test_paper_scale_plan_lists_the_papers_mixtures_and_runs_through_experiment_run(tmp_path, capsys):
+    args = ["interpolation", "--paper", "--test-domain", "sketch", "--seeds", "2", "--data", "domainnet=/dn",
+            "--data", "imagenet_captions=/in.tsv", "--dry-run", "--out", str(tmp_path)]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "0/20 units finished, 20 to run (local)" in err
+    exp = I.paper_experiment("sketch", 2, "full")
+    assert exp["matrix"]["mixture.domains"] == ["rs", "qrs", "prs", "irs", "crs", "cqrs", "cprs", "cirs", "cpqrs",
+                                                "ciprs"]
+    assert (tmp_path / "domain_interpolation_sketch.toml").is_file()
+    from clipmech.study.experiments import expand_runs, load_experiment
+    runs = expand_runs(load_experiment(tmp_path / "domain_interpolation_sketch.toml"),
+                       {"domainnet": "/dn", "imagenet_captions": "/in.tsv"})
+    assert len(runs) == 20 and {r["config"]["mixture"]["setup"] for r in runs} == {"cg_high"}
+    # another test domain: the design's subsets of the four other DomainNet domains
+    assert len(I.paper_experiment("painting", 1, "full")["matrix"]["mixture.domains"]) == 16
+    assert main(["interpolation", "--paper", "--out", str(tmp_path)]) == 1
+    assert "--paper needs --test-domain" in capsys.readouterr().err

@@ -55,6 +55,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     i.add_argument("--model", default=None, help="model preset (default: tiny-rn)")
     i.add_argument("--quiet", action="store_true", help="no stage progress display")
     i.add_argument("--debug", action="store_true", help="show tracebacks")
+    g = i.add_argument_group("paper scale (the same study on DomainNet with RN50, through `clipmech experiment run`)")
+    g.add_argument("--paper", action="store_true",
+                   help="train the paper-scale interpolation (clipart, sketch: the paper's listed mixtures) instead")
+    g.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
+                   help="data paths: domainnet=/data/domainnet imagenet_captions=/data/in_captions.tsv")
+    g.add_argument("--launcher", choices=["local", "slurm"], default=None, help="local (default) or slurm")
+    g.add_argument("--dry-run", action="store_true", help="print the runs and commands, run nothing")
     for name, ftype in _TUNABLE.items():
         i.add_argument("--" + name.replace("_", "-"), dest=name, type=ftype, default=None, help=argparse.SUPPRESS)
     i.set_defaults(func=_interpolation)
@@ -157,6 +164,14 @@ def _interpolation(args: argparse.Namespace) -> int:
 
     if args.seeds < 2:
         raise ValueError(f"--seeds must be >= 2 (seeds are the unit the statistics resample), got {args.seeds}")
+    if args.paper:
+        from clipmech.study.interpolation import plan_paper_interpolation
+        if args.test_domain is None:
+            raise ValueError("--paper needs --test-domain (the paper studied clipart and sketch)")
+        path = plan_paper_interpolation(args.test_domain, args.seeds, args.design, args.out, _parse_data(args.data),
+                                        {"launcher": args.launcher}, args.dry_run)
+        print(f"clipmech interpolation --paper: {path}; analyse the trained runs with `clipmech experiment analyse`")
+        return 0
     base = replace(QuickstartOptions(progress=not args.quiet), **_quickstart_changes(args)).validate()
     opts = InterpolationOptions(out=args.out, test_domain=args.test_domain, seeds=args.seeds, design=args.design,
                                 base=base)

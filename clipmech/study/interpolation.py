@@ -180,3 +180,52 @@ def run_interpolation(opts: InterpolationOptions) -> dict[str, Any]:
                         "stages": progress.timings()}
     write_interpolation_outputs(results, Path(opts.out))
     return results
+
+
+# ------------------------------------------------------------------------------------ paper scale
+# The paper's interpolation mixtures (Fig. 3 / Fig. 8): included domain initials on DomainNet, CG-low
+# first (c i p q r s = clipart infograph painting quickdraw real sketch).
+PAPER_MIXTURES = {"clipart": ("cr", "cqr", "cpr", "cir", "crs", "cqrs", "cprs", "cirs", "cpqrs", "ciprs"),
+                  "sketch": ("rs", "qrs", "prs", "irs", "crs", "cqrs", "cprs", "cirs", "cpqrs", "ciprs")}
+_DOMAINNET = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
+
+
+def paper_experiment(test_domain: str, seeds: int, design: str) -> dict[str, Any]:
+    """The paper-scale interpolation as an experiment table (`clipmech experiment` format): RN50 with the
+    paper's trainer settings on DomainNet + ImageNet-Captions, CG-high over the included domains with
+    d* C1-only, subsampled to S(d*). Clipart and sketch use the paper's listed mixtures; any other
+    DomainNet test domain gets the design's subsets of the four other domains. Seeds 0..seeds-1."""
+    if test_domain not in _DOMAINNET or test_domain == "real":
+        raise ValueError(f"--paper needs a DomainNet test domain other than real, got {test_domain!r}")
+    if test_domain in PAPER_MIXTURES and design == "full":
+        mixtures = list(PAPER_MIXTURES[test_domain])
+    else:
+        others = [d for d in _DOMAINNET if d not in ("real", test_domain)]
+        mixtures = ["".join(sorted(d[0] for d in ("real", test_domain, *a))) for a in added_subsets(others, design)]
+    return {"experiment": {"name": f"domain_interpolation_{test_domain}", "figure": "Fig. 3, Fig. 8", "kind": "clip",
+                           "description": f"CG on {test_domain} as a function of which domains are added to CG-low",
+                           "base_tsv": "{imagenet_captions}"},
+            "base": {"model": {"name": "RN50", "grad_checkpointing": True},
+                     "data": {"dataset": "{domainnet}", "workers": 8},
+                     "mixture": {"setup": "cg_high", "test_domain": test_domain},
+                     "train": {"epochs": 32, "batch_size": 128, "accum_freq": 2, "precision": "amp_bf16",
+                               "progress": False},
+                     "eval": {"templates": "domainnet"}},
+            "matrix": {"mixture.domains": mixtures, "train.seed": list(range(seeds))},
+            "launch": {"nproc_per_node": 4}}
+
+
+def plan_paper_interpolation(test_domain: str, seeds: int, design: str, out: str, data: dict[str, str],
+                             launch: dict[str, Any], dry_run: bool) -> Path:
+    """Write OUT/domain_interpolation_<d>.toml and run it as `clipmech experiment run` does (torchrun per
+    run, local or SLURM through `launch`; resumable; `dry_run` prints the commands). Returns the file."""
+    import tomli_w
+
+    from clipmech.study.experiments import run_experiment
+
+    path = Path(out) / f"domain_interpolation_{test_domain}.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("# written by `clipmech interpolation --paper`\n"
+                    + tomli_w.dumps(paper_experiment(test_domain, seeds, design)))
+    run_experiment(path, out, data, dry_run=dry_run, launch=launch)
+    return path
