@@ -238,3 +238,16 @@ def test_paper_scale_plan_lists_the_papers_mixtures_and_runs_through_experiment_
     assert len(I.paper_experiment("painting", 1, "full")["matrix"]["mixture.domains"]) == 16
     assert main(["interpolation", "--paper", "--out", str(tmp_path)]) == 1
     assert "--paper needs --test-domain" in capsys.readouterr().err
+
+
+def test_mixed_model_weights_are_the_classes_drawings():
+    rng = np.random.default_rng(2)
+    rows = _rows(lambda added, s, c: np.clip(0.2 + 0.03 * len(added) + rng.normal(0, 0.1), 0, 1),
+                 measure=lambda added, s: 0.3 + 0.01 * len(added) + rng.normal(0, 0.01), seeds=4, classes=6)
+    design = IS.Design(rows, DOMS, ["m"])
+    equal = IS.mixed_models(design)["m"]["coef"]
+    twos = IS.mixed_models(design, drawings={f"k{c}": 2 for c in range(6)})["m"]["coef"]
+    uneven = IS.mixed_models(design, drawings={f"k{c}": 1 + 5 * (c == 0) for c in range(6)})["m"]["coef"]
+    for k in equal:  # a common weight changes nothing; unequal drawings change the fit
+        assert twos[k]["estimate"] == pytest.approx(equal[k]["estimate"], rel=1e-6, abs=1e-9)
+    assert uneven["within"]["estimate"] != pytest.approx(equal["within"]["estimate"], rel=1e-3)

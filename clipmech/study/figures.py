@@ -474,8 +474,8 @@ def added_domains_panels(panels: Mapping[str, Mapping[str, Any]], path: PathLike
             ax.axhline(scale * value, ls="--", lw=1, color=OKABE_ITO[(i + 4) % len(OKABE_ITO)],
                        label=SETUP_LABELS.get(label, label.replace("_", " ")))
         sub = p.get("slope")
-        ax.set_title(name if sub is None else f"{name}\nslope {scale * sub[0]:+.2f} / domain "
-                     f"[{scale * sub[1]:+.2f}, {scale * sub[2]:+.2f}]", fontsize=8)
+        ax.set_title(name if sub is None else f"{name}\nslope {scale * sub[0]:+.2g} / domain "
+                     f"[{scale * sub[1]:+.2g}, {scale * sub[2]:+.2g}]", fontsize=8)
         ax.set_xticks(ks)
         ax.set_xlabel("domains added to CG-low")
         ax.set_ylabel(p["ylabel"])

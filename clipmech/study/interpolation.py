@@ -27,8 +27,8 @@ from clipmech.study.interpolation_report import write_interpolation_outputs
 from clipmech.study.interpolation_stats import build_interpolation_results
 from clipmech.study.progress import Progress
 from clipmech.study.provenance import provenance
-from clipmech.study.quickstart import (ModelSpec, QuickstartOptions, Study, analyse_models, check_distinct_mixtures,
-                                       open_study, plan_budgets, train_and_evaluate)
+from clipmech.study.quickstart import (ModelSpec, QuickstartOptions, Study, analyse_models, c2_drawings,
+                                       check_distinct_mixtures, open_study, plan_budgets, train_and_evaluate)
 from clipmech.utils import unknown_name_error
 
 DESIGNS = ("full", "half")
@@ -172,6 +172,7 @@ def run_interpolation(opts: InterpolationOptions) -> dict[str, Any]:
         row["added"] = None if added[row["run_id"]] is None else list(added[row["run_id"]])
     config = {"out": opts.out, "seeds": opts.seeds, "design": opts.design, "test_domain": test_domain,
               "test_domain_rule": why, "added_domains": others, "c2_classes": study.c2,
+              "c2_drawings": c2_drawings(study, test_domain),
               "trainer_and_preset": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(qopts).items()
                                      if k not in ("progress", "out", "test_domains", "seeds")}}
     results = build_interpolation_results(rows, config, skipped, provenance(study.dataset, "cpu"))

@@ -129,13 +129,16 @@ def dose_response(design: Design, n_boot: int = 2000, seed: int = 0, alpha: floa
 
 
 # ------------------------------------------------------------------------------------ mixed model
-def mixed_models(design: Design, alpha: float = 0.05) -> dict[str, Any]:
-    """Per measure, the plan's linear mixed model of C2 proportion correct per (model, class): fixed
-    intercept, between (mixture mean) and within (deviation) in SD units of the measure, one indicator
-    per added domain; random intercepts for mixture, seed, class and model. Adds one-sided p's for
-    between > 0 (and < 0), Holm over the measures. A model that cannot be fitted is kept with its reason."""
+def mixed_models(design: Design, alpha: float = 0.05, drawings: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """Per measure, the plan's linear mixed model of C2 proportion correct per (model, class), each
+    weighted by the class's drawings (`drawings`; None: equal weights): fixed intercept, between
+    (mixture mean) and within (deviation) in SD units of the measure, one indicator per added domain;
+    random intercepts for mixture, seed, class and model. Adds one-sided p's for between > 0 (and < 0),
+    Holm over the measures. A model that cannot be fitted is kept with its reason."""
     out: dict[str, Any] = {}
     M, S, C = design.acc.shape
+    per_class = np.array([1.0 if drawings is None else float(drawings[c]) for c in design.classes])
+    weights = np.broadcast_to(per_class, (M, S, C))
     mix, sd, cl = np.meshgrid(np.arange(M), np.arange(S), np.arange(C), indexing="ij")
     for name, values in design.measures.items():
         ok = ~np.isnan(values)[..., None] & ~np.isnan(design.acc)
@@ -151,7 +154,7 @@ def mixed_models(design: Design, alpha: float = 0.05) -> dict[str, Any]:
         X = np.stack([np.broadcast_to(c[..., None], (M, S, C))[ok] for c in cols.values()], axis=1)
         groups = {"mixture": mix[ok], "seed": sd[ok], "class": cl[ok], "model": (mix * S + sd)[ok]}
         try:
-            fit = fit_crossed_lmm(design.acc[ok], X, groups, list(cols), level=1 - alpha)
+            fit = fit_crossed_lmm(design.acc[ok], X, groups, list(cols), weights=weights[ok], level=1 - alpha)
         except ValueError as err:
             out[name] = {"reason": str(err)}
             continue
@@ -251,7 +254,7 @@ def build_interpolation_results(rows: Sequence[Mapping[str, Any]], config: Mappi
     boot_seed = plan["boot_seed"] if boot_seed is None else boot_seed
     design = Design(rows, config["added_domains"], measures, plan["metric"])
     dose = dose_response(design, n_boot=n_boot, seed=boot_seed, alpha=alpha)
-    mixed = mixed_models(design, alpha=alpha)
+    mixed = mixed_models(design, alpha=alpha, drawings=config.get("c2_drawings"))
     endpoints = {}
     for label in dict.fromkeys(r["setup"] for r in rows if r.get("added") is None):
         acc = [r[plan["metric"]] for r in rows if r["setup"] == label]

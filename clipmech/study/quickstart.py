@@ -430,16 +430,20 @@ def unseen_c2_rows(study: Study, spec: ModelSpec) -> np.ndarray:
     return np.flatnonzero(keep)
 
 
-def drawings_per_cell(study: Study) -> str:
-    """Distinct C2 drawings per (test domain, class) that the C2 accuracy averages, e.g. "2" or "1-3"."""
+def c2_drawings(study: Study, test_domain: str) -> dict[str, int]:
+    """{C2 class: distinct drawings of `test_domain` its C2 accuracy averages} (test split, plus the
+    train split's originals with `c2_both_splits`)."""
     ds = study.dataset
     test = ds.indices(split="test")
-    counts = []
-    for d in study.test_domains:
-        extra = unseen_c2_rows(study, ModelSpec("lod", 0, d)) if study.opts.c2_both_splits else np.zeros(0, int)
-        classes = np.concatenate([ds.class_idx[test][ds.domain_idx[test] == ds.domain_index(d)],
-                                  ds.class_idx[ds.indices(split="train")[extra]]])
-        counts += [int((classes == k).sum()) for k in _c2_idx(study)]
+    extra = unseen_c2_rows(study, ModelSpec("lod", 0, test_domain)) if study.opts.c2_both_splits else np.zeros(0, int)
+    classes = np.concatenate([ds.class_idx[test][ds.domain_idx[test] == ds.domain_index(test_domain)],
+                              ds.class_idx[ds.indices(split="train")[extra]]])
+    return {ds.classes[k]: int((classes == k).sum()) for k in _c2_idx(study)}
+
+
+def drawings_per_cell(study: Study) -> str:
+    """Distinct C2 drawings per (test domain, class) that the C2 accuracy averages, e.g. "2" or "1-3"."""
+    counts = [n for d in study.test_domains for n in c2_drawings(study, d).values()]
     lo, hi = min(counts), max(counts)
     return str(lo) if lo == hi else f"{lo}-{hi}"
 
