@@ -37,6 +37,7 @@ SETUP_LABELS = {
     "cg_high": "CG high-diversity",
     "pseudo_low": "pseudo upper bound (low)",
     "pseudo_high": "pseudo upper bound (high)",
+    "natural_only_steps": "natural-only, steps-matched",
 }
 
 

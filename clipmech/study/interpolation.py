@@ -178,6 +178,7 @@ def run_interpolation(opts: InterpolationOptions) -> dict[str, Any]:
     results = build_interpolation_results(rows, config, skipped, provenance(study.dataset, "cpu"))
     results["extra"] = {"wall_time_s": round(time.perf_counter() - t0, 1),
                         "cpu_time_s": round(time.process_time() - c0, 1), "models": len(runs),
+                        "stages_run": len(progress.done), "stages_reused": len(progress.reused),
                         "stages": progress.timings()}
     write_interpolation_outputs(results, Path(opts.out))
     return results

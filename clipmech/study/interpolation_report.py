@@ -18,6 +18,11 @@ FIGURES = {
 }
 
 
+def _p(p: float, n_boot: int) -> str:
+    """A bootstrap p; one that no resample reached is written as below 1 / n_boot."""
+    return f"< {1 / n_boot:.1g}" if p == 0 else f"{p:.3g}"
+
+
 def _ci(s: Mapping[str, Any], scale: float = 100.0, fmt: str = "+.1f") -> str:
     if s.get("ci_low") is None:
         return f"{scale * s['estimate']:{fmt}} (no CI)"
@@ -68,8 +73,9 @@ def _mixed_lines(mixed: Mapping[str, Any]) -> list[str]:
             lines.append(f"| {k} | not fitted: {fit['reason']} | | | | | |")
             continue
         b, w = fit["coef"]["between"], fit["coef"]["within"]
-        rel = [fit["reliability"][x]["reliability"] for x in ("over_models", "within_mixture")]
-        rel_s = " / ".join("n/a" if r is None else f"{r:.2f}" for r in rel)
+        rel = [fit["reliability"][x] for x in ("over_models", "within_mixture")]
+        rel_s = " / ".join(f"{r['reliability']:.2f}" for r in rel) if all(r["reliability"] is not None for r in rel) \
+            else f"n/a ({rel[0]['reason'] or rel[1]['reason']})"
         var = fit["variance"]
         var_s = ", ".join(f"{var[g]:.2g}" for g in ("mixture", "model", "seed", "class", "residual"))
         lines.append(f"| {k} | {_ci(b)} (df {b['df']}) | {b['p_positive']:.3g}, {b['p_positive_holm']:.3g} | "
@@ -87,13 +93,14 @@ def _dose_lines(results: Mapping[str, Any]) -> list[str]:
         scale = 100.0 if name == "accuracy" else 1.0
         s = d["slope"]
         lines.append(f"| {name}{' (points)' if scale == 100 else ''} | {_ci(s, scale, '+.3f' if scale == 1 else '+.1f')} "
-                     f"| {s['p_star']:.4f} ± {s['p_star_se']:.4f} | {s['verdict']} |")
+                     f"| {_p(s['p_star'], s['n_boot'])} ± {s['p_star_se']:.4f} | {s['verdict']} |")
     acc = dose["accuracy"]
     domains = results["design"]["added_domains"]
     lines += ["", "Domain-inclusion main effects on C2 accuracy (mean over mixtures that add the domain minus "
               "those that do not, points; Holm over the added domains, two-sided):", "",
               "| added domain | effect, 95 % CI | p Holm |", "|---|---|---|"]
-    lines += [f"| {d} | {_ci(acc[f'adds_{d}'])} | {acc[f'adds_{d}']['p_holm_two_sided']:.3g} |" for d in domains]
+    lines += [f"| {d} | {_ci(acc[f'adds_{d}'])} | {_p(acc[f'adds_{d}']['p_holm_two_sided'], acc[f'adds_{d}']['n_boot'])} |"
+              for d in domains]
     return lines
 
 
@@ -120,8 +127,9 @@ def report_markdown(results: Mapping[str, Any], figures: Mapping[str, str]) -> s
              f"Test domain **{cfg['test_domain']}**: {cfg['test_domain_rule']}. Trained: CG-low plus "
              f"{len(design['mixtures'])} subsets of {', '.join(design['added_domains'])} ({cfg['design']} design), "
              f"LOD, natural-only and a steps-matched natural-only, {len(design['seeds'])} seeds each "
-             f"({extra.get('models', '?')} models, {design['classes']} C2 classes); "
-             f"{extra.get('wall_time_s', '?')} s wall, {extra.get('cpu_time_s', '?')} s CPU.",
+             f"({extra.get('models', '?')} models, {design['classes']} C2 classes). This run: "
+             f"{extra.get('wall_time_s', '?')} s wall, {extra.get('cpu_time_s', '?')} s CPU, "
+             f"{extra.get('stages_reused', '?')} of {extra.get('stages_run', '?')} stages reused from the registry.",
              f"Analysis plan `{results['plan']['file']}` (sha256 {results['plan']['sha256']}, "
              f"{results['plan']['status']}).", "",
              f"## Verdict on finding 3 from this design: {v['verdict']}", "", v["text"], "",

@@ -58,6 +58,9 @@ class Design:
         self.acc = np.full((M, S, C), np.nan)
         self.measures = {k: np.full((M, S), np.nan) for k in measures}
         self.rows: dict[tuple[int, int], Mapping[str, Any]] = {}
+        # why a measure is null, as the rows say (e.g. too few C2 rows for CKA)
+        self.null_reasons = {k: next((r["null_reasons"][k] for r in fact if (r.get("null_reasons") or {}).get(k)),
+                                     "no reason recorded") for k in measures}
         for r, p in zip(fact, per):
             i, j = self.labels.index(r["setup"]), self.seeds.index(int(r["seed"]))
             self.acc[i, j] = [p[c] for c in self.classes]
@@ -100,7 +103,7 @@ def _summarise(point: float, boots: np.ndarray, alpha: float) -> dict[str, Any]:
     lo, hi = percentile_ci(boots[np.isfinite(boots)], 1 - alpha)
     p, se = tail_probability(boots)
     return {"estimate": float(point), "ci_low": lo, "ci_high": hi, "p_star": p, "p_star_se": se,
-            "verdict": decide(p, se, alpha)}
+            "n_boot": int(boots.size), "verdict": decide(p, se, alpha)}
 
 
 def dose_response(design: Design, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> dict[str, Any]:
@@ -115,7 +118,7 @@ def dose_response(design: Design, n_boot: int = 2000, seed: int = 0, alpha: floa
     for name, values, per_class in [("accuracy", design.acc, True),
                                     *((k, v, False) for k, v in design.measures.items())]:
         if np.isnan(values).all():
-            out[name] = {"reason": "no model has this measure"}
+            out[name] = {"reason": f"no model has this measure: {design.null_reasons.get(name)}"}
             continue
         point = _effects(design, _mixture_means(values, ones_s, ones_c if per_class else None))
         boots = _effects(design, _mixture_means(values, seed_w, class_w if per_class else None))
@@ -142,8 +145,11 @@ def mixed_models(design: Design, alpha: float = 0.05, drawings: Mapping[str, int
     mix, sd, cl = np.meshgrid(np.arange(M), np.arange(S), np.arange(C), indexing="ij")
     for name, values in design.measures.items():
         ok = ~np.isnan(values)[..., None] & ~np.isnan(design.acc)
-        if ok.sum() == 0 or np.nanstd(values) == 0:
-            out[name] = {"reason": "the measure is missing or does not vary across models"}
+        if ok.sum() == 0:
+            out[name] = {"reason": f"no model has this measure: {design.null_reasons[name]}"}
+            continue
+        if np.nanstd(values) == 0:
+            out[name] = {"reason": "the measure does not vary across models"}
             continue
         scale = float(np.nanstd(values, ddof=1))
         between = np.nanmean(values, axis=1, keepdims=True)
@@ -199,8 +205,11 @@ def thresholds(rows: Sequence[Mapping[str, Any]], measures: Sequence[str], plan:
     cfg = plan["threshold"]
     for k in measures:
         pts = [(r[k], r[metric]) for r in rows if r.get(k) is not None and r.get(metric) is not None]
+        if not pts:
+            out[k] = {"reason": "no model has this measure"}
+            continue
         try:
-            x, y = np.array(pts, dtype=float).T if pts else (np.zeros(0), np.zeros(0))
+            x, y = np.array(pts, dtype=float).T
             out[k] = threshold_test(x, y, quantiles=tuple(cfg["quantiles"]), grid=cfg["grid"],
                                     n_boot=cfg["n_boot"], seed=plan["boot_seed"])
         except ValueError as err:
