@@ -255,3 +255,44 @@ def test_mixed_model_weights_are_the_classes_drawings():
     for k in equal:  # a common weight changes nothing; unequal drawings change the fit
         assert twos[k]["estimate"] == pytest.approx(equal[k]["estimate"], rel=1e-6, abs=1e-9)
     assert uneven["within"]["estimate"] != pytest.approx(equal["within"]["estimate"], rel=1e-3)
+
+
+def test_paper_rows_become_interpolation_rows_by_their_runs_mixtures():
+    rows = [{"run_id": "a", "test_domain": "sketch", "setup": "cg_high", "seed": 0},
+            {"run_id": "b", "test_domain": "sketch", "setup": "cg_high", "seed": 0},
+            {"run_id": "c", "test_domain": "sketch", "setup": "cg_high", "seed": 0},
+            {"run_id": "a", "test_domain": "clipart", "setup": "cg_high", "seed": 0},
+            {"run_id": "z", "test_domain": "sketch", "setup": "lod", "seed": 0}]
+    got = I.interpolation_rows(rows, {"a": "rs", "b": "cqrs", "c": "ciprqs"}, "sketch")
+    assert [(r["setup"], r["added"]) for r in got] == [
+        ("cg_low", []), ("cg_low+cq", ["clipart", "quickdraw"]),
+        ("cg_high", ["clipart", "infograph", "painting", "quickdraw"])]
+    with pytest.raises(ValueError, match=r"initials \['x'\] are not DomainNet's"):
+        I.interpolation_rows(rows[:1], {"a": "rsx"}, "sketch")
+
+
+def test_paper_analyse_before_training_names_the_missing_step(tmp_path, capsys):
+    common = ["--paper", "--test-domain", "sketch", "--seeds", "2", "--data", "domainnet=/dn", "--data",
+              "imagenet_captions=/in.tsv", "--out", str(tmp_path)]
+    assert main(["interpolation", *common, "--analyse"]) == 1
+    assert "domain_interpolation_sketch.toml does not exist; train first" in capsys.readouterr().err
+    assert main(["interpolation", *common, "--dry-run"]) == 0
+    assert main(["interpolation", *common, "--analyse"]) == 1
+    assert "has not finished training; run `clipmech experiment run" in capsys.readouterr().err
+    assert main(["interpolation", "--analyse", "--out", str(tmp_path)]) == 1
+    assert "--analyse applies with --paper" in capsys.readouterr().err
+
+
+def test_a_listed_design_that_never_adds_a_domain_estimates_the_others():
+    listed = {(), ("c",), ("f",), ("c", "f"), ("c", "f", "s")}  # painting never added, sketch once
+    rng = np.random.default_rng(3)
+    rows = [r for r in _rows(lambda added, s, c: 0.1 + 0.05 * ("c" in added) + rng.normal(0, 0.02),
+                             measure=lambda added, s: 0.3 + 0.01 * len(added) + rng.normal(0, 0.01), seeds=4)
+            if r["added"] is None or tuple(r["added"]) in listed]
+    design = IS.Design(rows, DOMS, ["m"])
+    dose = IS.dose_response(design, n_boot=200)["accuracy"]
+    assert dose["adds_p"] == {"reason": "added in every mixture or in none: no effect to estimate"}
+    assert dose["adds_c"]["estimate"] == pytest.approx(0.05, abs=0.02)
+    fit = IS.mixed_models(design)["m"]
+    # 5 mixtures cannot carry intercept, between and 3 indicators (containment df 0): kept with the reason
+    assert "containment df < 1" in fit["reason"] and "adds_p" not in fit["reason"]

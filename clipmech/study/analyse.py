@@ -438,7 +438,9 @@ def model_rows(ctx: RunContext, setup: str, seed: int, test_domains: Sequence[st
         rows.append({"setup": setup, "seed": seed, "test_domain": d, **accuracy,
                      **row_measures(domains, d, cka, circuits["node"], circuits["edge"], sharing,
                                     embeddings["separation"]),
-                     "run_id": run_id, "model": ctx.cfg["model"]["name"], "image_size": ctx.source.image_size,
+                     # the run is the trained model: runs that share setup and seed (interpolation
+                     # mixtures, allow-p levels) stay distinct models in the statistics
+                     "run_id": run_id, "model_id": run_id, "model": ctx.cfg["model"]["name"], "image_size": ctx.source.image_size,
                      "classes": list(ctx.source.dataset.classes), "c2_classes": ctx.source.c2,
                      "checkpoint_hash": ctx.checkpoint_hash, "paper_compat": ctx.paper_compat,
                      "mixture_paper_compat": bool(ctx.cfg["analysis"]["paper_compat"]), **controls.get(d, {})})

@@ -62,6 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="data paths: domainnet=/data/domainnet imagenet_captions=/data/in_captions.tsv")
     g.add_argument("--launcher", choices=["local", "slurm"], default=None, help="local (default) or slurm")
     g.add_argument("--dry-run", action="store_true", help="print the runs and commands, run nothing")
+    g.add_argument("--analyse", action="store_true",
+                   help="with --paper: analyse the trained runs (experiment analyse) and judge them by the plan")
     for name, ftype in _TUNABLE.items():
         i.add_argument("--" + name.replace("_", "-"), dest=name, type=ftype, default=None, help=argparse.SUPPRESS)
     i.set_defaults(func=_interpolation)
@@ -164,13 +166,23 @@ def _interpolation(args: argparse.Namespace) -> int:
 
     if args.seeds < 2:
         raise ValueError(f"--seeds must be >= 2 (seeds are the unit the statistics resample), got {args.seeds}")
+    if args.analyse and not args.paper:
+        raise ValueError("--analyse applies with --paper (the toy study analyses its models itself)")
     if args.paper:
-        from clipmech.study.interpolation import plan_paper_interpolation
+        from clipmech.study.interpolation import analyse_paper_interpolation, plan_paper_interpolation
         if args.test_domain is None:
             raise ValueError("--paper needs --test-domain (the paper studied clipart and sketch)")
+        if args.analyse:
+            res = analyse_paper_interpolation(args.test_domain, args.out, _parse_data(args.data),
+                                              {"launcher": args.launcher}, args.dry_run)
+            if res is not None:
+                print(f"clipmech interpolation --paper --analyse: finding 3 from this design: "
+                      f"{res['verdict']['verdict']}: {res['verdict']['text']}")
+            return 0
         path = plan_paper_interpolation(args.test_domain, args.seeds, args.design, args.out, _parse_data(args.data),
                                         {"launcher": args.launcher}, args.dry_run)
-        print(f"clipmech interpolation --paper: {path}; analyse the trained runs with `clipmech experiment analyse`")
+        print(f"clipmech interpolation --paper: {path}; then `clipmech interpolation --paper --analyse` with the "
+              "same options analyses the trained runs and judges them by the plan")
         return 0
     base = replace(QuickstartOptions(progress=not args.quiet), **_quickstart_changes(args)).validate()
     opts = InterpolationOptions(out=args.out, test_domain=args.test_domain, seeds=args.seeds, design=args.design,

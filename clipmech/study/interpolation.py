@@ -231,3 +231,57 @@ def plan_paper_interpolation(test_domain: str, seeds: int, design: str, out: str
                     + tomli_w.dumps(paper_experiment(test_domain, seeds, design)))
     run_experiment(path, out, data, dry_run=dry_run, launch=launch)
     return path
+
+
+def interpolation_rows(rows: Sequence[dict[str, Any]], mixtures: dict[str, str], test_domain: str,
+                       domains: Sequence[str] = _DOMAINNET, natural: str = "real") -> list[dict[str, Any]]:
+    """Paper-scale rows (`experiment analyse`, every mixture's setup "cg_high") as interpolation rows:
+    each row's `setup` becomes its level label and `added` its added domains, from `mixtures`
+    ({run id: included domain initials}). Rows of other runs or test domains are dropped."""
+    others = [d for d in domains if d not in (natural, test_domain)]
+    by_initial = {d[0]: d for d in domains}
+    out = []
+    for row in rows:
+        letters = mixtures.get(row["run_id"])
+        if letters is None or row["test_domain"] != test_domain:
+            continue
+        added = tuple(d for d in others if d[0] in letters)
+        unknown = set(letters) - set(by_initial)
+        if unknown:
+            raise ValueError(f"run {row['run_id']}: domain initials {sorted(unknown)} are not DomainNet's")
+        out.append({**row, "setup": mixture_label(added, others), "added": list(added)})
+    return out
+
+
+def analyse_paper_interpolation(test_domain: str, out: str, data: dict[str, str], launch: dict[str, Any],
+                                dry_run: bool) -> dict[str, Any] | None:
+    """Analyse the trained paper-scale runs (OUT/domain_interpolation_<d>.toml) with `clipmech experiment
+    analyse` (each run's own config, the analysis defaults), then judge them by the interpolation plan:
+    OUT/domain_interpolation_<d>_mechanistic/interpolation/{results.json,report.md,figures}. The mixed
+    model weights classes equally (paper-scale rows carry no drawing counts). None on dry_run."""
+    import tomli_w
+
+    from clipmech.study.experiments import analyse_experiment, expand_runs, load_experiment
+
+    source = Path(out) / f"domain_interpolation_{test_domain}.toml"
+    if not source.is_file():
+        raise FileNotFoundError(f"{source} does not exist; train first with `clipmech interpolation --paper "
+                                f"--test-domain {test_domain}`")
+    name = f"domain_interpolation_{test_domain}_mechanistic"
+    path = Path(out) / f"{name}.toml"
+    path.write_text(tomli_w.dumps({"experiment": {"name": name, "kind": "analysis",
+                                                  "description": "per-run analysis of the interpolation runs"},
+                                   "analysis": {"source": source.name}}))
+    results = analyse_experiment(path, out, data, launch=launch, dry_run=dry_run)
+    if results is None:
+        return None
+    mixtures = {r["id"]: r["config"]["mixture"]["domains"] for r in expand_runs(load_experiment(source), data)}
+    rows = interpolation_rows(results["models"], mixtures, test_domain)
+    seeds = sorted({r["seed"] for r in rows})
+    config = {"out": out, "seeds": len(seeds), "design": "paper", "test_domain": test_domain,
+              "test_domain_rule": "chosen with --test-domain", "c2_classes": results["config"]["c2_classes"],
+              "added_domains": [d for d in _DOMAINNET if d not in ("real", test_domain)], "scale": "paper"}
+    interp = build_interpolation_results(rows, config, [], results.get("provenance"))
+    interp["extra"] = {"models": len({r["run_id"] for r in rows})}
+    write_interpolation_outputs(interp, Path(out) / name / "interpolation")
+    return interp

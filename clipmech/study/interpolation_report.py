@@ -99,8 +99,10 @@ def _dose_lines(results: Mapping[str, Any]) -> list[str]:
     lines += ["", "Domain-inclusion main effects on C2 accuracy (mean over mixtures that add the domain minus "
               "those that do not, points; Holm over the added domains, two-sided):", "",
               "| added domain | effect, 95 % CI | p Holm |", "|---|---|---|"]
-    lines += [f"| {d} | {_ci(acc[f'adds_{d}'])} | {_p(acc[f'adds_{d}']['p_holm_two_sided'], acc[f'adds_{d}']['n_boot'])} |"
-              for d in domains]
+    for d in domains:
+        e = acc[f"adds_{d}"]
+        lines.append(f"| {d} | {e['reason']} | |" if "reason" in e else
+                     f"| {d} | {_ci(e)} | {_p(e['p_holm_two_sided'], e['n_boot'])} |")
     return lines
 
 

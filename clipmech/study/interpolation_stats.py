@@ -54,6 +54,9 @@ class Design:
         added = {r["setup"]: set(r["added"]) for r in fact}
         self.inclusion = np.array([[d in added[m] for d in self.domains] for m in self.labels], dtype=float)
         self.n_added = self.inclusion.sum(1)
+        # added domains whose effect the design can estimate: added in some mixtures, not in all
+        # (a paper-scale list of mixtures need not vary every domain)
+        self.varied = [j for j in range(len(self.domains)) if 0 < self.inclusion[:, j].sum() < len(self.labels)]
         M, S, C = len(self.labels), len(self.seeds), len(self.classes)
         self.acc = np.full((M, S, C), np.nan)
         self.measures = {k: np.full((M, S), np.nan) for k in measures}
@@ -93,9 +96,9 @@ def _effects(design: Design, means: np.ndarray) -> dict[str, np.ndarray]:
     out = {"slope": _slope(design.n_added, means)}
     for k in np.unique(design.n_added):
         out[f"k{int(k)}"] = means[:, design.n_added == k].mean(1)
-    for j, d in enumerate(design.domains):
+    for j in design.varied:
         on = design.inclusion[:, j] == 1
-        out[f"adds_{d}"] = means[:, on].mean(1) - means[:, ~on].mean(1)
+        out[f"adds_{design.domains[j]}"] = means[:, on].mean(1) - means[:, ~on].mean(1)
     return out
 
 
@@ -123,7 +126,9 @@ def dose_response(design: Design, n_boot: int = 2000, seed: int = 0, alpha: floa
         point = _effects(design, _mixture_means(values, ones_s, ones_c if per_class else None))
         boots = _effects(design, _mixture_means(values, seed_w, class_w if per_class else None))
         stats = {k: _summarise(point[k][0], boots[k], alpha) for k in point}
-        domains = [f"adds_{d}" for d in design.domains]
+        stats |= {f"adds_{d}": {"reason": "added in every mixture or in none: no effect to estimate"}
+                  for j, d in enumerate(design.domains) if j not in design.varied}
+        domains = [f"adds_{design.domains[j]}" for j in design.varied]
         two_sided = [min(1.0, 2 * min(stats[k]["p_star"], 1 - stats[k]["p_star"])) for k in domains]
         for k, adj in zip(domains, holm(two_sided)[0]):
             stats[k]["p_holm_two_sided"] = adj
@@ -156,7 +161,8 @@ def mixed_models(design: Design, alpha: float = 0.05, drawings: Mapping[str, int
         within = values - between
         cols = {"intercept": np.ones_like(values), "between": np.broadcast_to(between, values.shape) / scale,
                 "within": within / scale}
-        cols |= {f"adds_{d}": np.broadcast_to(design.inclusion[:, [j]], values.shape) for j, d in enumerate(design.domains)}
+        cols |= {f"adds_{design.domains[j]}": np.broadcast_to(design.inclusion[:, [j]], values.shape)
+                 for j in design.varied}
         X = np.stack([np.broadcast_to(c[..., None], (M, S, C))[ok] for c in cols.values()], axis=1)
         groups = {"mixture": mix[ok], "seed": sd[ok], "class": cl[ok], "model": (mix * S + sd)[ok]}
         try:
