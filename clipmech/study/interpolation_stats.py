@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from clipmech.analysis.bootstrap import REPRODUCED, decide, holm, percentile_ci, tail_probability
-from clipmech.study.measure_reliability import class_bootstrap_se, reliability
+from clipmech.study.measure_reliability import reliability, row_score_se
 from clipmech.study.mixed_model import fit_crossed_lmm, threshold_test
 from clipmech.study.stats import _multinomial
 
@@ -193,13 +193,11 @@ def _reliabilities(design: Design, measure: str, within: np.ndarray) -> dict[str
     """The measure's reliability over the models and that of its within-mixture deviation (1 - mean
     class-bootstrap SE^2 / variance, `measure_reliability.reliability`): the within coefficient is
     attenuated by about the latter."""
-    ses, scores, devs = [], [], []
-    for (i, j), row in design.rows.items():
-        per = ((((row.get("controls") or {}).get("nulls") or {}).get(measure) or {}).get("score") or {}).get("per_class")
-        ses.append(class_bootstrap_se(per) if per else None)
-        scores.append(row.get(measure))
-        devs.append(None if np.isnan(within[i, j]) else float(within[i, j]))
-    return {"over_models": reliability(scores, ses), "within_mixture": reliability(devs, ses)}
+    rows = design.rows
+    ses = [row_score_se(row, measure) for row in rows.values()]
+    devs = [None if np.isnan(within[i, j]) else float(within[i, j]) for i, j in rows]
+    return {"over_models": reliability([row.get(measure) for row in rows.values()], ses),
+            "within_mixture": reliability(devs, ses)}
 
 
 # ------------------------------------------------------------------------------------ threshold

@@ -15,7 +15,7 @@ verdict.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -30,6 +30,13 @@ def class_bootstrap_se(per_class: Sequence[float], n_boot: int = 2000, seed: int
         return None
     rng = np.random.default_rng(seed)
     return float(v[rng.integers(0, v.size, (n_boot, v.size))].mean(1).std(ddof=1))
+
+
+def row_score_se(row: Mapping[str, Any], measure: str) -> float | None:
+    """`class_bootstrap_se` of one results row's `measure` from its per-class scores
+    (`controls.nulls[measure].score.per_class`); None when the row has none."""
+    per = ((((row.get("controls") or {}).get("nulls") or {}).get(measure) or {}).get("score") or {}).get("per_class")
+    return class_bootstrap_se(per) if per else None
 
 
 def reliability(scores: Sequence[float], ses: Sequence[float], minimum: float = RELIABILITY_MIN) -> dict[str, Any]:

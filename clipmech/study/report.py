@@ -18,7 +18,7 @@ import numpy as np
 from clipmech.analysis import bootstrap as B
 from clipmech.analysis.causal import BALANCE_LIMIT, balance_summary, causal_finding
 from clipmech.study import stats as S
-from clipmech.study.measure_reliability import class_bootstrap_se, disattenuated, reliability
+from clipmech.study.measure_reliability import disattenuated, reliability, row_score_se
 from clipmech.study.analysis_plan import Plan, load_plan
 from clipmech.utils import PathLike, atomic_write_json, atomic_write_text
 
@@ -160,12 +160,7 @@ def measure_reliability(models: Sequence[Mapping[str, Any]], measure: str) -> di
     """`clipmech.study.measure_reliability.reliability` of `measure` over the rows, each row's SE from
     the class bootstrap of its per-class scores (`controls.nulls[measure].score.per_class`); rows
     without per-class scores count as dropped (reliability None with the reason when fewer than 3)."""
-    scores, ses = [], []
-    for m in models:
-        per = ((((m.get("controls") or {}).get("nulls") or {}).get(measure) or {}).get("score") or {}).get("per_class")
-        scores.append(m.get(measure))
-        ses.append(class_bootstrap_se(per) if per else None)
-    return reliability(scores, ses)
+    return reliability([m.get(measure) for m in models], [row_score_se(m, measure) for m in models])
 
 
 def assess_findings(models: Sequence[Mapping[str, Any]], correlations: Mapping[str, Mapping[str, Any]],
