@@ -63,6 +63,12 @@ class Plan:
                 "status": self.status(seeds)}
 
 
+def shipped_plan(name: str) -> tuple[dict[str, Any], str]:
+    """(parsed TOML, first 16 hex of the file's sha256) of a plan shipped in clipmech/study/plans/."""
+    raw = (files("clipmech.study") / "plans" / name).read_bytes()
+    return tomllib.loads(raw.decode("utf-8")), hashlib.sha256(raw).hexdigest()[:16]
+
+
 def load_plan(path: str | Path | None = None) -> Plan:
     """The plan at `path`, or the shipped DEFAULT_PLAN. Raises ValueError naming the file and every
     missing or mistyped key, an unknown rule or a finding without id."""

@@ -8,29 +8,23 @@ replacement, both shared by all mixtures, so a mixture's models are never counte
 """
 from __future__ import annotations
 
-from importlib.resources import files
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from clipmech.analysis.bootstrap import REPRODUCED, decide, holm, percentile_ci, tail_probability
+from clipmech.study.analysis_plan import shipped_plan
 from clipmech.study.measure_reliability import reliability, row_score_se
 from clipmech.study.mixed_model import fit_crossed_lmm, threshold_test
 from clipmech.study.stats import _multinomial
-
-try:  # Python >= 3.11
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: the tomli backport pyproject.toml declares
-    import tomli as tomllib
 
 PLAN_FILE = "interpolation-v1.toml"
 
 
 def load_interpolation_plan() -> dict[str, Any]:
     """The shipped interpolation plan (dict) with its "sha256" (first 16 hex of the file's bytes)."""
-    import hashlib
-    raw = files("clipmech.study").joinpath("plans", PLAN_FILE).read_bytes()
-    return tomllib.loads(raw.decode()) | {"sha256": hashlib.sha256(raw).hexdigest()[:16], "file": PLAN_FILE}
+    data, sha = shipped_plan(PLAN_FILE)
+    return data | {"sha256": sha, "file": PLAN_FILE}
 
 
 # ------------------------------------------------------------------------------------ tables
