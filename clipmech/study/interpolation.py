@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from clipmech.data.domainnet import DOMAINS
 from clipmech.data.mixtures import build_mixture
 from clipmech.study.interpolation_report import write_interpolation_outputs
 from clipmech.study.interpolation_stats import build_interpolation_results
@@ -67,6 +68,11 @@ def choose_test_domain(ds, requested: str | None) -> tuple[str, str]:
     return requested, "chosen with --test-domain"
 
 
+def other_domains(domains: Sequence[str], natural: str, test_domain: str) -> list[str]:
+    """The domains a study on `test_domain` can add to CG-low: all but the natural and the test domain."""
+    return [d for d in domains if d not in (natural, test_domain)]
+
+
 def added_subsets(others: Sequence[str], design: str) -> list[tuple[str, ...]]:
     """The added-domain subsets of the design, smallest first: all 2^k ("full") or the even-sized
     ones ("half", defining relation I = all factors; main effects aliased only with 3-way interactions
@@ -103,7 +109,7 @@ def interpolation_levels(ds, c2: Sequence[str], test_domain: str, seeds: int, de
                          ) -> list[Level]:
     """Every mixture of the study in training order: the design's subsets, then LOD, natural-only and the
     steps-matched natural-only, each with seeds 0..seeds-1."""
-    others = [d for d in ds.domains if d not in (ds.natural_domain, test_domain)]
+    others = other_domains(ds.domains, ds.natural_domain, test_domain)
     levels = []
     for added in added_subsets(others, design):
         label = mixture_label(added, others)
@@ -167,7 +173,7 @@ def run_interpolation(opts: InterpolationOptions) -> dict[str, Any]:
     no_figure = ModelSpec("none", -1, test_domain)  # no UMAP: the study draws none
     rows, _, _ = analyse_models(study, specs, runs, metrics, progress, no_figure)
     added = {spec.run_id: level.added for level in levels for spec in level.specs}
-    others = [d for d in study.dataset.domains if d not in (study.dataset.natural_domain, test_domain)]
+    others = other_domains(study.dataset.domains, study.dataset.natural_domain, test_domain)
     for row in rows:
         row["added"] = None if added[row["run_id"]] is None else list(added[row["run_id"]])
     config = {"out": opts.out, "seeds": opts.seeds, "design": opts.design, "test_domain": test_domain,
@@ -189,7 +195,6 @@ def run_interpolation(opts: InterpolationOptions) -> dict[str, Any]:
 # first (c i p q r s = clipart infograph painting quickdraw real sketch).
 PAPER_MIXTURES = {"clipart": ("cr", "cqr", "cpr", "cir", "crs", "cqrs", "cprs", "cirs", "cpqrs", "ciprs"),
                   "sketch": ("rs", "qrs", "prs", "irs", "crs", "cqrs", "cprs", "cirs", "cpqrs", "ciprs")}
-_DOMAINNET = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
 
 
 def paper_experiment(test_domain: str, seeds: int, design: str) -> dict[str, Any]:
@@ -197,12 +202,12 @@ def paper_experiment(test_domain: str, seeds: int, design: str) -> dict[str, Any
     paper's trainer settings on DomainNet + ImageNet-Captions, CG-high over the included domains with
     d* C1-only, subsampled to S(d*). Clipart and sketch use the paper's listed mixtures; any other
     DomainNet test domain gets the design's subsets of the four other domains. Seeds 0..seeds-1."""
-    if test_domain not in _DOMAINNET or test_domain == "real":
+    if test_domain not in DOMAINS or test_domain == "real":
         raise ValueError(f"--paper needs a DomainNet test domain other than real, got {test_domain!r}")
     if test_domain in PAPER_MIXTURES and design == "full":
         mixtures = list(PAPER_MIXTURES[test_domain])
     else:
-        others = [d for d in _DOMAINNET if d not in ("real", test_domain)]
+        others = other_domains(DOMAINS, "real", test_domain)
         mixtures = ["".join(sorted(d[0] for d in ("real", test_domain, *a))) for a in added_subsets(others, design)]
     return {"experiment": {"name": f"domain_interpolation_{test_domain}", "figure": "Fig. 3, Fig. 8", "kind": "clip",
                            "description": f"CG on {test_domain} as a function of which domains are added to CG-low",
@@ -234,11 +239,11 @@ def plan_paper_interpolation(test_domain: str, seeds: int, design: str, out: str
 
 
 def interpolation_rows(rows: Sequence[dict[str, Any]], mixtures: dict[str, str], test_domain: str,
-                       domains: Sequence[str] = _DOMAINNET, natural: str = "real") -> list[dict[str, Any]]:
+                       domains: Sequence[str] = DOMAINS, natural: str = "real") -> list[dict[str, Any]]:
     """Paper-scale rows (`experiment analyse`, every mixture's setup "cg_high") as interpolation rows:
     each row's `setup` becomes its level label and `added` its added domains, from `mixtures`
     ({run id: included domain initials}). Rows of other runs or test domains are dropped."""
-    others = [d for d in domains if d not in (natural, test_domain)]
+    others = other_domains(domains, natural, test_domain)
     by_initial = {d[0]: d for d in domains}
     out = []
     for row in rows:
@@ -280,7 +285,7 @@ def analyse_paper_interpolation(test_domain: str, out: str, data: dict[str, str]
     seeds = sorted({r["seed"] for r in rows})
     config = {"out": out, "seeds": len(seeds), "design": "paper", "test_domain": test_domain,
               "test_domain_rule": "chosen with --test-domain", "c2_classes": results["config"]["c2_classes"],
-              "added_domains": [d for d in _DOMAINNET if d not in ("real", test_domain)], "scale": "paper"}
+              "added_domains": other_domains(DOMAINS, "real", test_domain), "scale": "paper"}
     interp = build_interpolation_results(rows, config, [], results.get("provenance"))
     interp["extra"] = {"models": len({r["run_id"] for r in rows})}
     write_interpolation_outputs(interp, Path(out) / name / "interpolation")
