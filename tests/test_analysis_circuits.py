@@ -492,3 +492,46 @@ def test_faithfulness_curve_matches_its_definition_setting_by_setting(rn, batch,
     want = [(m[x] - empty) / (m[100] - empty) for x in C.FAITHFULNESS_SIZES]
     assert got["f"][-1] == pytest.approx(1.0)
     assert got["f"] == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+def test_domain_similarity_known_answers():
+    """Two domains x two classes of toy circuits: node Jaccard per class by hand, the mean over the
+    classes both domains hold, a subset with one class (no CI), and NaN where no class reaches."""
+    a_x = _toy({"p0": [0, 1], "p1": [2]}, [("p0", 0, "p1", 2)])
+    b_x = _toy({"p0": [1, 3], "p1": [2]}, [("p0", 1, "p1", 2)])
+    a_y = _toy({"p0": [0], "p1": [1]}, [("p0", 0, "p1", 1)])
+    b_y = _toy({"p0": [0], "p1": [1]}, [("p0", 0, "p1", 1)])
+    circuits = {"a": {"x": a_x, "y": a_y}, "b": {"x": b_x, "y": b_y}, "c": {}}
+    res = S.domain_similarity(circuits, ["a", "b", "c"], {"all": ["x", "y"], "one": ["x"]}, ["p0", "p1"])
+    # class x: p0 1/3, p1 1 -> 2/3; class y: identical -> 1; mean over classes 5/6
+    assert res["node_jaccard"]["mean"][0][1] == pytest.approx(5 / 6) == res["node_jaccard"]["all"]["mean"][1][0]
+    assert res["node_jaccard"]["one"]["mean"][0][1] == pytest.approx(2 / 3)
+    assert res["node_jaccard"]["one"]["ci95_over_classes"][0][1] is None  # one class: no CI
+    assert res["edge_jaccard"]["mean"][0][1] == pytest.approx((0 + 1) / 2)
+    assert math.isnan(res["node_jaccard"]["mean"][0][2]) and res["node_jaccard"]["mean"][0][0] == 1.0
+    assert res["node_jaccard_per_point"]["p0"][0][1] == pytest.approx((1 / 3 + 1) / 2)
+
+
+def test_load_matching_is_a_cache_check(tmp_path, circuit):
+    path = circuit.save(tmp_path / "c")
+    assert C.Circuit.load_matching(path, {"domain": "a", "class": "x"}).nodes == circuit.nodes
+    assert C.Circuit.load_matching(path, {"domain": "a", "class": "y"}) is None  # other settings
+    assert C.Circuit.load_matching(tmp_path / "missing", {}) is None
+    path.with_suffix(".pt").unlink()  # half a circuit is no cache hit
+    assert C.Circuit.load_matching(path, {"domain": "a"}) is None
+
+
+def test_patching_agreement_rows_and_the_constant_boundary(rn, batch):
+    images, head, labels = batch
+    points = rn.analysis_points()[-2:]
+    source = torch.flip(images, (0,))
+    rows, values = P.patching_agreement(rn, images, source, labels, head, points, steps=2)
+    for p in points:
+        v = values[p]
+        assert v["exact"].shape == v["attribution"].shape == v["ig"].shape and v["exact"].abs().max() > 0
+        for name in ("attribution", "ig"):
+            assert rows[p][f"spearman_{name}_vs_exact"] == pytest.approx(P.spearman(v[name], v["exact"]))
+    # the source is the receiver: every exact effect is 0, a constant vector, so no correlation (None)
+    rows, values = P.patching_agreement(rn, images, images, labels, head, points[-1:], steps=2)
+    assert values[points[-1]]["exact"].abs().max() == 0
+    assert rows[points[-1]] == {"spearman_attribution_vs_exact": None, "spearman_ig_vs_exact": None}

@@ -120,6 +120,46 @@ def test_placebo_causal_test_with_one_class_is_skipped_and_says_why(run_dir, cap
     assert not (out / "causal_placebo.json").exists()
 
 
+def test_eap_ig_method_writes_its_own_circuits_and_never_reuses_the_papers(run_dir):
+    import json
+
+    from clipmech.analysis.circuit import Circuit
+    from clipmech.data import load_dataset
+    ds = load_dataset("emoji")
+    common = ["--domains", ds.default_test_domain, "flat", "--classes", ds.default_test_classes[0], "--n-images", "1",
+              "--steps", "2", "--split", "all", "--n-draws", "1", "--no-faithfulness"]
+    out = run_dir / "analysis" / "circuits_epoch0"
+    for method in ("paper_ig", "eap_ig", "paper_ig"):
+        args = _parser().parse_args(["analyze", "circuits", str(run_dir), "--method", method, *common])
+        assert args.func(args) == 0
+        mine = [c for c in map(Circuit.load, (out / "circuits").rglob("*.json"))
+                if c.meta["class"] == ds.default_test_classes[0]]
+        assert len(mine) == 2 and {c.meta.get("method", "paper_ig") for c in mine} == {method}
+    sims = json.loads((out / "similarity.json").read_text())
+    assert sims["node_jaccard"]["mean"][0][0] == 1.0
+
+
+def test_patching_end_to_end_writes_rank_correlations_and_the_scatter(run_dir, capsys):
+    import json
+
+    from clipmech.data import load_dataset
+    ds = load_dataset("emoji")
+    args = _parser().parse_args(["analyze", "patching", str(run_dir), "--domains", ds.default_test_domain,
+                                 "--source-domain", ds.natural_domain, "--classes", ds.default_test_classes[0],
+                                 "--n-images", "1", "--steps", "2", "--split", "all"])
+    assert args.func(args) == 0
+    out = run_dir / "analysis" / "patching_epoch0"
+    res = json.loads((out / "patching.json").read_text())
+    assert res["source_domain"] == ds.natural_domain and len(res["pairs"]) == 1
+    pair = res["pairs"][0]
+    assert pair["domain"] == ds.default_test_domain and pair["n_images"] == 1
+    for point, entry in pair["points"].items():
+        assert not point.endswith("hook_input")
+        assert all(v is None or -1 <= v <= 1 for v in entry.values())
+    assert (out / "patching.png").read_bytes()[:4] == b"\x89PNG"
+    assert "attribution vs exact, mean Spearman over points" in capsys.readouterr().out
+
+
 def test_causal_cells_split_is_disjoint_seeded_per_cell_and_skips_small_cells():
     from clipmech.data.dataset import DomainDataset
     # cell (a, x): 5 test images, (a, y): 1, (b, x): 4 test + 2 train

@@ -112,3 +112,18 @@ def test_name_latents_and_vocabulary():
     class DS:
         classes, domains, keywords = ["red apple", "cat"], ["real", "sketch"], {"red apple": ["apple", "fruit"], "cat": ["cat"]}
     assert dataset_vocabulary(DS) == ["red apple", "apple", "fruit", "cat", "real", "sketch"]
+
+
+def test_step_budget_equals_epochs_at_whole_passes_and_stops_mid_pass():
+    """`steps` = epochs x ceil(N / batch) trains exactly as `epochs` (same batches, same order); one
+    step more opens a partial pass of exactly one batch; steps < 1 is refused."""
+    x = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))  # 50 / 16 -> 4 batches (16, 16, 16, 2)
+    by_epochs, h_epochs = train_sae(x, n_latents=16, epochs=3, batch_size=16, seed=1)
+    by_steps, h_steps = train_sae(x, n_latents=16, steps=12, batch_size=16, seed=1)
+    for name, value in by_epochs.state_dict().items():
+        assert torch.equal(value, by_steps.state_dict()[name]), name
+    assert h_steps == h_epochs and len(h_steps) == 3
+    _, h_more = train_sae(x, n_latents=16, steps=13, batch_size=16, seed=1)
+    assert len(h_more) == 4 and h_more[:3] == h_epochs and h_more[3]["epoch"] == 3
+    with pytest.raises(ValueError, match="SAE steps must be >= 1, got 0"):
+        train_sae(x, n_latents=16, steps=0)

@@ -159,6 +159,51 @@ def cross_domain_faithfulness(model, circuits: Mapping[str, Circuit], images: Ma
     return domains, mat
 
 
+def faithfulness_across_domains(model, circuits: Mapping[str, Mapping[str, Circuit]],
+                                samples: Mapping[str, Mapping[str, tuple[Tensor, Tensor]]], head: Tensor,
+                                fill: Mapping[str, Mapping[str, Tensor]], domains: Sequence[str],
+                                points: Sequence[str], ablation: str = "mean") -> dict[str, Any]:
+    """Cross-domain faithfulness of every class's circuits and their faithfulness one point at a time.
+    `circuits` {domain: {class: Circuit}}, `samples` {class: {domain: (images, labels)}}, `fill`
+    {domain: ablation values} (`ablation_values`, one reference forward per domain).
+    Returns {"per_class": {class: {"domains", "matrix" (`cross_domain_faithfulness`), "per_point":
+    {domain: {point: f with ablation at that point only, None where undefined}}}}, "mean": [D, D]
+    over classes, "per_point_mean": [D, P], "domains", "points", "ablation"}. Cost per class:
+    D^2 + D x P `faithfulness` calls."""
+    per_class = {}
+    for k, own in samples.items():
+        have = [d for d in domains if k in circuits[d] and d in own]
+        if not have:
+            continue
+        names, mat = cross_domain_faithfulness(model, {d: circuits[d][k] for d in have},
+                                               {d: own[d][0] for d in have}, {d: own[d][1] for d in have}, head,
+                                               ablation=ablation, fill=fill)
+        per_class[k] = {"domains": names, "matrix": mat.tolist(), "per_point": {
+            d: {p: _point_faithfulness(model, circuits[d][k], own[d], head, fill[d], ablation, p) for p in points}
+            for d in have}}
+    full = np.full((len(domains), len(domains)), np.nan)
+    for i, a in enumerate(domains):
+        for j, b in enumerate(domains):
+            vals = [f["matrix"][f["domains"].index(a)][f["domains"].index(b)] for f in per_class.values()
+                    if a in f["domains"] and b in f["domains"]]
+            full[i, j] = np.mean(vals) if vals else np.nan
+    per_point = np.array([[np.nanmean([np.nan if f["per_point"].get(d, {}).get(p) is None else f["per_point"][d][p]
+                                       for f in per_class.values()] or [np.nan]) for p in points] for d in domains])
+    return {"per_class": per_class, "mean": full.tolist(), "domains": list(domains), "ablation": ablation,
+            "points": list(points), "per_point_mean": per_point.tolist(),
+            "note": "per_point: a domain's own circuit on its own images, ablated at that point only"}
+
+
+def _point_faithfulness(model, circuit: Circuit, sample: tuple[Tensor, Tensor], head: Tensor,
+                        fill: Mapping[str, Tensor], ablation: str, point: str) -> float | None:
+    """Faithfulness of `circuit` on `sample` with ablation at `point` only; None where undefined
+    (ablating every node there leaves the metric unchanged)."""
+    try:
+        return faithfulness(model, circuit, *sample, head, ablation=ablation, fill=fill, points=[point])["faithfulness"]
+    except ValueError:
+        return None
+
+
 # ------------------------------------------------------------------- faithfulness over circuit sizes
 FAITHFULNESS_SIZES = (1, 2, 5, 10, 20, 50, 100)  # % of nodes kept per point (MIB-style sweep)
 FAITHFULNESS_EPS = 1e-3  # |m(N) - m(empty)| below this: f undefined, the cell is skipped and counted

@@ -66,6 +66,16 @@ class Circuit:
         return path.with_suffix(".json")
 
     @classmethod
+    def load_matching(cls, path: str | Path, meta: Mapping[str, Any]) -> "Circuit | None":
+        """The circuit saved at `path` when both its files exist and its meta equals `meta` on every
+        key of `meta` (the settings it was discovered with), else None: a cache check."""
+        path = Path(path).with_suffix("")
+        if not (path.with_suffix(".json").exists() and path.with_suffix(".pt").exists()):
+            return None
+        c = cls.load(path)
+        return c if all(c.meta.get(key) == v for key, v in meta.items()) else None
+
+    @classmethod
     def load(cls, path: str | Path) -> "Circuit":
         path = Path(path).with_suffix("")
         for p in (path.with_suffix(".json"), path.with_suffix(".pt")):

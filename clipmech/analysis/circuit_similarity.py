@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -140,3 +140,38 @@ def mean_with_ci(values: Sequence[float], n_boot: int = 1000, seed: int = 0, alp
         raise ValueError("no values to average")
     ci = bootstrap_ci(v, n_boot=n_boot, level=1 - alpha, seed=seed)
     return {"mean": float(v.mean()), "ci": None if ci is None else list(ci), "n": int(len(v))}
+
+
+def domain_similarity(circuits: Mapping[str, Mapping[str, Circuit]], domains: Sequence[str],
+                      subsets: Mapping[str, Sequence[str]], points: Sequence[str],
+                      paper_compat: bool = False) -> dict[str, Any]:
+    """Domain x domain circuit similarity, averaged over classes. `circuits` {domain: {class: Circuit}};
+    `subsets` {name: classes} (e.g. all / C2 / C1). For node_jaccard (over `points`), edge_jaccard and
+    wl_h2: {subset: {"mean": [D, D], "ci95_over_classes": [D][D] (percentile bootstrap over the
+    classes both domains hold, `mean_with_ci`; None for one class)}}, plus "mean" / "ci95_over_classes"
+    of the first subset at the top level, and "node_jaccard_per_point" {point: [D, D]} over the first
+    subset's classes. A cell no class reaches is NaN. Cost: D^2 x classes similarity calls."""
+    measures = {"node_jaccard": lambda a, b: mean_node_jaccard(a, b, points), "edge_jaccard": edge_jaccard,
+                "wl_h2": lambda a, b: wl_scores(a, b, (2,), paper_compat)["wl_h2"]}
+    first = next(iter(subsets))
+    out: dict[str, Any] = {}
+    for name, fn in measures.items():
+        out[name] = {}
+        for subset, ks in subsets.items():
+            mean = np.full((len(domains), len(domains)), np.nan)
+            cis = [[None] * len(domains) for _ in domains]
+            for i, a in enumerate(domains):
+                for j, b in enumerate(domains):
+                    vals = [fn(circuits[a][k], circuits[b][k]) for k in ks if k in circuits[a] and k in circuits[b]]
+                    if vals:
+                        res = mean_with_ci(vals)
+                        mean[i, j], cis[i][j] = res["mean"], res["ci"]
+            if subset == first:
+                out[name].update(mean=mean.tolist(), ci95_over_classes=cis)
+            out[name][subset] = {"mean": mean.tolist(), "ci95_over_classes": cis}
+    ks = subsets[first]
+    out["node_jaccard_per_point"] = {
+        p: [[float(np.mean([node_jaccard(circuits[a][k], circuits[b][k], [p])[p] for k in ks
+                            if k in circuits[a] and k in circuits[b]] or [np.nan])) for b in domains] for a in domains]
+        for p in points}
+    return out

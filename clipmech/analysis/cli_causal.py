@@ -17,9 +17,7 @@ rank correlations per point.
 from __future__ import annotations
 
 import argparse
-import io
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -47,6 +45,9 @@ def register(subparsers) -> None:
         if name == "circuits":
             p.add_argument("--node-fraction", type=float, default=0.1, help="top fraction of nodes per point")
             p.add_argument("--top-k", type=int, default=3, help="incoming edges kept per node")
+            p.add_argument("--method", choices=("paper_ig", "eap_ig"), default="paper_ig",
+                           help="circuit discovery: the paper's IG, or EAP-IG with mean ablation over up to 200 images "
+                                "of the domain, the faithfulness reference (docs/circuit_validity.md; exploratory)")
             p.add_argument("--ablation", choices=("mean", "zero"), default="mean")
             p.add_argument("--discovery", choices=("auto", "train", "split"), default="auto",
                            help="causal test: 'train' discovers its circuits on distinct training-split drawings "
@@ -100,6 +101,7 @@ class _Run:
         self.out = src.out
         self.paper_compat = bool(getattr(args, "paper_compat", False) or src.paper_compat)
         self.cells: dict | None = None
+        self._references: dict = {}
 
     def sample(self, domain: str, cls: str):
         """(images [n, 3, S, S], labels [n]) of `cls` in `domain`: the paper's --n-images per cell from
@@ -121,64 +123,29 @@ class _Run:
         return images, torch.as_tensor(self.dataset.class_idx[idx], device=self.device)
 
     def reference(self, domain: str, n: int = 200):
-        """Up to `n` random images of `domain` over all classes (the mean-ablation reference)."""
+        """Up to `n` random images of `domain` over all classes (the mean-ablation reference), loaded
+        once per (domain, n)."""
         from clipmech.data.preprocess import eval_images
 
-        idx = self.dataset.indices(split=self.split, domains=[domain])
-        idx = np.sort(np.random.default_rng(self.seed).permutation(idx)[:n])
-        return eval_images(self.dataset, idx, self.model.image_size).to(self.device)
+        if (domain, n) not in self._references:
+            idx = self.dataset.indices(split=self.split, domains=[domain])
+            idx = np.sort(np.random.default_rng(self.seed).permutation(idx)[:n])
+            self._references[domain, n] = eval_images(self.dataset, idx, self.model.image_size).to(self.device)
+        return self._references[domain, n]
 
     def pairs(self) -> list[tuple[str, str]]:
         return [(d, k) for k in self.classes for d in self.domains]
-
-
-def _short(point: str) -> str:
-    return point.replace("visual.", "").replace(".hook_out", "").replace("hook_", "")
-
-
-def _point_faithfulness(run: "_Run", circuit, sample, fill, ablation: str, point: str) -> float | None:
-    """Faithfulness of `circuit` on `sample` with ablation at `point` only (ablation values `fill`);
-    None where undefined (ablating every node there leaves the metric unchanged)."""
-    from clipmech.analysis.circuits import faithfulness
-    try:
-        return faithfulness(run.model, circuit, *sample, run.head, ablation=ablation, fill=fill,
-                            points=[point])["faithfulness"]
-    except ValueError:
-        return None
-
-
-def _heatmap(matrix: np.ndarray, labels: list[str], title: str, path: Path, xlabels: list[str] | None = None) -> None:
-    """Rows `labels`, columns `xlabels` (default: the same labels); colours clipped to [0, 1], values printed."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from clipmech.utils import atomic_write_bytes
-
-    xlabels = labels if xlabels is None else xlabels
-    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(xlabels), 0.6 + 0.8 * len(labels)))
-    im = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
-    ax.set_xticks(range(len(xlabels)), xlabels, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
-    for i in range(len(labels)):
-        for j in range(len(xlabels)):
-            if np.isfinite(matrix[i, j]):
-                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", color="w", fontsize=7)
-    fig.colorbar(im, ax=ax)
-    ax.set_title(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(buf.getvalue(), path)
 
 
 # ---------------------------------------------------------------------------------------- circuits
 def run_circuits(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from clipmech.analysis import circuit_similarity as S
-    from clipmech.analysis.circuits import Circuit, ablation_values, cross_domain_faithfulness
+    from clipmech.analysis.ablation import ablation_values, faithfulness_across_domains
+    from clipmech.analysis.activations import inner_points
+    from clipmech.analysis.circuit import Circuit, short_point
+    from clipmech.analysis.circuit_similarity import domain_similarity
+    from clipmech.analysis.figures import value_heatmap
     from clipmech.utils import atomic_write_json
 
     for flag, value in (("--n-draws", args.n_draws), ("--n-strata", args.n_strata)):
@@ -186,10 +153,11 @@ def run_circuits(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     run = _Run(args)
     out = run.out / f"circuits_{run.label}"
-    paper_compat = run.paper_compat
     settings = {"n_images": run.n_images, "split": args.split, "steps": args.steps, "node_fraction": args.node_fraction,
                 "top_k": args.top_k, "seed": run.seed, "epoch": run.epoch, "model": run.model_key,
-                "sampling": "one shuffle of the split", "paper_compat": paper_compat}
+                "sampling": "one shuffle of the split", "paper_compat": run.paper_compat}
+    if args.method != "paper_ig":  # paper-IG circuit files written before --method existed stay valid
+        settings["method"] = args.method
     circuits: dict[str, dict[str, Circuit]] = {d: {} for d in run.domains}
     skipped = []
     for d, k in tqdm(run.pairs(), desc="circuits (domain, class)", unit="circuit"):
@@ -206,65 +174,27 @@ def run_circuits(args: argparse.Namespace) -> int:
     domains = [d for d in run.domains if circuits[d]]
     first = next(iter(circuits[domains[0]].values()))
     first.draw(out / "circuit.png")
-    from clipmech.analysis.activations import inner_points
     points = inner_points(first.points)
     subsets = {"all": run.classes, "C2": [k for k in run.classes if k in run.c2],
                "C1": [k for k in run.classes if k not in run.c2]}
-    sims: dict[str, Any] = {"domains": domains, "classes": run.classes, "skipped": skipped, "paper_compat": paper_compat,
-                            "subsets": {name: len(ks) for name, ks in subsets.items()}}
-    measures = {"node_jaccard": lambda a, b: S.mean_node_jaccard(a, b, points),
-                "edge_jaccard": S.edge_jaccard,
-                "wl_h2": lambda a, b: S.wl_scores(a, b, (2,), paper_compat)["wl_h2"]}
-    for name, fn in measures.items():
-        sims[name] = {}
-        for subset, ks in subsets.items():
-            mean = np.full((len(domains), len(domains)), np.nan)
-            cis = [[None] * len(domains) for _ in domains]
-            for i, a in enumerate(domains):
-                for j, b in enumerate(domains):
-                    vals = [fn(circuits[a][k], circuits[b][k]) for k in ks if k in circuits[a] and k in circuits[b]]
-                    if vals:
-                        res = S.mean_with_ci(vals)
-                        mean[i, j], cis[i][j] = res["mean"], res["ci"]
-            if subset == "all":  # the heatmap and the top-level "mean" cover every analysed class
-                sims[name].update(mean=mean.tolist(), ci95_over_classes=cis)
-            sims[name][subset] = {"mean": mean.tolist(), "ci95_over_classes": cis}
-        _heatmap(np.array(sims[name]["mean"], dtype=float), domains,
-                 f"{name.replace('_', ' ')} (mean over {len(run.classes)} classes)", out / f"{name}.png")
-    sims["node_jaccard_per_point"] = {
-        p: [[float(np.mean([S.node_jaccard(circuits[a][k], circuits[b][k], [p])[p] for k in run.classes
-                            if k in circuits[a] and k in circuits[b]] or [np.nan])) for b in domains] for a in domains]
-        for p in points}
+    sims = {"domains": domains, "classes": run.classes, "skipped": skipped, "paper_compat": run.paper_compat,
+            "subsets": {name: len(ks) for name, ks in subsets.items()},
+            **domain_similarity(circuits, domains, subsets, points, run.paper_compat)}
+    for name in ("node_jaccard", "edge_jaccard", "wl_h2"):
+        value_heatmap(np.array(sims[name]["mean"], dtype=float), domains,
+                      f"{name.replace('_', ' ')} (mean over {len(run.classes)} classes)", out / f"{name}.png")
     atomic_write_json(sims, out / "similarity.json")
 
     if not args.no_faithfulness:
-        faith = {}
-        # One reference forward per domain serves every class, circuit and point below.
+        # One reference forward per domain serves every class, circuit and point.
         fills = {d: ablation_values(run.model, run.reference(d), first.points, args.ablation) for d in domains}
-        for k in tqdm(run.classes, desc="cross-domain faithfulness", unit="class"):
-            have = [d for d in domains if k in circuits[d]]
-            samples = {d: run.sample(d, k) for d in have}
-            names, mat = cross_domain_faithfulness(run.model, {d: circuits[d][k] for d in have},
-                                                   {d: s[0] for d, s in samples.items()},
-                                                   {d: s[1] for d, s in samples.items()}, run.head,
-                                                   ablation=args.ablation, fill=fills)
-            faith[k] = {"domains": names, "matrix": mat.tolist(), "per_point": {
-                d: {p: _point_faithfulness(run, circuits[d][k], samples[d], fills[d], args.ablation, p) for p in points}
-                for d in have}}
-        full = np.full((len(domains), len(domains)), np.nan)
-        for i, a in enumerate(domains):
-            for j, b in enumerate(domains):
-                vals = [f["matrix"][f["domains"].index(a)][f["domains"].index(b)] for f in faith.values()
-                        if a in f["domains"] and b in f["domains"]]
-                full[i, j] = np.mean(vals) if vals else np.nan
-        per_point = np.array([[np.nanmean([np.nan if f["per_point"].get(d, {}).get(p) is None else f["per_point"][d][p]
-                                            for f in faith.values()] or [np.nan]) for p in points] for d in domains])
-        atomic_write_json({"per_class": faith, "mean": full.tolist(), "domains": domains, "ablation": args.ablation,
-                           "points": points, "per_point_mean": per_point.tolist(),
-                           "note": "per_point: a domain's own circuit on its own images, ablated at that point only"},
-                          out / "faithfulness.json")
-        _heatmap(per_point, domains, "faithfulness at one point (own circuit, mean over classes)",
-                 out / "faithfulness_per_point.png", xlabels=[_short(p) for p in points])
+        samples = {k: {d: run.sample(d, k) for d in domains if k in circuits[d]}
+                   for k in tqdm(run.classes, desc="cross-domain faithfulness (images)", unit="class")}
+        faith = faithfulness_across_domains(run.model, circuits, samples, run.head, fills, domains, points,
+                                            args.ablation)
+        atomic_write_json(faith, out / "faithfulness.json")
+        value_heatmap(np.array(faith["per_point_mean"]), domains, "faithfulness at one point (own circuit, mean over "
+                      "classes)", out / "faithfulness_per_point.png", xlabels=[short_point(p) for p in points])
 
     _causal_test(run, args, out, settings)
     print(f"clipmech analyze circuits: wrote {out}")
@@ -275,19 +205,24 @@ def _cached_circuit(run: "_Run", args: argparse.Namespace, path: Path, settings:
     """The circuit saved at `path` when its meta matches `settings`, else one discovered on `load()`
     ((images, labels), or None when the cell has no images: returns None) with `top_k` edges per node
     (0: nodes only) and saved there."""
-    from clipmech.analysis.circuits import Circuit, discover_circuit
+    from clipmech.analysis.circuit import Circuit, discover_circuit
+    from clipmech.analysis.discovery import eap_ig_circuit
     from clipmech.analysis.paper_compat import wraparound_edges
 
-    if path.exists() and path.with_suffix(".pt").exists():
-        c = Circuit.load(path)
-        if all(c.meta.get(key) == v for key, v in settings.items()):
-            return c
+    c = Circuit.load_matching(path, settings)
+    # a paper-IG circuit's meta has no "method" (files from before --method existed), an EAP-IG one has
+    if c is not None and c.meta.get("method", "paper_ig") == settings.get("method", "paper_ig"):
+        return c
     sample = load()
     if sample is None:
         return None
-    c = discover_circuit(run.model, *sample, run.head, steps=args.steps, node_fraction=args.node_fraction,
-                         edges=top_k > 0, top_k=max(top_k, 1),
-                         meta={**settings, "images_used": len(sample[0])})
+    meta = {**settings, "images_used": len(sample[0])}
+    if settings.get("method", "paper_ig") == "paper_ig":
+        c = discover_circuit(run.model, *sample, run.head, steps=args.steps, node_fraction=args.node_fraction,
+                             edges=top_k > 0, top_k=max(top_k, 1), meta=meta)
+    else:
+        c = eap_ig_circuit(run.model, *sample, run.head, run.reference(settings["domain"]), steps=args.steps,
+                           node_fraction=args.node_fraction, edges=top_k > 0, top_k=max(top_k, 1), meta=meta)
     if run.paper_compat and top_k:
         c = wraparound_edges(c, top_k)
     c.save(path)
@@ -300,7 +235,8 @@ def _causal_test(run: "_Run", args: argparse.Namespace, out: Path, settings: dic
     causal_ablation.json, the printed summary and causal_ablation.png."""
     from tqdm import tqdm
 
-    from clipmech.analysis.controls import matched_causal_test
+    from clipmech.analysis.controls import causal_summary, matched_causal_test
+    from clipmech.analysis.figures import causal_effect_bars
     from clipmech.data.samples import DISCOVERY, causal_cells, discovery_mode
     from clipmech.utils import atomic_write_json
 
@@ -339,7 +275,7 @@ def _causal_test(run: "_Run", args: argparse.Namespace, out: Path, settings: dic
     atomic_write_json(result, out / "causal_ablation.json")
     print(causal_summary(result))
     if res["per_class"]:
-        _causal_bars(result, out / "causal_ablation.png")
+        causal_effect_bars(result, out / "causal_ablation.png")
     _placebo_test(run, circuits, cells, held, out, args.steps)
 
 
@@ -377,67 +313,14 @@ def _placebo_test(run: "_Run", circuits: dict, cells: dict, held: dict, out: Pat
           "pools classes over models)")
 
 
-def _est(e: dict, scale: float = 1.0, digits: int = 3) -> str:
-    if e["mean"] is None:
-        return "n/a"
-    ci = "no CI" if e["ci"] is None else f"[{scale * e['ci'][0]:+.{digits}f}, {scale * e['ci'][1]:+.{digits}f}]"
-    return f"{scale * e['mean']:+.{digits}f} {ci}"
-
-
-def causal_summary(result: dict) -> str:
-    """The printed line of the causal test: drawings used, trimmed fraction, effects, verdict."""
-    v, tf = result["verdict"], result["trimmed_fraction"]
-    p = "" if v["p_star"] is None else f", p* = {v['p_star']:.4f} ± {v['p_star_se']:.4f}"
-    return (f"causal test on {result['test_domain']} C2 ({len(result['classes'])} classes, {len(result['skipped'])} "
-            f"skipped): circuits discovered on {result['discovery_drawings']}, ablated on "
-            f"{result['ablation_drawings']} ({result['n_images']} images); "
-            f"{'n/a' if tf is None else f'{tf:.0%}'} of shared nodes trimmed (no control of similar IG score); "
-            f"shared minus matched-control drop, mean over classes [95 % CI over classes]: true-class logit "
-            f"{_est(result['effect_logit'])}, accuracy {_est(result['effect_accuracy'], 100, 1)} points; "
-            f"verdict: {v['verdict']}{p}")
-
-
-def _causal_bars(result: dict, path: Path) -> None:
-    """Per-class paired effects (shared minus matched-control drop) of the logit and the accuracy,
-    the mean over classes with its 95 % CI as a band; titles name the drawings and trimming."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from clipmech.utils import atomic_write_bytes
-
-    classes = list(result["per_class"])
-    fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 2 + 0.9 * len(classes)), 4.4), squeeze=False)
-    for ax, (key, label, scale) in zip(axes[0], (("logit", "true-class logit", 1.0),
-                                                  ("accuracy", "accuracy (points)", 100.0))):
-        vals = [scale * result["per_class"][k][f"effect_{key}"] for k in classes]
-        ax.bar(range(len(classes)), vals, color="#5f9ed1")
-        e = result[f"effect_{key}"]
-        ax.axhline(scale * e["mean"], color="black", lw=1)
-        if e["ci"] is not None:
-            ax.axhspan(scale * e["ci"][0], scale * e["ci"][1], color="0.6", alpha=0.3, lw=0)
-        ax.axhline(0, color="0.3", lw=0.5)
-        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=7)
-        ax.set_ylabel(f"effect on {label}")
-        ax.set_title(f"{label}: mean {_est(e, scale, 3 if scale == 1 else 1)}", fontsize=8)
-    tf = result["trimmed_fraction"]
-    fig.suptitle(f"{result['test_domain']} C2: drop after ablating shared nodes minus drop after matched controls\n"
-                 f"circuits discovered on {result['discovery_drawings']}, ablated on {result['ablation_drawings']} "
-                 f"({result['n_images']} images)\n{'n/a' if tf is None else f'{tf:.0%}'} of shared nodes trimmed "
-                 f"(no control of similar IG score); verdict (logit): {result['verdict']['verdict']}", fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(buf.getvalue(), path)
-
-
 # ---------------------------------------------------------------------------------------- patching
 def run_patching(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from clipmech.analysis import patching as P
+    from clipmech.analysis.activations import inner_points
+    from clipmech.analysis.figures import patching_scatter
+    from clipmech.analysis.patching import patching_agreement
     from clipmech.utils import atomic_write_json
 
     run = _Run(args)
@@ -445,7 +328,6 @@ def run_patching(args: argparse.Namespace) -> int:
         from clipmech.utils import unknown_name_error
         raise unknown_name_error("source domain", args.source_domain, run.dataset.domains)
     out = run.out / f"patching_{run.label}"
-    from clipmech.analysis.activations import inner_points
     points = inner_points(run.model.analysis_points())
     rows, pooled = [], {"exact": [], "attribution": [], "ig": []}
     pairs = [(d, k) for d, k in run.pairs() if d != args.source_domain]
@@ -454,59 +336,29 @@ def run_patching(args: argparse.Namespace) -> int:
         if recv is None or src is None:
             continue
         n = min(len(recv[0]), len(src[0]))
-        recv_x, src_x, labels = recv[0][:n], src[0][:n], recv[1][:n]
-        metric = P.true_class_logit(run.head, labels)
-        attr = P.attribution_patch(run.model, src_x, recv_x, metric, points)
-        row: dict[str, Any] = {"domain": d, "class": k, "n_images": n, "points": {}}
-        for p in points:
-            exact = P.activation_patch(run.model, recv_x, metric, p, mode="resample", source=src_x, batch_units=64)
-            ig = -P.integrated_gradients(run.model, recv_x, metric, p, baseline="corrupt", corrupt=src_x,
-                                         steps=args.steps, rule="midpoint")
-            entry = {}
-            for name, est in (("attribution", attr[p]), ("ig", ig)):
-                try:
-                    entry[f"spearman_{name}_vs_exact"] = P.spearman(est, exact)
-                except ValueError:  # constant vectors (e.g. all-dead channels): counted, not NaN
-                    entry[f"spearman_{name}_vs_exact"] = None
-            row["points"][p] = entry
-            pooled["exact"].append(exact)
-            pooled["attribution"].append(attr[p])
-            pooled["ig"].append(ig)
-        rows.append(row)
+        per_point, values = patching_agreement(run.model, recv[0][:n], src[0][:n], recv[1][:n], run.head, points,
+                                               args.steps)
+        rows.append({"domain": d, "class": k, "n_images": n, "points": per_point})
+        for v in values.values():
+            for name in pooled:
+                pooled[name].append(v[name])
     if not rows:
         raise ValueError(f"no (domain, class) pair had test images in both the domain and {args.source_domain!r}")
+    def mean(values) -> float | None:  # None, not NaN, when every correlation was undefined (constant vectors)
+        values = [v for v in values if v is not None]
+        return float(np.mean(values)) if values else None
+
     summary = {}
     for name in ("attribution", "ig"):
-        per_point = {p: [r["points"][p][f"spearman_{name}_vs_exact"] for r in rows] for p in points}
-        summary[name] = {p: float(np.mean([v for v in vals if v is not None])) if any(v is not None for v in vals)
-                         else None for p, vals in per_point.items()}
-        summary[f"{name}_mean_over_points"] = float(np.mean([v for v in summary[name].values() if v is not None]))
+        summary[name] = {p: mean(r["points"][p][f"spearman_{name}_vs_exact"] for r in rows) for p in points}
+        summary[f"{name}_mean_over_points"] = mean(summary[name].values())
     atomic_write_json({"source_domain": args.source_domain, "summary": summary, "pairs": rows,
                        "note": "receiver = domain images, source = source-domain images of the same class; "
                                "IG is the negated corrupt-baseline IG so all three estimate the same effect"},
                       out / "patching.json")
-    _scatter({k: torch.cat(v) for k, v in pooled.items()}, out / "patching.png")
-    print(f"attribution vs exact, mean Spearman over points: {summary['attribution_mean_over_points']:.3f}; "
-          f"IG vs exact: {summary['ig_mean_over_points']:.3f}")
+    patching_scatter({k: torch.cat(v) for k, v in pooled.items()}, out / "patching.png")
+    shown = {name: "n/a (every point constant)" if summary[f"{name}_mean_over_points"] is None
+             else f"{summary[f'{name}_mean_over_points']:.3f}" for name in ("attribution", "ig")}
+    print(f"attribution vs exact, mean Spearman over points: {shown['attribution']}; IG vs exact: {shown['ig']}")
     print(f"clipmech analyze patching: wrote {out}")
     return 0
-
-
-def _scatter(pooled: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from clipmech.utils import atomic_write_bytes
-
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4))
-    for ax, name in zip(axes, ("attribution", "ig")):
-        ax.scatter(pooled["exact"].cpu(), pooled[name].cpu(), s=3, alpha=0.4)
-        ax.set_xlabel("exact patching effect")
-        ax.set_ylabel(f"{name} estimate")
-        ax.axline((0, 0), slope=1, color="grey", lw=0.8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(buf.getvalue(), path)

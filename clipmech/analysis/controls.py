@@ -248,3 +248,26 @@ def matched_causal_test(model, discovery: Circuits, test_domain: str, held_out: 
         out[key] = estimate([c[key] for c in per_class.values()], n_boot=n_boot, seed=seed)
     out["verdict"] = causal_verdict([c["effect_logit"] for c in per_class.values()], seed=seed)
     return out
+
+
+def format_estimate(e: Mapping[str, Any], scale: float = 1.0, digits: int = 3) -> str:
+    """'+0.123 [+0.010, +0.240]' from {"mean", "ci"} (x `scale`); 'n/a' without a mean, 'no CI' without a CI."""
+    if e["mean"] is None:
+        return "n/a"
+    ci = "no CI" if e["ci"] is None else f"[{scale * e['ci'][0]:+.{digits}f}, {scale * e['ci'][1]:+.{digits}f}]"
+    return f"{scale * e['mean']:+.{digits}f} {ci}"
+
+
+def causal_summary(result: Mapping[str, Any]) -> str:
+    """One line on a matched causal test result (`matched_causal_test` plus "test_domain",
+    "discovery_drawings", "ablation_drawings", "n_images"): drawings used, trimmed fraction, the
+    paired effects on logit and accuracy with their CIs, the verdict."""
+    v, tf = result["verdict"], result["trimmed_fraction"]
+    p = "" if v["p_star"] is None else f", p* = {v['p_star']:.4f} ± {v['p_star_se']:.4f}"
+    return (f"causal test on {result['test_domain']} C2 ({len(result['classes'])} classes, {len(result['skipped'])} "
+            f"skipped): circuits discovered on {result['discovery_drawings']}, ablated on "
+            f"{result['ablation_drawings']} ({result['n_images']} images); "
+            f"{'n/a' if tf is None else f'{tf:.0%}'} of shared nodes trimmed (no control of similar IG score); "
+            f"shared minus matched-control drop, mean over classes [95 % CI over classes]: true-class logit "
+            f"{format_estimate(result['effect_logit'])}, accuracy {format_estimate(result['effect_accuracy'], 100, 1)} "
+            f"points; verdict: {v['verdict']}{p}")

@@ -22,15 +22,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+import math
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from clipmech.analysis.edge_ablation import ROW_CHUNK, Segment, _node_last, _stack
-from clipmech.analysis.engine_adapter import cache_points, paper_ig_scores, riemann_alphas
+from clipmech.analysis.engine_adapter import (Circuit, ablation_values, cache_points, check_points, paper_ig_scores,
+                                              riemann_alphas, true_class_logit)
 
 METHODS = ("paper_ig", "eap", "eap_ig", "mask", "exact", "random")
+CIRCUIT_METHODS = ("paper_ig", "eap_ig")  # whole-tower circuits a study can discover (`eap_ig_circuit`)
 EXACT_BUDGET = 20_000  # (i, j) pairs whose d_j moves; beyond that exact edge patching is skipped
 CHANGE_TOL = 1e-6  # |d_j change| <= tol * max|d|: the edge does not move d_j (batched-kernel rounding)
 MASK_STEPS, MASK_LR, MASK_PENALTY = 200, 0.1, 0.05
@@ -70,22 +73,24 @@ def _gradients(seg: Segment, u: Tensor) -> tuple[Tensor, Tensor]:
     return g_u, g_d
 
 
-def _edge_products(seg: Segment, u: Tensor, g_d: Tensor) -> Tensor:
-    """[J, I]: mean_b sum_pos (u0 - u_clean)_i . d<g_j, d_j>/du_i at upstream values `u`, one VJP
-    per downstream node j (`ROW_CHUNK` nodes per run, each a copy of the batch)."""
-    n_down, n_up = seg.shape
+def _edge_products(seg: Segment, u: Tensor, g_d: Tensor, rows: Tensor | None = None) -> Tensor:
+    """[len(rows), I] (default rows: all J): mean_b sum_pos (u0 - u_clean)_i . d<g_j, d_j>/du_i at
+    upstream values `u`, one VJP per downstream node j of `rows` (`ROW_CHUNK` nodes per run, each a
+    copy of the batch)."""
+    rows = torch.arange(seg.shape[0]) if rows is None else torch.as_tensor(rows, dtype=torch.long)
     delta = (seg.u0 - seg.u).expand_as(seg.u)
-    out = torch.zeros(n_down, n_up, dtype=seg.u.dtype)
-    for start in range(0, n_down, ROW_CHUNK):
-        rows = torch.arange(start, min(start + ROW_CHUNK, n_down))
-        x = _stack(u.detach(), len(rows)).requires_grad_(True)
+    out = torch.zeros(len(rows), seg.shape[1], dtype=seg.u.dtype)
+    for start in range(0, len(rows), ROW_CHUNK):
+        chunk = rows[start:start + ROW_CHUNK]
+        x = _stack(u.detach(), len(chunk)).requires_grad_(True)
         with torch.enable_grad():
             y = seg.forward(x)
-        cot = torch.zeros_like(y).unflatten(0, (len(rows), -1))
-        for r, j in enumerate(rows.tolist()):
+        cot = torch.zeros_like(y).unflatten(0, (len(chunk), -1))
+        for r, j in enumerate(chunk.tolist()):
             cot[r, ..., j] = g_d[..., j]
         (g,) = torch.autograd.grad(y, x, cot.flatten(0, 1))
-        out[rows] = torch.stack([_sum_positions(gr * delta) for gr in g.unflatten(0, (len(rows), -1))])
+        out[start:start + len(chunk)] = torch.stack([_sum_positions(gr * delta)
+                                                     for gr in g.unflatten(0, (len(chunk), -1))])
     return out
 
 
@@ -98,19 +103,23 @@ def eap_scores(seg: Segment) -> tuple[dict[str, Tensor], Tensor]:
     return nodes, _edge_products(seg, seg.u, g_d).abs()
 
 
-def eap_ig_scores(seg: Segment, steps: int = 5) -> tuple[dict[str, Tensor], Tensor]:
-    """EAP-IG with input-space interpolation (module docstring). Cost: `steps` times EAP's."""
-    g_u, g_d, edges = 0, 0, 0
+def eap_ig_scores(seg: Segment, steps: int = 5, rows: Tensor | None = None,
+                  edges: bool = True) -> tuple[dict[str, Tensor], Tensor | None]:
+    """EAP-IG with input-space interpolation (module docstring); edge scores [len(rows), I] into the
+    downstream nodes `rows` only (default all J), none with `edges=False`. Cost: `steps` times
+    EAP's (the edge part in proportion to len(rows))."""
+    g_u, g_d, scores = 0, 0, 0
     x0 = seg.baseline_images
     for alpha in riemann_alphas(steps, "midpoint"):
         act = cache_points(seg.model, x0 + alpha * (seg.images - x0), [seg.upstream])[seg.upstream]
         u_alpha = _node_last(seg.upstream, act)
         gu, gd = _gradients(seg, u_alpha)
         g_u, g_d = g_u + gu / steps, g_d + gd / steps
-        edges = edges + _edge_products(seg, u_alpha, gd) / steps
+        if edges:
+            scores = scores + _edge_products(seg, u_alpha, gd, rows) / steps
     nodes = {seg.upstream: _sum_positions((seg.u0 - seg.u) * g_u).abs(),
              seg.downstream: _sum_positions((seg.d0 - seg.d) * g_d).abs()}
-    return nodes, edges.abs()
+    return nodes, scores.abs() if edges else None
 
 
 def _ablated_copies(clean: Tensor, value: Tensor, nodes: Tensor) -> Tensor:
@@ -210,3 +219,49 @@ def discover(seg: Segment, method: str, *, steps: int = 10, node_fraction: float
     nodes = {p: s.detach().cpu() for p, s in nodes.items()}
     edges = None if edges is None else edges.detach().cpu()
     return MethodScores(method, nodes, edges, time.perf_counter() - start, note)
+
+
+def eap_ig_circuit(model, images: Tensor, labels: Tensor, head: Tensor, reference: Tensor, *,
+                   points: Sequence[str] | None = None, node_fraction: float = 0.1, edges: bool = True,
+                   top_k: int = 3, steps: int = 10, fill: Mapping[str, Tensor] | None = None,
+                   meta: dict[str, Any] | None = None) -> Circuit:
+    """The circuit of one (domain, class) batch found by EAP-IG instead of the paper's IG, in the
+    shape of `clipmech.analysis.circuit.discover_circuit`: per point the top ceil(node_fraction * C)
+    nodes by EAP-IG node score; with `edges`, for each consecutive pair (u, d) and each selected
+    downstream node, the `top_k` selected upstream nodes by EAP-IG edge score. The counterfactual is
+    mean ablation over the `reference` images (their mean node values, or `fill` from
+    `ablation_values`) and their mean image is the input-space baseline; steps // 2 interpolation
+    points, as `discover`. Scores are magnitudes (EAP-IG ranks |effect|), stored as the circuit's
+    node scores. Cost per consecutive pair: steps // 2 x (forward to u, then segment and readout
+    forward + backward), twice with `edges`, plus one segment VJP per selected downstream node."""
+    points = list(model.analysis_points() if points is None else points)
+    check_points(model, points)
+    if len(points) < 2:
+        raise ValueError(f"an EAP-IG circuit needs at least 2 points (one segment); got {points}")
+    if not 0 < node_fraction <= 1:
+        raise ValueError(f"node_fraction must be in (0, 1], got {node_fraction}")
+    labels = torch.as_tensor(labels).long()
+    fill = ablation_values(model, reference, points, "mean") if fill is None else fill
+    metric = true_class_logit(head, labels, reduce="sum")
+    segs = [Segment.build(model, images, u, d, head, labels, metric, "mean", reference, fill=fill)
+            for u, d in zip(points[:-1], points[1:])]
+    n_alpha = max(1, steps // 2)
+    scores: dict[str, Tensor] = {}
+    for seg in segs:  # a point's node score is the same from either segment it ends; take it once
+        nodes, _ = eap_ig_scores(seg, n_alpha, edges=False)
+        scores.setdefault(seg.upstream, nodes[seg.upstream].detach().cpu())  # CPU: edge rows are indexed on CPU
+        scores[seg.downstream] = nodes[seg.downstream].detach().cpu()
+    selected = {p: torch.argsort(s, descending=True, stable=True)[:math.ceil(node_fraction * len(s))]
+                for p, s in scores.items()}
+    found = []
+    for seg in segs if edges else ():
+        up, down = selected[seg.upstream], selected[seg.downstream]
+        _, mat = eap_ig_scores(seg, n_alpha, rows=down)
+        mat = mat[:, up]
+        for row, j in zip(mat, down.tolist()):
+            for col in torch.argsort(row, descending=True, stable=True)[:top_k]:
+                found.append((seg.upstream, int(up[col]), seg.downstream, j, float(row[col])))
+    info = {"n_images": len(images), "steps": steps, "node_fraction": node_fraction, "top_k": top_k if edges else 0,
+            "method": "eap_ig", "ablation": "mean", "saes": []}
+    return Circuit(points, scores, {p: [int(i) for i in s] for p, s in selected.items()}, found,
+                   {**info, **(meta or {})})

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -54,9 +54,11 @@ class Segment:
     @classmethod
     def build(cls, model, images: Tensor, upstream: str, downstream: str, head: Tensor, labels: Tensor,
               metric: Metric, ablation: str = "zero", reference: Tensor | None = None,
-              donors: Tensor | None = None) -> "Segment":
+              donors: Tensor | None = None, fill: Mapping[str, Tensor] | None = None) -> "Segment":
         """Cache the clean values and the ablation values (module docstring). `reference`: images
-        for 'mean' (default `images`); `donors`: one image per image for 'resample' /
+        for 'mean' (default `images`); `fill`: their mean node values {point: [..., C]} already
+        computed (`ablation.ablation_values`), which saves the reference forward when many
+        segments share one reference; `donors`: one image per image for 'resample' /
         'counterfactual'. Cost: one or two forwards up to `downstream`."""
         check_points(model, [upstream, downstream])
         order = list(model.hook_names())
@@ -69,8 +71,11 @@ class Segment:
             u0, d0, x0 = torch.zeros_like(u[:1]), torch.zeros_like(d[:1]), torch.zeros_like(images)
         elif ablation == "mean":
             reference = images if reference is None else reference
-            ref = cache_points(model, reference, [upstream, downstream])
-            u0, d0 = (_node_last(p, a).mean(0, keepdim=True) for p, a in ref.items())
+            if fill is None:
+                ref = cache_points(model, reference, [upstream, downstream])
+                u0, d0 = (_node_last(p, a).mean(0, keepdim=True) for p, a in ref.items())
+            else:
+                u0, d0 = fill[upstream][None], fill[downstream][None]
             x0 = reference.mean(0, keepdim=True).expand_as(images)
         else:
             if donors is None or donors.shape != images.shape:

@@ -10,11 +10,11 @@ import math
 import torch
 from torch import Tensor
 
-from clipmech.analysis.circuits import curve_areas, ig_edge_scores, ig_node_scores
+from clipmech.analysis.circuits import Circuit, ablation_values, curve_areas, ig_edge_scores, ig_node_scores
 from clipmech.analysis.patching import (Metric, cache_points, check_points, evaluate_metric, node_dim, riemann_alphas,
                                         segment_fn, true_class_logit)
 
-__all__ = ["Metric", "cache_points", "check_points", "curve_areas", "evaluate_metric", "node_dim", "paper_ig_scores",
+__all__ = ["Circuit", "Metric", "ablation_values", "cache_points", "check_points", "curve_areas", "evaluate_metric", "node_dim", "paper_ig_scores",
            "riemann_alphas", "segment_fn", "true_class_logit"]
 
 

@@ -197,14 +197,21 @@ def _as_source(data: ActivationShards | torch.Tensor):
 
 def train_sae(data: ActivationShards | torch.Tensor, n_latents: int, k: int | None = None, l1_coef: float | None = None,
               lr: float = 1e-3, epochs: int = 10, batch_size: int = 1024, seed: int = 0,
-              device: str = "cpu", standardize: bool = True) -> tuple[SparseAutoencoder, list[dict]]:
+              device: str = "cpu", standardize: bool = True, steps: int | None = None
+              ) -> tuple[SparseAutoencoder, list[dict]]:
     """Train an SAE with Adam on streamed activations; returns (sae, per-epoch history).
 
+    `steps`: the budget in Adam steps instead of `epochs` (a unit that carries from thousands of
+    vectors to millions): passes over the data repeat, each reshuffled, and training stops after
+    exactly `steps` steps (the history's last row may cover a partial pass). With N vectors,
+    `steps` = epochs * ceil(N / batch_size) trains exactly as `epochs` does.
     l1_coef None = paper_l1(d) (recorded in the SAE's config and in every history row). b_pre starts
     at zero (docs/methods.md#sae) and is learned. Decoder rows are renormalised after every step. `standardize`:
     inputs centred and scaled by the data's mean and RMS distance from it (see module doc; one extra pass).
-    Cost: epochs * N * d * n_latents * ~6 flops.
+    Cost: steps * batch_size (or epochs * N) * d * n_latents * ~6 flops.
     """
+    if steps is not None and steps < 1:
+        raise ValueError(f"SAE steps must be >= 1, got {steps}")
     d, batches = _as_source(data)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
         torch.manual_seed(seed)
@@ -212,10 +219,13 @@ def train_sae(data: ActivationShards | torch.Tensor, n_latents: int, k: int | No
     if standardize:
         _fit_standardization(sae, batches(batch_size, False))
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
-    history = []
-    for epoch in range(epochs):
+    history, done, epoch = [], 0, 0
+    while (epoch < epochs) if steps is None else (done < steps):
         sums, count = {"recon": 0.0, "l1": 0.0, "l0": 0.0}, 0
         for x in batches(batch_size, True, seed + epoch):
+            if steps is not None and done == steps:
+                break
+            done += 1
             loss, parts = sae.loss(x.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -224,7 +234,10 @@ def train_sae(data: ActivationShards | torch.Tensor, n_latents: int, k: int | No
             for key in sums:
                 sums[key] += parts[key] * len(x)
             count += len(x)
+        if count == 0:
+            raise ValueError("SAE data is empty: no vectors to train on")
         history.append({"epoch": epoch, "l1_coef": sae.cfg.l1_coef, **{key: v / count for key, v in sums.items()}})
+        epoch += 1
     return sae.cpu(), history
 
 
