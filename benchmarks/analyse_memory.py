@@ -53,7 +53,7 @@ def child(root: str) -> None:
 
     root_p = Path(root)
     run_dir = root_p / "run"
-    opts = AnalysisOptions(circuit_classes=1, circuit_images=16, circuit_steps=2, sae_epochs=2, cka_boot=20,
+    opts = AnalysisOptions(circuit_classes=1, circuit_images=16, circuit_steps=2, sae_steps=20, cka_boot=20,
                            embedding_images=200, batch_size=64, shard_rows=1024, device="cpu",
                            controls=False)  # the controls hold the splits in memory: not what this measures
     ctx = RunContext(run_dir, opts)

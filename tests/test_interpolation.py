@@ -175,7 +175,7 @@ def test_mixed_models_find_a_planted_between_link():
     assert b["ci_low"] < 1.0 * sd < b["ci_high"]  # per SD of the measure
 
 
-TINY = ["--epochs", "1", "--batch-size", "16", "--circuit-steps", "2", "--circuit-classes", "4", "--sae-epochs", "5", "--cka-boot", "0",
+TINY = ["--epochs", "1", "--batch-size", "16", "--circuit-steps", "2", "--circuit-classes", "4", "--sae-steps", "50", "--cka-boot", "0",
         "--curve-points", "2", "--n-templates", "1", "--quiet"]
 
 

@@ -378,7 +378,7 @@ def test_keyboard_interrupt_in_train_says_resume(world, tmp_path, capsys, monkey
     assert not (tmp_path / "r").exists()
 
 
-TINY_QUICKSTART = ["--epochs", "3", "--max-classes", "19", "--n-c2", "15", "--sae-epochs", "1",
+TINY_QUICKSTART = ["--epochs", "3", "--max-classes", "19", "--n-c2", "15", "--sae-steps", "10",
                    "--circuit-steps", "1", "--circuit-classes", "1", "--n-templates", "1", "--test-domain", "clipart"]
 
 

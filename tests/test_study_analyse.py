@@ -11,7 +11,7 @@ def test_options_from_table_and_errors():
     opts = A.analysis_options({"circuit_steps": 3, "points": ["visual.layer1.0.hook_out"]}, device="cpu", workers=None)
     assert opts.circuit_steps == 3 and opts.points == ("visual.layer1.0.hook_out",) and opts.device == "cpu"
     assert opts.workers == 0  # None leaves the default
-    with pytest.raises(ValueError, match=r"\[analysis\]: unknown key 'sae_epoch'; closest valid: 'sae_epochs'"):
+    with pytest.raises(ValueError, match=r"\[analysis\]: unknown key 'sae_epoch'; closest valid: 'sae_steps'"):
         A.analysis_options({"sae_epoch": 3})
     with pytest.raises(ValueError, match=r"\[analysis\] precision = 'int8'; choose one of fp32, bf16, fp16"):
         A.analysis_options({"precision": "int8"})

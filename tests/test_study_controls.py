@@ -14,7 +14,7 @@ def test_sae_trains_on_training_images_only(tmp_path, monkeypatch):
     from clipmech.study.quickstart import QuickstartOptions, Study, resolve_dataset
     from clipmech.study.registry import Registry
 
-    opts = QuickstartOptions(out=str(tmp_path), views=1, max_classes=19, n_c2=15, sae_epochs=1, progress=False)
+    opts = QuickstartOptions(out=str(tmp_path), views=1, max_classes=19, n_c2=15, sae_steps=10, progress=False)
     qs = Study(opts, registry=Registry(tmp_path / "registry"))
     qs.dataset, qs.test_domains, qs.c2 = resolve_dataset(opts)
     qs.store = ImageStore(qs.dataset, 32, tmp_path / "cache")

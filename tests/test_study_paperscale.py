@@ -49,7 +49,9 @@ kind = "analysis"
 [analysis]
 source = "tiny.toml"
 circuit_steps = 2
-sae_epochs = 100  # the controls need a sparse SAE (L0 < width) for feature sharing's floor and ceiling
+sae_steps = 600  # the controls need a sparse SAE (L0 < width) for feature sharing's floor and ceiling
+sae_batch_size = 256
+sae_lr = 3e-3
 cka_boot = 10
 embedding_images = 20
 device = "cpu"

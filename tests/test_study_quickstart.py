@@ -1,6 +1,7 @@
 """A reduced quickstart end to end: every stage runs on real (tiny) models and data, results.json
 matches the schema, the figures exist, and a second run reuses every stage."""
 import json
+import shutil
 import time
 
 import pytest
@@ -13,7 +14,7 @@ from clipmech.study.report import MODEL_FIELDS, SHAREDNESS_MEASURES, validate_re
 # make the mixtures degenerate, which the quickstart refuses),
 # one epoch, one circuit class, two IG steps.
 REDUCED = ["--test-domain", "quickdraw", "--max-classes", "24", "--n-c2", "15", "--seeds", "1", "--views", "4", "--epochs", "1", "--batch-size", "16", "--circuit-classes", "1",
-           "--circuit-steps", "2", "--sae-epochs", "2", "--cka-boot", "5", "--n-templates", "1",
+           "--circuit-steps", "2", "--sae-steps", "20", "--cka-boot", "5", "--n-templates", "1",
            "--curve-points", "2", "--quiet"]
 
 
@@ -45,7 +46,6 @@ def test_results_match_schema_and_figures_exist(quickstart):
 
 
 def test_report_recomputes_the_same_verdicts_for_any_boot_seed(quickstart, tmp_path, capsys):
-    import shutil
     out, _ = quickstart
     run = tmp_path / "run"
     shutil.copytree(out, run, ignore=shutil.ignore_patterns("runs", "cache", "registry"))
@@ -213,7 +213,6 @@ def test_dataset_folder_gets_the_same_rules_scaled_to_its_classes(tmp_path):
 def test_node_explanations_name_their_model_so_the_viewer_shows_them(quickstart, tmp_path):
     """The report's node figures come from one CG-high model; its explanations.json names that row's model,
     so `clipmech view` puts the nodes on the model's page (it found none before the id was written)."""
-    import shutil
 
     from clipmech.view.site import build_site
     out, _ = quickstart
@@ -224,3 +223,22 @@ def test_node_explanations_name_their_model_so_the_viewer_shows_them(quickstart,
     study = tmp_path / "study"
     shutil.copytree(out, study, ignore=shutil.ignore_patterns("cache", "runs", "view"))
     assert build_site(study).explained_models == 1
+
+
+def test_quickstart_with_eap_ig_circuits(quickstart, tmp_path, capsys):
+    """The reduced quickstart's models (training reused) analysed with EAP-IG circuits: new circuit
+    sets whose files say eap_ig, rows with node / edge Jaccard, a report that labels them exploratory."""
+    out = tmp_path / "qs"
+    shutil.copytree(quickstart[0], out)
+    paper = {p.name for p in (out / "registry" / "circuit_set").glob("*.json")}
+    assert main(["quickstart", "--out", str(out), "--circuit-method", "eap_ig", *REDUCED[:-1]]) == 0
+    assert "] train: done (reused)" in capsys.readouterr().err
+    sets = {p.name: json.loads(p.read_text())["key"] for p in (out / "registry" / "circuit_set").glob("*.json")}
+    new = [k for name, k in sets.items() if name not in paper]
+    assert new and all(k["circuit_method"] == "eap_ig" for k in new)
+    files = [json.loads(p.read_text()) for p in (out / "registry" / "circuit_files").rglob("*.json")]
+    assert {f["meta"].get("method", "paper_ig") for f in files if "meta" in f} == {"paper_ig", "eap_ig"}
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["circuit_method"] == "eap_ig"
+    assert any(m.get("node_jaccard") is not None for m in results["models"])
+    assert "not the analysis plan's method" in (out / "report.md").read_text()

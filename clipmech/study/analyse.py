@@ -43,7 +43,9 @@ import numpy as np
 import torch
 
 from clipmech.analysis.cka import MIN_ROWS
+from clipmech.analysis.discovery import CIRCUIT_METHODS
 from clipmech.checks import check_device, check_keys, check_typed
+from clipmech.errors import ConfigError
 from clipmech.launch import LaunchOptions, Unit, run_units
 from clipmech.utils import hash_obj, read_json
 
@@ -51,6 +53,7 @@ EMBED_POINT = "hook_image_embed_normalized"
 ANALYSIS_VERSION = 2  # 2: circuits on cell_samples images with WL, CKA for all / C2 / C1
 CIRCUIT_SCOPES = ("c2", "all")
 CIRCUIT_SEED = 42  # the paper's one shuffle of the test split (docs/methods.md#circuits)
+EAP_REFERENCE_CLASSES = 64  # eap_ig circuits: mean ablation over one test image of each of this many classes
 MIN_ROWS_UNBIASED = 4  # the unbiased CKA estimator is undefined on fewer rows (clipmech.analysis.cka)
 
 
@@ -66,9 +69,16 @@ class AnalysisOptions:
     circuit_steps: int = 10  # IG Riemann steps (paper: 10)
     circuit_scope: str = "c2"  # classes with circuits: "c2" | "all" (every class, C2 first; the paper's)
     circuit_classes: int | None = None  # first classes of the scope with circuits; None: all of them
+    circuit_method: str = "paper_ig"  # or "eap_ig" (clipmech.study.plan.Preset.circuit_method)
     sae_expansion: int = 4  # latents = expansion x embedding width (paper: 4)
-    sae_epochs: int = 30
-    sae_batch_size: int = 1024
+    # SAE budget in Adam steps (epochs do not carry from thousands of vectors to millions): the paper's
+    # 200 epochs at batch 2048 and lr 1e-4 (docs/methods.md#sae) over DomainNet's ~410k training
+    # embeddings; on CC12M's 9.36M vectors the paper's run is ~914k steps. Toy-scale experiment files
+    # set their own (the paper-scale test's ~1k vectors: 600 steps at batch 256, lr 3e-3). The controls'
+    # two SAEs (seeds 0 and 1, feature sharing's seed ceiling) use the same three settings.
+    sae_steps: int = 40_000
+    sae_batch_size: int = 2048
+    sae_lr: float = 1e-4
     cka_boot: int = 200
     cka_min_rows: int = MIN_ROWS  # domain pairs with fewer C2 centroid rows are skipped
     n_templates: int | None = None  # first templates of the run's set for the circuit head; None: all
@@ -87,20 +97,26 @@ class AnalysisOptions:
         """The per-run plan's Preset (clipmech.study.plan) for the stages both paths share (the controls)."""
         from clipmech.study.plan import Preset
         return Preset(circuit_steps=self.circuit_steps, circuit_classes=self.circuit_classes,
-                      sae_expansion=self.sae_expansion, sae_epochs=self.sae_epochs, cka_boot=self.cka_boot,
-                      n_templates=self.n_templates, cka_min_rows=self.cka_min_rows)
+                      sae_expansion=self.sae_expansion, sae_steps=self.sae_steps,
+                      sae_batch_size=self.sae_batch_size, sae_lr=self.sae_lr, cka_boot=self.cka_boot,
+                      n_templates=self.n_templates, cka_min_rows=self.cka_min_rows,
+                      circuit_method=self.circuit_method)
 
     def key(self) -> dict[str, Any]:
-        """The options results depend on (not batch size, workers, shard size or device)."""
+        """The options results depend on (not batch size, workers, shard size or device; the circuit
+        method only when it is not the paper's, so finished paper-IG units keep their keys)."""
         skip = {"batch_size", "workers", "shard_rows", "device", "controls"}
+        if self.circuit_method == "paper_ig":
+            skip.add("circuit_method")
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip} | {"v": ANALYSIS_VERSION}
 
 
 # Type and range of every option, checked before the first unit starts (clipmech.checks notation).
 OPTION_TYPES = {"points": ("list[str]?", None), "classes": ("list[str]?", None), "images_per_cell": ("int?", ">=1"),
                 "circuit_images": ("int", ">=1"), "circuit_steps": ("int", ">=1"), "circuit_scope": ("str", CIRCUIT_SCOPES),
-                "circuit_classes": ("int?", ">=1"), "sae_expansion": ("int", ">=1"), "sae_epochs": ("int", ">=1"),
-                "sae_batch_size": ("int", ">=1"), "cka_boot": ("int", ">=0"), "cka_min_rows": ("int", f">={MIN_ROWS_UNBIASED}"),
+                "circuit_method": ("str", CIRCUIT_METHODS),
+                "circuit_classes": ("int?", ">=1"), "sae_expansion": ("int", ">=1"), "sae_steps": ("int", ">=1"),
+                "sae_batch_size": ("int", ">=1"), "sae_lr": ("float", ">0"), "cka_boot": ("int", ">=0"), "cka_min_rows": ("int", f">={MIN_ROWS_UNBIASED}"),
                 "n_templates": ("int?", ">=1"), "embedding_images": ("int", ">=1"), "batch_size": ("int", ">=1"),
                 "workers": ("int", ">=0"), "shard_rows": ("int", ">=1"), "precision": ("str", ("fp32", "bf16", "fp16")),
                 "device": ("str", None), "paper_compat": ("bool", None), "controls": ("bool", None)}
@@ -111,6 +127,10 @@ def analysis_options(table: Mapping[str, Any], **overrides: Any) -> AnalysisOpti
 
     Every key and value is checked here, before any unit runs: an unknown key names the closest
     valid one, a value of the wrong type or range names the key and its range (ConfigError, exit 2)."""
+    if "sae_epochs" in table:
+        raise ConfigError("[analysis] sae_epochs was replaced by sae_steps, the SAE budget in Adam steps (epochs do "
+                          "not carry from thousands of vectors to millions): sae_steps = epochs x ceil(N / "
+                          "sae_batch_size) for N training embeddings")
     check_keys("[analysis]", table, [*OPTION_TYPES, "source"])
     given = {k: v for k, v in table.items() if k != "source"} | {k: v for k, v in overrides.items() if v is not None}
     for key, value in given.items():
@@ -230,8 +250,8 @@ def unit_sae(run_dir: str, opts: AnalysisOptions, shard_root: str) -> dict[str, 
     ctx = RunContext(run_dir, opts)
     ds, c2 = ctx.source.dataset, np.asarray(ctx.source.c2_idx)
     train = ctx.shards("train", shard_root).shards(EMBED_POINT)
-    sae, history = train_sae(train, n_latents=opts.sae_expansion * train.dim, epochs=opts.sae_epochs,
-                             batch_size=opts.sae_batch_size, seed=0, device=ctx.device)
+    sae, history = train_sae(train, n_latents=opts.sae_expansion * train.dim, steps=opts.sae_steps,
+                             batch_size=opts.sae_batch_size, lr=opts.sae_lr, seed=0, device=ctx.device)
     H = None
     with torch.no_grad():
         for rows, xs in ctx.shards("test", shard_root).iter_batches([EMBED_POINT]):
@@ -297,6 +317,7 @@ def unit_circuits(run_dir: str, opts: AnalysisOptions, class_name: str) -> dict[
     {"class", "domains", "node", "edge", "wl_h2": [D, D], "images": {domain: n}, "paper_compat"}."""
     from clipmech.analysis.activations import image_batches
     from clipmech.analysis.circuits import discover_circuit
+    from clipmech.analysis.discovery import eap_ig_circuit
     from clipmech.analysis.paper_compat import wraparound_edges
     from clipmech.data.samples import cell_samples
     ctx = RunContext(run_dir, opts)
@@ -310,7 +331,15 @@ def unit_circuits(run_dir: str, opts: AnalysisOptions, class_name: str) -> dict[
         if rows is not None:
             images = torch.cat(list(image_batches(ds, rows, ctx.source.image_size, opts.batch_size, opts.workers)))
             labels = torch.full((len(rows),), k, dtype=torch.long, device=ctx.device)
-            circuits[d] = discover_circuit(model, images.to(ctx.device), labels, head, steps=opts.circuit_steps)
+            if opts.circuit_method == "paper_ig":
+                circuits[d] = discover_circuit(model, images.to(ctx.device), labels, head, steps=opts.circuit_steps)
+            else:
+                # mean ablation over one test image of each of the domain's first EAP_REFERENCE_CLASSES cells
+                ref_rows = [r[0] for (dom, _), r in cells.items() if dom == d][:EAP_REFERENCE_CLASSES]
+                reference = torch.cat(list(image_batches(ds, np.asarray(ref_rows), ctx.source.image_size,
+                                                         opts.batch_size, opts.workers)))
+                circuits[d] = eap_ig_circuit(model, images.to(ctx.device), labels, head, reference.to(ctx.device),
+                                             steps=opts.circuit_steps)
             if ctx.paper_compat:
                 circuits[d] = wraparound_edges(circuits[d])
     return {"class": ds.classes[k], "domains": ds.domains,

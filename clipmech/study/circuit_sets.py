@@ -23,7 +23,9 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from clipmech.analysis.ablation import ablation_values
 from clipmech.analysis.circuit import Circuit, discover_circuits
+from clipmech.analysis.discovery import eap_ig_circuit
 from clipmech.data.samples import cell_samples, distinct_drawings
 from clipmech.utils import hash_obj
 
@@ -59,7 +61,8 @@ def cell_circuits(study, model, model_key: str, cells: Cells, split: str) -> tup
 
     `model_key` identifies the weights (a checkpoint hash). Cost on a miss: `discover_circuits` over
     the cells (the node IGs of all cells batched, one edge IG per cell and consecutive pair,
-    `study.opts.circuit_steps` steps); on a hit: loading the circuit files.
+    `study.opts.circuit_steps` steps), or with `circuit_method` "eap_ig" one `eap_ig_circuit` per
+    cell; on a hit: loading the circuit files.
     """
     key = {"stage": "circuit_set", "model": model_key, "dataset": study.dataset.content_hash(), "split": split,
            "rows": {d: {str(k): np.asarray(r).tolist() for k, r in per.items() if len(r)} for d, per in cells.items()},
@@ -70,10 +73,13 @@ def cell_circuits(study, model, model_key: str, cells: Cells, split: str) -> tup
         images = study.images(split)
         head = study.source.head(model)
         todo = [(di, d, k, rows) for di, (d, per) in enumerate(cells.items()) for k, rows in per.items() if len(rows)]
-        found = discover_circuits(model, [(images[rows], torch.full((len(rows),), k, dtype=torch.long))
-                                          for _, _, k, rows in todo], head, steps=study.opts.circuit_steps,
-                                  metas=[{"split": split, "rows": np.asarray(rows).tolist(),
-                                          "class": study.dataset.classes[k], "domain": d} for _, d, k, rows in todo])
+        batches = [(images[rows], torch.full((len(rows),), k, dtype=torch.long)) for _, _, k, rows in todo]
+        metas = [{"split": split, "rows": np.asarray(rows).tolist(), "class": study.dataset.classes[k], "domain": d}
+                 for _, d, k, rows in todo]
+        if study.opts.circuit_method == "paper_ig":
+            found = discover_circuits(model, batches, head, steps=study.opts.circuit_steps, metas=metas)
+        else:
+            found = _eap_ig_circuits(study, model, split, [d for _, d, _, _ in todo], batches, head, metas)
         index: dict[str, dict[str, str]] = {}
         for (di, d, k, _), c in zip(todo, found):
             index.setdefault(d, {})[str(k)] = c.save(folder / f"{di}_{k}").name
@@ -85,6 +91,24 @@ def cell_circuits(study, model, model_key: str, cells: Cells, split: str) -> tup
     except FileNotFoundError:  # the registry entry outlived its circuit files: recompute them
         index = study.registry.put("circuit_set", key, compute())
         return _load(folder, index, cells), False
+
+
+def _eap_ig_circuits(study, model, split: str, domains: list[str], batches, head, metas) -> list[Circuit]:
+    """`eap_ig_circuit` of each batch; the counterfactual is mean ablation over the batch domain's
+    images of `split` (as the faithfulness controls' mean ablation), its mean values computed once
+    per domain."""
+    ds, images = study.dataset, study.images(split)
+    domain_idx = ds.domain_idx[ds.indices(split=split)]
+    fills: dict[str, tuple] = {}
+    out = []
+    for d, (x, labels), meta in zip(domains, batches, metas):
+        if d not in fills:
+            reference = images[np.flatnonzero(domain_idx == ds.domains.index(d))]
+            fills[d] = reference, ablation_values(model, reference, model.analysis_points(), "mean")
+        reference, fill = fills[d]
+        out.append(eap_ig_circuit(model, x, labels, head, reference, steps=study.opts.circuit_steps, fill=fill,
+                                  meta=meta))
+    return out
 
 
 def _load(folder, index: Mapping[str, Mapping[str, str]], domains) -> dict[str, dict[int, Circuit]]:

@@ -7,7 +7,7 @@ import argparse
 # Hidden quickstart flags: QuickstartOptions fields with scalar values (kept in sync by construction).
 _TUNABLE = {"views": int, "epochs": int, "batch_size": int, "lr": float, "image_size": int, "curve_points": int,
             "n_templates": int, "max_classes": int, "circuit_steps": int, "circuit_classes": int,
-            "sae_expansion": int, "sae_epochs": int, "cka_boot": int, "n_c2": int}
+            "sae_expansion": int, "sae_steps": int, "cka_boot": int, "n_c2": int}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a DomainNet-layout folder instead of the embedded emoji domains: the same preset, "
                         "test domains clipart and painting where present, C2 = the paper's classes it holds "
                         "(extended by the smallest sha256 of the name), sizes capped to its classes")
+    p.add_argument("--circuit-method", default=None, metavar="METHOD",
+                   help="circuit discovery: paper_ig (default, the paper's integrated gradients) or eap_ig "
+                        "(EAP-IG, the edge method docs/circuit_validity.md recommends; exploratory)")
     # Every other QuickstartOptions field as a hidden flag (--epochs, --max-classes, ...): reduced
     # runs for tests and smoke checks, not part of the user-facing interface.
     for name, ftype in _TUNABLE.items():
@@ -154,7 +157,8 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 def _quickstart_changes(args: argparse.Namespace) -> dict:
     """The QuickstartOptions fields set on the command line (model, dataset and the hidden tunables)."""
-    return {name: getattr(args, name) for name in ("model", "dataset", *_TUNABLE) if getattr(args, name) is not None}
+    names = ("model", "dataset", "circuit_method", *_TUNABLE)
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
 def _interpolation(args: argparse.Namespace) -> int:

@@ -316,7 +316,7 @@ def controls_budget(opts) -> float:
     shared by a seed's setups) at ~0.03 s per IG step and cell, the second SAE seed, the placebo
     causal test (~0.9 s per class: 3 classes took 2.6 s CPU, one thread), the rest."""
     cells = 6 * opts.circuit_classes
-    return 1.3 * cells * 0.03 * opts.circuit_steps + 0.02 * opts.sae_epochs + 0.9 * opts.circuit_classes + 5.0
+    return 1.3 * cells * 0.03 * opts.circuit_steps + 0.002 * opts.sae_steps + 0.9 * opts.circuit_classes + 5.0
 
 
 def draw_controls_figures(models: Sequence[Mapping[str, Any]], fig_dir: Path) -> list[Path]:

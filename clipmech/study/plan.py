@@ -41,7 +41,7 @@ from clipmech.study.circuit_sets import cell_circuits, circuit_cells
 from clipmech.study.controls import controls_model
 from clipmech.study.registry import Registry
 from clipmech.study.report import cka_mid
-from clipmech.study.saes import study_sae
+from clipmech.study.saes import SAE_BATCH_SIZE, SAE_LR, study_sae
 from clipmech.utils import TensorCache
 
 # Bump when a stage's computation changes so stored results are not reused across versions.
@@ -57,16 +57,27 @@ class Preset:
     circuit_classes: int | None = 8  # first C2 classes with a circuit per domain; None: all (paper: 15);
     # 8 is the analysis plan's min_classes for the causal test (docs/causal-test.md)
     sae_expansion: int = 4  # latents = expansion x embedding width (paper: 4)
-    sae_epochs: int = 100  # at batch 256, lr 3e-3 (clipmech.study.saes: what converges in the budget)
+    sae_steps: int = 1100  # Adam steps (clipmech.study.saes: the measured choice, with batch and lr)
+    sae_batch_size: int = SAE_BATCH_SIZE
+    sae_lr: float = SAE_LR
     cka_boot: int = 50  # bootstrap resamples of the CKA CIs
     n_templates: int | None = 7  # first templates of the dataset's set; None: all
     cka_min_rows: int = MIN_ROWS  # a domain pair with fewer C2 centroid rows has no CKA
+    # How circuits are discovered (clipmech.analysis.discovery.CIRCUIT_METHODS): the paper's IG, or
+    # EAP-IG, the edge method docs/circuit_validity.md recommends (exploratory: the plan names IG).
+    circuit_method: str = "paper_ig"
 
-    def analysis_key(self) -> dict[str, Any]:
-        """The settings stage results depend on (training enters through the checkpoint hash)."""
+    def analysis_key(self, circuits: bool = True) -> dict[str, Any]:
+        """The settings stage results depend on (training enters through the checkpoint hash). The
+        circuit method enters only for stages that use circuits (`circuits`) and only when it is not
+        the paper's, so stored paper-IG results keep their keys and a study rerun with another
+        method reuses its CKA, SAE and embedding stages."""
+        method = {} if self.circuit_method == "paper_ig" or not circuits else {"circuit_method": self.circuit_method}
         return {"circuit_steps": self.circuit_steps, "circuit_classes": self.circuit_classes,
-                "sae_expansion": self.sae_expansion, "sae_epochs": self.sae_epochs, "cka_boot": self.cka_boot,
-                "n_templates": self.n_templates, "cka_min_rows": self.cka_min_rows, "version": STAGE_VERSION}
+                "sae_expansion": self.sae_expansion, "sae_steps": self.sae_steps,
+                "sae_batch_size": self.sae_batch_size, "sae_lr": self.sae_lr, "cka_boot": self.cka_boot,
+                "n_templates": self.n_templates, "cka_min_rows": self.cka_min_rows, "version": STAGE_VERSION,
+                **method}
 
 
 class ImageStore:
@@ -151,7 +162,7 @@ def cka_model(ra: RunAnalysis) -> tuple[dict[str, Any], bool]:
     the input; rows = C2 class centroids of mean-pooled test activations (docs/methods.md#cka).
     Returns clipmech.analysis.cka.domain_cka's JSON-able dict."""
     key = {"stage": "cka", "checkpoint": ra.checkpoint_hash, "dataset": ra.dataset.content_hash(), "c2": ra.c2,
-           **ra.opts.analysis_key()}
+           **ra.opts.analysis_key(circuits=False)}
 
     def compute() -> dict:
         _, cls, dom = _test_split(ra)
@@ -199,7 +210,7 @@ def sae_sharing_model(ra: RunAnalysis) -> tuple[dict[str, Any], bool]:
     split (all domains), then feature sharing (docs/methods.md#feature-sharing) over the C2 test
     images. Returns feature_sharing's dict + SAE metrics."""
     key = {"stage": "sae", "checkpoint": ra.checkpoint_hash, "dataset": ra.dataset.content_hash(), "c2": ra.c2,
-           **ra.opts.analysis_key()}
+           **ra.opts.analysis_key(circuits=False)}
 
     def compute() -> dict:
         ds, c2 = ra.dataset, ra.source.c2_idx
@@ -221,7 +232,7 @@ def embeddings_model(ra: RunAnalysis, with_umap: bool) -> tuple[dict[str, Any], 
     """Domain separation of the normalised test embeddings (silhouette, cross-validated domain-probe
     accuracy), and 2-D UMAP coordinates if asked."""
     key = {"stage": "embeddings", "checkpoint": ra.checkpoint_hash, "dataset": ra.dataset.content_hash(),
-           "umap": with_umap, **ra.opts.analysis_key()}
+           "umap": with_umap, **ra.opts.analysis_key(circuits=False)}
 
     def compute() -> dict:
         _, _, dom = _test_split(ra)

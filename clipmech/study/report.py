@@ -420,6 +420,10 @@ def render_report(results: Mapping[str, Any], figures: Mapping[str, str] | None 
     if cfg:
         lines += ["Configuration: " + ", ".join(f"{k} = `{v}`" for k, v in sorted(cfg.items())
                                                if not isinstance(v, (dict, list))), ""]
+    if cfg.get("circuit_method", "paper_ig") != "paper_ig":
+        lines += [f"**Circuits were discovered with `{cfg['circuit_method']}`, not the analysis plan's method (the "
+                  "paper's IG): every circuit-based measure, control and causal verdict below is exploratory** "
+                  "(docs/circuit_validity.md).", ""]
     lines += ["## Accuracy per setup", "",
               "Class-balanced zero-shot top-1 (%) on the test domain; mean over test domains, seeds and "
               "classes with a 95% CI from the crossed seed × class bootstrap. C2 = held-out classes, "
