@@ -70,7 +70,9 @@ def register(subparsers) -> None:
 
 # ------------------------------------------------------------------------------------------- setup
 class _Run:
-    """The pieces of a run the analyses need: config, dataset, model, zero-shot head, samples."""
+    """What `analyze circuits` / `patching` analyse: the Source (`self.source`: dataset, C2, test
+    domain, output folder), its model on the chosen device and zero-shot head, and the command's
+    selection (domains, classes, images per cell, split, seed) with its image samples."""
 
     def __init__(self, args: argparse.Namespace):
         import torch
@@ -78,27 +80,23 @@ class _Run:
         from clipmech.analysis.source import load_source
         from clipmech.utils import unknown_name_error
 
-        src = load_source(args)
-        self.epoch, self.label, self.model_key = src.epoch, src.label, src.model_key
+        self.source = src = load_source(args)
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = src.model.to(self.device).eval()
-        self.dataset = ds = src.dataset
+        ds = src.dataset
         for d in args.domains or []:
             if d not in ds.domains:
                 raise unknown_name_error("domain", d, ds.domains)
         self.domains = list(args.domains or ds.domains)
-        self.c2 = src.c2
         for k in args.classes or []:
             if k not in ds.classes:
                 raise unknown_name_error("class", k, ds.classes)
-        self.classes = list(args.classes or self.c2 + [k for k in ds.classes if k not in self.c2])
+        self.classes = list(args.classes or src.c2 + [k for k in ds.classes if k not in src.c2])
         if not self.classes:
             raise ValueError("no classes to analyse: the dataset has none; pass --classes")
-        self.test_domain = src.test_domain
         self.head = src.head(self.model).to(self.device)
         self.n_images, self.seed = args.n_images, args.seed
         self.split = None if args.split == "all" else args.split
-        self.out = src.out
         self.paper_compat = bool(getattr(args, "paper_compat", False) or src.paper_compat)
         self.cells: dict | None = None
         self._references: dict = {}
@@ -109,7 +107,7 @@ class _Run:
         from clipmech.data.samples import cell_samples
 
         if self.cells is None:
-            self.cells = cell_samples(self.dataset, self.n_images, self.split, self.seed)
+            self.cells = cell_samples(self.source.dataset, self.n_images, self.split, self.seed)
         idx = self.cells.get((domain, cls), np.zeros(0, np.int64))
         return self.images(idx) if len(idx) else None
 
@@ -119,8 +117,8 @@ class _Run:
 
         from clipmech.data.preprocess import eval_images
 
-        images = eval_images(self.dataset, idx, self.model.image_size).to(self.device)
-        return images, torch.as_tensor(self.dataset.class_idx[idx], device=self.device)
+        images = eval_images(self.source.dataset, idx, self.model.image_size).to(self.device)
+        return images, torch.as_tensor(self.source.dataset.class_idx[idx], device=self.device)
 
     def reference(self, domain: str, n: int = 200):
         """Up to `n` random images of `domain` over all classes (the mean-ablation reference), loaded
@@ -128,9 +126,9 @@ class _Run:
         from clipmech.data.preprocess import eval_images
 
         if (domain, n) not in self._references:
-            idx = self.dataset.indices(split=self.split, domains=[domain])
+            idx = self.source.dataset.indices(split=self.split, domains=[domain])
             idx = np.sort(np.random.default_rng(self.seed).permutation(idx)[:n])
-            self._references[domain, n] = eval_images(self.dataset, idx, self.model.image_size).to(self.device)
+            self._references[domain, n] = eval_images(self.source.dataset, idx, self.model.image_size).to(self.device)
         return self._references[domain, n]
 
     def pairs(self) -> list[tuple[str, str]]:
@@ -152,9 +150,9 @@ def run_circuits(args: argparse.Namespace) -> int:
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     run = _Run(args)
-    out = run.out / f"circuits_{run.label}"
+    out = run.source.out / f"circuits_{run.source.label}"
     settings = {"n_images": run.n_images, "split": args.split, "steps": args.steps, "node_fraction": args.node_fraction,
-                "top_k": args.top_k, "seed": run.seed, "epoch": run.epoch, "model": run.model_key,
+                "top_k": args.top_k, "seed": run.seed, "epoch": run.source.epoch, "model": run.source.model_key,
                 "sampling": "one shuffle of the split", "paper_compat": run.paper_compat}
     if args.method != "paper_ig":  # paper-IG circuit files written before --method existed stay valid
         settings["method"] = args.method
@@ -175,8 +173,8 @@ def run_circuits(args: argparse.Namespace) -> int:
     first = next(iter(circuits[domains[0]].values()))
     first.draw(out / "circuit.png")
     points = inner_points(first.points)
-    subsets = {"all": run.classes, "C2": [k for k in run.classes if k in run.c2],
-               "C1": [k for k in run.classes if k not in run.c2]}
+    subsets = {"all": run.classes, "C2": [k for k in run.classes if k in run.source.c2],
+               "C1": [k for k in run.classes if k not in run.source.c2]}
     sims = {"domains": domains, "classes": run.classes, "skipped": skipped, "paper_compat": run.paper_compat,
             "subsets": {name: len(ks) for name, ks in subsets.items()},
             **domain_similarity(circuits, domains, subsets, points, run.paper_compat)}
@@ -242,14 +240,14 @@ def _causal_test(run: "_Run", args: argparse.Namespace, out: Path, settings: dic
 
     for name in ("causal_ablation.json", "causal_ablation.png"):  # never leave a previous run's result beside
         (out / name).unlink(missing_ok=True)
-    td, c2 = run.test_domain, [k for k in run.classes if k in run.c2]
+    td, c2 = run.source.test_domain, [k for k in run.classes if k in run.source.c2]
     if td not in run.domains or len(run.domains) < 2 or not c2:
         print(f"clipmech analyze circuits: causal test skipped (needs test domain {td!r}, another domain and "
               "C2 classes)")
         return
-    mode = discovery_mode(run.dataset, args.discovery)
+    mode = discovery_mode(run.source.dataset, args.discovery)
     found, ablated = DISCOVERY[mode]
-    cells, skipped = causal_cells(run.dataset, run.domains, c2, mode, run.n_images, run.seed)
+    cells, skipped = causal_cells(run.source.dataset, run.domains, c2, mode, run.n_images, run.seed)
     circuits: dict[str, dict] = {}
     for (d, k), (disc, _) in tqdm(cells.items(), desc="causal-test circuits (discovery drawings)", unit="circuit"):
         # nodes only: the test ablates nodes, so no edge IG is spent on these circuits
@@ -289,7 +287,7 @@ def _placebo_test(run: "_Run", circuits: dict, cells: dict, held: dict, out: Pat
     from clipmech.utils import atomic_write_json
 
     (out / "causal_placebo.json").unlink(missing_ok=True)
-    td = run.test_domain
+    td = run.source.test_domain
     rng = np.random.default_rng(run.seed)
     ready = {}
     for k, idx in held.items():
@@ -324,10 +322,10 @@ def run_patching(args: argparse.Namespace) -> int:
     from clipmech.utils import atomic_write_json
 
     run = _Run(args)
-    if args.source_domain not in run.dataset.domains:
+    if args.source_domain not in run.source.dataset.domains:
         from clipmech.utils import unknown_name_error
-        raise unknown_name_error("source domain", args.source_domain, run.dataset.domains)
-    out = run.out / f"patching_{run.label}"
+        raise unknown_name_error("source domain", args.source_domain, run.source.dataset.domains)
+    out = run.source.out / f"patching_{run.source.label}"
     points = inner_points(run.model.analysis_points())
     rows, pooled = [], {"exact": [], "attribution": [], "ig": []}
     pairs = [(d, k) for d, k in run.pairs() if d != args.source_domain]

@@ -137,8 +137,8 @@ def patching_agreement(model, receiver: Tensor, source: Tensor, labels: Tensor, 
     attr = attribution_patch(model, source, receiver, metric, points)
     rows, values = {}, {}
     for p in points:
-        exact = activation_patch(model, receiver, metric, p, mode="resample", source=source, batch_units=64)
-        ig = -integrated_gradients(model, receiver, metric, p, baseline="corrupt", corrupt=source, steps=steps,
+        exact = activation_patch(model, receiver, metric, p, ablation="resample", source=source, batch_units=64)
+        ig = -integrated_gradients(model, receiver, metric, p, ablation="resample", source=source, steps=steps,
                                    rule="midpoint")
         rows[p] = {}
         for name, est in (("attribution", attr[p]), ("ig", ig)):
