@@ -2,20 +2,17 @@
 data, and the leak guard firing when a discovery drawing is also ablated."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from clipmech.analysis.causal import CausalOptions
-from clipmech.analysis.circuits import Circuit
 from clipmech.study.causal import study_causal_test
 
 
 @pytest.fixture(scope="module")
-def setting(tmp_path_factory):
+def setting(tmp_path_factory, random_discovery):
     from clipmech.models import HookedCLIP
     from clipmech.models.configs import resolve_config
-    from clipmech.study.circuit_sets import circuit_cells
     from clipmech.study.plan import ImageStore
     from clipmech.study.quickstart import QuickstartOptions, Study, resolve_dataset
     from clipmech.study.registry import Registry
@@ -29,16 +26,7 @@ def setting(tmp_path_factory):
     torch.manual_seed(0)
     _, cfg = resolve_config("tiny-rn")
     model = HookedCLIP.from_config(dict(cfg, vision_cfg=dict(cfg["vision_cfg"], image_size=32))).eval()
-    pts = [p for p in model.analysis_points() if not p.endswith("hook_input")]
-    with torch.no_grad():
-        sizes = {p: a.shape[1] for p, a in model.run_with_cache(study.images("test")[:1])[1].items() if p in pts}
-    g = torch.Generator().manual_seed(3)
-    _, repeat = circuit_cells(study)
-    # discovery circuits on the training drawings, random node sets (the unit is about the drawings' roles)
-    discovery = {d: {k: Circuit(pts, {p: torch.rand(n, generator=g) for p, n in sizes.items()},
-                                {p: torch.randperm(n, generator=g)[:max(1, n // 5)].tolist() for p, n in sizes.items()},
-                                [], {"rows": rows.tolist()}) for k, rows in per.items() if len(rows)}
-                 for d, per in repeat.items()}
+    discovery = random_discovery(study, model)
     return study, model, discovery
 
 

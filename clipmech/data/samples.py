@@ -37,6 +37,18 @@ def cell_samples(dataset: DomainDataset, n: int = 50, split: str | None = "test"
     return out
 
 
+def capped_rows(rows: np.ndarray, n: int | None, seed: int = 0) -> np.ndarray:
+    """`rows` itself when `n` is None or there are at most `n`, else `n` of them: the first n of a
+    permutation seeded `seed`, in ascending order. The mean-ablation references use it so a domain
+    of DomainNet's size is not decoded whole. Cost: one permutation of `rows`."""
+    rows = np.asarray(rows)
+    if n is None or len(rows) <= n:
+        return rows
+    if n < 1:
+        raise ValueError(f"a reference needs at least 1 image, got n = {n}")
+    return np.sort(np.random.default_rng(seed).permutation(rows)[:n])
+
+
 def distinct_drawings(dataset) -> np.ndarray:
     """Bool per sample of `dataset`: a distinct drawing. A dataset that marks augmented views
     (`view_idx`, the emoji domains) counts only view 0, so views of one drawing never count twice;

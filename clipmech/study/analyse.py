@@ -89,9 +89,15 @@ class AnalysisOptions:
     precision: str = "fp32"  # extraction: fp32 | bf16 | fp16; attributions are always fp32
     device: str = "auto"  # auto (cuda when present) | cpu | cuda
     paper_compat: bool = False  # the paper code's quirks (see the module docstring); OR'd with the run's
-    # The controls unit holds both splits' preprocessed images in memory (clipmech.study.plan.ImageStore):
-    # fine up to ~100k images at 64 px, not for all of DomainNet at 224 px (~350 GB) until it streams them.
     controls: bool = True
+    # The controls unit keeps both splits' preprocessed images in memory (clipmech.study.plan.ImageStore)
+    # when they fit in this many GB (~100k images at 64 px: 4.9 GB), else decodes the rows each step asks
+    # for (SplitImages; all of DomainNet at 224 px would be ~350 GB). Results are the same either way.
+    image_memory_gb: float = 16.0
+    # Images per domain in a mean-ablation reference (faithfulness, the causal test, EAP-IG): a seeded
+    # sample (data.samples.capped_rows), so a 50k-image domain is not decoded whole for one mean;
+    # None: all of the domain's test images, as the quickstart (its domains have a few hundred).
+    reference_images: int | None = 2000
 
     def preset(self):
         """The per-run plan's Preset (clipmech.study.plan) for the stages both paths share (the controls)."""
@@ -100,12 +106,12 @@ class AnalysisOptions:
                       sae_expansion=self.sae_expansion, sae_steps=self.sae_steps,
                       sae_batch_size=self.sae_batch_size, sae_lr=self.sae_lr, cka_boot=self.cka_boot,
                       n_templates=self.n_templates, cka_min_rows=self.cka_min_rows,
-                      circuit_method=self.circuit_method)
+                      circuit_method=self.circuit_method, reference_images=self.reference_images)
 
     def key(self) -> dict[str, Any]:
         """The options results depend on (not batch size, workers, shard size or device; the circuit
         method only when it is not the paper's, so finished paper-IG units keep their keys)."""
-        skip = {"batch_size", "workers", "shard_rows", "device", "controls"}
+        skip = {"batch_size", "workers", "shard_rows", "device", "controls", "image_memory_gb"}
         if self.circuit_method == "paper_ig":
             skip.add("circuit_method")
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip} | {"v": ANALYSIS_VERSION}
@@ -119,7 +125,8 @@ OPTION_TYPES = {"points": ("list[str]?", None), "classes": ("list[str]?", None),
                 "sae_batch_size": ("int", ">=1"), "sae_lr": ("float", ">0"), "cka_boot": ("int", ">=0"), "cka_min_rows": ("int", f">={MIN_ROWS_UNBIASED}"),
                 "n_templates": ("int?", ">=1"), "embedding_images": ("int", ">=1"), "batch_size": ("int", ">=1"),
                 "workers": ("int", ">=0"), "shard_rows": ("int", ">=1"), "precision": ("str", ("fp32", "bf16", "fp16")),
-                "device": ("str", None), "paper_compat": ("bool", None), "controls": ("bool", None)}
+                "device": ("str", None), "paper_compat": ("bool", None), "controls": ("bool", None),
+                "image_memory_gb": ("float", ">0"), "reference_images": ("int?", ">=1")}
 
 
 def analysis_options(table: Mapping[str, Any], **overrides: Any) -> AnalysisOptions:
@@ -387,8 +394,10 @@ def unit_controls(run_dir: str, opts: AnalysisOptions, out: str, test_domains: S
     from clipmech.study.plan import ImageStore, RunAnalysis
     from clipmech.study.registry import Registry
     ctx = RunContext(run_dir, opts)
+    ds, size = ctx.source.dataset, ctx.source.image_size
+    gb = (len(ds.indices(split="train")) + len(ds.indices(split="test"))) * 3 * size * size * 4 / 1e9
     ra = RunAnalysis(ctx.source, opts.preset(), Registry(Path(out) / "registry"),
-                     ImageStore(ctx.source.dataset, ctx.source.image_size, Path(out) / "cache"))
+                     ImageStore(ds, size, Path(out) / "cache", stream=gb > opts.image_memory_gb))
     return {d: controls_model(ra, d)[0] for d in test_domains}
 
 

@@ -22,7 +22,7 @@ import torch
 
 from clipmech.analysis.causal import CausalOptions, causal_finding, causal_test_from_drawings
 from clipmech.analysis.circuit import Circuit
-from clipmech.data.samples import check_disjoint_drawings, distinct_drawings
+from clipmech.data.samples import capped_rows, check_disjoint_drawings, distinct_drawings
 from clipmech.eval.zeroshot import class_prompts_names
 
 
@@ -66,7 +66,8 @@ def study_causal_test(study, model, discovery: Mapping[str, Mapping[int, Circuit
     if len(held) < 2:  # placebos come from other classes: nothing to test (the report falls back, says why)
         return {"classes": {}, "skipped": skipped, "derangements": [],
                 "reason": f"{len(held)} class(es) with held-out, matching and donor drawings; the placebo needs 2"}
-    res = causal_test_from_drawings(model, discovery, test_domain, held, matching, donor_images, images[in_t], head,
+    res = causal_test_from_drawings(model, discovery, test_domain, held, matching, donor_images,
+                                    images[capped_rows(in_t, study.opts.reference_images)], head,
                                     steps=study.opts.circuit_steps, points=points, opts=opts)
     names = {str(k): ds.classes[k] for k in held}
     res["classes"] = {names[k]: v for k, v in res["classes"].items()}

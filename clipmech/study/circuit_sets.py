@@ -26,7 +26,7 @@ import torch
 from clipmech.analysis.ablation import ablation_values
 from clipmech.analysis.circuit import Circuit, discover_circuits
 from clipmech.analysis.discovery import eap_ig_circuit
-from clipmech.data.samples import cell_samples, distinct_drawings
+from clipmech.data.samples import capped_rows, cell_samples, distinct_drawings
 from clipmech.utils import hash_obj
 
 Cells = Mapping[str, Mapping[int, np.ndarray]]  # {domain: {class index: rows into study.images(split)}}
@@ -103,7 +103,8 @@ def _eap_ig_circuits(study, model, split: str, domains: list[str], batches, head
     out = []
     for d, (x, labels), meta in zip(domains, batches, metas):
         if d not in fills:
-            reference = images[np.flatnonzero(domain_idx == ds.domains.index(d))]
+            reference = images[capped_rows(np.flatnonzero(domain_idx == ds.domains.index(d)),
+                                           study.opts.reference_images)]
             fills[d] = reference, ablation_values(model, reference, model.analysis_points(), "mean")
         reference, fill = fills[d]
         out.append(eap_ig_circuit(model, x, labels, head, reference, steps=study.opts.circuit_steps, fill=fill,

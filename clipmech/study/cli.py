@@ -7,7 +7,8 @@ import argparse
 # Hidden quickstart flags: QuickstartOptions fields with scalar values (kept in sync by construction).
 _TUNABLE = {"views": int, "epochs": int, "batch_size": int, "lr": float, "image_size": int, "curve_points": int,
             "n_templates": int, "max_classes": int, "circuit_steps": int, "circuit_classes": int,
-            "sae_expansion": int, "sae_steps": int, "cka_boot": int, "n_c2": int}
+            "sae_expansion": int, "sae_steps": int, "cka_boot": int, "n_c2": int,
+            "reference_images": int}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

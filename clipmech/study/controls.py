@@ -44,7 +44,7 @@ from clipmech.analysis.patching import cache_points
 from clipmech.analysis.sae import evaluate_sae
 from clipmech.analysis.sharing import (match_latents, pair_shares, require_sparse, seed_ceiling,
                                        top_latent_histograms)
-from clipmech.data.samples import check_disjoint_drawings, distinct_drawings
+from clipmech.data.samples import capped_rows, check_disjoint_drawings, distinct_drawings
 from clipmech.eval.zeroshot import embed_images
 from clipmech.models.hooked_clip import HookedCLIP
 from clipmech.study.causal import study_causal_test
@@ -99,7 +99,7 @@ def causal_controls(study, model, discovery, test_domain: str) -> dict[str, Any]
         # the same drawing (style and class, file or pixels), not the same row: split rows never overlap
         check_disjoint_drawings(ds, ds.indices(split="train")[c.meta["rows"]], idx[rows],
                                 what=f"causal test, class {ds.classes[k]!r}")
-    reference = images[np.flatnonzero(ds.domain_idx[idx] == di)]
+    reference = images[capped_rows(np.flatnonzero(ds.domain_idx[idx] == di), study.opts.reference_images)]
     res = matched_causal_test(model, discovery, test_domain, held, study.source.head(model), reference=reference)
     res["per_class"] = {ds.classes[int(k)]: v for k, v in res["per_class"].items()}
     return res
@@ -117,7 +117,8 @@ def faithfulness_controls(study, model, discovery, seed: int = 0) -> dict[str, A
         di = ds.domains.index(d)
         in_domain = np.flatnonzero(ds.domain_idx[idx] == di)
         points = inner_points(next(iter(per.values())).points) if per else []
-        mean_fill = ablation_values(model, images[in_domain], points, "mean") if per else None
+        reference = images[capped_rows(in_domain, study.opts.reference_images)] if per else None
+        mean_fill = ablation_values(model, reference, points, "mean") if per else None
         curves: dict[str, list] = {"mean": [], "resample": []}
         for k, circuit in per.items():
             rows = in_domain[ds.class_idx[idx][in_domain] == k]

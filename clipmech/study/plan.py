@@ -66,6 +66,9 @@ class Preset:
     # How circuits are discovered (clipmech.analysis.discovery.CIRCUIT_METHODS): the paper's IG, or
     # EAP-IG, the edge method docs/circuit_validity.md recommends (exploratory: the plan names IG).
     circuit_method: str = "paper_ig"
+    # Images of a domain's test split in a mean-ablation reference (faithfulness, the causal test,
+    # EAP-IG's counterfactual): None, all of them; N, a seeded sample of N (data.samples.capped_rows).
+    reference_images: int | None = None
 
     def analysis_key(self, circuits: bool = True) -> dict[str, Any]:
         """The settings stage results depend on (training enters through the checkpoint hash). The
@@ -76,20 +79,50 @@ class Preset:
         return {"circuit_steps": self.circuit_steps, "circuit_classes": self.circuit_classes,
                 "sae_expansion": self.sae_expansion, "sae_steps": self.sae_steps,
                 "sae_batch_size": self.sae_batch_size, "sae_lr": self.sae_lr, "cka_boot": self.cka_boot,
-                "n_templates": self.n_templates, "cka_min_rows": self.cka_min_rows, "version": STAGE_VERSION,
-                **method}
+                "n_templates": self.n_templates, "cka_min_rows": self.cka_min_rows,
+                "reference_images": self.reference_images, "version": STAGE_VERSION, **method}
+
+
+class SplitImages:
+    """One split's preprocessed images, decoded on access instead of held: `len()`, and indexing by a
+    slice or an integer row array gives float32 [n, 3, S, S] equal to the same rows of the in-memory
+    tensor. `embed_images` and other batch loops slice it, so a whole split is never in memory at
+    once. Cost: decoding the asked rows on every access (nothing is cached)."""
+
+    def __init__(self, dataset, indices: np.ndarray, image_size: int):
+        self.dataset, self.indices, self.image_size = dataset, np.asarray(indices), image_size
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        if not isinstance(rows, slice):
+            rows = np.asarray(rows)
+            if rows.ndim != 1 or not (rows.dtype.kind in "iu" or len(rows) == 0):
+                raise TypeError(f"SplitImages takes a slice or a 1-d integer row array, got {rows.dtype} "
+                                f"with shape {rows.shape}")
+            rows = rows.astype(np.int64)
+        selected = self.indices[rows]
+        if not len(selected):
+            return torch.zeros(0, 3, self.image_size, self.image_size)
+        return eval_images(self.dataset, selected, self.image_size)
 
 
 class ImageStore:
     """Preprocessed images of a dataset's splits at one image size, float32 [N, 3, S, S] in
     `dataset.indices(split)` order: computed once per (dataset, split, size), kept on disk
-    (TensorCache under `cache_dir`) and in memory. Cost on a miss: decoding every image of the split."""
+    (TensorCache under `cache_dir`) and in memory. With `stream`, `images(split)` is a `SplitImages`
+    that decodes the rows each access asks for (memory: one batch; for data too large to hold).
+    Cost on a miss: decoding every image of the split."""
 
-    def __init__(self, dataset, image_size: int, cache_dir: str | Path):
+    def __init__(self, dataset, image_size: int, cache_dir: str | Path, stream: bool = False):
         self.dataset, self.image_size, self.cache = dataset, image_size, TensorCache(Path(cache_dir))
+        self.stream = stream
         self._images: dict[str, torch.Tensor] = {}
 
-    def images(self, split: str) -> torch.Tensor:
+    def images(self, split: str) -> torch.Tensor | SplitImages:
+        if self.stream:
+            return SplitImages(self.dataset, self.dataset.indices(split=split), self.image_size)
         if split not in self._images:
             idx = self.dataset.indices(split=split)
             self._images[split] = self.cache.get_or_compute(
@@ -97,8 +130,8 @@ class ImageStore:
         return self._images[split]
 
     def cached(self, split: str) -> bool:
-        """Whether `images(split)` will be read from memory or the on-disk cache."""
-        return split in self._images or self.cache.path(self._key(split)).exists()
+        """Whether `images(split)` will be read from memory or the on-disk cache (streamed: never)."""
+        return not self.stream and (split in self._images or self.cache.path(self._key(split)).exists())
 
     def _key(self, split: str) -> dict[str, Any]:
         return {"dataset": self.dataset.content_hash(), "split": split,
@@ -135,7 +168,7 @@ class RunAnalysis:
     def templates(self) -> list[str]:
         return self.source.templates
 
-    def images(self, split: str) -> torch.Tensor:
+    def images(self, split: str) -> torch.Tensor | SplitImages:
         return self.store.images(split)
 
 

@@ -101,6 +101,7 @@ class QuickstartOptions:
     sae_steps: int = 1100
     cka_boot: int = 50
     circuit_method: str = "paper_ig"  # or "eap_ig" (clipmech.study.plan.Preset.circuit_method)
+    reference_images: int | None = None  # per domain in a mean-ablation reference; None: all (Preset)
     train_workers: int = 2  # models trained at once, each in its own process (see train_models)
     progress: bool = True
 
@@ -120,7 +121,8 @@ class QuickstartOptions:
         """The per-run analysis plan's settings (clipmech.study.plan.Preset) these options choose."""
         return Preset(circuit_steps=self.circuit_steps, circuit_classes=self.circuit_classes,
                       sae_expansion=self.sae_expansion, sae_steps=self.sae_steps, cka_boot=self.cka_boot,
-                      n_templates=self.n_templates, circuit_method=self.circuit_method)
+                      n_templates=self.n_templates, circuit_method=self.circuit_method,
+                      reference_images=self.reference_images)
 
 
 # Types and ranges of the scalar options (clipmech.train.config.SCHEMA notation).
@@ -129,7 +131,8 @@ _OPTION_TYPES = {"out": ("str", None), "dataset": ("str", None), "views": ("int"
                  "batch_size": ("int", ">=1"), "lr": ("float", ">0"), "curve_points": ("int", ">=1"),
                  "n_templates": ("int", ">=1"), "max_classes": ("int?", ">=1"), "circuit_steps": ("int", ">=1"),
                  "circuit_classes": ("int", ">=1"), "sae_expansion": ("int", ">=1"), "sae_steps": ("int", ">=1"),
-                 "cka_boot": ("int", ">=0"), "n_c2": ("int", ">=1"), "circuit_method": ("str", CIRCUIT_METHODS), "c2_both_splits": ("bool", None),
+                 "cka_boot": ("int", ">=0"), "n_c2": ("int", ">=1"), "circuit_method": ("str", CIRCUIT_METHODS),
+                 "reference_images": ("int?", ">=1"), "c2_both_splits": ("bool", None),
                  "train_workers": ("int", ">=1"), "progress": ("bool", None)}
 
 
