@@ -35,6 +35,27 @@ def _ds():
                          images=np.zeros((8, 4, 4, 3), np.uint8))
 
 
+def test_each_unit_keys_only_on_the_options_it_reads():
+    base = A.analysis_options({})
+    units = ("extract", "cka", "sae", "embeddings", "circuits/cat", "controls")
+    key = lambda opts, u: A.unit_options(u, opts.key())  # noqa: E731
+
+    def changed(**kw) -> set[str]:
+        other = A.analysis_options(kw)
+        return {u for u in units if key(other, u) != key(base, u)}
+
+    assert changed(sae_lr=3e-3) == changed(sae_steps=10) == {"sae", "controls"}
+    assert changed(circuit_method="eap_ig") == changed(circuit_steps=2) == {"circuits/cat", "controls"}
+    assert changed(cka_boot=10) == {"cka", "controls"} and changed(embedding_images=5) == {"embeddings", "controls"}
+    assert changed(reference_images=10) == changed(circuit_classes=3) == {"controls"}
+    assert changed(points=["hook_image_embed"]) == changed(images_per_cell=3) == set(units)
+    assert changed(batch_size=7, workers=0, image_memory_gb=1.0) == set()
+    # every option a result depends on is read by the shared context, one unit or the controls alone
+    placed = set(A._SHARED_OPTIONS).union(*A._UNIT_OPTIONS.values())
+    controls_only = {"circuit_scope", "circuit_classes", "reference_images", "paper_compat"}
+    assert set(base.key()) <= placed | controls_only
+
+
 def test_cap_per_cell_keeps_the_first_rows_of_each_cell():
     ds = _ds()
     idx = np.arange(8)

@@ -206,8 +206,26 @@ class RunContext:
     def unit_key(self, unit: str) -> dict[str, Any]:
         """Everything a unit's result depends on (its output folder is named by this key's hash)."""
         return {"unit": unit, "checkpoint": self.checkpoint_hash, "dataset": self.source.dataset.content_hash(),
-                "c2": self.source.c2, "templates": self.source.templates, "options": self.opts.key(),
-                "paper_compat": self.paper_compat}
+                "c2": self.source.c2, "templates": self.source.templates,
+                "options": unit_options(unit, self.opts.key()), "paper_compat": self.paper_compat}
+
+
+# The options every unit reads through RunContext (its rows, points, templates and shards), and those
+# each unit reads besides: a unit's key holds only these, so a changed SAE setting reruns the sae and
+# controls units, not the extraction or the circuits. A unit not listed (controls) keys on all options.
+_SHARED_OPTIONS = ("points", "classes", "images_per_cell", "n_templates", "precision", "v")
+_UNIT_OPTIONS = {"extract": (), "cka": ("cka_boot", "cka_min_rows"), "embeddings": ("embedding_images",),
+                 "sae": ("sae_expansion", "sae_steps", "sae_batch_size", "sae_lr"),
+                 "circuits": ("circuit_images", "circuit_steps", "circuit_method")}
+
+
+def unit_options(unit: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of `options` (AnalysisOptions.key()) that unit `unit` ("circuits/<class>" counts as
+    "circuits") depends on."""
+    own = _UNIT_OPTIONS.get(unit.split("/")[0])
+    if own is None:
+        return dict(options)
+    return {k: v for k, v in options.items() if k in _SHARED_OPTIONS or k in own}
 
 
 def _cap_per_cell(idx: np.ndarray, ds, cap: int | None) -> np.ndarray:
