@@ -127,7 +127,7 @@ def test_eap_ig_method_writes_its_own_circuits_and_never_reuses_the_papers(run_d
     from clipmech.data import load_dataset
     ds = load_dataset("emoji")
     common = ["--domains", ds.default_test_domain, "flat", "--classes", ds.default_test_classes[0], "--n-images", "1",
-              "--steps", "2", "--split", "all", "--n-draws", "1", "--no-faithfulness"]
+              "--steps", "2", "--split", "all", "--n-draws", "1", "--no-faithfulness", "--no-causal"]
     out = run_dir / "analysis" / "circuits_epoch0"
     for method in ("paper_ig", "eap_ig", "paper_ig"):
         args = _parser().parse_args(["analyze", "circuits", str(run_dir), "--method", method, *common])
@@ -137,6 +137,7 @@ def test_eap_ig_method_writes_its_own_circuits_and_never_reuses_the_papers(run_d
         assert len(mine) == 2 and {c.meta.get("method", "paper_ig") for c in mine} == {method}
     sims = json.loads((out / "similarity.json").read_text())
     assert sims["node_jaccard"]["mean"][0][0] == 1.0
+    assert not (out / "causal_ablation.json").exists() and not (out / "causal_placebo.json").exists()
 
 
 def test_patching_end_to_end_writes_rank_correlations_and_the_scatter(run_dir, capsys):

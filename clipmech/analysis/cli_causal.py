@@ -60,6 +60,8 @@ def register(subparsers) -> None:
             p.add_argument("--n-strata", type=int, default=4,
                            help="causal test: IG-score quantile strata per point the controls are matched in")
             p.add_argument("--no-faithfulness", action="store_true", help="skip cross-domain faithfulness")
+            p.add_argument("--no-causal", action="store_true",
+                           help="skip the causal and placebo tests (and their discovery circuits)")
             p.add_argument("--paper-compat", action="store_true",
                            help="reproduce the paper code's quirks: WL 'h2' runs 3 iterations, wrap-around "
                                 "attnpool -> input edges (also [analysis] paper_compat in the run config)")
@@ -194,7 +196,12 @@ def run_circuits(args: argparse.Namespace) -> int:
         value_heatmap(np.array(faith["per_point_mean"]), domains, "faithfulness at one point (own circuit, mean over "
                       "classes)", out / "faithfulness_per_point.png", xlabels=[short_point(p) for p in points])
 
-    _causal_test(run, args, out, settings)
+    if args.no_causal:  # a previous run's causal results would not belong to these circuits
+        for name in ("causal_ablation.json", "causal_ablation.png", "causal_placebo.json"):
+            (out / name).unlink(missing_ok=True)
+        print("clipmech analyze circuits: causal test skipped (--no-causal)")
+    else:
+        _causal_test(run, args, out, settings)
     print(f"clipmech analyze circuits: wrote {out}")
     return 0
 
